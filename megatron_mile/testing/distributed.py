@@ -1,0 +1,180 @@
+"""Run a function in N local processes with torch.distributed and megatron's parallel state set up.
+
+Used by the tests and the benchmarks: a plain `pytest` exercises tensor, pipeline and data parallelism on
+CPU over gloo, with no torchrun. Starting a process costs seconds (importing torch and megatron), so a
+`DistributedPool` keeps its workers alive and runs many functions on them; each call re-initialises
+megatron's parallel state with the layout it asks for and tears it down in `finally`.
+
+Functions sent to the pool must be importable by name from a module (spawned workers unpickle them), and
+their arguments and results must be picklable.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch.multiprocessing as mp
+
+# Seconds a single call may take before the pool is declared hung and killed.
+DEFAULT_CALL_TIMEOUT_S = 600.0
+
+
+def find_free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The megatron parallel state one call runs under (data parallel size = world / (tp * pp))."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+
+
+class RemoteError(RuntimeError):
+    """A worker raised; the message holds every failing rank's traceback."""
+
+
+def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads: int) -> None:
+    """Body of one pool process: set up gloo once, then run tasks until told to stop."""
+    import torch
+
+    # Each worker gets its share of the cores; oversubscription makes gloo tests crawl.
+    torch.set_num_threads(threads)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    from megatron_mile import device
+
+    device.initialize_distributed(backend="gloo")
+    from megatron.core import parallel_state
+
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
+                break
+            fn, args, kwargs, layout = task
+            try:
+                parallel_state.initialize_model_parallel(
+                    tensor_model_parallel_size=layout.tensor_model_parallel_size,
+                    pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+                    virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+                )
+                results.put((rank, True, fn(*args, **kwargs)))
+            except BaseException:  # noqa: BLE001 - the traceback is the report
+                results.put((rank, False, traceback.format_exc()))
+            finally:
+                parallel_state.destroy_model_parallel()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DistributedPool:
+    """`world_size` spawned processes joined in one gloo process group, reused across calls.
+
+    Example::
+
+        with DistributedPool(2) as pool:
+            per_rank = pool.run(my_test_body, tensor_model_parallel_size=2)
+    """
+
+    def __init__(self, world_size: int, threads_per_rank: Optional[int] = None):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+        ctx = mp.get_context("spawn")
+        port = find_free_port()
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._procs = [
+            ctx.Process(
+                target=_worker_main,
+                args=(rank, world_size, port, self._tasks[rank], self._results, threads),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for proc in self._procs:
+            proc.start()
+
+    def run(
+        self,
+        fn: Callable,
+        *args: Any,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        virtual_pipeline_model_parallel_size: Optional[int] = None,
+        timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> list:
+        """Run fn(*args, **kwargs) on every rank; return the per-rank results, in rank order."""
+        layout = ParallelLayout(
+            tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size
+        )
+        for task_queue in self._tasks:
+            task_queue.put((fn, args, kwargs, layout))
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        while len(outcomes) < self.world_size:
+            try:
+                rank, ok, value = self._results.get(timeout=timeout_s)
+            except queue.Empty:
+                self.close(force=True)
+                raise TimeoutError(
+                    f"{getattr(fn, '__name__', fn)} did not finish on all {self.world_size} ranks within "
+                    f"{timeout_s:.0f} s (ranks done: {sorted(outcomes)}); the pool was killed"
+                ) from None
+            outcomes[rank] = (ok, value)
+        failures = [f"--- rank {r} ---\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok]
+        if failures:
+            raise RemoteError("\n".join(failures))
+        return [outcomes[r][1] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        """Stop the workers; `force` kills them (used after a hang)."""
+        for proc, task_queue in zip(self._procs, self._tasks):
+            if proc.is_alive() and not force:
+                task_queue.put(None)
+        for proc in self._procs:
+            if force:
+                proc.kill()
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+    def __enter__(self) -> "DistributedPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, **run_kwargs: Any) -> list:
+    """One-shot form of DistributedPool.run: start `world_size` processes, run fn, tear them down."""
+    with DistributedPool(world_size) as pool:
+        return pool.run(fn, *args, **run_kwargs)
+
+
+def split_evenly(items: Sequence, parts: int, index: int) -> Sequence:
+    """The index-th of `parts` equal contiguous slices of items (len(items) must divide evenly)."""
+    if len(items) % parts:
+        raise ValueError(f"{len(items)} items do not split into {parts} equal parts")
+    step = len(items) // parts
+    return items[index * step : (index + 1) * step]

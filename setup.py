@@ -1,0 +1,42 @@
+"""Package metadata for megatron-mile.
+
+Pins, and why:
+- Python 3.11 (this project's CPU machines): megatron-core 0.16.1 is the newest release that installs.
+  NVIDIA's PyTorch containers ship Python 3.12, where megatron-core >=0.16.1,<0.17 is what the tests cover;
+  newer 0.17+ releases import triton unconditionally and are not yet supported.
+- torch: a range that the 2.13.0 CPU wheel satisfies, so an install never pulls a CUDA build by itself.
+- transformer-engine and NVIDIA apex are GPU-only. transformer-engine is the `gpu` extra; apex is built from
+  source (it is preinstalled in NVIDIA's PyTorch containers). The PyPI package named `apex` is an unrelated
+  web toolkit: never install it.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-mile",
+    version="0.1.0",
+    description="Megatron-style pretraining with entropy-weighted (MiLe), focal and cross-entropy losses "
+    "computed inside the vocab-parallel cross-entropy",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_mile", "megatron_mile.*"]),
+    include_package_data=True,
+    package_data={"megatron_mile": ["data/*.json"]},
+    install_requires=[
+        "torch>=2.4,<=2.13.0",
+        "megatron-core>=0.16.1,<0.17",
+        "numpy",
+        "nltk>=3.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # Documented, not installable on CPU machines: Transformer Engine builds against CUDA.
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
