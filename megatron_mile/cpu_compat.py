@@ -1,5 +1,391 @@
-"""Placeholder: the CPU compatibility layer (being written)."""
+"""CPU compatibility layer: lets megatron-core's training stack run on a machine without a GPU (gloo).
+
+megatron-core 0.16.1 assumes CUDA in many places (model build, buffers, RNG, pipeline schedules, optimizer).
+`enable()` neutralises those assumptions for the whole process, before any model is built;
+`megatron_mile.device` calls it only when no GPU is visible, and `enable()` refuses to run where CUDA is
+available, so nothing here ever touches the GPU path.
+
+Design: every problem gets the narrowest mechanism that solves it, so that code outside megatron-core and
+the hot path of a training step pay (almost) nothing:
+
+* `torch.cuda.*` entry points that cannot work in a CPU build of torch (they raise "Torch not compiled with
+  CUDA enabled") are replaced by CPU equivalents. Nothing outside megatron calls them on a CPU machine, since
+  they could only fail there; `torch.cuda.is_available()` keeps answering False, so torch's own code and
+  megatron's `is_available()` guards still take their CPU branches.
+* `device="cuda"` literals: the few megatron modules that hold one get their own `torch` global, a copy of
+  the torch namespace whose tensor factories map a CUDA device to the CPU. Every other name in those modules,
+  and every other module, resolves to the real torch: no global function mode, no per-op interception.
+* `Tensor.cuda()` is the identity on CPU tensors; `Tensor.type()` answers CUDA-style names ('torch.cuda.
+  FloatTensor') to callers inside megatron.core only, which is what the optimizer's dtype checks compare to.
+* The model-parallel RNG tracker keeps megatron's logic; only its two private state accessors are pointed at
+  the CPU default generator, which is the one CPU dropout draws from. Per-name tracker states therefore really
+  fork and restore, and the tensor-parallel state differs across TP ranks as megatron seeds it.
+
+Every patch is a `Patch` in `PATCHES` (owner, attribute, replacement, why + megatron call site); `disable()`
+restores the originals, which the tests and the benchmark use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import sys
+import threading
+import time
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import torch
+
+_CPU = torch.device("cpu")
+_lock = threading.Lock()
+_enabled = False
+# (owner, attribute name, original value or _MISSING) in the order applied; undone in reverse by disable().
+_applied: List[tuple] = []
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.cuda stand-ins
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _current_device() -> torch.device:
+    # Callers pass the result as `device=` (torch.empty(..., device=torch.cuda.current_device())), so the CPU
+    # device works everywhere megatron only allocates with it. An int would mean cuda:<int> to torch.
+    return _CPU
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _zero(*args: Any, **kwargs: Any) -> int:
+    return 0
+
+
+def _empty_stats(*args: Any, **kwargs: Any) -> dict:
+    return {}
+
+
+def _manual_seed(seed: int) -> None:
+    # On CPU the "CUDA" default RNG stream is the CPU default generator (CPU dropout draws from it).
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    return torch.default_generator.get_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    torch.default_generator.set_state(new_state)
+
+
+class _CpuEvent:
+    """torch.cuda.Event on CPU: work is synchronous, so an event is just a wall-clock timestamp."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self._t: Optional[float] = None
+
+    def record(self, stream: Any = None) -> None:
+        self._t = time.perf_counter()
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end_event: "_CpuEvent") -> float:
+        if self._t is None or end_event._t is None:
+            raise RuntimeError("elapsed_time needs both events recorded")
+        return (end_event._t - self._t) * 1000.0  # ms, like CUDA events
+
+
+class _CpuStream:
+    """torch.cuda.Stream on CPU: a single in-order executor, so every wait is already satisfied."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any):
+        self.device = _CPU
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Optional[_CpuEvent] = None) -> _CpuEvent:
+        event = event or _CpuEvent()
+        event.record()
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_DEFAULT_STREAM = _CpuStream()
+
+
+def _default_stream(device: Any = None) -> _CpuStream:
+    return _DEFAULT_STREAM
+
+
+def _stream_context(stream: Any = None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensor methods
+# ----------------------------------------------------------------------------------------------------------
+
+_orig_tensor_type = torch.Tensor.type
+
+
+def _tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = False, **kwargs: Any):
+    # Tensor.cuda() moves to "the" accelerator; on CPU the tensor is already where megatron expects it.
+    # Identity (not a copy) matches CUDA semantics for a tensor already on the target device.
+    return self
+
+
+def _tensor_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any):
+    if dtype is None and not kwargs:
+        name = _orig_tensor_type(self)
+        # Only megatron.core's own checks are answered in CUDA spelling; anyone else sees the truth.
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("megatron.core") and name.startswith("torch.") and self.device.type == "cpu":
+            return "torch.cuda." + name[6:]
+        return name
+    if isinstance(dtype, str) and dtype.startswith("torch.cuda."):
+        dtype = "torch." + dtype[11:]
+    return _orig_tensor_type(self, dtype, non_blocking, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A torch namespace for the megatron modules that hold device="cuda" literals
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, int) and not isinstance(device, bool)  # an int device means cuda:<int>
+
+
+def _cpu_factory(fn: Callable) -> Callable:
+    def factory(*args: Any, **kwargs: Any):
+        device = kwargs.get("device")
+        if device is not None and _is_cuda(device):
+            kwargs["device"] = _CPU
+        return fn(*args, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = fn.__name__
+    factory.__doc__ = f"torch.{fn.__name__} with a CUDA device= mapped to the CPU (megatron_mile.cpu_compat)."
+    factory.__wrapped__ = fn
+    return factory
+
+
+def _cpu_autocast(device_type: str, *args: Any, **kwargs: Any):
+    return torch.autocast("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+
+# Factories megatron calls with a device="cuda" literal in the modules of _CUDA_LITERAL_MODULES.
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+
+
+def _make_cpu_torch_namespace() -> types.ModuleType:
+    """A module object that is torch, except for CUDA-mapping factories and autocast.
+
+    A copy of torch's namespace (not a proxy) so that every other attribute lookup costs exactly what it
+    costs on torch itself; `__getattr__` forwards names torch creates lazily after the copy was taken.
+    """
+    namespace = types.ModuleType("torch", doc="torch with device='cuda' factories mapped to the CPU")
+    namespace.__dict__.update(torch.__dict__)
+    namespace.__dict__["__getattr__"] = lambda name: getattr(torch, name)
+    for name in _FACTORIES:
+        setattr(namespace, name, _cpu_factory(getattr(torch, name)))
+    namespace.autocast = _cpu_autocast
+    return namespace
+
+
+# megatron modules whose code creates tensors with a device="cuda" literal on the training path; each gets the
+# namespace above as its `torch`. Module -> the call sites that need it.
+_CUDA_LITERAL_MODULES = {
+    "megatron.core.pipeline_parallel.schedules": "total_num_tokens = torch.zeros(..., device='cuda') in every "
+    "forward_backward_* function; torch.autocast('cuda') when config.enable_autocast",
+    "megatron.core.optimizer.clip_grads": "get_grad_norm_fp32 / clip_grad_by_total_norm_fp32 / count_zeros_fp32 "
+    "(dummy_overflow_buf, total_norm_cuda, total_num_zeros)",
+    "megatron.core.utils": "local_multi_tensor_l2_norm (clip_grads' norm without apex/TE): l2_cuda",
+    "megatron.core.optimizer.optimizer": "MixedPrecisionOptimizer.__init__ (found_inf, _dummy_overflow_buf, "
+    "_scale_one), FP32Optimizer._scale",
+    "megatron.core.optimizer.grad_scaler": "ConstantGradScaler / DynamicGradScaler tensors (fp16 loss scale)",
+    "megatron.core.transformer.utils": "get_default_causal_mask / get_sliding_window_causal_mask",
+    "megatron.core.tensor_parallel.data": "broadcast_data: sizes_cuda",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The patch table
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One attribute replaced by enable(): `owner.name = replacement` (owner given as a dotted path)."""
+
+    owner: str
+    name: str
+    replacement: Any
+    why: str
+
+
+def _patches(cpu_torch: types.ModuleType) -> List[Patch]:
+    random_mod = "megatron.core.tensor_parallel.random"
+    table = [
+        # --- model build and buffers ---
+        Patch("torch.cuda", "current_device", _current_device,
+              "~175 megatron call sites allocate with device=torch.cuda.current_device(): VocabParallelEmbedding"
+              " / Column- and RowParallelLinear weights, GlobalMemoryBuffer.get_tensor, p2p shape tensors, "
+              "DDP grad buffers, distributed optimizer shards, Timers"),
+        Patch("torch.cuda", "synchronize", _noop,
+              "p2p_communication._communicate after batch_isend_irecv, Timers, DDP; CPU work is synchronous"),
+        Patch("torch.cuda", "empty_cache", _noop, "optimizer / DDP buffer offloading; no CUDA cache on CPU"),
+        Patch("torch.cuda", "memory_allocated", _zero, "memory reports in training loops"),
+        Patch("torch.cuda", "max_memory_allocated", _zero, "memory reports in training loops"),
+        Patch("torch.cuda", "memory_reserved", _zero, "memory reports in training loops"),
+        Patch("torch.cuda", "max_memory_reserved", _zero, "memory reports in training loops"),
+        Patch("torch.cuda", "memory_stats", _empty_stats, "memory reports in training loops"),
+        Patch("torch.cuda", "Event", _CpuEvent, "timing / straggler detection events (megatron.core.utils)"),
+        Patch("torch.cuda", "Stream", _CpuStream,
+              "DDP communication stream (num_distributed_optimizer_instances > 1)"),
+        Patch("torch.cuda", "current_stream", _default_stream, "stream waits in DDP and the optimizer"),
+        Patch("torch.cuda", "default_stream", _default_stream,
+              "param_and_grad_buffer: default_stream().wait_stream(communication_stream)"),
+        Patch("torch.cuda", "stream", _stream_context, "param_and_grad_buffer: with torch.cuda.stream(...)"),
+        # --- RNG ---
+        Patch("torch.cuda", "manual_seed", _manual_seed,
+              "model_parallel_cuda_manual_seed seeds the default CUDA stream; CudaRNGStatesTracker.add seeds "
+              "each named state"),
+        Patch("torch.cuda", "manual_seed_all", _manual_seed, "same as manual_seed (one CPU generator)"),
+        Patch("torch.cuda", "get_rng_state", _get_rng_state, "CudaRNGStatesTracker.add saves/restores state"),
+        Patch("torch.cuda", "set_rng_state", _set_rng_state, "symmetry with get_rng_state"),
+        Patch(random_mod, "_get_cuda_rng_state", _get_rng_state_megatron,
+              "CudaRNGStatesTracker.fork, CheckpointFunction and _fork_rng read the CUDA generator state"),
+        Patch(random_mod, "_set_cuda_rng_state", _set_rng_state_megatron,
+              "CudaRNGStatesTracker.fork/add, CheckpointFunction restore the CUDA generator state "
+              "(megatron's version goes through torch.cuda._lazy_call and CUDA default_generators)"),
+        # --- tensor methods ---
+        Patch("torch.Tensor", "cuda", _tensor_cuda,
+              "LanguageModule.setup_embeddings_and_output_layer (tied embeddings, PP>1), "
+              "tensor_parallel.broadcast_data, DistributedOptimizer checkpoint gather, grad_scaler.load_state_dict"),
+        Patch("torch.Tensor", "type", _tensor_type,
+              "clip_grads: assert param.grad.type() == 'torch.cuda.FloatTensor'; Float16OptimizerWithFloat16Params"
+              " and DistributedOptimizer sort params by param.type() in ['torch.cuda.HalfTensor', ...]"),
+    ]
+    for module_name, sites in _CUDA_LITERAL_MODULES.items():
+        table.append(Patch(module_name, "torch", cpu_torch, "device='cuda' literals: " + sites))
+    return table
+
+
+def _get_rng_state_megatron(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+    # get_state() returns a fresh tensor, so the saved state never aliases the live generator.
+    return torch.default_generator.get_state()
+
+
+def _set_rng_state_megatron(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    torch.default_generator.set_state(new_state)
+
+
+class _DropForkWarning(logging.Filter):
+    """CudaRNGStatesTracker.fork warns when the CPU RNG state changed inside a fork. On CPU the tracked state
+    *is* the CPU generator, so every dropout under the tracker triggers it; the warning is meaningless here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+_FORK_WARNING_FILTER = _DropForkWarning()
+_RANDOM_LOGGER = "megatron.core.tensor_parallel.random"
+
+PATCHES: List[Patch] = []
+
+
+def _resolve(owner: str) -> Any:
+    if owner == "torch.Tensor":
+        return torch.Tensor
+    return importlib.import_module(owner)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def is_enabled() -> bool:
+    """True while the layer is active in this process."""
+    return _enabled
 
 
 def enable() -> None:
-    """Enable the CPU layer (no-op until written)."""
+    """Activate the layer for this process (idempotent). Call before any megatron model is built.
+
+    Raises RuntimeError where CUDA is available: on a GPU the real CUDA paths must run untouched.
+    """
+    global _enabled
+    with _lock:
+        if _enabled:
+            return
+        if torch.cuda.is_available():
+            raise RuntimeError(
+                "megatron_mile.cpu_compat is for machines without a GPU, but CUDA is available here; "
+                "use megatron_mile.device.initialize_distributed(), which enables it only on CPU"
+            )
+        # Imports megatron.core (and with it every module patched below) if the caller has not yet.
+        import megatron.core  # noqa: F401
+
+        PATCHES[:] = _patches(_make_cpu_torch_namespace())
+        try:
+            for patch in PATCHES:
+                owner = _resolve(patch.owner)
+                # For a class, remember only what it defines itself: an inherited method is restored by
+                # deleting the override, not by pinning the inherited one onto the subclass.
+                if isinstance(owner, type) and patch.name not in owner.__dict__:
+                    original = _MISSING
+                else:
+                    original = getattr(owner, patch.name, _MISSING)
+                _applied.append((owner, patch.name, original))
+                setattr(owner, patch.name, patch.replacement)
+        except BaseException:
+            _undo()
+            raise
+        logging.getLogger(_RANDOM_LOGGER).addFilter(_FORK_WARNING_FILTER)
+        _enabled = True
+
+
+def disable() -> None:
+    """Restore every patched attribute (used by tests and the benchmark). A no-op when not enabled."""
+    global _enabled
+    with _lock:
+        if not _enabled:
+            return
+        _undo()
+        logging.getLogger(_RANDOM_LOGGER).removeFilter(_FORK_WARNING_FILTER)
+        _enabled = False
+
+
+def _undo() -> None:
+    while _applied:
+        owner, name, original = _applied.pop()
+        if original is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
