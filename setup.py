@@ -29,6 +29,9 @@ setup(
         "megatron-core>=0.16.1,<0.17",
         "numpy",
         "nltk>=3.9",
+        "tokenizers>=0.19",
+        "sentencepiece>=0.2",
+        "zstandard>=0.22",
     ],
     extras_require={
         "test": ["pytest>=8"],

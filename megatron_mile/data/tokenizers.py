@@ -1,0 +1,302 @@
+"""Tokenizers with Megatron-LM's type names and interface, built offline and without torch.
+
+The training code and the preprocessing tool both call :func:`build_tokenizer` with the parsed
+``--tokenizer-type/--tokenizer-model/--vocab-file/--merge-file/--vocab-size`` flags. Every tokenizer
+exposes Megatron-LM's interface: ``vocab_size``, ``eod``, ``tokenize(text) -> list[int]`` (no added
+special tokens), ``detokenize(ids) -> str``, plus ``tokenize_batch(texts)`` for throughput.
+
+What matches Megatron-LM, and why it matters: the ids written to ``.bin`` files, the EOD id and the
+vocabulary size (which picks the on-disk dtype) must be the same as Megatron-LM's tokenizers produce,
+so that data preprocessed here trains the same as data preprocessed there.
+
+- ``HuggingFaceTokenizer``: a ``tokenizer.json`` (or a directory holding one) loaded with the
+  ``tokenizers`` library directly; vocab size counts added tokens, like ``len(AutoTokenizer)``.
+- ``SentencePieceTokenizer``: Megatron-LM's wrapper appends ``<CLS> <SEP> <EOD> <MASK>`` (and
+  pad/bos/eos when the model has none) after the model's pieces; EOD is ``<EOD>``; those special
+  strings in the text map to their ids.
+- ``GPT2BPETokenizer``: GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt``; EOD is
+  ``<|endoftext|>``.
+- ``NullTokenizer``: the text is whitespace-separated integer ids; EOD is ``--vocab-size`` and the
+  vocabulary has ``--vocab-size + 1`` entries.
+
+Heavy libraries are imported inside the constructors so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, List, Optional, Sequence
+
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+
+# End-of-document candidates for a bare tokenizer.json, which (unlike a transformers directory) does not
+# say which token is EOS. Checked in this order.
+_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[EOS]")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer could not be built from the given flags; the message names the flag to fix."""
+
+
+def add_tokenizer_args(parser):
+    """Add Megatron-LM's tokenizer flags to ``parser`` and return it.
+
+    Only the flags this project's tokenizers use: --tokenizer-type, --tokenizer-model, --vocab-file,
+    --merge-file, --vocab-size.
+    """
+    group = parser.add_argument_group(title="tokenizer")
+    group.add_argument("--tokenizer-type", type=str, default=None, choices=TOKENIZER_TYPES,
+                       help="Which tokenizer to use.")
+    group.add_argument("--tokenizer-model", type=str, default=None,
+                       help="HuggingFaceTokenizer: tokenizer.json or a directory holding one; "
+                            "SentencePieceTokenizer: the .model file.")
+    group.add_argument("--vocab-file", type=str, default=None, help="GPT2BPETokenizer: vocab.json.")
+    group.add_argument("--merge-file", type=str, default=None, help="GPT2BPETokenizer: merges.txt.")
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="NullTokenizer: number of ids before the EOD id.")
+    return parser
+
+
+def build_tokenizer(tokenizer_type: Optional[str], *, tokenizer_model: Optional[str] = None,
+                    vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
+                    vocab_size: Optional[int] = None, **unused):
+    """Build the tokenizer named by ``tokenizer_type`` (Megatron-LM's --tokenizer-type names).
+
+    Extra keyword arguments are accepted and ignored so that ``build_tokenizer(**vars(args))``-style
+    calls with a full training namespace work.
+
+    Raises:
+        TokenizerError: unknown type, a required flag missing, or a file that does not exist.
+    """
+    if tokenizer_type is None:
+        raise TokenizerError(f"--tokenizer-type is required; choose one of {', '.join(TOKENIZER_TYPES)}")
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(_require(tokenizer_model, "--tokenizer-model", tokenizer_type))
+    if tokenizer_type == "SentencePieceTokenizer":
+        path = _require(tokenizer_model, "--tokenizer-model", tokenizer_type)
+        _require_file(path, "--tokenizer-model")
+        return SentencePieceTokenizer(path)
+    if tokenizer_type == "GPT2BPETokenizer":
+        vocab = _require(vocab_file, "--vocab-file", tokenizer_type)
+        merges = _require(merge_file, "--merge-file", tokenizer_type)
+        _require_file(vocab, "--vocab-file")
+        _require_file(merges, "--merge-file")
+        return GPT2BPETokenizer(vocab, merges)
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(_require(vocab_size, "--vocab-size", tokenizer_type))
+    raise TokenizerError(
+        f"--tokenizer-type {tokenizer_type!r} is not supported here; choose one of {', '.join(TOKENIZER_TYPES)}"
+    )
+
+
+def tokenizer_kwargs_from_args(args) -> dict:
+    """The keyword arguments of :func:`build_tokenizer` taken from an argparse namespace."""
+    return {
+        "tokenizer_type": getattr(args, "tokenizer_type", None),
+        "tokenizer_model": getattr(args, "tokenizer_model", None),
+        "vocab_file": getattr(args, "vocab_file", None),
+        "merge_file": getattr(args, "merge_file", None),
+        "vocab_size": getattr(args, "vocab_size", None),
+    }
+
+
+def _require(value, flag: str, tokenizer_type: str):
+    if value is None:
+        raise TokenizerError(f"{tokenizer_type} needs {flag}")
+    return value
+
+
+def _require_file(path: str, flag: str) -> None:
+    if not os.path.isfile(path):
+        raise TokenizerError(f"{flag} {path!r}: no such file")
+
+
+class _BaseTokenizer:
+    """Shared behaviour: batch encoding falls back to a loop over ``tokenize``."""
+
+    vocab_size: int
+    eod: int
+
+    def tokenize(self, text: str) -> List[int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def detokenize(self, ids: Sequence[int]) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """Token ids of each text, without added special tokens."""
+        return [self.tokenize(t) for t in texts]
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+
+class _RustBPETokenizer(_BaseTokenizer):
+    """A ``tokenizers.Tokenizer`` underneath: encode in one Rust call per batch."""
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+        # encode_batch_fast skips offset tracking, which the data pipeline never needs.
+        self._encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [e.ids for e in self._encode_batch(list(texts), add_special_tokens=False)]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def vocab(self) -> dict:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+
+class HuggingFaceTokenizer(_RustBPETokenizer):
+    """A Hugging Face ``tokenizer.json``, loaded offline with the ``tokenizers`` library.
+
+    EOD is the ``eos_token`` of a ``tokenizer_config.json`` beside the file when there is one, else the
+    first of ``<|endoftext|>``, ``</s>``, ... present in the vocabulary.
+    """
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer
+
+        json_path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(json_path):
+            raise TokenizerError(
+                f"--tokenizer-model {path!r}: expected a tokenizer.json file or a directory holding one"
+            )
+        super().__init__(Tokenizer.from_file(json_path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eod = self._find_eod(os.path.dirname(json_path))
+
+    def _find_eod(self, directory: str) -> int:
+        candidates = list(_EOD_CANDIDATES)
+        config = os.path.join(directory, "tokenizer_config.json")
+        if os.path.isfile(config):
+            with open(config, encoding="utf-8") as f:
+                eos = json.load(f).get("eos_token")
+            if isinstance(eos, dict):  # transformers writes AddedToken objects as dicts
+                eos = eos.get("content")
+            if isinstance(eos, str):
+                candidates.insert(0, eos)
+        for token in candidates:
+            token_id = self._tok.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        raise TokenizerError(
+            f"the tokenizer in {directory or '.'!r} has no end-of-document token: none of "
+            f"{candidates} is in its vocabulary; retrain it with one (tools/train_tokenizer.py adds <|endoftext|>)"
+        )
+
+
+class GPT2BPETokenizer(_RustBPETokenizer):
+    """GPT-2 byte-level BPE from ``vocab.json`` and ``merges.txt``; EOD is ``<|endoftext|>``."""
+
+    def __init__(self, vocab_file: str, merge_file: str) -> None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        # GPT-2's own tokenizer: the ByteLevel pre-tokenizer's regex is GPT-2's, no prefix space, no
+        # post-processing, and an unknown byte sequence cannot occur (all 256 bytes are in the vocab).
+        tok = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        super().__init__(tok)
+        with open(vocab_file, encoding="utf-8") as f:
+            encoder = json.load(f)
+        if "<|endoftext|>" not in encoder:
+            raise TokenizerError(f"--vocab-file {vocab_file!r} has no <|endoftext|> token, which GPT2BPETokenizer uses as EOD")
+        self.eod = encoder["<|endoftext|>"]
+        self.vocab_size = len(encoder)
+
+
+class SentencePieceTokenizer(_BaseTokenizer):
+    """A SentencePiece ``.model`` with Megatron-LM's special tokens appended after the model's pieces."""
+
+    _SPECIALS = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")
+
+    def __init__(self, model_file: str) -> None:
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        n = self._sp.get_piece_size()
+        self._vocab = {self._sp.id_to_piece(i): i for i in range(n)}
+        self._special = {}
+        for token in self._SPECIALS:
+            self._add_special(token)
+        # pad/bos/eos: the model's own piece when it defines one, else a new <PAD>/<BOS>/<EOS>.
+        for piece_id, fallback in ((self._sp.pad_id(), "<PAD>"), (self._sp.bos_id(), "<BOS>"),
+                                   (self._sp.eos_id(), "<EOS>")):
+            self._add_special(self._sp.id_to_piece(piece_id) if 0 <= piece_id < n else fallback)
+        self._inv_special = {i: t for t, i in self._special.items()}
+        self.vocab_size = len(self._vocab)
+        self.eod = self._special["<EOD>"]
+
+    def _add_special(self, token: str) -> None:
+        if token not in self._vocab:
+            self._vocab[token] = len(self._vocab)
+        self._special[token] = self._vocab[token]
+
+    @property
+    def vocab(self) -> dict:
+        return self._vocab
+
+    def tokenize(self, text: str) -> List[int]:
+        # Special-token strings inside the text become their ids (Megatron-LM's behaviour); the text
+        # between them is encoded by the model. Fast path: most texts contain none.
+        if not any(t in text for t in self._special):
+            return self._sp.encode_as_ids(text)
+        ids: List[int] = []
+        start = 0
+        while True:
+            hits = [(text.find(t, start), t) for t in self._special]
+            hits = [(pos, t) for pos, t in hits if pos >= 0]
+            if not hits:
+                break
+            pos, token = min(hits)
+            ids.extend(self._sp.encode_as_ids(text[start:pos]))
+            ids.append(self._special[token])
+            start = pos + len(token)
+        ids.extend(self._sp.encode_as_ids(text[start:]))
+        return ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        if not any(s in t for t in texts for s in self._special):
+            return self._sp.encode(list(texts), out_type=int)
+        return [self.tokenize(t) for t in texts]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        pieces: List[str] = []
+        run: List[int] = []
+        for i in ids:
+            i = int(i)
+            if i in self._inv_special:
+                pieces.append(self._sp.decode_ids(run) + " " + self._inv_special[i] + " ")
+                run = []
+            else:
+                run.append(i)
+        pieces.append(self._sp.decode_ids(run))
+        return "".join(pieces)
+
+
+class NullTokenizer(_BaseTokenizer):
+    """Text that already holds ids, separated by whitespace; EOD is ``vocab_size`` (the flag value)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self._n = int(vocab_size)
+        self.vocab_size = self._n + 1
+        self.eod = self._n
+
+    def tokenize(self, text: str) -> List[int]:
+        # Any whitespace separates ids (Megatron-LM splits on single spaces); an empty text has no ids.
+        try:
+            return [int(x) for x in text.split()]
+        except ValueError as err:
+            raise ValueError(f"NullTokenizer expects whitespace-separated integer ids: {err}") from None
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(x)) for x in ids)

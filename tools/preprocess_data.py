@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Tokenize JSON-lines corpora into Megatron indexed datasets (.bin/.idx). See megatron_mile/data/cli.py for the flags (or run with --help)."""
+
+import os
+import sys
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+
+from megatron_mile.data.cli import preprocess_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(preprocess_main())
