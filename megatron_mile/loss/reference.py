@@ -1,0 +1,80 @@
+"""Plain full-vocabulary implementations of the three losses, for tests and for readers.
+
+Everything here works on the whole vocabulary in one process with ordinary autograd, and is written to be
+obviously right rather than fast. megatron_mile.loss.vocab_parallel must agree with it on every shard.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_weighted_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    loss_type: str = "cross_entropy",
+    gamma: float = 1.0,
+    sigma: float = 1.0,
+    vocab_size: Optional[int] = None,
+    entropy_threshold: Optional[float] = None,
+    ignore_index: Optional[int] = -100,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ce, weight, entropy for full logits [..., V_padded] and targets [...].
+
+    ce = -log softmax(z)[target] over the first `vocab_size` columns; entropy H = -sum p log p (detached);
+    weight = (sigma + H)^gamma (mile), (1 - p_target)^gamma (focal) or 1 (cross_entropy), detached.
+    Ignored targets get ce = weight = entropy = 0.
+    """
+    vocab_size = logits.size(-1) if vocab_size is None else vocab_size
+    z = logits[..., :vocab_size].float()
+    ignored = target == ignore_index if ignore_index is not None else torch.zeros_like(target, dtype=torch.bool)
+    safe_target = torch.where(ignored, torch.zeros_like(target), target)
+    log_probs = F.log_softmax(z, dim=-1)
+    ce = -log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        probs = log_probs.exp()
+        entropy = -(probs * log_probs).sum(-1)
+        if loss_type == "mile":
+            weight = (sigma + entropy) ** gamma
+            if entropy_threshold is not None:
+                below = entropy / torch.log(torch.tensor(float(vocab_size))) < entropy_threshold
+                weight = torch.where(below, torch.ones_like(weight), weight)
+        elif loss_type == "focal":
+            p_target = probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+            weight = (1.0 - p_target).clamp(min=0.0) ** gamma
+        elif loss_type == "cross_entropy":
+            weight = torch.ones_like(entropy)
+        else:
+            raise ValueError(f"unknown loss_type {loss_type!r}")
+        keep = (~ignored).float()
+    return ce * keep, weight * keep, entropy * keep
+
+
+def reference_global_loss(
+    ce: torch.Tensor, weight: torch.Tensor, loss_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """L = sum(w * ce) / sum(w) over the loss-masked tokens of one global batch (mile-loss-facts.md)."""
+    mask = torch.ones_like(ce) if loss_mask is None else loss_mask.float()
+    return (mask * weight * ce).sum() / (mask * weight).sum()
+
+
+def naive_mile_loss(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float = 1.0, sigma: float = 1.0
+) -> torch.Tensor:
+    """MiLe as the paper's training code computes it, for the benchmark's memory/time baseline.
+
+    softmax over all logits, clamp at 1e-8, log, entropy, weights normalised by their mean. The project
+    does not train with this: it materialises several full-vocabulary fp32 tensors.
+    """
+    z = logits.float()
+    probs = torch.softmax(z, dim=-1)
+    log_probs_clamped = torch.log(probs.clamp(min=1e-8))
+    with torch.no_grad():
+        entropy = -(probs * log_probs_clamped).sum(-1)
+        weight = (sigma + entropy) ** gamma
+        weight = weight / weight.mean()
+    ce = F.nll_loss(log_probs_clamped.view(-1, z.size(-1)), target.reshape(-1), reduction="none")
+    return (weight.reshape(-1) * ce).mean()
