@@ -162,9 +162,12 @@ def _forward_step(data_iterator, model):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def body_single_batch_loss_and_grads(dropout: float = 0.0, seed: int = 1234):
+def body_single_batch_loss_and_grads(dropout: float = 0.0, seed: int = 1234, recompute: bool = False):
     """Plain forward/backward of one batch: loss and every parameter gradient (local shards)."""
-    model, _ = _build_gpt(seed=seed, attention_dropout=dropout, hidden_dropout=dropout)
+    # Full activation recompute re-runs each layer's forward in backward under the RNG states saved in forward
+    # (CheckpointFunction -> _get_all_rng_states / _set_all_rng_states).
+    extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
+    model, _ = _build_gpt(seed=seed, attention_dropout=dropout, hidden_dropout=dropout, **extra)
     model.train()
     batch = _batch(0)
     loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).mean()
@@ -504,3 +507,13 @@ def test_model_dropout_reproducible_under_tp(pool2):
     _assert_same_tensors(_unshard([b0["grads"], b1["grads"]]), _unshard([a0["grads"], a1["grads"]]), rtol=0, atol=0)
     assert a0["loss"] != c0["loss"], "another seed must change the dropout masks"
     assert a0["loss"] == pytest.approx(a1["loss"], rel=1e-6), "the loss is reduced over the TP group"
+
+
+def test_activation_recompute_replays_dropout(pool1):
+    (plain,) = pool1.run(body_single_batch_loss_and_grads, 0.3, 11)
+    (recomputed,) = pool1.run(body_single_batch_loss_and_grads, 0.3, 11, recompute=True)
+    (other_seed,) = pool1.run(body_single_batch_loss_and_grads, 0.3, 12, recompute=True)
+    assert recomputed["loss"] == plain["loss"]
+    # Recompute draws the same dropout masks again in backward: bit-identical gradients.
+    _assert_same_tensors(_unshard([recomputed["grads"]]), _unshard([plain["grads"]]), rtol=0, atol=0)
+    assert other_seed["loss"] != plain["loss"]
