@@ -23,6 +23,17 @@ the hot path of a training step pay (almost) nothing:
 
 Every patch is a `Patch` in `PATCHES` (owner, attribute, replacement, why + megatron call site); `disable()`
 restores the originals, which the tests and the benchmark use.
+
+Semantics that differ from a GPU, by construction:
+* one generator serves as both the CPU RNG and megatron's "CUDA" default stream, so CPU random draws made
+  between steps (e.g. data shuffling with torch's global RNG) also shift the default-stream dropout masks.
+  Named tracker states (tensor-model-parallel, data-parallel, expert) are separate, as on a GPU;
+* streams and events are synchronous stand-ins; timings from them are wall-clock.
+
+Not covered (fail or are unsupported on CPU whatever this layer does): transformer-engine / FP8, apex fused
+kernels (gradient_accumulation_fusion), apply_rope_fusion, CUDA graphs and graph-safe RNG, NCCL user
+buffers, megatron-FSDP (its own CUDA RNG helpers), the inference engines (`f"cuda:{current_device()}"`),
+sequence_parallel with the local spec (torch norms refuse it).
 """
 
 from __future__ import annotations
