@@ -302,3 +302,25 @@ def test_bad_input_raises_value_error_naming_the_argument(call, match):
 def test_tp_size_that_does_not_divide_the_padded_vocabulary():
     with pytest.raises(ValueError, match="tensor_model_parallel_size=3 does not divide"):
         vocab_shard_range(64, 0, 3)
+
+
+@pytest.mark.parametrize("vocab", [64, 50])
+def test_reuse_logits_for_grad_gives_the_same_gradient_in_place(vocab):
+    logits, target, upstream = _make_case(3, vocab, 64, torch.float32)
+    ref_in = logits.clone().requires_grad_()
+    ce, w = vocab_parallel_mile(ref_in, target, gamma=1.0, vocab_size=vocab)
+    (upstream * ce * w).sum().backward()
+
+    # A non-leaf, as the output layer produces: its gradient flows to the leaf through an identity op.
+    leaf = logits.clone().requires_grad_()
+    produced = leaf * 1.0
+    storage = produced.data_ptr()
+    ce2, w2 = vocab_parallel_weighted_cross_entropy(
+        produced, target, "mile", 1.0, 1.0, vocab, reuse_logits_for_grad=True
+    )
+    grads = {}
+    produced.register_hook(lambda g: grads.setdefault("g", g))
+    (upstream * ce2 * w2).sum().backward()
+    torch.testing.assert_close(ce2, ce)
+    torch.testing.assert_close(grads["g"], ref_in.grad, rtol=1e-6, atol=1e-8)
+    assert grads["g"].data_ptr() == storage, "the gradient should live in the logits' storage"

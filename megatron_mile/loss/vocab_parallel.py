@@ -145,6 +145,7 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         ignore_index: Optional[int],
         tp_group,
         want_entropy: bool,
+        reuse_logits_for_grad: bool,
     ):
         rank, tp_size = _group_rank_and_size(tp_group)
         partition = logits.size(-1)
@@ -228,6 +229,7 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
 
         ctx.save_for_backward(logits, logits_max + log_sum_exp, local_target, target_here, ignored)
         ctx.owned = owned
+        ctx.reuse_logits_for_grad = reuse_logits_for_grad and logits.dtype == torch.float32
         shape = target.shape
         weight = weight.view(shape)
         entropy = entropy.view(shape) if entropy is not None else torch.empty(0, device=device)
@@ -245,8 +247,9 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         grad_scale = grad_ce.reshape(-1).float()  # [N]
         if ignored is not None:
             grad_scale = grad_scale.masked_fill(ignored, 0.0)
-        # The one full-size allocation of the loss, in the logits' dtype.
-        grad = torch.empty_like(logits_2d)
+        # The one full-size allocation of the loss, in the logits' dtype; none at all when the caller lets
+        # us overwrite fp32 logits it no longer needs (megatron's in-place pattern, opt-in).
+        grad = logits_2d if ctx.reuse_logits_for_grad else torch.empty_like(logits_2d)
         if owned < partition:
             grad[:, owned:] = 0  # padded vocabulary columns take no part
         if owned > 0 and num_tokens > 0:
@@ -266,7 +269,7 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
                 out[row_index[:n], local_target[start:end]] -= target_grad[start:end]
                 if not direct:
                     grad[start:end, :owned].copy_(out)
-        return grad.view_as(logits), None, None, None, None, None, None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_weighted_cross_entropy(
@@ -280,6 +283,7 @@ def vocab_parallel_weighted_cross_entropy(
     ignore_index: Optional[int] = DEFAULT_IGNORE_INDEX,
     tp_group=None,
     return_entropy: bool = False,
+    reuse_logits_for_grad: bool = False,
 ):
     """Per-token cross-entropy and its detached loss weight, with the vocabulary split over `tp_group`.
 
@@ -298,6 +302,11 @@ def vocab_parallel_weighted_cross_entropy(
             parallel state is not initialised.
         return_entropy: also return H [s, b] (costs one extra in-cache multiply-add per logit for
             cross-entropy and focal; free for MiLe).
+        reuse_logits_for_grad: opt-in, fp32 logits only. Backward writes the gradient into the logits'
+            own storage instead of a new tensor, as megatron-core's cross-entropy does, saving one
+            [s, b, V/tp] fp32 allocation. Only for callers that never read the logits after backward
+            (a model's loss hook whose logits come straight from the output layer). Forward never
+            modifies the logits either way.
 
     Returns:
         ce [s, b] fp32 with gradient to `logits`; weight [s, b] fp32 detached; and, when return_entropy,
@@ -323,6 +332,7 @@ def vocab_parallel_weighted_cross_entropy(
         ignore_index,
         tp_group,
         return_entropy,
+        reuse_logits_for_grad,
     )
     if return_entropy:
         return ce, weight, entropy

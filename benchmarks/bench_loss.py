@@ -1,0 +1,207 @@
+"""Forward+backward time and peak memory of the vocab-parallel losses, side by side in one run.
+
+Methods: megatron-core's vocab_parallel_cross_entropy, our cross-entropy, MiLe and focal, and a naive
+full-vocabulary MiLe (softmax, clamp, log over all logits, as the paper's code does; TP 1 only).
+Shapes: 4096 tokens ([s, b] = [1024, 4]), vocab 32000 and 50257 (padded to a multiple of 128 * TP),
+TP 1 (one process, 2 threads) and TP 2 (two gloo processes, 1 thread each), bf16 and fp32 logits.
+
+Time: one process group per (vocab, TP, dtype) runs every method in interleaved rounds and reports the
+median of the rounds (the slowest rank per round). Memory: a fresh process group per (method, vocab, TP,
+dtype) runs one forward+backward and reports the process's peak RSS (whole process) and the peak above
+the RSS held just before the call (logits and inputs already allocated): the loss's own working memory.
+
+    python benchmarks/bench_loss.py                 # everything, prints a markdown table
+    python benchmarks/bench_loss.py --quick         # vocab 32000, TP 1, bf16 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+TOKENS_SEQ, TOKENS_BATCH = 1024, 4  # 4096 tokens
+METHODS = ["megatron_ce", "ce", "mile", "focal", "naive_mile"]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM: the high-water mark of this process's resident memory."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS, so the next peak is the call's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _make_inputs(vocab: int, dtype_name: str):
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_mile.vocab import padded_vocab_size, vocab_shard_range
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    padded = padded_vocab_size(vocab, tp)
+    start, end = vocab_shard_range(padded, rank, tp)
+    gen = torch.Generator().manual_seed(1234 + rank)
+    shard = (torch.randn(TOKENS_SEQ, TOKENS_BATCH, end - start, generator=gen) * 3).to(getattr(torch, dtype_name))
+    target = torch.randint(0, vocab, (TOKENS_SEQ, TOKENS_BATCH), generator=torch.Generator().manual_seed(99))
+    return shard, target, vocab
+
+
+def _step(method: str, logits, target, vocab: int) -> None:
+    """One forward+backward of `method` on a fresh leaf copy of the logits."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatron_ce
+
+    from megatron_mile.loss import vocab_parallel_cross_entropy, vocab_parallel_focal, vocab_parallel_mile
+    from megatron_mile.loss.reference import naive_mile_loss
+
+    if method == "megatron_ce":
+        loss = megatron_ce(logits, target).sum()
+    elif method == "ce":
+        ce, w = vocab_parallel_cross_entropy(logits, target, vocab_size=vocab)
+        loss = (ce * w).sum()
+    elif method == "mile":
+        ce, w = vocab_parallel_mile(logits, target, vocab_size=vocab)
+        loss = (ce * w).sum()
+    elif method == "focal":
+        ce, w = vocab_parallel_focal(logits, target, vocab_size=vocab)
+        loss = (ce * w).sum()
+    elif method == "naive_mile":
+        loss = naive_mile_loss(logits[..., :vocab], target)
+    else:
+        raise ValueError(method)
+    loss.backward()
+
+
+def time_methods(methods, vocab, dtype_name, rounds):
+    """Worker body: median seconds per forward+backward for each method (interleaved rounds)."""
+    import torch
+
+    shard, target, vocab = _make_inputs(vocab, dtype_name)
+    times = {m: [] for m in methods}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for method in methods:
+            logits = shard.clone().requires_grad_()
+            torch.distributed.barrier() if torch.distributed.is_initialized() else None
+            start = time.perf_counter()
+            _step(method, logits, target, vocab)
+            elapsed = time.perf_counter() - start
+            del logits
+            if round_index:
+                times[method].append(elapsed)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def measure_memory(method, vocab, dtype_name):
+    """Worker body: (whole-process peak RSS, peak RSS above the pre-call RSS) for one call."""
+    shard, target, vocab = _make_inputs(vocab, dtype_name)
+    logits = shard.clone().requires_grad_()
+    del shard
+    process_peak_so_far = _peak_rss_bytes()
+    _reset_peak_rss()
+    before = _rss_bytes()
+    _step(method, logits, target, vocab)
+    peak = _peak_rss_bytes()
+    return {"process_peak": max(peak, process_peak_so_far), "call_peak": peak - before}
+
+
+def _worker(args) -> None:
+    """Run in a fresh process (group): one timing or memory job, result as JSON on the last stdout line."""
+    import torch
+
+    from megatron_mile.testing.distributed import run_distributed
+
+    torch.set_num_threads(2 if args.tp == 1 else 1)
+    methods = [m for m in args.methods.split(",") if not (m == "naive_mile" and args.tp > 1)]
+    if args.job == "time":
+        per_rank = run_distributed(
+            time_methods, args.tp, methods, args.vocab, args.dtype, args.rounds, tensor_model_parallel_size=args.tp
+        )
+        result = {m: max(r[m] for r in per_rank) for m in methods}
+    else:
+        per_rank = run_distributed(
+            measure_memory, args.tp, methods[0], args.vocab, args.dtype, tensor_model_parallel_size=args.tp
+        )
+        result = {k: max(r[k] for r in per_rank) for k in per_rank[0]}
+    print(json.dumps(result))
+
+
+def _run_worker(*worker_args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", *map(str, worker_args)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("job", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("methods", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("vocab", nargs="?", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("tp", nargs="?", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("dtype", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("worker_rounds", nargs="?", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.rounds = args.worker_rounds
+        _worker(args)
+        return
+
+    vocabs = [32000] if args.quick else [32000, 50257]
+    tps = [1] if args.quick else [1, 2]
+    dtypes = ["bfloat16"] if args.quick else ["bfloat16", "float32"]
+    rows = []
+    for vocab in vocabs:
+        for tp in tps:
+            for dtype in dtypes:
+                methods = [m for m in METHODS if not (m == "naive_mile" and tp > 1)]
+                times = _run_worker("time", ",".join(methods), vocab, tp, dtype, args.rounds)
+                for method in methods:
+                    mem = _run_worker("memory", method, vocab, tp, dtype, 0)
+                    rows.append(dict(vocab=vocab, tp=tp, dtype=dtype, method=method, seconds=times[method], **mem))
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(_markdown(rows))
+
+
+def _markdown(rows) -> str:
+    gib = 1024**3
+    lines = [
+        "| vocab | TP | logits | method | fwd+bwd s | x megatron CE | process peak GiB | loss peak GiB | x megatron CE |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {(r["vocab"], r["tp"], r["dtype"]): r for r in rows if r["method"] == "megatron_ce"}
+    for r in rows:
+        b = base[(r["vocab"], r["tp"], r["dtype"])]
+        lines.append(
+            f"| {r['vocab']} | {r['tp']} | {r['dtype']} | {r['method']} | {r['seconds']:.3f} | "
+            f"{r['seconds'] / b['seconds']:.2f} | {r['process_peak'] / gib:.2f} | {r['call_peak'] / gib:.2f} | "
+            f"{r['call_peak'] / max(b['call_peak'], 1):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
