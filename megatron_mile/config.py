@@ -1,0 +1,353 @@
+"""Run configuration: dataclasses with a docstring per field, from which the command-line flags derive.
+
+Flag names are Megatron-LM's (`--tensor-model-parallel-size`, `--micro-batch-size`, ...), spelled from the
+field names, so existing launch scripts carry over. `megatron_mile.arguments` builds the parser from these
+classes; `RunConfig.validate` checks the combinations once, at start-up, and reports every problem in one
+message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+from megatron_mile.loss.vocab_parallel import LOSS_TYPES
+
+
+class ConfigError(ValueError):
+    """Invalid flags or flag combinations; the message lists every problem and how to fix it."""
+
+
+def flag(default, help_override: Optional[str] = None, **argparse_kwargs):
+    """A dataclass field with extra argparse settings (choices, nargs, alias flag names)."""
+    return field(default=default, metadata=dict(argparse_kwargs))
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape and regularisation (LLaMA-style when the RMSNorm/SwiGLU/rope flags are set)."""
+
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 128
+    """Transformer hidden size."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP hidden size. Default: 4 * hidden_size (LLaMA uses about 8/3 * hidden_size with --swiglu)."""
+    num_attention_heads: int = 4
+    """Number of attention heads; must divide hidden_size and be divisible by the TP size."""
+    group_query_attention: bool = False
+    """Use grouped-query attention with --num-query-groups key/value heads."""
+    num_query_groups: int = 1
+    """Key/value head groups with --group-query-attention."""
+    seq_length: int = 128
+    """Tokens per training sample."""
+    max_position_embeddings: Optional[int] = None
+    """Largest position the model supports. Default: --seq-length."""
+    normalization: str = flag("LayerNorm", choices=["LayerNorm", "RMSNorm"])
+    """Normalisation layer type."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    swiglu: bool = False
+    """Gated SiLU MLP (SwiGLU), as LLaMA."""
+    disable_bias_linear: bool = False
+    """No bias in linear layers, as LLaMA."""
+    position_embedding_type: str = flag("learned_absolute", choices=["learned_absolute", "rope", "none"])
+    """Position embedding type; LLaMA uses rope."""
+    rotary_base: int = 10000
+    """Base period of the rotary position embeddings."""
+    untie_embeddings_and_output_weights: bool = False
+    """Separate input embedding and output layer weights, as LLaMA."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation (the paper uses 0.01)."""
+    hidden_dropout: float = 0.1
+    """Dropout probability after attention and MLP."""
+    attention_dropout: float = 0.1
+    """Dropout probability on attention scores."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times the TP size (padding takes no part in the loss)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split across processes (data parallel size = world / (TP * PP))."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size: attention heads, MLP and the vocabulary are split across this many ranks."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size: the layers are split into this many stages."""
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    """Layers per virtual pipeline stage (interleaved 1F1B schedule); needs PP > 1."""
+    sequence_parallel: bool = False
+    """Split layer norms and dropout along the sequence over the TP group (GPU, Transformer Engine)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer states and fp32 main weights across data-parallel ranks (ZeRO-1)."""
+    distributed_backend: Optional[str] = flag(None, choices=["nccl", "gloo"])
+    """Process-group backend. Default: nccl on GPUs, gloo on CPU."""
+
+
+@dataclass
+class LossConfig:
+    """The training objective. `lm loss` is always logged as plain cross-entropy, whatever is trained."""
+
+    loss_type: str = flag("cross_entropy", choices=list(LOSS_TYPES))
+    """cross_entropy, focal (weights (1 - p_target)^gamma) or mile (weights (sigma + entropy)^gamma)."""
+    mile_gamma: Optional[float] = None
+    """MiLe exponent gamma (default 1.0, as in the paper); 0 gives cross-entropy."""
+    mile_sigma: Optional[float] = None
+    """MiLe offset sigma > 0 (default 1.0, as in the paper)."""
+    mile_entropy_threshold: Optional[float] = None
+    """MiLe variant: tokens whose normalised entropy H / ln(V) is below this get weight 1. Off by default."""
+    focal_gamma: Optional[float] = None
+    """Focal-loss exponent gamma (default 1.0)."""
+
+    @property
+    def gamma(self) -> float:
+        if self.loss_type == "mile":
+            return 1.0 if self.mile_gamma is None else self.mile_gamma
+        if self.loss_type == "focal":
+            return 1.0 if self.focal_gamma is None else self.focal_gamma
+        return 0.0
+
+    @property
+    def sigma(self) -> float:
+        return 1.0 if self.mile_sigma is None else self.mile_sigma
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam with warmup and decay, gradient clipping and mixed precision."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_decay_style: str = flag("linear", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    """Learning-rate decay after warmup."""
+    lr_warmup_iters: int = 0
+    """Iterations of linear warmup from 0 to --lr."""
+    lr_decay_iters: Optional[int] = None
+    """Iterations over which the learning rate decays. Default: --train-iters."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2 (the paper uses 0.95)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    bf16: bool = False
+    """bf16 model and activations with fp32 main weights and gradients in the optimizer."""
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how text becomes token ids."""
+
+    data_path: Optional[List[str]] = flag(None, nargs="*")
+    """Dataset prefixes (without .bin/.idx), optionally weighted: `w1 prefix1 w2 prefix2 ...`."""
+    split: str = "969, 30, 1"
+    """Train/validation/test proportions of each dataset, comma-separated."""
+    mock_data: bool = False
+    """Train on megatron-core's synthetic dataset (no files needed; use with --tokenizer-type NullTokenizer)."""
+    data_cache_path: Optional[str] = None
+    """Where dataset index caches are written. Default: beside the data."""
+    num_workers: int = 0
+    """Data-loader worker processes."""
+    tokenizer_type: Optional[str] = flag(
+        None,
+        choices=["NullTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer"],
+    )
+    """Tokenizer type."""
+    tokenizer_model: Optional[str] = None
+    """tokenizer.json (HuggingFaceTokenizer) or .model file (SentencePieceTokenizer)."""
+    vocab_file: Optional[str] = None
+    """GPT2BPETokenizer vocabulary (vocab.json)."""
+    merge_file: Optional[str] = None
+    """GPT2BPETokenizer merges (merges.txt)."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size for NullTokenizer."""
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, iteration counts, checkpoints and logging."""
+
+    micro_batch_size: int = 1
+    """Samples per micro-batch on each data-parallel rank."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all ranks; gradient accumulation = global / (micro * DP).
+    Default: micro-batch size * DP."""
+    train_iters: int = 100
+    """Optimizer steps to train for."""
+    seed: int = 1234
+    """Random seed (weights, dropout, data order)."""
+    save: Optional[str] = None
+    """Directory to save checkpoints to."""
+    load: Optional[str] = None
+    """Directory to load a checkpoint from (its latest_checkpointed_iteration.txt)."""
+    save_interval: Optional[int] = None
+    """Save a checkpoint every this many iterations (and at the end of training)."""
+    exit_interval: Optional[int] = None
+    """Save (if --save) and exit when the iteration number is divisible by this."""
+    eval_interval: int = 1000
+    """Evaluate on the validation data every this many iterations."""
+    eval_iters: int = 100
+    """Validation micro-batch rounds per evaluation (each consumes one global batch); 0 disables it."""
+    log_interval: int = 100
+    """Print a log line every this many iterations."""
+    tensorboard_dir: Optional[str] = None
+    """Write TensorBoard scalars here."""
+    no_progress: bool = False
+    """Do not print the console progress line with ETA."""
+    max_skipped_iterations: int = 10
+    """Stop when this many consecutive iterations had a non-finite loss (their updates are skipped)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    SECTIONS = ("model", "parallel", "loss", "optimizer", "data", "training")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
+
+    def finalize(self, world_size: int) -> None:
+        """Fill defaults that depend on other fields (done before validate)."""
+        m, t = self.model, self.training
+        if m.ffn_hidden_size is None:
+            m.ffn_hidden_size = 4 * m.hidden_size
+        if m.max_position_embeddings is None:
+            m.max_position_embeddings = m.seq_length
+        if not m.group_query_attention:
+            m.num_query_groups = m.num_attention_heads
+        dp = max(1, self.data_parallel_size(world_size))
+        if t.global_batch_size is None:
+            t.global_batch_size = t.micro_batch_size * dp
+        if self.optimizer.lr_decay_iters is None:
+            self.optimizer.lr_decay_iters = t.train_iters
+
+    def validate(self, world_size: int, gpu_available: bool) -> None:
+        """Raise ConfigError listing every invalid setting or combination, each with its fix."""
+        problems: List[str] = []
+        m, p, l, o, d, t = self.model, self.parallel, self.loss, self.optimizer, self.data, self.training
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                problems.append(message)
+
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size"):
+            section = m if hasattr(m, name) else t
+            need(getattr(section, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        need(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        if tp >= 1 and pp >= 1:
+            need(
+                world_size % (tp * pp) == 0,
+                f"world size {world_size} is not divisible by TP * PP = {tp} * {pp}: launch a multiple of "
+                f"{tp * pp} processes (torchrun --nproc_per_node) or change the parallel sizes",
+            )
+            need(
+                m.num_attention_heads % tp == 0,
+                f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads {m.num_attention_heads}",
+            )
+            need(
+                m.num_query_groups % tp == 0,
+                f"--tensor-model-parallel-size {tp} does not divide --num-query-groups {m.num_query_groups}",
+            )
+            need(
+                m.num_layers % pp == 0,
+                f"--pipeline-model-parallel-size {pp} does not divide --num-layers {m.num_layers}",
+            )
+        need(
+            m.hidden_size % max(m.num_attention_heads, 1) == 0,
+            f"--num-attention-heads {m.num_attention_heads} does not divide --hidden-size {m.hidden_size}",
+        )
+        need(
+            m.num_attention_heads % max(m.num_query_groups, 1) == 0,
+            f"--num-query-groups {m.num_query_groups} does not divide --num-attention-heads {m.num_attention_heads}",
+        )
+        need(
+            m.max_position_embeddings >= m.seq_length or m.position_embedding_type == "rope",
+            "--max-position-embeddings must be >= --seq-length with learned absolute positions",
+        )
+        if p.num_layers_per_virtual_pipeline_stage is not None:
+            v = p.num_layers_per_virtual_pipeline_stage
+            need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+            need(
+                v >= 1 and pp >= 1 and m.num_layers % (pp * v) == 0,
+                f"--num-layers {m.num_layers} must be divisible by PP * --num-layers-per-virtual-pipeline-stage "
+                f"= {pp} * {v}",
+            )
+        dp = self.data_parallel_size(world_size) if tp >= 1 and pp >= 1 else 0
+        if dp >= 1 and t.micro_batch_size >= 1:
+            need(
+                t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size * DP = "
+                f"{t.micro_batch_size} * {dp}",
+            )
+
+        # Loss flags only make sense with their loss type.
+        if l.loss_type != "mile":
+            for name in ("mile_gamma", "mile_sigma", "mile_entropy_threshold"):
+                need(getattr(l, name) is None, f"--{name.replace('_', '-')} needs --loss-type mile")
+        if l.loss_type != "focal":
+            need(l.focal_gamma is None, "--focal-gamma needs --loss-type focal")
+        need(math.isfinite(l.gamma) and l.gamma >= 0, f"the loss gamma must be >= 0, got {l.gamma}")
+        need(math.isfinite(l.sigma) and l.sigma > 0, f"--mile-sigma must be > 0, got {l.sigma}")
+        if l.mile_entropy_threshold is not None:
+            need(0 <= l.mile_entropy_threshold <= 1, "--mile-entropy-threshold must lie in [0, 1]")
+
+        need(o.lr >= 0 and o.min_lr >= 0, "--lr and --min-lr must be >= 0")
+        need(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+        need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "--adam-beta1/2 must lie in [0, 1)")
+        need(o.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
+        need(0 <= m.hidden_dropout < 1 and 0 <= m.attention_dropout < 1, "dropout probabilities must lie in [0, 1)")
+        need(t.train_iters >= 1, "--train-iters must be >= 1")
+        need(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters), "--lr-warmup-iters exceeds the decay length")
+        need(t.log_interval >= 1 and t.eval_interval >= 1, "--log-interval and --eval-interval must be >= 1")
+
+        # Data.
+        need(
+            bool(d.mock_data) != bool(d.data_path),
+            "give exactly one of --data-path (prepared .bin/.idx prefixes) or --mock-data",
+        )
+        need(d.tokenizer_type is not None, "--tokenizer-type is required (NullTokenizer with --vocab-size for --mock-data)")
+        if d.tokenizer_type == "NullTokenizer":
+            need(d.vocab_size is not None and d.vocab_size >= 2, "NullTokenizer needs --vocab-size >= 2")
+        if d.tokenizer_type in ("HuggingFaceTokenizer", "SentencePieceTokenizer"):
+            need(d.tokenizer_model is not None, f"{d.tokenizer_type} needs --tokenizer-model")
+        if d.tokenizer_type == "GPT2BPETokenizer":
+            need(d.vocab_file is not None and d.merge_file is not None, "GPT2BPETokenizer needs --vocab-file and --merge-file")
+
+        if t.save_interval is not None:
+            need(t.save is not None, "--save-interval needs --save <dir>")
+            need(t.save_interval >= 1, "--save-interval must be >= 1")
+
+        # GPU-only features.
+        if not gpu_available:
+            need(not p.sequence_parallel, "--sequence-parallel needs CUDA GPUs (Transformer Engine); it is not "
+                 "supported on CPU: drop the flag")
+            need(p.distributed_backend != "nccl", "--distributed-backend nccl needs CUDA GPUs; use gloo on CPU")
+        elif p.sequence_parallel:
+            need(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+        if problems:
+            raise ConfigError(
+                "invalid configuration:\n" + "\n".join(f"  - {problem}" for problem in problems)
+            )
+
+
+def section_fields(section_cls) -> list:
+    """The dataclass fields of one config section, in declaration order."""
+    return list(fields(section_cls))

@@ -1,0 +1,182 @@
+"""megatron-core's GPTModel with the MiLe / focal / cross-entropy loss where it computes its LM loss.
+
+`MileGPTModel.compute_language_model_loss` replaces megatron's vocab-parallel cross-entropy with
+megatron_mile.loss and returns, per token, the cross-entropy (with gradient), its detached weight and the
+detached entropy, packed as [b, s, 3]. The training step's loss function turns those into the exact global
+normalisation L = sum(w * ce) / sum(w) (megatron_mile.training.step).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_mile import device
+from megatron_mile.config import RunConfig
+from megatron_mile.loss import vocab_parallel_weighted_cross_entropy
+from megatron_mile.vocab import padded_vocab_size
+
+# Index of each per-token quantity in the packed [b, s, 3] output of the loss hook.
+CE, WEIGHT, ENTROPY = 0, 1, 2
+
+
+class MileGPTModel(GPTModel):
+    """GPTModel whose language-model loss is the weighted vocab-parallel loss of megatron_mile.loss."""
+
+    def __init__(self, *args, loss_type: str, gamma: float, sigma: float, entropy_threshold: Optional[float],
+                 real_vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_type = loss_type
+        self.loss_gamma = gamma
+        self.loss_sigma = sigma
+        self.entropy_threshold = entropy_threshold
+        self.real_vocab_size = real_vocab_size
+        # Set by the training loop: compute the entropy for logging even when the loss does not need it.
+        self.want_entropy = False
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """labels [b, s], logits [s, b, V/tp] -> [b, s, 3]: ce (with gradient), weight, entropy.
+
+        Collectives: those of vocab_parallel_weighted_cross_entropy on the TP group (MAX, one SUM).
+        """
+        labels = labels.transpose(0, 1).contiguous()  # [s, b]
+        ce, weight, entropy = vocab_parallel_weighted_cross_entropy(
+            logits,
+            labels,
+            self.loss_type,
+            self.loss_gamma,
+            self.loss_sigma,
+            self.real_vocab_size,
+            self.entropy_threshold,
+            ignore_index=None,  # megatron's datasets mask with loss_mask, never with an ignore id
+            tp_group=self.pg_collection.tp,
+            return_entropy=True if self.want_entropy else self.loss_type == "mile",
+            # fp32 logits come straight from the output layer and die here: let backward reuse them.
+            reuse_logits_for_grad=True,
+        )
+        if entropy.numel() == 0:
+            entropy = torch.zeros_like(ce)
+        packed = torch.stack([ce, weight, entropy], dim=-1)  # [s, b, 3]
+        return packed.transpose(0, 1).contiguous()  # [b, s, 3]
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """A TransformerLayer whose CPU-initialised weights depend on the seed and its global layer number only.
+
+    megatron initialises weights from one RNG stream in build order, so a pipeline stage that builds
+    layers 3-4 would draw what a single stage draws for layers 1-2. Re-seeding the default generator from
+    (seed, layer_number) before each layer makes the initial model the same at every TP/PP layout (with
+    use_cpu_initialization, the full master weight is drawn and split, so TP does not matter either).
+    The layer before the output layer is the last one at every layout, so the output layer matches too.
+    """
+
+    init_seed: int = 1234
+
+    def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
+        torch.manual_seed(self.init_seed * 1000 + layer_number)
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+
+
+def transformer_config(config: RunConfig) -> TransformerConfig:
+    """megatron-core's TransformerConfig for this run; CUDA-only fusions stay off on CPU."""
+    m, p, o = config.model, config.parallel, config.optimizer
+    on_gpu = device.gpu_available()
+    dtype = torch.bfloat16 if o.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        add_bias_linear=not m.disable_bias_linear,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=_virtual_pipeline_size(config),
+        sequence_parallel=p.sequence_parallel,
+        bf16=o.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        # Weights are created on the CPU from one full-size master tensor, split across TP ranks, so a
+        # given seed gives the same model at every TP size (and no CUDA is needed to build it).
+        use_cpu_initialization=not on_gpu,
+        # Fusions that need CUDA kernels or Transformer Engine; on CPU they would fail or torch.compile.
+        bias_activation_fusion=on_gpu and not m.disable_bias_linear and not m.swiglu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # The schedules must not divide by their own token count: the loss function returns
+        # un-normalised sums and the gradients are divided once by the global weight total.
+        calculate_per_token_loss=True,
+    )
+
+
+def _virtual_pipeline_size(config: RunConfig) -> Optional[int]:
+    per_stage = config.parallel.num_layers_per_virtual_pipeline_stage
+    if per_stage is None:
+        return None
+    return config.model.num_layers // (config.parallel.pipeline_model_parallel_size * per_stage)
+
+
+def build_model_chunk(
+    config: RunConfig,
+    tf_config: TransformerConfig,
+    real_vocab_size: int,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: Optional[int] = None,
+) -> MileGPTModel:
+    """One model chunk (a pipeline stage, or one virtual stage of it)."""
+    m, l = config.model, config.loss
+    spec = get_gpt_layer_local_spec(normalization=m.normalization)
+    if spec.module is TransformerLayer:
+        spec.module = type("SeededTransformerLayer", (SeededTransformerLayer,), {"init_seed": config.training.seed})
+    return MileGPTModel(
+        config=tf_config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(
+            real_vocab_size, config.parallel.tensor_model_parallel_size, m.make_vocab_size_divisible_by
+        ),
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type=m.position_embedding_type,
+        rotary_base=m.rotary_base,
+        vp_stage=vp_stage,
+        loss_type=l.loss_type,
+        gamma=l.gamma,
+        sigma=l.sigma,
+        entropy_threshold=l.mile_entropy_threshold,
+        real_vocab_size=real_vocab_size,
+    )
+
+
+def build_model(config: RunConfig, real_vocab_size: int) -> list:
+    """The model chunks this rank holds (one, or several with a virtual pipeline), on the compute device."""
+    tf_config = transformer_config(config)
+    vp_size = _virtual_pipeline_size(config)
+    chunks = []
+    for vp_stage in range(vp_size or 1):
+        stage = vp_stage if vp_size else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        chunk = build_model_chunk(config, tf_config, real_vocab_size, pre, post, stage)
+        chunk.model_type = getattr(chunk, "model_type", None)
+        chunks.append(chunk.to(device.compute_device()))
+    return chunks

@@ -1,0 +1,149 @@
+"""Training and validation samples: megatron-core's GPTDataset (or its mock) and a resumable sampler.
+
+Every rank builds the same datasets (rank 0 first, so index caches are written once) and reads the
+samples of its data-parallel slice; tensor-parallel peers read identical samples. The order depends only
+on the seed and on how many samples were consumed, so a resumed run continues with exactly the samples the
+uninterrupted run would have seen, whatever the DP size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.utils import get_blend_from_list
+
+from megatron_mile.config import RunConfig
+
+
+def build_run_tokenizer(config: RunConfig):
+    """The tokenizer named by the run's tokenizer flags (megatron_mile.data.tokenizers)."""
+    from megatron_mile.data.tokenizers import build_tokenizer
+
+    d = config.data
+    return build_tokenizer(
+        d.tokenizer_type,
+        tokenizer_model=d.tokenizer_model,
+        vocab_file=d.vocab_file,
+        merge_file=d.merge_file,
+        vocab_size=d.vocab_size,
+    )
+
+
+def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
+    """(train, validation) datasets sized for the whole run. Collectives: barriers on the world group."""
+    d, t = config.data, config.training
+    if d.data_path:
+        weights_and_paths = list(d.data_path)
+        blend = get_blend_from_list(weights_and_paths)
+        _check_dataset_files(blend[0])
+    else:
+        blend = None
+    dataset_config = GPTDatasetConfig(
+        random_seed=t.seed,
+        sequence_length=config.model.seq_length,
+        blend=blend,
+        split=d.split,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal masking is built into the attention kernels
+        path_to_cache=d.data_cache_path,
+        mmap_bin_files=True,
+    )
+    sizes = [t.train_iters * t.global_batch_size, num_eval_samples, 0]
+    dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def build():
+        return BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, dataset_config).build()
+
+    # Rank 0 writes the index caches; the others then read them instead of racing to write.
+    if rank == 0:
+        datasets = build()
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        datasets = build()
+    if dist.is_initialized():
+        dist.barrier()
+    train, valid, _ = datasets
+    return train, valid
+
+
+def _check_dataset_files(prefixes) -> None:
+    import os
+
+    for prefix in prefixes:
+        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            raise FileNotFoundError(
+                f"--data-path prefix {prefix!r} has no {' / '.join(prefix + e for e in missing)}: give the "
+                "prefix that tools/preprocess_data.py printed (without .bin/.idx)"
+            )
+
+
+@dataclass
+class MicroBatchSampler:
+    """Indices of this DP rank's micro-batches, in Megatron-LM's pretraining order.
+
+    Global batch g holds samples [g * G, (g + 1) * G); inside it, micro-batch round k of DP rank r takes
+    samples k * (mbs * DP) + r * mbs + [0, mbs). Resuming = starting at consumed_samples.
+    """
+
+    total_samples: int
+    consumed_samples: int
+    micro_batch_size: int
+    data_parallel_rank: int
+    data_parallel_size: int
+
+    def __iter__(self) -> Iterator[list]:
+        stride = self.micro_batch_size * self.data_parallel_size
+        start = self.consumed_samples
+        while start + stride <= self.total_samples:
+            first = start + self.data_parallel_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+            start += stride
+
+
+def _collate(samples) -> dict:
+    batch = {}
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        batch[key] = torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples])
+    return batch
+
+
+def micro_batch_iterator(dataset, config: RunConfig, consumed_samples: int, cycle: bool = False) -> Iterator[dict]:
+    """Micro-batches (dicts of [mbs, seq] tensors) for this DP rank, starting after consumed_samples.
+
+    `cycle` restarts from the beginning when the dataset is exhausted (validation reuses its samples).
+    """
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    while True:
+        sampler = MicroBatchSampler(len(dataset), consumed_samples, config.training.micro_batch_size, dp_rank, dp_size)
+        produced = False
+        for indices in sampler:
+            produced = True
+            yield _collate([dataset[i] for i in indices])
+        if not cycle or not produced:
+            return
+        consumed_samples = 0
+
+
+def first_or_last_stage_needs_data() -> bool:
+    """Only the first pipeline stage (tokens) and the last (labels, loss mask) read batches."""
+    return parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
+
+
+def to_device(batch: Optional[dict], device) -> Optional[dict]:
+    if batch is None:
+        return None
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

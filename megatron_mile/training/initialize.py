@@ -1,0 +1,65 @@
+"""Process setup for a run: the process group (through megatron_mile.device), megatron's parallel state and
+random seeds, in that order, before any model is built."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_mile import device
+from megatron_mile.config import RunConfig
+
+
+def initialize_parallel(config: RunConfig) -> None:
+    """Create the process group and megatron's TP/PP/DP groups for `config` (idempotent for the group).
+
+    Collectives: those of torch.distributed.init_process_group and initialize_model_parallel (group
+    creation on all ranks).
+    """
+    device.initialize_distributed(backend=config.parallel.distributed_backend)
+    p = config.parallel
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    vp_per_stage = p.num_layers_per_virtual_pipeline_stage
+    vp_size = (
+        None
+        if vp_per_stage is None
+        else config.model.num_layers // (p.pipeline_model_parallel_size * vp_per_stage)
+    )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vp_size,
+    )
+
+
+def set_random_seeds(seed: int) -> None:
+    """Seed Python, numpy and torch; megatron's model-parallel RNG tracker gets per-TP-rank streams.
+
+    As in Megatron-LM, pipeline stages get different streams (seed + 100 * PP rank) for dropout; the
+    initial weights do not depend on it (megatron_mile.model.SeededTransformerLayer).
+    """
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def is_logging_rank() -> bool:
+    """The last global rank: it sits on the last pipeline stage, where the loss is known."""
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def print_rank_last(message: str) -> None:
+    if is_logging_rank():
+        print(message, flush=True)

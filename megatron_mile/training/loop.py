@@ -1,0 +1,208 @@
+"""pretrain(): set up, train for --train-iters with validation and checkpoints, report.
+
+The spine of the fork, in the spirit of Megatron-LM's megatron/training/training.py, written on
+megatron-core: setup (initialize), model (model.py), optimizer (optimizer.py), data (data.py), the step
+(step.py), what is printed (reporting.py), checkpoints (checkpointing.py).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_mile.arguments import config_to_dict
+from megatron_mile.config import RunConfig
+from megatron_mile.model import build_model
+from megatron_mile.training import data as run_data
+from megatron_mile.training import reporting
+from megatron_mile.training.initialize import initialize_parallel, is_logging_rank, print_rank_0, print_rank_last, set_random_seeds
+from megatron_mile.training.optimizer import build_optimizer, wrap_for_training
+from megatron_mile.training.step import configure_schedules, evaluate, train_step
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses); the message says why and what to do."""
+
+
+@dataclass
+class IterationRecord:
+    iteration: int
+    loss: float
+    lm_loss: float
+    grad_norm: Optional[float]
+    learning_rate: float
+    skipped: bool
+
+
+@dataclass
+class TrainingResult:
+    """What a finished run returns (tests compare these across layouts)."""
+
+    history: List[IterationRecord] = field(default_factory=list)
+    validation: List[tuple] = field(default_factory=list)  # (iteration, lm_loss, loss)
+    final_iteration: int = 0
+    consumed_samples: int = 0
+    checkpoint: Optional[str] = None
+
+
+def _num_micro_batches(config: RunConfig) -> int:
+    t = config.training
+    dp = parallel_state.get_data_parallel_world_size()
+    return t.global_batch_size // (t.micro_batch_size * dp)
+
+
+def _data_iterators(config: RunConfig, model: list, dataset, consumed_samples: int, cycle: bool) -> list:
+    """One iterator per model chunk that reads data (first / last pipeline stage), None elsewhere."""
+    iterators = []
+    vp = len(model) > 1
+    for index, chunk in enumerate(model):
+        stage = index if vp else None
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=not vp, vp_stage=stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=not vp, vp_stage=stage)
+        iterators.append(
+            run_data.micro_batch_iterator(dataset, config, consumed_samples, cycle=cycle) if (first or last) else None
+        )
+    return iterators
+
+
+def pretrain(config: RunConfig) -> TrainingResult:
+    """Train as `config` says; return the per-iteration history. Must be called on every rank."""
+    from megatron_mile.training import checkpointing
+
+    t = config.training
+    initialize_parallel(config)
+    set_random_seeds(t.seed)
+    tokenizer = run_data.build_run_tokenizer(config)
+    chunks = build_model(config, tokenizer.vocab_size)
+    set_random_seeds(t.seed)  # model building re-seeded per layer; restart the runtime streams
+    model = wrap_for_training(config, chunks)
+    optimizer, scheduler = build_optimizer(config, model)
+    config_dict = config_to_dict(config)
+
+    iteration, consumed_samples = 0, 0
+    if t.load is not None:
+        iteration, consumed_samples = checkpointing.load_checkpoint(t.load, model, optimizer, scheduler, config_dict)
+
+    num_micro = _num_micro_batches(config)
+    eval_samples = t.eval_iters * t.global_batch_size * max(1, math.ceil(t.train_iters / t.eval_interval) + 1)
+    train_ds, valid_ds = run_data.build_datasets(config, tokenizer, eval_samples if t.eval_iters > 0 else 0)
+    train_iterators = _data_iterators(config, model, train_ds, consumed_samples, cycle=False)
+    valid_iterators = _data_iterators(config, model, valid_ds, 0, cycle=True) if t.eval_iters > 0 and valid_ds else None
+
+    collector_holder: dict = {}
+    configure_schedules(model, optimizer, collector_holder)
+    tensorboard = reporting.TensorBoardWriter(t.tensorboard_dir if is_logging_rank() else None)
+    progress = reporting.ProgressLine(t.train_iters, enabled=is_logging_rank() and not t.no_progress and sys.stderr.isatty())
+    _print_run_summary(config, tokenizer.vocab_size, model)
+
+    result = TrainingResult()
+    tokens_per_iteration = t.global_batch_size * config.model.seq_length
+    skipped_total = nan_total = consecutive_skips = 0
+    interval_start = time.time()
+    interval_iterations = 0
+    last_saved_iteration = iteration if t.load else None
+    try:
+        while iteration < t.train_iters:
+            want_entropy = (iteration + 1) % t.log_interval == 0 or config.loss.loss_type == "mile"
+            step = train_step(
+                model, optimizer, scheduler, train_iterators, num_micro, config.model.seq_length,
+                t.micro_batch_size, collector_holder, want_entropy,
+            )
+            iteration += 1
+            consumed_samples += t.global_batch_size
+            interval_iterations += 1
+            learning_rate = optimizer.param_groups[0]["lr"]
+            if step.skipped:
+                skipped_total += 1
+                consecutive_skips += 1
+                if not math.isfinite(step.stats.loss):
+                    nan_total += 1
+                    print_rank_last(
+                        f" iteration {iteration}: the loss is {step.stats.loss} (not finite); the update was "
+                        f"skipped ({consecutive_skips} in a row, limit --max-skipped-iterations "
+                        f"{t.max_skipped_iterations})"
+                    )
+                if consecutive_skips >= t.max_skipped_iterations:
+                    raise TrainingStopped(
+                        f"{consecutive_skips} consecutive iterations had a non-finite loss (last at iteration "
+                        f"{iteration}); stopping without saving. Lower --lr, check the data, or resume from the "
+                        "last checkpoint"
+                    )
+            else:
+                consecutive_skips = 0
+            result.history.append(
+                IterationRecord(iteration, step.stats.loss, step.stats.lm_loss, step.grad_norm, learning_rate, step.skipped)
+            )
+            progress.update(iteration, step.stats.lm_loss)
+
+            if iteration % t.log_interval == 0:
+                elapsed = time.time() - interval_start
+                per_iteration = elapsed / interval_iterations
+                tokens_per_second = tokens_per_iteration / per_iteration
+                if is_logging_rank():
+                    progress.stream.write("\r") if progress.enabled else None
+                    print(
+                        reporting.format_train_log(
+                            iteration, t.train_iters, consumed_samples, per_iteration * 1000.0, learning_rate,
+                            t.global_batch_size, step.stats, step.grad_norm, tokens_per_second,
+                            skipped_total, nan_total, config.loss.loss_type,
+                        ),
+                        flush=True,
+                    )
+                tensorboard.scalars(iteration, reporting.step_scalars(step.stats, step.grad_norm, learning_rate, tokens_per_second))
+                interval_start, interval_iterations = time.time(), 0
+
+            if valid_iterators is not None and iteration % t.eval_interval == 0:
+                stats = evaluate(model, valid_iterators, num_micro, t.eval_iters, config.model.seq_length, t.micro_batch_size)
+                result.validation.append((iteration, stats.lm_loss, stats.loss))
+                print_rank_last(reporting.format_validation_log(iteration, stats))
+                tensorboard.scalars(iteration, {"validation/lm loss": stats.lm_loss, "validation/training loss": stats.loss,
+                                                "validation/lm loss PPL": reporting._safe_exp(stats.lm_loss)})
+
+            exiting = t.exit_interval is not None and iteration % t.exit_interval == 0
+            if t.save and (exiting or (t.save_interval and iteration % t.save_interval == 0)):
+                result.checkpoint = checkpointing.save_checkpoint(
+                    t.save, iteration, model, optimizer, scheduler, consumed_samples, config_dict
+                )
+                last_saved_iteration = iteration
+            if exiting:
+                print_rank_0(f" exiting at iteration {iteration} (--exit-interval {t.exit_interval})")
+                break
+        if t.save and last_saved_iteration != iteration:
+            result.checkpoint = checkpointing.save_checkpoint(
+                t.save, iteration, model, optimizer, scheduler, consumed_samples, config_dict
+            )
+    finally:
+        progress.finish()
+        tensorboard.close()
+    result.final_iteration = iteration
+    result.consumed_samples = consumed_samples
+    return result
+
+
+def _print_run_summary(config: RunConfig, vocab_size: int, model: list) -> None:
+    params = sum(p.numel() for chunk in model for p in chunk.parameters())
+    totals = torch.tensor([params], dtype=torch.float64)
+    if dist.is_initialized():
+        # Parameters of this rank only; the sum over the model-parallel group is the model size.
+        dist.all_reduce(totals, group=parallel_state.get_model_parallel_group())
+    l = config.loss
+    loss_desc = l.loss_type
+    if l.loss_type == "mile":
+        loss_desc += f" (gamma={l.gamma}, sigma={l.sigma}, entropy_threshold={l.mile_entropy_threshold})"
+    elif l.loss_type == "focal":
+        loss_desc += f" (gamma={l.gamma})"
+    p = config.parallel
+    print_rank_0(
+        f" > model: {int(totals.item()):,} parameters | vocab {vocab_size} | loss {loss_desc}\n"
+        f" > parallel: world {dist.get_world_size() if dist.is_initialized() else 1} = TP {p.tensor_model_parallel_size}"
+        f" x PP {p.pipeline_model_parallel_size} x DP {parallel_state.get_data_parallel_world_size()}"
+        f" | micro-batches per step: {_num_micro_batches(config)}"
+    )

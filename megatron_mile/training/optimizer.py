@@ -1,0 +1,80 @@
+"""Wrapping model chunks for training (bf16, megatron DDP) and building the optimizer and LR schedule."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from megatron_mile.config import RunConfig
+
+
+def wrap_for_training(config: RunConfig, chunks: list) -> list:
+    """bf16 chunks go into Float16Module; every chunk into megatron's DistributedDataParallel.
+
+    DDP owns the contiguous gradient buffers that the optimizer (and the distributed optimizer's
+    reduce-scatter) works on; gradients are kept and reduced in fp32.
+    """
+    tf_config = chunks[0].config
+    if config.optimizer.bf16:
+        chunks = [Float16Module(tf_config, chunk) for chunk in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # the training step checks the loss itself and skips the update
+    )
+    return [
+        DistributedDataParallel(
+            config=tf_config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Only the first chunk's buffer is bucketed: as Megatron-LM does for virtual pipelines.
+            disable_bucketing=index > 0,
+        )
+        for index, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(config: RunConfig, model: List) -> Tuple[object, OptimizerParamScheduler]:
+    """Adam (megatron's, distributed if asked) and the warmup + decay schedule, stepped per iteration.
+
+    Weight decay is not applied to biases and norm weights (megatron's default parameter groups).
+    """
+    o = config.optimizer
+    optimizer = get_megatron_optimizer(
+        MegatronOptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=o.bf16,
+            params_dtype=model[0].config.params_dtype,
+            use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        ),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_iters,
+        lr_decay_steps=o.lr_decay_iters,
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=config.training.train_iters,
+        wd_incr_style="constant",
+        wsd_decay_steps=o.lr_decay_iters if o.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style="linear" if o.lr_decay_style == "WSD" else None,
+    )
+    return optimizer, scheduler

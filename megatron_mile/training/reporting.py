@@ -1,0 +1,150 @@
+"""What a run prints and records: Megatron-LM-style log lines, TensorBoard scalars, a progress line.
+
+The log line keeps Megatron-LM's layout and key names (` iteration       10/     100 | consumed samples:
+... | lm loss: ... |`) so existing log parsers work. `lm loss` is always plain cross-entropy, comparable
+across loss types; the trained objective is `training loss`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from typing import Dict, Optional
+
+from megatron_mile.loss import StepLoss
+
+
+def format_train_log(
+    iteration: int,
+    train_iters: int,
+    consumed_samples: int,
+    elapsed_ms_per_iteration: float,
+    learning_rate: float,
+    global_batch_size: int,
+    stats: StepLoss,
+    grad_norm: Optional[float],
+    tokens_per_second: float,
+    skipped_iterations: int,
+    nan_iterations: int,
+    loss_type: str,
+) -> str:
+    """One training log line in Megatron-LM's format, extended with the weighted-loss scalars."""
+    timestamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    parts = [
+        f" [{timestamp}] iteration {iteration:8d}/{train_iters:8d}",
+        f" consumed samples: {consumed_samples:12d}",
+        f" elapsed time per iteration (ms): {elapsed_ms_per_iteration:.1f}",
+        f" learning rate: {learning_rate:.6E}",
+        f" global batch size: {global_batch_size:5d}",
+        f" lm loss: {stats.lm_loss:.6E}",
+        f" training loss ({loss_type}): {stats.loss:.6E}",
+        f" mean entropy: {stats.mean_entropy:.4f}",
+        f" weight min/mean/max: {stats.weight_min:.4f}/{stats.weight_mean:.4f}/{stats.weight_max:.4f}",
+        f" loss scale: {1.0:.1f}",
+    ]
+    if grad_norm is not None:
+        parts.append(f" grad norm: {grad_norm:.3f}")
+    parts += [
+        f" tokens per second: {tokens_per_second:.1f}",
+        f" number of skipped iterations: {skipped_iterations:3d}",
+        f" number of nan iterations: {nan_iterations:3d}",
+    ]
+    return " |".join(parts) + " |"
+
+
+def format_validation_log(iteration: int, stats: StepLoss, label: str = "validation") -> str:
+    """Megatron-LM's validation block: lm loss value and PPL, plus the weighted objective."""
+    ppl = _safe_exp(stats.lm_loss)
+    line = (
+        f" {label} loss at iteration {iteration} | lm loss value: {stats.lm_loss:.6E} | lm loss PPL: {ppl:.6E} |"
+        f" training loss value: {stats.loss:.6E} | mean entropy: {stats.mean_entropy:.4f} |"
+    )
+    rule = "-" * len(line)
+    return f"{rule}\n{line}\n{rule}"
+
+
+def _safe_exp(x: float) -> float:
+    import math
+
+    return math.exp(min(x, 20.0)) if math.isfinite(x) else float("nan")
+
+
+class TensorBoardWriter:
+    """The same scalars as the log line, to TensorBoard; a no-op without --tensorboard-dir."""
+
+    def __init__(self, log_dir: Optional[str]):
+        self.writer = None
+        if log_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:  # pragma: no cover - tensorboard is an install requirement
+            raise RuntimeError(
+                "--tensorboard-dir needs the `tensorboard` package: pip install tensorboard"
+            ) from error
+        self.writer = SummaryWriter(log_dir=log_dir, max_queue=100)
+
+    def scalars(self, iteration: int, values: Dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(name, value, iteration)
+
+    def histogram(self, iteration: int, name: str, values) -> None:
+        if self.writer is not None and values is not None and len(values):
+            self.writer.add_histogram(name, values, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def step_scalars(stats: StepLoss, grad_norm: Optional[float], learning_rate: float, tokens_per_second: float,
+                 prefix: str = "train") -> Dict[str, float]:
+    return {
+        f"{prefix}/lm loss": stats.lm_loss,
+        f"{prefix}/training loss": stats.loss,
+        f"{prefix}/mean entropy": stats.mean_entropy,
+        f"{prefix}/weight min": stats.weight_min,
+        f"{prefix}/weight mean": stats.weight_mean,
+        f"{prefix}/weight max": stats.weight_max,
+        f"{prefix}/grad norm": grad_norm,
+        f"{prefix}/learning rate": learning_rate,
+        f"{prefix}/tokens per second": tokens_per_second,
+    }
+
+
+class ProgressLine:
+    """A single console line rewritten in place: iteration, lm loss and ETA (only on a terminal or when
+    forced; log files get the Megatron lines only)."""
+
+    def __init__(self, total: int, enabled: bool, stream=sys.stderr):
+        self.total = total
+        self.stream = stream
+        self.enabled = enabled
+        self.start = time.time()
+        self.first_iteration: Optional[int] = None
+
+    def update(self, iteration: int, lm_loss: float) -> None:
+        if not self.enabled:
+            return
+        if self.first_iteration is None:
+            self.first_iteration = iteration - 1
+            self.start = time.time()
+        done = iteration - self.first_iteration
+        elapsed = time.time() - self.start
+        remaining = (self.total - iteration) * elapsed / max(done, 1)
+        width = 30
+        filled = int(width * iteration / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        eta = str(datetime.timedelta(seconds=int(remaining)))
+        self.stream.write(f"\r[{bar}] {iteration}/{self.total} lm loss {lm_loss:.4f} ETA {eta} ")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,192 @@
+"""One optimizer step and one evaluation pass, on megatron-core's pipeline schedules.
+
+The loss of a step is, exactly (mile-loss-facts.md):  L = sum(w * ce) / sum(w)  over every loss-masked
+token of the global batch. The schedules run in megatron's per-token-loss mode: each micro-batch's loss
+function returns the UN-normalised sum(w * ce), whose gradients accumulate in DDP's buffers; then
+`finalize_model_grads` divides all gradients once by the global W = sum(w), which it first broadcasts from
+the last pipeline stage and all-reduces over data-parallel ranks. Because w is detached this is the exact
+gradient of L, whatever the TP/PP/DP sizes and micro-batch count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+
+from megatron_mile import device
+from megatron_mile.loss import MicroBatchLoss, StepLoss, all_reduce_step_loss, reduce_micro_batch
+from megatron_mile.model import CE, ENTROPY, WEIGHT
+
+_STEP_LOSS_FIELDS = ("loss", "lm_loss", "weight_sum", "tokens", "mean_entropy", "weight_mean", "weight_min", "weight_max")
+
+
+class LossCollector:
+    """Collects each micro-batch's MicroBatchLoss and supplies the step's gradient normaliser."""
+
+    def __init__(self) -> None:
+        self.parts: List[MicroBatchLoss] = []
+        self.global_weight_sum: Optional[float] = None
+
+    def loss_func(self, loss_mask: torch.Tensor, output: torch.Tensor):
+        """Megatron schedule loss function: output [b, s, 3] (ce, w, H) -> (sum(w*ce), tokens, {}).
+
+        No communication.
+        """
+        part = reduce_micro_batch(output[..., CE], output[..., WEIGHT], loss_mask, output[..., ENTROPY])
+        self.parts.append(part)
+        return part.weighted_ce_sum, loss_mask.sum().to(torch.int), {}
+
+    def local_weight_sum(self) -> torch.Tensor:
+        total = sum(float(p.sums[1]) for p in self.parts)
+        return torch.tensor(total, dtype=torch.float32, device=device.compute_device())
+
+    def finalize_grads(self, model, num_tokens, pg_collection=None, force_all_reduce=False) -> None:
+        """Replaces the schedules' finalize: grads / global W instead of / token count.
+
+        Collectives: megatron's finalize_model_grads (DP all-reduce or reduce-scatter of the gradient
+        buffers, embedding all-reduce across PP stages) with W broadcast over the PP group and all-reduced
+        over the DP group.
+        """
+        del num_tokens  # an int token count; the weighted loss needs the float W
+        weight_sum = self.local_weight_sum()
+        finalize_model_grads(model, num_tokens=weight_sum, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+        self.global_weight_sum = float(weight_sum)
+
+
+def step_statistics(parts: List[MicroBatchLoss]) -> StepLoss:
+    """StepLoss of this iteration, identical on every rank.
+
+    Collectives: on the last pipeline stage, those of all_reduce_step_loss on the DP group; then a
+    broadcast of the 8 values from the last stage over the PP group.
+    """
+    values = torch.zeros(len(_STEP_LOSS_FIELDS), dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        step = all_reduce_step_loss(parts, group=parallel_state.get_data_parallel_group())
+        values = torch.tensor([getattr(step, f) for f in _STEP_LOSS_FIELDS], dtype=torch.float64)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        values = values.to(device.compute_device())
+        dist.broadcast(
+            values,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return StepLoss(**dict(zip(_STEP_LOSS_FIELDS, values.cpu().tolist())))
+
+
+def make_forward_step(collector: LossCollector, want_entropy: bool) -> Callable:
+    """The forward_step_func megatron's schedules call once per micro-batch and model chunk."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator) if data_iterator is not None else None
+        batch = _to_compute_device(batch)
+        unwrapped = _unwrap(model)
+        unwrapped.want_entropy = want_entropy
+        if batch is None:  # a middle pipeline stage: input comes from the previous stage
+            output = model(None, None, None)
+            return output, partial(collector.loss_func, None)
+        labels = batch["labels"] if unwrapped.post_process else None
+        output = model(batch["tokens"], batch["position_ids"], None, labels=labels)
+        return output, partial(collector.loss_func, batch["loss_mask"])
+
+    return forward_step
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _to_compute_device(batch):
+    if batch is None:
+        return None
+    target = device.compute_device()
+    return {k: v.to(target, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclass
+class StepResult:
+    stats: StepLoss
+    grad_norm: Optional[float]
+    skipped: bool
+
+
+def configure_schedules(model: list, optimizer, collector_holder: dict) -> None:
+    """Point megatron's schedule hooks at this run's optimizer and loss collector."""
+    config = get_model_config(model[0])
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    config.finalize_model_grads_func = lambda *a, **k: collector_holder["collector"].finalize_grads(*a, **k)
+    config.timers = None
+
+
+def train_step(
+    model: list,
+    optimizer,
+    scheduler,
+    data_iterators: list,
+    num_micro_batches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    collector_holder: dict,
+    want_entropy: bool,
+) -> StepResult:
+    """Forward, backward and (unless the loss is not finite) the optimizer and scheduler step."""
+    collector = LossCollector()
+    collector_holder["collector"] = collector
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    forward_backward(
+        forward_step_func=make_forward_step(collector, want_entropy),
+        data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+        model=model,
+        num_microbatches=num_micro_batches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    stats = step_statistics(collector.parts)
+    if not math.isfinite(stats.loss):
+        # Never apply an update computed from a non-finite loss; the caller counts and reports it.
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        return StepResult(stats, None, skipped=True)
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=1)
+    return StepResult(stats, grad_norm, skipped=not update_successful)
+
+
+def evaluate(model: list, data_iterators: list, num_micro_batches: int, eval_iters: int, seq_length: int,
+             micro_batch_size: int) -> StepLoss:
+    """Validation loss over eval_iters global batches (forward only, dropout off)."""
+    for chunk in model:
+        chunk.eval()
+    collector = LossCollector()
+    forward_backward = get_forward_backward_func()
+    with torch.no_grad():
+        for _ in range(eval_iters):
+            forward_backward(
+                forward_step_func=make_forward_step(collector, want_entropy=True),
+                data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+                model=model,
+                num_microbatches=num_micro_batches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+            )
+    for chunk in model:
+        chunk.train()
+    return step_statistics(collector.parts)
