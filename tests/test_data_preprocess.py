@@ -303,3 +303,22 @@ def test_sigterm_cleans_up(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) != 0
     assert os.listdir(tmp_path) == []  # temporaries removed too
+
+
+def _die(work):
+    os._exit(3)  # a worker killed mid-batch (as by the out-of-memory killer)
+
+
+def test_dead_worker_fails_cleanly_instead_of_hanging(tmp_path, monkeypatch):
+    from megatron_mile.data import preprocess
+
+    (tmp_path / "in.jsonl").write_bytes(_jsonl(DOCS))
+    monkeypatch.setattr(preprocess, "_encode_batch", _die)
+    cfg = preprocess.PreprocessConfig(input=str(tmp_path / "in.jsonl"), output_prefix=str(tmp_path / "out"),
+                                      tokenizer={"tokenizer_type": "HuggingFaceTokenizer",
+                                                 "tokenizer_model": TOKENIZER}, workers=2)
+    start = time.time()
+    with pytest.raises(preprocess.PreprocessError, match="worker process died"):
+        preprocess.run_preprocess(cfg, log=lambda m: None, progress=lambda m: None)
+    assert time.time() - start < 30
+    assert os.listdir(tmp_path) == ["in.jsonl"]

@@ -26,6 +26,7 @@ import os
 # that oversubscribes the CPU, and after fork() it prints a warning. Parallelism here is the worker pool.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import collections
 import itertools
 import multiprocessing
 import re
@@ -33,6 +34,8 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -153,8 +156,10 @@ def _init_worker(tokenizer_kwargs: dict, options: dict, punkt_params) -> None:
     else:
         _W["splitter"] = None
     if options.get("ignore_sigint"):
-        # The parent handles Ctrl-C and terminates the pool; workers dying on it mid-batch only add noise.
+        # The parent handles Ctrl-C and SIGTERM and stops the workers itself; a forked worker must neither
+        # react to Ctrl-C on its own nor inherit the parent's SIGTERM handler.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tokenize_all(texts: List[str]) -> Tuple[List[Optional[List[int]]], bool]:
@@ -291,6 +296,45 @@ def _batches(files: List[str], batch_lines: int, batch_bytes: int) -> Iterator[T
             batch_id += 1
 
 
+def _ordered_results(pool: ProcessPoolExecutor, work: Iterator, workers: int) -> Iterator:
+    """Results of ``_encode_batch`` over ``work`` in input order, with at most ``2 * workers`` batches in
+    flight, so memory stays bounded however large the input is.
+
+    A concurrent.futures pool is used rather than multiprocessing.Pool because a worker that dies (killed
+    for memory, a crash in native code) breaks it with an error; multiprocessing.Pool would replace the
+    worker, lose its batch, and wait for it forever.
+    """
+    in_flight: collections.deque = collections.deque()
+    work = iter(work)
+    exhausted = False
+    while True:
+        while not exhausted and len(in_flight) < 2 * workers:
+            item = next(work, None)
+            if item is None:
+                exhausted = True
+            else:
+                in_flight.append(pool.submit(_encode_batch, item))
+        if not in_flight:
+            return
+        try:
+            yield in_flight.popleft().result()
+        except BrokenProcessPool:
+            raise PreprocessError("a worker process died (killed for memory, or crashed); rerun with fewer "
+                                  "--workers or check the system log") from None
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel pending batches and end the workers now instead of letting them finish their batches."""
+    # The executor forgets its processes on shutdown: take them first (a private attribute, so guarded).
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+
+
 def _prepare_punkt(config: PreprocessConfig, files: List[str], result: PreprocessResult, log):
     """Punkt parameters for sentence splitting: loaded from --punkt-dir, or trained on the input."""
     from megatron_mile.data import sentences
@@ -371,9 +415,10 @@ def run_preprocess(config: PreprocessConfig, log=print, progress=None) -> Prepro
             _init_worker(config.tokenizer, options, punkt_params)
             results = map(_encode_batch, work)
         else:
-            pool = multiprocessing.get_context("fork").Pool(
-                config.workers, initializer=_init_worker, initargs=(config.tokenizer, options, punkt_params))
-            results = pool.imap(_encode_batch, work, chunksize=1)
+            pool = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_init_worker,
+                                       initargs=(config.tokenizer, options, punkt_params))
+            results = _ordered_results(pool, work, config.workers)
 
         next_log = config.log_interval
         proc_start = time.time()
@@ -418,17 +463,16 @@ def run_preprocess(config: PreprocessConfig, log=print, progress=None) -> Prepro
             result.tokens += writer.num_tokens
             result.sequences += writer.num_sequences
     except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool = None
         for writer in writers.values():
             writer.abort()
+        if pool is not None:
+            _stop_pool(pool)
+            pool = None
         _report(result, config, log, start, failed=True)
         raise
     finally:
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown(wait=True)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_term)
     result.seconds = time.time() - start

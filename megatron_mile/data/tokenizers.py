@@ -170,7 +170,11 @@ class HuggingFaceTokenizer(_RustBPETokenizer):
             raise TokenizerError(
                 f"--tokenizer-model {path!r}: expected a tokenizer.json file or a directory holding one"
             )
-        super().__init__(Tokenizer.from_file(json_path))
+        try:
+            tok = Tokenizer.from_file(json_path)
+        except Exception as err:  # the tokenizers library raises a bare Exception for a malformed file
+            raise TokenizerError(f"--tokenizer-model {json_path!r} is not a valid tokenizer.json: {err}") from None
+        super().__init__(tok)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod = self._find_eod(os.path.dirname(json_path))
 
