@@ -122,7 +122,7 @@ def _batch(index: int):
     }
 
 
-def _build_gpt(seed: int = 1234, **config_overrides):
+def _build_gpt(seed: int = 1234, reference_weights: bool = True, **config_overrides):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
@@ -141,7 +141,8 @@ def _build_gpt(seed: int = 1234, **config_overrides):
         position_embedding_type="rope",
         share_embeddings_and_output_weights=False,
     )
-    _set_reference_weights(model)
+    if reference_weights:
+        _set_reference_weights(model)
     return model, config
 
 
@@ -173,6 +174,12 @@ def body_single_batch_loss_and_grads(dropout: float = 0.0, seed: int = 1234, rec
     loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).mean()
     loss.backward()
     return {"loss": loss.item(), "grads": _local_tensors(model, "grad")}
+
+
+def body_megatron_init_weights(seed: int):
+    """megatron's own CPU init (use_cpu_initialization) after torch.manual_seed + model_parallel_cuda_manual_seed."""
+    model, _ = _build_gpt(seed=seed, reference_weights=False)
+    return _local_tensors(model, "data")
 
 
 def body_forward_backward_func(num_microbatches: int):
@@ -417,6 +424,17 @@ def test_tp2_matches_single_process(pool1, pool2):
     assert _norm(tp_grads) == pytest.approx(_norm(ref_grads), rel=1e-6)
     # The sharded params really are shards (otherwise this test would compare TP=1 with itself).
     assert ranks[0]["grads"]["output_layer.weight"][0].shape[0] == VOCAB // 2
+
+
+def test_tp2_megatron_cpu_init_matches_single_process(pool1, pool2):
+    # The seeding path runs through the layer (torch.cuda.manual_seed and the tracker's state get/set map to the
+    # CPU generator): it must leave the CPU stream where torch.manual_seed(seed) put it on every rank, so that
+    # megatron's full-size CPU init draws the same master weights for any TP size.
+    (reference,) = pool1.run(body_megatron_init_weights, 99)
+    ranks = pool2.run(body_megatron_init_weights, 99, tensor_model_parallel_size=2)
+    _assert_same_tensors(_unshard(ranks), _unshard([reference]), rtol=0, atol=0, what="initial weight")
+    (other_seed,) = pool1.run(body_megatron_init_weights, 100)
+    assert not torch.equal(other_seed["output_layer.weight"][0], reference["output_layer.weight"][0])
 
 
 def test_pp2_schedule_matches_single_process(pool1, pool2):
