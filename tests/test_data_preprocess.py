@@ -322,3 +322,26 @@ def test_dead_worker_fails_cleanly_instead_of_hanging(tmp_path, monkeypatch):
         preprocess.run_preprocess(cfg, log=lambda m: None, progress=lambda m: None)
     assert time.time() - start < 30
     assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_pre_split_sentence_lists_are_sequences(tmp_path, ref_tok):
+    """A list of strings is a document already split into sentences (Megatron-LM's _ss files)."""
+    docs = [{"text": ["First sentence.", "Second one!", ""]}, {"text": []}, {"text": ["Only one."]}]
+    (tmp_path / "in.jsonl").write_bytes(_jsonl(docs))
+    assert _run("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "out", "--append-eod") == 0
+    eod = ref_tok.token_to_id("<|endoftext|>")
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for doc in docs:
+        sentences = [ref_tok.encode(s, add_special_tokens=False).ids for s in doc["text"]]
+        sentences = [s for s in sentences if s]
+        if sentences:
+            sentences[-1].append(eod)
+        builder.add_document([t for s in sentences for t in s], [len(s) for s in sentences])
+    builder.finalize(str(tmp_path / "ref.idx"))
+    assert _same(str(tmp_path / "out_text_document"), str(tmp_path / "ref"))
+
+
+def test_preprocessing_does_not_import_torch_or_megatron():
+    code = ("import sys; import megatron_mile.data.preprocess, megatron_mile.data.cli, megatron_mile.data.merge; "
+            "bad = [m for m in ('torch', 'megatron') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -237,3 +237,24 @@ def test_round_trip_through_megatron_indexed_dataset(kind, tok_dir, tmp_path):
         ids = ds[next(sequences)].tolist()
         assert ids[-1] == tok.eod
         assert tok.detokenize(ids[:-1]) == text
+
+
+def test_train_tokenizer_tool(tmp_path):
+    import gzip
+
+    from megatron_mile.data.cli import train_tokenizer_main
+
+    with gzip.open(tmp_path / "corpus.jsonl.gz", "wt", encoding="utf-8") as f:
+        for text in CORPUS:
+            f.write(json.dumps({"text": text}) + "\n")
+    assert train_tokenizer_main(["--input", str(tmp_path / "corpus.jsonl.gz"), "--output-dir", str(tmp_path / "tok"),
+                                 "--vocab-size", "300", "--gpt2-files"]) == 0
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "tok"))
+    gpt2 = build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "tok" / "vocab.json"),
+                           merge_file=str(tmp_path / "tok" / "merges.txt"))
+    raw = json.load(open(tmp_path / "tok" / "tokenizer.json", encoding="utf-8"))
+    assert raw["model"]["vocab"]["<|endoftext|>"] == tok.eod == gpt2.eod
+    assert tok.vocab_size == gpt2.vocab_size == 300
+    text = "Zürich: the quick brown fox, 3.14!"
+    assert tok.tokenize(text) == gpt2.tokenize(text)
+    assert tok.detokenize(tok.tokenize(text)) == text

@@ -50,7 +50,7 @@ BAD_INPUT_REASONS = {
     "invalid_utf8": "line is not valid UTF-8",
     "malformed_json": "line is not valid JSON",
     "not_an_object": "JSON value is not an object",
-    "missing_key": "a --json-keys key is missing or not a string",
+    "missing_key": "a --json-keys key is missing or not a string (or list of strings)",
     "missing_domain": "meta.pile_set_name is missing",
     "untokenizable": "the tokenizer rejected the text",
     "empty_text": "text is empty (kept as an empty document, as Megatron-LM does)",
@@ -219,14 +219,17 @@ def _encode_batch(work: Tuple[int, str, List[Tuple[int, bytes]]]):
                 filtered += 1
                 continue
         values = [obj.get(k) for k in keys]
-        if not all(isinstance(v, str) for v in values):
+        if not all(_is_text(v) for v in values):
             bad.append(("missing_key", where))
             continue
         spans = []
         for value in values:
-            if value == "":
+            if not value or (isinstance(value, list) and not any(value)):
                 bad.append(("empty_text", where))
-            parts = splitter_split(splitter, value) if splitter is not None else [value]
+            if isinstance(value, list):
+                parts = value  # already split into sentences (Megatron-LM's "_ss" files hold such lists)
+            else:
+                parts = splitter_split(splitter, value) if splitter is not None else [value]
             spans.append((len(texts), len(parts)))
             texts.extend(parts)
         docs.append((domain if by_domain else None, line_number))
@@ -267,6 +270,11 @@ def _encode_batch(work: Tuple[int, str, List[Tuple[int, bytes]]]):
             groups[group][key] = (flat, np.asarray(lengths, np.int32), np.asarray(counts, np.int64))
     stats = {"bytes": n_bytes, "lines": n_lines, "filtered": filtered, "bad": bad}
     return batch_id, groups, stats
+
+
+def _is_text(value) -> bool:
+    """A document text: a string, or a list of strings (sentences split beforehand)."""
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
 
 
 def splitter_split(splitter, text: str) -> List[str]:
