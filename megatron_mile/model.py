@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from megatron_mile import device
 from megatron_mile.config import RunConfig
@@ -79,9 +79,12 @@ class SeededTransformerLayer(TransformerLayer):
 
     init_seed: int = 1234
 
-    def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
-        torch.manual_seed(self.init_seed * 1000 + layer_number)
-        super().__init__(config, submodules, layer_number, *args, **kwargs)
+    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
+                 vp_stage=None):
+        # megatron passes the stage-local number; the offset makes it global (as TransformerLayer does).
+        offset = get_transformer_layer_offset(config, vp_stage, parallel_state.get_pipeline_model_parallel_rank())
+        torch.manual_seed(self.init_seed * 1000 + layer_number + offset)
+        super().__init__(config, submodules, layer_number, hidden_dropout, pg_collection, vp_stage)
 
 
 def transformer_config(config: RunConfig) -> TransformerConfig:

@@ -27,13 +27,24 @@ def build_run_tokenizer(config: RunConfig):
     from megatron_mile.data.tokenizers import build_tokenizer
 
     d = config.data
-    return build_tokenizer(
+    tokenizer = build_tokenizer(
         d.tokenizer_type,
         tokenizer_model=d.tokenizer_model,
         vocab_file=d.vocab_file,
         merge_file=d.merge_file,
         vocab_size=d.vocab_size,
     )
+    if not hasattr(tokenizer, "unique_identifiers"):
+        # megatron's datasets put this into the description (and hash) of their index caches, so a
+        # cache built with one tokenizer is never reused with another.
+        tokenizer.unique_identifiers = {
+            "class": type(tokenizer).__name__,
+            "tokenizer_model": d.tokenizer_model,
+            "vocab_file": d.vocab_file,
+            "merge_file": d.merge_file,
+            "vocab_size": tokenizer.vocab_size,
+        }
+    return tokenizer
 
 
 def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):

@@ -72,15 +72,23 @@ def _data_iterators(config: RunConfig, model: list, dataset, consumed_samples: i
     return iterators
 
 
-def pretrain(config: RunConfig) -> TrainingResult:
-    """Train as `config` says; return the per-iteration history. Must be called on every rank."""
-    from megatron_mile.training import checkpointing
+def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> TrainingResult:
+    """Train as `config` says; return the per-iteration history. Must be called on every rank.
 
+    model_provider(config, vocab_size) -> model chunks and dataset_provider(config, tokenizer,
+    num_eval_samples) -> (train, validation) default to megatron_mile's GPT model and datasets.
+    """
+    if t_uses_checkpoints(config):
+        from megatron_mile.training import checkpointing
+
+    t = config.training
+    model_provider = model_provider or build_model
+    dataset_provider = dataset_provider or run_data.build_datasets
     t = config.training
     initialize_parallel(config)
     set_random_seeds(t.seed)
     tokenizer = run_data.build_run_tokenizer(config)
-    chunks = build_model(config, tokenizer.vocab_size)
+    chunks = model_provider(config, tokenizer.vocab_size)
     set_random_seeds(t.seed)  # model building re-seeded per layer; restart the runtime streams
     model = wrap_for_training(config, chunks)
     optimizer, scheduler = build_optimizer(config, model)
@@ -92,7 +100,7 @@ def pretrain(config: RunConfig) -> TrainingResult:
 
     num_micro = _num_micro_batches(config)
     eval_samples = t.eval_iters * t.global_batch_size * max(1, math.ceil(t.train_iters / t.eval_interval) + 1)
-    train_ds, valid_ds = run_data.build_datasets(config, tokenizer, eval_samples if t.eval_iters > 0 else 0)
+    train_ds, valid_ds = dataset_provider(config, tokenizer, eval_samples if t.eval_iters > 0 else 0)
     train_iterators = _data_iterators(config, model, train_ds, consumed_samples, cycle=False)
     valid_iterators = _data_iterators(config, model, valid_ds, 0, cycle=True) if t.eval_iters > 0 and valid_ds else None
 
@@ -185,6 +193,10 @@ def pretrain(config: RunConfig) -> TrainingResult:
     result.final_iteration = iteration
     result.consumed_samples = consumed_samples
     return result
+
+
+def t_uses_checkpoints(config: RunConfig) -> bool:
+    return config.training.save is not None or config.training.load is not None
 
 
 def _print_run_summary(config: RunConfig, vocab_size: int, model: list) -> None:

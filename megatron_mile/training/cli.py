@@ -1,0 +1,47 @@
+"""Command-line entry for training: parse Megatron-LM-style flags, run pretrain(), map failures to exits.
+
+Exit codes: 0 done; 2 invalid flags (one message listing every problem); 1 a run that had to stop (missing
+files, non-finite losses, ...), with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+from megatron_mile import device
+from megatron_mile.config import ConfigError
+
+
+def main(argv: Optional[List[str]] = None, model_provider=None, dataset_provider=None) -> int:
+    from megatron_mile.arguments import parse_args
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        config = parse_args(argv, world_size=world_size, gpu_available=device.gpu_available())
+    except ConfigError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pretrain_gpt_mile.py: error: {error}", file=sys.stderr)
+        return 2
+
+    from megatron_mile.training.loop import TrainingStopped, pretrain
+
+    try:
+        pretrain(config, model_provider=model_provider, dataset_provider=dataset_provider)
+    except (TrainingStopped, FileNotFoundError, ValueError) as error:
+        print(f"pretrain_gpt_mile.py: error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr)
+        return 1
+    finally:
+        _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
