@@ -301,10 +301,38 @@ def _patches(cpu_torch: types.ModuleType) -> List[Patch]:
         Patch("torch.Tensor", "type", _tensor_type,
               "clip_grads: assert param.grad.type() == 'torch.cuda.FloatTensor'; Float16OptimizerWithFloat16Params"
               " and DistributedOptimizer sort params by param.type() in ['torch.cuda.HalfTensor', ...]"),
+        # --- pipeline p2p ---
+        Patch("megatron.core.pipeline_parallel.p2p_communication", "_batched_p2p_ops", _tagged_batched_p2p_ops,
+              "pipeline schedules' send/recv: with PP=2 the previous and next stage are the same rank, and gloo "
+              "matches same-shape messages between a pair only by tag and order, so a forward activation could "
+              "be received as a backward gradient (seen with the interleaved schedule); NCCL matches by issue "
+              "order"),
     ]
     for module_name, sites in _CUDA_LITERAL_MODULES.items():
         table.append(Patch(module_name, "torch", cpu_torch, "device='cuda' literals: " + sites))
     return table
+
+
+# Tags that tell the two directions apart: what a rank sends "next" its peer receives "from prev".
+_TAG_FORWARD, _TAG_BACKWARD = 1, 2
+
+
+def _tagged_batched_p2p_ops(
+    *, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next, group, prev_pipeline_rank,
+    next_pipeline_rank,
+):
+    """megatron's _batched_p2p_ops with a tag per direction (same argument names, same return value)."""
+    dist = torch.distributed
+    ops = []
+    for tensor, op, peer, tag in (
+        (tensor_send_prev, dist.isend, prev_pipeline_rank, _TAG_BACKWARD),
+        (tensor_recv_prev, dist.irecv, prev_pipeline_rank, _TAG_FORWARD),
+        (tensor_send_next, dist.isend, next_pipeline_rank, _TAG_FORWARD),
+        (tensor_recv_next, dist.irecv, next_pipeline_rank, _TAG_BACKWARD),
+    ):
+        if tensor is not None:
+            ops.append(dist.P2POp(op, tensor, peer, group, tag))
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 def _get_rng_state_megatron(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):

@@ -47,7 +47,8 @@ class MileGPTModel(GPTModel):
         Collectives: those of vocab_parallel_weighted_cross_entropy on the TP group (MAX, one SUM).
         """
         labels = labels.transpose(0, 1).contiguous()  # [s, b]
-        ce, weight, entropy = vocab_parallel_weighted_cross_entropy(
+        want_entropy = self.want_entropy or self.loss_type == "mile"
+        outputs = vocab_parallel_weighted_cross_entropy(
             logits,
             labels,
             self.loss_type,
@@ -57,12 +58,12 @@ class MileGPTModel(GPTModel):
             self.entropy_threshold,
             ignore_index=None,  # megatron's datasets mask with loss_mask, never with an ignore id
             tp_group=self.pg_collection.tp,
-            return_entropy=True if self.want_entropy else self.loss_type == "mile",
+            return_entropy=want_entropy,
             # fp32 logits come straight from the output layer and die here: let backward reuse them.
             reuse_logits_for_grad=True,
         )
-        if entropy.numel() == 0:
-            entropy = torch.zeros_like(ce)
+        ce, weight = outputs[0], outputs[1]
+        entropy = outputs[2] if want_entropy else torch.zeros_like(ce)
         packed = torch.stack([ce, weight, entropy], dim=-1)  # [s, b, 3]
         return packed.transpose(0, 1).contiguous()  # [b, s, 3]
 
