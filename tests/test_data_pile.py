@@ -89,3 +89,64 @@ def test_sample_corpus_is_in_pile_format():
     assert seen["val"] <= seen["train"]
     assert set(seen["train"]) <= set(load_weights())
     assert os.path.getsize(os.path.join(SAMPLE, "tokenizer.json")) < 1 << 20
+
+
+def test_blend_feeds_megatron_gpt_dataset(tmp_path):
+    """Per-domain datasets from tools/preprocess_data.py --split-by-domain, blended with the Pile weights,
+    load through megatron-core's BlendedMegatronDatasetBuilder + GPTDataset: every sample is made of
+    contiguous pieces of the documents' token ids, and the domains are sampled in the blend's proportions."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.utils import get_blend_from_list
+    from tokenizers import Tokenizer
+
+    from megatron_mile.data.cli import preprocess_main
+    from megatron_mile.data.tokenizers import build_tokenizer
+
+    texts = {"Github": [f"def function_{i}(x):\n    return x * {i} + {i * i}\n" for i in range(30)],
+             "FreeLaw": [f"Case {i}. The court finds for the plaintiff in matter number {i * 7}." for i in range(30)]}
+    docs = [{"text": t, "meta": {"pile_set_name": d}} for d in texts for t in texts[d]]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tok_flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", SAMPLE]
+    assert preprocess_main([*tok_flags, "--input", str(tmp_path / "in.jsonl"), "--output-prefix",
+                            str(tmp_path / "pile"), "--append-eod", "--split-by-domain"]) == 0
+    out = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(out):
+        assert pile_blend_main(["--output-prefix", str(tmp_path / "pile")]) == 0
+    blend = out.getvalue().split()
+
+    ref = Tokenizer.from_file(os.path.join(SAMPLE, "tokenizer.json"))
+    eod = ref.token_to_id("<|endoftext|>")
+    doc_ids = [ref.encode(t, add_special_tokens=False).ids for d in texts for t in texts[d]]
+
+    config = GPTDatasetConfig(random_seed=1234, sequence_length=16, blend_per_split=[get_blend_from_list(blend), None, None],
+                              split=None, tokenizer=build_tokenizer("HuggingFaceTokenizer", tokenizer_model=SAMPLE),
+                              reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+                              path_to_cache=None, mmap_bin_files=True)
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [300, None, None], lambda: True, config).build()
+    counts = [0, 0]
+    for i in range(len(train)):
+        sample = train[i]
+        counts[int(sample["dataset_id"])] += 1
+        window = sample["tokens"].tolist() + sample["labels"].tolist()[-1:]
+        pieces, current = [], []
+        for t in window:
+            if t == eod:
+                pieces.append(current)
+                current = []
+            else:
+                current.append(t)
+        pieces.append(current)
+        for piece in pieces:
+            if piece:
+                assert any(_contains(ids, piece) for ids in doc_ids), (i, piece)
+    weights = [float(w) for w in blend[0::2]]
+    for count, weight in zip(counts, weights):
+        assert abs(count / len(train) - weight) < 0.02
+
+
+def _contains(seq, sub):
+    n = len(sub)
+    return any(seq[i:i + n] == sub for i in range(len(seq) - n + 1))

@@ -113,10 +113,18 @@ def _require_file(path: str, flag: str) -> None:
 
 
 class _BaseTokenizer:
-    """Shared behaviour: batch encoding falls back to a loop over ``tokenize``."""
+    """Shared behaviour: batch encoding falls back to a loop over ``tokenize``.
+
+    ``unique_identifiers`` names the tokenizer and its files, as Megatron's tokenizers do: megatron-core's
+    datasets put it in the hash that names their cached sample indices.
+    """
 
     vocab_size: int
     eod: int
+
+    def _identify(self, *paths, **options) -> None:
+        self.unique_identifiers = {"class": type(self).__name__, "tokenizer_path": [str(p) for p in paths]}
+        self.unique_identifiers.update({k: str(v) for k, v in options.items()})
 
     def tokenize(self, text: str) -> List[int]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -175,6 +183,7 @@ class HuggingFaceTokenizer(_RustBPETokenizer):
         except Exception as err:  # the tokenizers library raises a bare Exception for a malformed file
             raise TokenizerError(f"--tokenizer-model {json_path!r} is not a valid tokenizer.json: {err}") from None
         super().__init__(tok)
+        self._identify(json_path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod = self._find_eod(os.path.dirname(json_path))
 
@@ -210,6 +219,7 @@ class GPT2BPETokenizer(_RustBPETokenizer):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         super().__init__(tok)
+        self._identify(vocab_file, merge_file)
         with open(vocab_file, encoding="utf-8") as f:
             encoder = json.load(f)
         if "<|endoftext|>" not in encoder:
@@ -227,6 +237,7 @@ class SentencePieceTokenizer(_BaseTokenizer):
         import sentencepiece
 
         self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        self._identify(model_file)
         n = self._sp.get_piece_size()
         self._vocab = {self._sp.id_to_piece(i): i for i in range(n)}
         self._special = {}
@@ -292,6 +303,7 @@ class NullTokenizer(_BaseTokenizer):
 
     def __init__(self, vocab_size: int) -> None:
         self._n = int(vocab_size)
+        self._identify(vocab_size=self._n)
         self.vocab_size = self._n + 1
         self.eod = self._n
 
