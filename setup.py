@@ -32,6 +32,7 @@ setup(
         "tokenizers>=0.19",
         "sentencepiece>=0.2",
         "zstandard>=0.22",
+        "tensorboard>=2.14",
     ],
     extras_require={
         "test": ["pytest>=8"],

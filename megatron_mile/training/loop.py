@@ -111,6 +111,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     _print_run_summary(config, tokenizer.vocab_size, model)
 
     result = TrainingResult()
+    run_start = time.time()
     tokens_per_iteration = t.global_batch_size * config.model.seq_length
     skipped_total = nan_total = consecutive_skips = 0
     interval_start = time.time()
@@ -192,7 +193,34 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
         tensorboard.close()
     result.final_iteration = iteration
     result.consumed_samples = consumed_samples
+    if t.save and is_logging_rank():
+        _write_summary(t.save, config, result, time.time() - run_start)
     return result
+
+
+def _write_summary(save_dir: str, config: RunConfig, result: TrainingResult, seconds: float) -> None:
+    """{save}/summary.json: the run's settings and final figures (written to a temp name, then renamed)."""
+    import json
+    import os
+
+    recent = [r for r in result.history[-10:] if not r.skipped]
+    summary = {
+        "iterations": result.final_iteration,
+        "consumed_samples": result.consumed_samples,
+        "wall_seconds": round(seconds, 1),
+        "loss_type": config.loss.loss_type,
+        "final_train_lm_loss_last10": sum(r.lm_loss for r in recent) / len(recent) if recent else None,
+        "final_train_loss_last10": sum(r.loss for r in recent) / len(recent) if recent else None,
+        "validation": [{"iteration": i, "lm_loss": lm, "ppl": math.exp(min(lm, 50)), "training_loss": l}
+                       for i, lm, l in result.validation],
+        "checkpoint": result.checkpoint,
+        "config": config_to_dict(config),
+    }
+    os.makedirs(save_dir, exist_ok=True)
+    path = os.path.join(save_dir, "summary.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def t_uses_checkpoints(config: RunConfig) -> bool:

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up the environment (tools/setup_env.sh) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$REPO_ROOT/tools/setup_env.sh"
+cd "$REPO_ROOT"
+exec python -m pytest "$@"
