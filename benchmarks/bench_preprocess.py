@@ -18,7 +18,6 @@ median wall time (the fastest is the least disturbed by other load on a shared m
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import statistics

@@ -9,7 +9,6 @@ Python's gzip; sentence boundaries from nltk's Punkt called directly.
 import gzip
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -8,7 +8,6 @@ SentencePiece's own processor, or plain integer parsing.
 """
 
 import json
-import os
 
 import pytest
 import regex

@@ -12,7 +12,7 @@ stays with that sentence instead of being dropped, so newlines survive splitting
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Optional
+from typing import Iterable, List
 
 from nltk.tabdata import PunktDecoder, TabEncoder
 from nltk.tokenize.punkt import PunktLanguageVars, PunktParameters, PunktSentenceTokenizer, PunktTrainer

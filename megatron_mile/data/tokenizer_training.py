@@ -8,7 +8,7 @@ a special token (id 0) and serves as the end-of-document token. Everything runs 
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 EOD_TOKEN = "<|endoftext|>"
 
