@@ -39,6 +39,7 @@ class IterationRecord:
     grad_norm: Optional[float]
     learning_rate: float
     skipped: bool
+    seconds: float = 0.0  # wall time of the train step (forward, backward, optimizer)
 
 
 @dataclass
@@ -120,10 +121,12 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     try:
         while iteration < t.train_iters:
             want_entropy = (iteration + 1) % t.log_interval == 0 or config.loss.loss_type == "mile"
+            step_start = time.perf_counter()
             step = train_step(
                 model, optimizer, scheduler, train_iterators, num_micro, config.model.seq_length,
                 t.micro_batch_size, collector_holder, want_entropy,
             )
+            step_seconds = time.perf_counter() - step_start
             iteration += 1
             consumed_samples += t.global_batch_size
             interval_iterations += 1
@@ -147,7 +150,10 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
             else:
                 consecutive_skips = 0
             result.history.append(
-                IterationRecord(iteration, step.stats.loss, step.stats.lm_loss, step.grad_norm, learning_rate, step.skipped)
+                IterationRecord(
+                    iteration, step.stats.loss, step.stats.lm_loss, step.grad_norm, learning_rate, step.skipped,
+                    step_seconds,
+                )
             )
             progress.update(iteration, step.stats.lm_loss)
 

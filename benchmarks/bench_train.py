@@ -1,0 +1,182 @@
+"""Training-step time of the fork against a bare megatron-core loop and Hugging Face transformers, on CPU.
+
+Model (all variants): LLaMA-style, 4 layers, hidden 256, 4 heads, FFN 688, vocab 32000, seq 256,
+micro-batch 4, fp32, dropout 0, Adam, one micro-batch per step.
+
+Variants, each in a fresh process (group), run in alternating rounds so that drift of the shared machine hits
+all of them alike; the figure is the median step time over all measured steps of all rounds:
+  ours_ce_tp1 / ours_mile_tp1     pretrain() (schedules, loss collector, logging), 1 process x 2 threads
+  ours_ce_tp2 / ours_mile_tp2     the same at TP=2: 2 gloo processes x 1 thread
+  megatron_bare_tp1               megatron-core GPTModel (its own cross-entropy), DDP and optimizer in a
+                                  plain loop, CPU layer on; no megatron_mile training code
+  hf_llama                        transformers' LlamaForCausalLM (sdpa attention) + torch.optim.Adam
+
+    python benchmarks/bench_train.py [--rounds 2] [--steps 12] [--warmup 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ, MBS = 4, 256, 4, 688, 32000, 256, 4
+VARIANTS = ["ours_ce_tp1", "ours_mile_tp1", "megatron_bare_tp1", "hf_llama", "ours_ce_tp2", "ours_mile_tp2"]
+
+
+def _our_flags(loss: str, tp: int, steps: int):
+    flags = (
+        f"--num-layers {LAYERS} --hidden-size {HIDDEN} --num-attention-heads {HEADS} --ffn-hidden-size {FFN} "
+        f"--seq-length {SEQ} --normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope "
+        f"--untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0 "
+        f"--micro-batch-size {MBS} --global-batch-size {MBS} --train-iters {steps} --lr 1e-4 "
+        f"--mock-data --tokenizer-type NullTokenizer --vocab-size {VOCAB - 1} --log-interval 1000000 "
+        f"--eval-iters 0 --no-progress --loss-type {loss} --tensor-model-parallel-size {tp}"
+    ).split()
+    return flags
+
+
+def run_ours(flags, world_size):
+    """Worker body: per-step seconds of pretrain()."""
+    from megatron_mile.arguments import parse_args
+    from megatron_mile.training.loop import pretrain
+
+    result = pretrain(parse_args(flags, world_size=world_size))
+    return [r.seconds for r in result.history]
+
+
+def run_megatron_bare(steps):
+    """Worker body: megatron-core GPTModel + DDP + optimizer in a plain loop (its own cross-entropy)."""
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    config = TransformerConfig(
+        num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, bias_activation_fusion=False,
+        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+    )
+    model = GPTModel(
+        config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=VOCAB, max_sequence_length=SEQ, share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    )
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0), [model])
+    gen = torch.Generator().manual_seed(1)
+    position_ids = torch.arange(SEQ).unsqueeze(0).expand(MBS, SEQ)
+    times = []
+    for _ in range(steps):
+        tokens = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=gen)
+        start = time.perf_counter()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        model.finish_grad_sync()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_hf_llama(steps):
+    """Worker body (no torch.distributed needed): transformers' LlamaForCausalLM in a plain loop."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=SEQ,
+        tie_word_embeddings=False, attention_dropout=0.0, attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    times = []
+    for _ in range(steps):
+        tokens = torch.randint(0, VOCAB, (MBS, SEQ), generator=gen)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _worker(variant: str, steps: int) -> list:
+    import torch
+
+    from megatron_mile.testing.distributed import run_distributed
+
+    if variant == "hf_llama":
+        torch.set_num_threads(2)
+        return run_hf_llama(steps)
+    if variant == "megatron_bare_tp1":
+        return run_distributed(run_megatron_bare, 1, steps)[0]
+    _, loss, tp = variant.split("_")
+    loss = {"ce": "cross_entropy", "mile": "mile"}[loss]
+    world = int(tp[2:])
+    per_rank = run_distributed(run_ours, world, _our_flags(loss, world, steps), world, tensor_model_parallel_size=world)
+    return [max(step) for step in zip(*per_rank)]  # a step ends when its slowest rank does
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.steps)))
+        return
+    variants = args.variants.split(",")
+    times = {v: [] for v in variants}
+    for round_index in range(args.rounds):
+        order = variants if round_index % 2 == 0 else list(reversed(variants))
+        for variant in order:
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps)],
+                check=True, capture_output=True, text=True,
+            )
+            steps = json.loads(out.stdout.strip().splitlines()[-1])[args.warmup:]
+            times[variant] += steps
+            print(f"round {round_index} {variant}: median {statistics.median(steps):.3f} s", file=sys.stderr)
+    median = {v: statistics.median(t) for v, t in times.items()}
+    tokens = MBS * SEQ
+    print("| variant | median step (s) | tokens/s | ratio |")
+    print("|---|---|---|---|")
+    ratios = {
+        "ours_mile_tp1": ("ours_ce_tp1", "MiLe / CE, TP=1"),
+        "ours_mile_tp2": ("ours_ce_tp2", "MiLe / CE, TP=2"),
+        "ours_ce_tp1": ("megatron_bare_tp1", "ours CE / bare megatron-core"),
+        "megatron_bare_tp1": ("hf_llama", "bare megatron-core / transformers"),
+    }
+    for v in variants:
+        ratio = ""
+        if v in ratios and ratios[v][0] in median:
+            base, label = ratios[v]
+            ratio = f"{median[v] / median[base]:.3f} ({label})"
+        print(f"| {v} | {median[v]:.3f} | {tokens / median[v]:.0f} | {ratio} |")
+    if "ours_ce_tp1" in median and "hf_llama" in median:
+        print(f"\nours CE TP=1 / transformers: {median['ours_ce_tp1'] / median['hf_llama']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
