@@ -1,0 +1,67 @@
+# Shared launcher of examples/pretrain_llama_*.sh (sourced, not run). The recipe script sets:
+#   RECIPE_ARGS   model shape + parallel layout + batch flags (megatron_mile/planning/recipes.py, same flags)
+#   WARMUP_ITERS  TRAIN_ITERS
+# Environment (all optional except the tokenizer and the data):
+#   TOKENIZER_MODEL  LLaMA SentencePiece tokenizer.model (vocabulary 32000)                 [required]
+#   DATA_PREFIX      --output-prefix given to tools/preprocess_data.py --split-by-domain: the Pile
+#                    domain blend is built from it by tools/pile_blend.py              [or DATA_PATH]
+#   DATA_PATH        a ready --data-path list ("w1 prefix1 w2 prefix2 ..."), instead of DATA_PREFIX
+#   LOSS_TYPE        mile (default) | focal | cross_entropy: the paper's baselines
+#   CHECKPOINT_DIR   --save/--load directory (default: checkpoints/<recipe>-<loss>)
+#   FP8=1            add Transformer Engine fp8 flags (H100 and newer; see below)
+#   GPUS_PER_NODE (8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (6000): torchrun
+#   DRY_RUN=1        print the torchrun command instead of running it
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+
+: "${TOKENIZER_MODEL:?set TOKENIZER_MODEL to the LLaMA SentencePiece tokenizer.model}"
+if [[ -z "${DATA_PATH:-}" ]]; then
+  : "${DATA_PREFIX:?set DATA_PREFIX to the --output-prefix of tools/preprocess_data.py --split-by-domain, or DATA_PATH to a --data-path list}"
+  # The Pile's 22 domains with the paper's sampling weights, renormalised over the domains present.
+  DATA_PATH="$("$PYTHON" "$REPO/tools/pile_blend.py" --output-prefix "$DATA_PREFIX")"
+fi
+read -r -a DATA_ARGS <<< "$DATA_PATH"
+
+LOSS_TYPE="${LOSS_TYPE:-mile}"
+case "$LOSS_TYPE" in
+  mile) LOSS_ARGS=(--loss-type mile --mile-gamma 1.0 --mile-sigma 1.0) ;;
+  focal) LOSS_ARGS=(--loss-type focal --focal-gamma 1.0) ;;
+  cross_entropy) LOSS_ARGS=(--loss-type cross_entropy) ;;
+  *) echo "LOSS_TYPE must be mile, focal or cross_entropy, got '$LOSS_TYPE'" >&2; exit 2 ;;
+esac
+
+# fp8 needs Transformer Engine layers; these flags are added by the GPU path of the training CLI and are
+# not accepted by every version of pretrain_gpt_mile.py yet, hence opt-in.
+FP8_ARGS=()
+if [[ "${FP8:-0}" == 1 ]]; then
+  FP8_ARGS=(--transformer-impl transformer_engine --fp8-format hybrid --fp8-amax-history-len 1024
+            --fp8-amax-compute-algo max)
+fi
+
+CHECKPOINT_DIR="${CHECKPOINT_DIR:-$REPO/checkpoints/${RECIPE_NAME}-${LOSS_TYPE}}"
+
+# The paper's optimisation (docs/scale.md): Adam (0.9, 0.95), lr 3e-4 with cosine decay to 0, weight
+# decay 0.1, clipping 1.0, bf16, init std 0.01, LLaMA tokenizer.
+TRAIN_ARGS=(
+  --lr 3e-4 --min-lr 0 --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS" --train-iters "$TRAIN_ITERS"
+  --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 --bf16 --init-method-std 0.01
+  --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
+  --data-path "${DATA_ARGS[@]}" --num-workers 2
+  --save "$CHECKPOINT_DIR" --load "$CHECKPOINT_DIR" --save-interval 1000
+  --log-interval 10 --eval-interval 1000 --eval-iters 10 --tensorboard-dir "$CHECKPOINT_DIR/tensorboard"
+)
+
+CMD=(
+  torchrun --nproc_per_node "${GPUS_PER_NODE:-8}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-6000}"
+  "$REPO/pretrain_gpt_mile.py" "${RECIPE_ARGS[@]}" "${TRAIN_ARGS[@]}" "${LOSS_ARGS[@]}" "${FP8_ARGS[@]}"
+)
+
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${CMD[@]}"
+  echo
+else
+  exec "${CMD[@]}"
+fi

@@ -1,0 +1,143 @@
+"""examples/: every launch script passes only flags the training CLI accepts, with the paper's
+hyperparameters, and each recipe's configuration validates for the world size it is launched with.
+
+The scripts run with DRY_RUN=1, which prints the torchrun command instead of running it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_mile.arguments import build_parser, parse_args
+from megatron_mile.planning.recipes import LLAMA, RECIPES
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+# The paper's table (docs: mile-loss-facts): layers, hidden, heads, FFN, seq, global batch, steps, warmup.
+PAPER = {
+    "468m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096, seq_length=1024,
+                 global_batch_size=1024, train_iters=100_000, lr_warmup_iters=1000),
+    "1.2b": dict(num_layers=16, hidden_size=2048, num_attention_heads=8, ffn_hidden_size=8192, seq_length=1024,
+                 global_batch_size=1024, train_iters=100_000, lr_warmup_iters=1000),
+    "6.7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+                 seq_length=2048, global_batch_size=2048, train_iters=25_000, lr_warmup_iters=2000),
+}
+# Flags that only the GPU training path (Transformer Engine) defines, added by FP8=1.
+FP8_FLAGS = {"--transformer-impl": 1, "--fp8-format": 1, "--fp8-amax-history-len": 1, "--fp8-amax-compute-algo": 1}
+
+
+def dry_run(script: str, **env) -> list:
+    """The torchrun command line the script would run, split into arguments."""
+    full_env = dict(os.environ, DRY_RUN="1", TOKENIZER_MODEL="/data/llama/tokenizer.model",
+                    DATA_PATH="0.7 /data/pile/pile_Pile-CC_text_document 0.3 /data/pile/pile_Github_text_document")
+    full_env.update(env)
+    out = subprocess.run(["bash", str(EXAMPLES / script)], env=full_env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return shlex.split(out.stdout)
+
+
+def split_command(argv: list):
+    """(torchrun options as a dict, training flags after pretrain_gpt_mile.py)."""
+    assert argv[0] == "torchrun"
+    script_at = next(i for i, a in enumerate(argv) if a.endswith("pretrain_gpt_mile.py"))
+    launcher = argv[1:script_at]
+    return dict(zip(launcher[::2], launcher[1::2])), argv[script_at + 1:]
+
+
+def drop_fp8(flags: list) -> list:
+    kept, i = [], 0
+    while i < len(flags):
+        if flags[i] in FP8_FLAGS:
+            i += 1 + FP8_FLAGS[flags[i]]
+        else:
+            kept.append(flags[i])
+            i += 1
+    return kept
+
+
+@pytest.mark.parametrize("recipe", list(PAPER))
+@pytest.mark.parametrize("nnodes", [1, 2])
+def test_script_flags_exist_and_validate(recipe, nnodes):
+    argv = dry_run(f"pretrain_llama_{recipe}.sh", NNODES=str(nnodes), NODE_RANK=str(nnodes - 1),
+                   MASTER_ADDR="node0", MASTER_PORT="29500")
+    launcher, flags = split_command(argv)
+    assert launcher == {"--nproc_per_node": "8", "--nnodes": str(nnodes), "--node_rank": str(nnodes - 1),
+                        "--master_addr": "node0", "--master_port": "29500"}
+    world = 8 * nnodes
+    build_parser().parse_args(flags)  # unknown flags exit here with argparse's message
+    config = parse_args(flags, world_size=world, gpu_available=True)
+    m, o, t, l = config.model, config.optimizer, config.training, config.loss
+    for name, value in PAPER[recipe].items():
+        section = next(s for s in (m, o, t) if hasattr(s, name))
+        assert getattr(section, name) == value, (recipe, name)
+    assert (o.lr, o.min_lr, o.lr_decay_style, o.adam_beta1, o.adam_beta2) == (3e-4, 0.0, "cosine", 0.9, 0.95)
+    assert (o.weight_decay, o.clip_grad, o.bf16, m.init_method_std) == (0.1, 1.0, True, 0.01)
+    assert (m.normalization, m.swiglu, m.position_embedding_type) == ("RMSNorm", True, "rope")
+    assert m.untie_embeddings_and_output_weights and m.disable_bias_linear
+    assert config.data.tokenizer_type == "SentencePieceTokenizer"
+    assert (l.loss_type, l.gamma, l.sigma) == ("mile", 1.0, 1.0)
+    # The planner's recipe is what the script launches (so the memory tables in docs/scale.md apply).
+    for flag in RECIPES[recipe].shape_flags + LLAMA + RECIPES[recipe].layout_flags:
+        assert flag in flags, (recipe, flag)
+
+
+@pytest.mark.parametrize("recipe", list(PAPER))
+def test_paper_world_size_validates(recipe):
+    flags = drop_fp8(split_command(dry_run(f"pretrain_llama_{recipe}.sh"))[1])
+    parse_args(flags, world_size=RECIPES[recipe].world_size, gpu_available=True)
+
+
+def test_fp8_flags_are_opt_in_and_the_only_unknown_ones():
+    plain = split_command(dry_run("pretrain_llama_6.7b.sh"))[1]
+    fp8 = split_command(dry_run("pretrain_llama_6.7b.sh", FP8="1"))[1]
+    assert not set(FP8_FLAGS) & set(plain)
+    assert set(FP8_FLAGS) <= set(fp8)
+    assert drop_fp8(fp8) == plain
+    build_parser().parse_args(drop_fp8(fp8))
+
+
+@pytest.mark.parametrize("loss,expected", [("focal", ["--loss-type", "focal"]),
+                                           ("cross_entropy", ["--loss-type", "cross_entropy"])])
+def test_loss_type_override_for_baselines(loss, expected):
+    flags = split_command(dry_run("pretrain_llama_468m.sh", LOSS_TYPE=loss))[1]
+    config = parse_args(flags, world_size=8, gpu_available=True)
+    assert config.loss.loss_type == loss and "--mile-gamma" not in flags
+
+
+def test_bad_loss_type_and_missing_inputs_fail_clearly():
+    env = dict(os.environ, DRY_RUN="1", TOKENIZER_MODEL="/t", DATA_PATH="1 /d", LOSS_TYPE="mse")
+    out = subprocess.run(["bash", str(EXAMPLES / "pretrain_llama_468m.sh")], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "LOSS_TYPE must be" in out.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZER_MODEL", "DATA_PATH", "DATA_PREFIX")}
+    out = subprocess.run(["bash", str(EXAMPLES / "pretrain_llama_468m.sh")], env=dict(env, DRY_RUN="1"),
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "TOKENIZER_MODEL" in out.stderr
+
+
+def test_data_prefix_goes_through_the_pile_blend_tool(tmp_path):
+    # Two fake per-domain datasets as tools/preprocess_data.py --split-by-domain names them.
+    from megatron_mile.data.pile import domain_prefixes_from_preprocess
+
+    prefixes = domain_prefixes_from_preprocess(str(tmp_path / "pile"), ["Pile-CC", "Github"])
+    for prefix in prefixes.values():
+        Path(prefix + ".bin").write_bytes(b"")
+        Path(prefix + ".idx").write_bytes(b"")
+    flags = split_command(dry_run("pretrain_llama_468m.sh", DATA_PATH="", DATA_PREFIX=str(tmp_path / "pile"),
+                                  PYTHON=sys.executable))[1]
+    data = flags[flags.index("--data-path") + 1: flags.index("--num-workers")]
+    assert sorted(data[1::2]) == sorted(prefixes.values())
+    assert sum(float(w) for w in data[::2]) == pytest.approx(1.0)
+
+
+def test_slurm_script_launches_one_torchrun_per_node():
+    text = (EXAMPLES / "slurm_pretrain_6.7b.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --gpus-per-node=8" in text
+    assert "srun" in text and "pretrain_llama_6.7b.sh" in text and "SLURM_NODEID" in text
+    assert subprocess.run(["bash", "-n", str(EXAMPLES / "slurm_pretrain_6.7b.sbatch")]).returncode == 0
