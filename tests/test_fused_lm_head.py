@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron_mile.loss import reduce_micro_batch, reference_weighted_cross_entropy, vocab_parallel_weighted_cross_entropy
 from megatron_mile.loss.fused_lm_head import (
     DEFAULT_CHUNK_BYTES,
+    GRAD_GROUP_CHUNKS,
     chunk_tokens_for_budget,
     fused_lm_head_loss,
     fused_lm_head_micro_batch_loss,
@@ -311,11 +312,17 @@ def test_never_materialises_the_logits(dtype):
         out = fused_lm_head_loss(h, w, target, loss_type="mile", chunk_tokens=chunk)
         out.weighted_ce_sum.backward()
     tokens = seq * batch
-    # Largest tensors: the [chunk, V] scratch blocks and the [V, h] / [N, h] accumulators, never [N, V].
-    assert rec.largest <= max(chunk * vocab, vocab * hidden_size, tokens * hidden_size), rec.largest
+    # Largest tensors: the [chunk, V] scratch blocks (bf16: the [GRAD_GROUP_CHUNKS * chunk, V] staging) and
+    # the [V, h] / [N, h] accumulators, never [N, V].
+    staged_rows = chunk if dtype == torch.float32 else GRAD_GROUP_CHUNKS * chunk
+    assert staged_rows < tokens
+    assert rec.largest <= max(staged_rows * vocab, vocab * hidden_size, tokens * hidden_size), rec.largest
     assert rec.largest < tokens * vocab
     chunks = tokens // chunk
-    assert rec.matmuls == 3 * chunks, rec.matmuls  # logits, grad_hidden, grad_W per chunk; none in backward
+    # fp32: logits, grad_hidden, grad_W per chunk. bf16: the two gradient matmuls run once per group of
+    # GRAD_GROUP_CHUNKS chunks. None in backward.
+    groups = chunks if dtype == torch.float32 else -(-chunks // GRAD_GROUP_CHUNKS)
+    assert rec.matmuls == chunks + 2 * groups, rec.matmuls
     # The unfused path does hold one: the recorder sees it.
     with _Recorder() as rec_unfused:
         ce, wt = vocab_parallel_weighted_cross_entropy(h @ w.t(), target, "mile")

@@ -68,6 +68,11 @@ from megatron_mile.loss.vocab_parallel import (
 # it is 262 tokens, [262, h] @ [h, 32000].
 DEFAULT_CHUNK_BYTES = 32 << 20
 
+# bf16 inputs: chunks whose bf16 logit gradients are staged before the two gradient matmuls run on all of
+# them at once (see _FusedLMHeadLoss.forward). 4 makes the bf16 staging buffer as large as the two fp32
+# scratch blocks together, and the fp32 grad_W accumulation passes 4x fewer.
+GRAD_GROUP_CHUNKS = 4
+
 
 def chunk_tokens_for_budget(partition: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Tokens per chunk so that one fp32 [chunk, partition] block takes at most `chunk_bytes` (at least 1).
@@ -181,18 +186,26 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         z_buf = torch.empty((rows, cols), dtype=torch.float32, device=device)  # [c, v_owned]
         e_buf = torch.empty_like(z_buf)  # [c, v_owned]
         low_precision = compute_dtype != torch.float32
+        # bf16: the matmuls run in the input dtype (bf16 tensor cores / AVX512-BF16). Their [rows, v] operands
+        # live in `stage`: first the chunk's bf16 logits, then its bf16-rounded logit gradient. The gradient
+        # matmuls run once per GRAD_GROUP_CHUNKS chunks on the staged rows, because each grad_W product
+        # [v_owned, h] must be added to the fp32 accumulator, a pass over all of grad_W whose cost does not
+        # shrink with the chunk; grouping cuts the number of those passes.
+        group = GRAD_GROUP_CHUNKS if (low_precision and need_grad and owned > 0) else 1
         if low_precision:
-            # The matmuls run in the input dtype (bf16 on tensor cores / AVX512-BF16); their [c, v] inputs
-            # and outputs live here. The grad_W partial product is rounded once per chunk, then summed in fp32.
-            mm_buf = torch.empty((rows, cols), dtype=compute_dtype, device=device)  # [c, v_owned]
+            stage = torch.empty((group * rows, cols), dtype=compute_dtype, device=device)  # [g*c, v_owned]
             gw_buf = (
                 torch.empty((cols, hidden_size), dtype=compute_dtype, device=device)
                 if grad_weight_acc is not None
                 else None
             )
+        if need_grad and owned == 0 and grad_hidden_needed:
+            # No real column on this rank: its logits depend neither on hidden nor on W.
+            grad_hidden_acc.zero_()
         row_index = torch.arange(rows, device=device)
+        staged_from = 0  # first token whose bf16 gradient sits in `stage`
 
-        for start in range(0, num_tokens, rows):
+        for chunk_index, start in enumerate(range(0, num_tokens, rows)):
             end = min(start + rows, num_tokens)
             n = end - start
             hidden_c = hidden_2d[start:end]  # [c, h]
@@ -200,12 +213,15 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             e = e_buf[:n]
             tgt = local_target[start:end]
             here = target_here[start:end]
+            if low_precision:
+                slot = (chunk_index % group) * rows
+                staged = stage[slot : slot + n]  # [c, v_owned] in the input dtype
 
             # --- logits of this chunk and collective 1: MAX ---
             if owned > 0:
                 if low_precision:
-                    torch.mm(hidden_c, weight_owned.t(), out=mm_buf[:n])
-                    z.copy_(mm_buf[:n])
+                    torch.mm(hidden_c, weight_owned.t(), out=staged)
+                    z.copy_(staged)
                 else:
                     torch.mm(hidden_c, weight_owned.t(), out=z)
                 chunk_max = z.amax(dim=-1)  # [c]
@@ -237,33 +253,28 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             if need_entropy:
                 entropy[start:end] = entropy_c
 
-            if not need_grad:
+            if not need_grad or owned == 0:
                 continue
             # --- this chunk's logit gradient, in e's storage: mask * w * (softmax - onehot) ---
             scale = mask_1d[start:end] * weight_c  # [c]
-            if grad_hidden_needed:
-                grad_hidden_c = grad_hidden_acc[start:end]  # [c, h]
-            if owned == 0:
-                # No real column here: this rank's logits do not depend on hidden nor on W.
-                if grad_hidden_needed:
-                    grad_hidden_c.zero_()
-                continue
             e.mul_((scale / stats[1])[:, None])
             e[row_index[:n], tgt] -= scale * here.float()
-            if low_precision:
-                # Round the logit gradient to the input dtype once, as the unfused path's autograd does.
-                grad_logits = mm_buf[:n]
-                grad_logits.copy_(e)
+            if not low_precision:
                 if grad_hidden_needed:
-                    grad_hidden_c.copy_(torch.mm(grad_logits, weight_owned))
+                    torch.mm(e, weight_owned, out=grad_hidden_acc[start:end])
                 if grad_weight_acc is not None:
-                    torch.mm(grad_logits.t(), hidden_c, out=gw_buf)
+                    grad_weight_acc[:owned].addmm_(e.t(), hidden_c)  # accumulates in place, in fp32
+                continue
+            # Round the logit gradient to the input dtype once, as the unfused path's autograd does.
+            staged.copy_(e)
+            if chunk_index % group == group - 1 or end == num_tokens:
+                grad_logits = stage[: end - staged_from]  # [g*c, v_owned]
+                if grad_hidden_needed:
+                    grad_hidden_acc[staged_from:end].copy_(torch.mm(grad_logits, weight_owned))
+                if grad_weight_acc is not None:
+                    torch.mm(grad_logits.t(), hidden_2d[staged_from:end], out=gw_buf)
                     grad_weight_acc[:owned].add_(gw_buf)
-            else:
-                if grad_hidden_needed:
-                    torch.mm(e, weight_owned, out=grad_hidden_c)
-                if grad_weight_acc is not None:
-                    grad_weight_acc[:owned].addmm_(e.t(), hidden_c)
+                staged_from = end
 
         del z_buf, e_buf
         if ignored is not None:
