@@ -386,15 +386,17 @@ def test_default_chunk_follows_the_memory_budget():
     torch.testing.assert_close(a.ce, b.ce, rtol=0, atol=0)
 
 
-def test_backward_twice_with_retain_graph_is_not_scaled_twice():
+def test_a_second_backward_raises_instead_of_reusing_consumed_gradients():
     hidden, weight, target, loss_mask = _make_case(7, 64, 64, torch.float32)
     h = hidden.clone().requires_grad_()
     out = fused_lm_head_loss(h, weight, target, loss_mask, "mile", chunk_tokens=4)
-    (out.weighted_ce_sum * 2.0).backward()
+    (out.weighted_ce_sum * 2.0).backward(retain_graph=True)
     first = h.grad.clone()
     h2 = hidden.clone().requires_grad_()
     fused_lm_head_loss(h2, weight, target, loss_mask, "mile", chunk_tokens=4).weighted_ce_sum.backward()
     torch.testing.assert_close(first, 2.0 * h2.grad)
+    with pytest.raises(RuntimeError, match="consumed by the first backward"):
+        out.weighted_ce_sum.backward()
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,8 @@ class _FusedLMHeadLoss(torch.autograd.Function):
 
     Forward collectives (tp_group): per chunk, all-reduce MAX [c] then all-reduce SUM [k, c].
     Backward collectives: all-reduce SUM of grad_hidden [N, h] fp32 when reduce_grad_hidden and TP > 1.
-    Saved for backward: the fp32 grad_hidden [N, h] and grad_W [V/tp, h] accumulators only.
+    Saved for backward: the fp32 grad_hidden [N, h] and grad_W [V/tp, h] accumulators only, scaled in place
+    by the one backward they allow.
     """
 
     @staticmethod
@@ -308,20 +309,22 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         """
         if ctx.grad_hidden is None and ctx.grad_weight is None:
             raise RuntimeError(
-                "fused_lm_head_loss: backward called on a result computed without gradients (under "
-                "torch.no_grad, or with inputs that did not require grad)"
+                "fused_lm_head_loss: its gradients were computed in forward and are consumed by the first "
+                "backward; call it again for another backward (retain_graph cannot replay it)"
             )
         scale = grad_sum.float()
         grad_hidden = grad_weight = None
+        # Scaled in place: the accumulators are dropped from ctx below, so a second backward (retain_graph)
+        # raises instead of seeing them scaled twice. For fp32 inputs `.to` is then a no-op, so backward
+        # allocates nothing; for bf16 only the rounded copies.
         if ctx.grad_hidden is not None:
             shape, dtype = ctx.hidden_meta
-            grad_hidden = ctx.grad_hidden * scale  # [N, h] fp32
+            grad_hidden = ctx.grad_hidden.mul_(scale)  # [N, h] fp32
             if ctx.tp_group is not None:
                 dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.tp_group)
             grad_hidden = grad_hidden.to(dtype).view(shape)
         if ctx.grad_weight is not None:
-            grad_weight = (ctx.grad_weight * scale).to(ctx.weight_dtype)  # [v/tp, h]
-        # Free the accumulators now rather than when the graph is released.
+            grad_weight = ctx.grad_weight.mul_(scale).to(ctx.weight_dtype)  # [v/tp, h]
         ctx.grad_hidden = ctx.grad_weight = None
         return (grad_hidden, grad_weight) + (None,) * 14
 
