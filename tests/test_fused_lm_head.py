@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron_mile.loss import reduce_micro_batch, reference_weighted_cross_entropy, vocab_parallel_weighted_cross_entropy
 from megatron_mile.loss.fused_lm_head import (
     DEFAULT_CHUNK_BYTES,
-    GRAD_GROUP_CHUNKS,
+    grad_group_chunks,
     chunk_tokens_for_budget,
     fused_lm_head_loss,
     fused_lm_head_micro_batch_loss,
@@ -301,28 +301,30 @@ class _Recorder(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_never_materialises_the_logits(dtype):
+def test_never_materialises_the_logits(dtype, monkeypatch):
     seq, batch, hidden_size, vocab = 64, 4, 8, 512
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(seq, batch, hidden_size, generator=gen).to(dtype).requires_grad_()
     w = torch.randn(vocab, hidden_size, generator=gen).to(dtype).requires_grad_()
     target = torch.randint(0, vocab, (seq, batch), generator=gen)
     chunk = 16
+    monkeypatch.setattr("megatron_mile.loss.fused_lm_head.GRAD_GROUP_TOKENS", 4 * chunk)  # groups of 4 chunks
     with _Recorder() as rec:
         out = fused_lm_head_loss(h, w, target, loss_type="mile", chunk_tokens=chunk)
         out.weighted_ce_sum.backward()
     tokens = seq * batch
-    # Largest tensors: the [chunk, V] scratch blocks (bf16: the [GRAD_GROUP_CHUNKS * chunk, V] staging) and
-    # the [V, h] / [N, h] accumulators, never [N, V].
-    staged_rows = chunk if dtype == torch.float32 else GRAD_GROUP_CHUNKS * chunk
+    # Largest tensors: the [chunk, V] scratch blocks (bf16: the [group * chunk, V] staging) and the
+    # [V, h] / [N, h] accumulators, never [N, V].
+    staged_rows = chunk if dtype == torch.float32 else 4 * chunk
     assert staged_rows < tokens
     assert rec.largest <= max(staged_rows * vocab, vocab * hidden_size, tokens * hidden_size), rec.largest
     assert rec.largest < tokens * vocab
     chunks = tokens // chunk
     # fp32: logits, grad_hidden, grad_W per chunk. bf16: the two gradient matmuls run once per group of
-    # GRAD_GROUP_CHUNKS chunks. None in backward.
-    groups = chunks if dtype == torch.float32 else -(-chunks // GRAD_GROUP_CHUNKS)
-    assert rec.matmuls == chunks + 2 * groups, rec.matmuls
+    # grad_group_chunks(chunk) chunks. None in backward.
+    group = 1 if dtype == torch.float32 else grad_group_chunks(chunk)
+    groups = -(-chunks // group)
+    assert group in (1, 4) and rec.matmuls == chunks + 2 * groups, rec.matmuls
     # The unfused path does hold one: the recorder sees it.
     with _Recorder() as rec_unfused:
         ce, wt = vocab_parallel_weighted_cross_entropy(h @ w.t(), target, "mile")
@@ -373,6 +375,10 @@ def test_micro_batch_loss_equals_reduce_micro_batch_of_the_unfused_path():
         torch.testing.assert_close(part.weight_max, ref.weight_max)
         torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_gradient_groups_cover_about_grad_group_tokens():
+    assert grad_group_chunks(262) == 4 and grad_group_chunks(524) == 2 and grad_group_chunks(5000) == 1
 
 
 def test_default_chunk_follows_the_memory_budget():

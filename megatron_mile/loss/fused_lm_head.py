@@ -36,9 +36,11 @@ input (copy_to_tensor_model_parallel_region), so the caller must NOT also route 
 region (or must pass reduce_grad_hidden=False if it does, e.g. after a sequence-parallel all-gather whose
 backward reduce-scatters).
 
-Memory beyond the inputs: two fp32 scratch blocks of [chunk_tokens, V/tp] (plus two half-size ones for
-bf16 inputs), the fp32 accumulators grad_hidden [s, b, h] and grad_W [V/tp, h] (only when gradients are
-needed), and per-token vectors. chunk_tokens defaults to what fits DEFAULT_CHUNK_BYTES per fp32 block.
+Memory beyond the inputs: two fp32 scratch blocks of [chunk_tokens, V/tp]; for bf16 inputs also a bf16
+staging block of [~GRAD_GROUP_TOKENS, V/tp] (one chunk when no gradient is needed) and a bf16 [V/tp, h];
+the fp32 accumulators grad_hidden [s, b, h] and grad_W [V/tp, h] (only when gradients are needed, scaled
+in place in backward); per-token vectors. chunk_tokens defaults to what fits DEFAULT_CHUNK_BYTES per fp32
+block.
 
 Precision: the matmuls run in the input dtype, as megatron's output layer does (bf16 inputs give bf16 logits
 that are upcast to fp32 for the loss, and a bf16-rounded logit gradient for the two gradient matmuls);
@@ -68,10 +70,16 @@ from megatron_mile.loss.vocab_parallel import (
 # it is 262 tokens, [262, h] @ [h, 32000].
 DEFAULT_CHUNK_BYTES = 32 << 20
 
-# bf16 inputs: chunks whose bf16 logit gradients are staged before the two gradient matmuls run on all of
-# them at once (see _FusedLMHeadLoss.forward). 4 makes the bf16 staging buffer as large as the two fp32
-# scratch blocks together, and the fp32 grad_W accumulation passes 4x fewer.
-GRAD_GROUP_CHUNKS = 4
+# bf16 inputs: tokens whose bf16 logit gradients are staged before the two gradient matmuls run on all of
+# them at once (see _FusedLMHeadLoss.forward), rounded up to whole chunks. Each group costs one fp32 pass
+# over grad_W [V/tp, h] against a matmul of group_tokens * V/tp * h, so the pass's share is ~1/group_tokens
+# whatever V/tp is: ~1024 tokens keeps it small (at h = 512) with a staging buffer of 2 * 1024 * V/tp bytes.
+GRAD_GROUP_TOKENS = 1024
+
+
+def grad_group_chunks(chunk_tokens: int) -> int:
+    """Chunks per bf16 gradient group: GRAD_GROUP_TOKENS rounded up to whole chunks (at least 1)."""
+    return max(1, -(-GRAD_GROUP_TOKENS // max(int(chunk_tokens), 1)))
 
 
 def chunk_tokens_for_budget(partition: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -189,10 +197,10 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         low_precision = compute_dtype != torch.float32
         # bf16: the matmuls run in the input dtype (bf16 tensor cores / AVX512-BF16). Their [rows, v] operands
         # live in `stage`: first the chunk's bf16 logits, then its bf16-rounded logit gradient. The gradient
-        # matmuls run once per GRAD_GROUP_CHUNKS chunks on the staged rows, because each grad_W product
+        # matmuls run once per grad_group_chunks(rows) chunks on the staged rows, because each grad_W product
         # [v_owned, h] must be added to the fp32 accumulator, a pass over all of grad_W whose cost does not
         # shrink with the chunk; grouping cuts the number of those passes.
-        group = GRAD_GROUP_CHUNKS if (low_precision and need_grad and owned > 0) else 1
+        group = grad_group_chunks(rows) if (low_precision and need_grad and owned > 0) else 1
         if low_precision:
             stage = torch.empty((group * rows, cols), dtype=compute_dtype, device=device)  # [g*c, v_owned]
             gw_buf = (
