@@ -60,6 +60,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.safe_globals import register_safe_globals
 from torch.distributed import checkpoint as torch_dcp
@@ -405,7 +406,7 @@ class _InProcessTorchDistSaveStrategy(SaveShardedStrategy):
 # How the distributed optimizer lays out its state in a checkpoint: one canonical tensor per parameter,
 # so that TP, PP and DP sizes may all change between save and load.
 _SHARDED_STATE_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_sharding_type": "dp_reshardable",
     "chained_optim_avoid_prefix": True,
     "singleton_local_shards": False,
 }
@@ -638,6 +639,51 @@ def _check_vocab(saved: dict, model: list, checkpoint_dir: Path) -> None:
         )
 
 
+def _init_empty_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer zero Adam state with a step counter before loading into it.
+
+    Why: megatron-core's DistributedOptimizer.sharded_state_dict(is_loading=True) first calls its own
+    state_dict(), which (without Apex/Transformer Engine, i.e. with torch's Adam) asserts that every
+    parameter's state holds one common 'step'; an optimizer that has not stepped yet holds none. The
+    values put here are placeholders that the checkpoint overwrites. No collectives.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: PLC0415
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(sub, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if all(len(inner.state[p]) > 0 for p in params):
+            continue
+        if sub.init_state_fn is not None:
+            sub.init_state_fn(inner, sub.config)
+        for p in params:
+            inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _restore_distributed_optimizer_step(optimizer) -> None:
+    """Put the loaded Adam step counter back into every parameter's state (distributed optimizer).
+
+    Why: with torch's Adam, megatron-core's DistributedOptimizer keeps the step in its param groups in
+    the checkpoint and sets it into each parameter's state on load, but its per-bucket state copy that
+    follows overwrites 'step' with the placeholder of the freshly initialised state; the bias correction
+    of the next update would then restart. The param groups keep the loaded value. No collectives.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: PLC0415
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(sub, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue
+            for p in group["params"]:
+                if "step" in inner.state[p]:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
 def _load_distributed(checkpoint_dir: Path, sharded: dict) -> dict:
     """Collectives: those of torch.distributed.checkpoint.load_state_dict and megatron's load validation."""
     register_safe_globals()
@@ -648,11 +694,11 @@ def _load_distributed(checkpoint_dir: Path, sharded: dict) -> dict:
             sharded_strategy=_SafeTorchDistLoadStrategy(),
             common_strategy=_SafeCommonLoadStrategy(),
         )
-    except (KeyError, RuntimeError) as error:
-        # Shape/key mismatches surface as megatron CheckpointingException (a RuntimeError) or KeyError.
-        raise CheckpointError(
-            f"cannot load {checkpoint_dir} into this model: {error}"
-        ) from error
+    except (KeyError, CheckpointingException, torch_dcp.api.CheckpointException) as error:
+        # Missing keys and shape mismatches surface as KeyError / megatron's CheckpointingException;
+        # anything torch's reader or planner raised (e.g. refused metadata) is wrapped in torch's
+        # CheckpointException, which derives from BaseException: turn both into a clear error.
+        raise CheckpointError(f"cannot load {checkpoint_dir} into this model: {error}") from error
 
 
 def _load_chunks(model: list, loaded: dict, strict: bool = True) -> None:
@@ -689,13 +735,18 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
 
     sharded = _model_sharded_state_dict(model)
     if load_optimizer:
+        _init_empty_distributed_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded, is_loading=True, metadata=dict(_SHARDED_STATE_METADATA)
         )
     loaded = _load_distributed(checkpoint_dir, sharded)
     _load_chunks(model, loaded)
     if load_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # megatron's distributed-optimizer load copies into its fp32 main parameters (leaves that
+        # require grad) outside no_grad on some paths; the copy is a state restore, not a computation.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_distributed_optimizer_step(optimizer)
         if scheduler is not None and metadata.get("scheduler") is not None:
             scheduler.load_state_dict(metadata["scheduler"])
 
