@@ -31,7 +31,7 @@ BATCH = 2
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=2, hidden_size=64):
+def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=2, hidden_size=64, bf16=False):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -49,6 +49,7 @@ def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=
     p.use_distributed_optimizer = distributed_optimizer
     o = config.optimizer
     o.lr, o.lr_warmup_iters, o.lr_decay_style, o.weight_decay = 1e-2, 2, "cosine", 0.1
+    o.bf16 = bf16
     config.data.mock_data, config.data.tokenizer_type, config.data.vocab_size = True, "NullTokenizer", VOCAB
     config.training.seed, config.training.train_iters = seed, 10
     config.finalize(dist.get_world_size())
@@ -199,10 +200,10 @@ def assert_same_rng(a, b):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def worker_resume_exact(directory, distributed_optimizer):
+def worker_resume_exact(directory, distributed_optimizer, bf16=False):
     from megatron_mile.arguments import config_to_dict
 
-    config = make_config(distributed_optimizer=distributed_optimizer)
+    config = make_config(distributed_optimizer=distributed_optimizer, bf16=bf16)
     config_dict = config_to_dict(config)
     model, optimizer, scheduler = build(config)
     run_step(model, optimizer, scheduler, 1)
@@ -214,7 +215,7 @@ def worker_resume_exact(directory, distributed_optimizer):
     reference_params = full_params(model)
 
     # A fresh model from another seed, with the RNGs moved on: only loading can make them agree.
-    other = make_config(distributed_optimizer=distributed_optimizer, seed=99)
+    other = make_config(distributed_optimizer=distributed_optimizer, seed=99, bf16=bf16)
     model2, optimizer2, scheduler2 = build(other)
     random.random(), np.random.rand(), torch.rand(3)
     before = full_params(model2)
@@ -232,17 +233,18 @@ def worker_resume_exact(directory, distributed_optimizer):
 
 
 @pytest.mark.parametrize(
-    "world,layout,distributed_optimizer",
+    "world,layout,distributed_optimizer,bf16",
     [
-        (1, {}, False),
-        (2, {"tensor_model_parallel_size": 2}, False),
-        (2, {"pipeline_model_parallel_size": 2}, False),
-        (2, {}, True),  # DP 2, distributed optimizer (state sharded over DP)
+        (1, {}, False, False),
+        (1, {}, False, True),  # bf16 weights with fp32 main weights in the optimizer
+        (2, {"tensor_model_parallel_size": 2}, False, False),
+        (2, {"pipeline_model_parallel_size": 2}, False, False),
+        (2, {}, True, False),  # DP 2, distributed optimizer (state sharded over DP)
     ],
-    ids=["single", "tp2", "pp2", "dp2_distributed_optimizer"],
+    ids=["single", "bf16", "tp2", "pp2", "dp2_distributed_optimizer"],
 )
-def test_resume_is_exact(dist_pool, tmp_path, world, layout, distributed_optimizer):
-    results = dist_pool(world).run(worker_resume_exact, str(tmp_path), distributed_optimizer, **layout)
+def test_resume_is_exact(dist_pool, tmp_path, world, layout, distributed_optimizer, bf16):
+    results = dist_pool(world).run(worker_resume_exact, str(tmp_path), distributed_optimizer, bf16, **layout)
     path = Path(results[0][0])
     assert path == tmp_path / "iter_0000001"
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
@@ -503,3 +505,33 @@ def test_checkpoints_without_latest_file(tmp_path):
     (tmp_path / "iter_0000004").mkdir()
     with pytest.raises(FileNotFoundError, match="no latest_checkpointed_iteration.txt"):
         checkpointing.load_checkpoint(tmp_path, None, None, None, {})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Through the training loop
+# ----------------------------------------------------------------------------------------------------------
+
+LOOP_ARGS = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 --hidden-dropout 0.1 "
+    "--mock-data --tokenizer-type NullTokenizer --vocab-size 100 --eval-iters 0 --micro-batch-size 2 "
+    "--global-batch-size 4 --log-interval 100 --no-progress --lr 1e-3 --train-iters 4 --seed 3"
+).split()
+
+
+def worker_pretrain(extra, world_size):
+    from megatron_mile.arguments import parse_args
+    from megatron_mile.training.loop import pretrain
+
+    result = pretrain(parse_args(LOOP_ARGS + extra, world_size=world_size))
+    return [h.loss for h in result.history], result.final_iteration, result.consumed_samples
+
+
+def test_pretrain_resume_matches_uninterrupted_run(dist_pool, tmp_path):
+    """DP 2 with dropout: stop at iteration 2 (--exit-interval), resume with --load, same losses bit for bit."""
+    pool, save = dist_pool(2), str(tmp_path / "run")
+    full = pool.run(worker_pretrain, [], 2)[-1]
+    first = pool.run(worker_pretrain, ["--save", save, "--exit-interval", "2"], 2)[-1]
+    second = pool.run(worker_pretrain, ["--save", save, "--load", save], 2)[-1]
+    assert first == (full[0][:2], 2, 8)
+    assert second == (full[0][2:], 4, 16)
+    assert checkpointing.read_latest_iteration(save) == 4

@@ -326,8 +326,8 @@ class _SafeLoadPlanner(MCoreLoadPlanner):
 class _SafeTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
     """megatron-core's torch_dist load, with the safe reader and planner above (same on-disk format).
 
-    Collectives: those of torch.distributed.checkpoint.load_state_dict (a gather and a scatter of the
-    load plans over the default group).
+    Collectives: those of torch.distributed.checkpoint.load (a gather and a scatter of the load plans
+    over the default group).
     """
 
     def load(self, sharded_state_dict, checkpoint_dir: Path):
@@ -342,9 +342,9 @@ class _SafeTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
         original = sharded_state_dict
         flat, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
         pyt_state_dict = mcore_to_pyt_state_dict(flat, True)
-        torch_dcp.load_state_dict(
+        torch_dcp.load(
             pyt_state_dict,
-            _SafeFileSystemReader(checkpoint_dir),
+            storage_reader=_SafeFileSystemReader(checkpoint_dir),
             planner=_SafeLoadPlanner(
                 shapes_validation_sharded_tensors=shape_checked,
                 allow_shape_mismatch_sharded_tensors=shape_free,
@@ -685,7 +685,7 @@ def _restore_distributed_optimizer_step(optimizer) -> None:
 
 
 def _load_distributed(checkpoint_dir: Path, sharded: dict) -> dict:
-    """Collectives: those of torch.distributed.checkpoint.load_state_dict and megatron's load validation."""
+    """Collectives: those of torch.distributed.checkpoint.load and megatron's load validation."""
     register_safe_globals()
     try:
         return dist_checkpointing.load(
@@ -717,7 +717,7 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
     corrupt latest file, or a model whose architecture or vocabulary differs from the checkpoint's.
 
     Collectives: those of megatron's dist_checkpointing.load (all-gathers of shard metadata for
-    validation; torch.distributed.checkpoint's plan gather/scatter); the distributed optimizer's scatter
+    validation; torch.distributed.checkpoint.load's plan gather/scatter); the distributed optimizer's scatter
     of its state when it is used; one final barrier.
     """
     checkpoint_dir, iteration = _resolve_checkpoint_dir(load_dir, iteration)
