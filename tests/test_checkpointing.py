@@ -393,6 +393,39 @@ def test_checkpoint_loads_at_another_layout(dist_pool, tp1_checkpoint, layout):
         assert math.isclose(after_step, after_step_ref, rel_tol=1e-5), (after_step, after_step_ref)
 
 
+def worker_distributed_optimizer_save(directory):
+    from megatron_mile.arguments import config_to_dict
+
+    config = make_config(dropout=0.0, distributed_optimizer=True)
+    model, optimizer, scheduler = build(config)
+    run_step(model, optimizer, scheduler, 1)
+    checkpointing.save_checkpoint(directory, 1, model, optimizer, scheduler, 2, config_to_dict(config))
+    return run_step(model, optimizer, scheduler, 9, train=False)
+
+
+def worker_distributed_optimizer_load(directory, distributed_optimizer):
+    from megatron_mile.arguments import config_to_dict
+
+    config = make_config(dropout=0.0, distributed_optimizer=distributed_optimizer)
+    model, optimizer, scheduler = build(config)
+    with pytest.raises(ValueError) as raised:
+        checkpointing.load_checkpoint(directory, model, optimizer, scheduler, config_to_dict(config))
+    # The weights alone load at any layout.
+    checkpointing.load_checkpoint(directory, model, optimizer, scheduler, config_to_dict(config),
+                                  load_optimizer=False)
+    return str(raised.value), run_step(model, optimizer, scheduler, 9, train=False)
+
+
+def test_distributed_optimizer_state_needs_saved_layout(dist_pool, tmp_path):
+    reference = dist_pool(2).run(worker_distributed_optimizer_save, str(tmp_path))[0]
+    per_rank = dist_pool(2).run(worker_distributed_optimizer_load, str(tmp_path), True, tensor_model_parallel_size=2)
+    message, loss = per_rank[0]
+    assert "saved at TP=1, PP=1, VPP=1" in message and "this run uses TP=2, PP=1, VPP=1" in message
+    assert math.isclose(loss, reference, rel_tol=1e-5)
+    message, _ = dist_pool(1).run(worker_distributed_optimizer_load, str(tmp_path), False)[0]
+    assert "distributed/dp_reshardable optimizer state" in message and "standard" in message
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Mismatching models, weights-only loading, saved config
 # ----------------------------------------------------------------------------------------------------------

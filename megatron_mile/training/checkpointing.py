@@ -552,6 +552,7 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
             "config": config_dict,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "has_optimizer": optimizer is not None,
+            "optimizer_format": _optimizer_format(optimizer),
             "layout": _layout(),
             "vocab": _vocab(model),
             "extra": extra or {},
@@ -637,6 +638,46 @@ def _check_vocab(saved: dict, model: list, checkpoint_dir: Path) -> None:
             f"size): choose --make-vocab-size-divisible-by so that {current['real']} tokens pad to "
             f"{saved_padded} at this TP size"
         )
+
+
+def _optimizer_format(optimizer) -> Optional[str]:
+    """'distributed/<sharding type>' for megatron's distributed optimizer, 'standard' otherwise."""
+    if optimizer is None:
+        return None
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: PLC0415
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    if any(isinstance(sub, DistributedOptimizer) for sub in subs):
+        return f"distributed/{_SHARDED_STATE_METADATA['distrib_optim_sharding_type']}"
+    return "standard"
+
+
+def _check_optimizer_compatible(metadata: dict, optimizer, checkpoint_dir: Path) -> None:
+    """The optimizer state formats must match; the distributed optimizer's (dp_reshardable: one tensor
+    per gradient bucket) loads only at the saved TP/PP/VPP layout, the DP size may change."""
+    saved, current = metadata.get("optimizer_format"), _optimizer_format(optimizer)
+    if saved != current:
+        raise CheckpointError(
+            f"the checkpoint {checkpoint_dir} holds {saved} optimizer state, this run uses the {current} "
+            "optimizer: match --use-distributed-optimizer to the saved run, or load the weights only "
+            "(load_optimizer=False) and start the optimizer afresh"
+        )
+    if current.startswith("distributed/"):
+        keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
+        saved_layout = {k: metadata.get("layout", {}).get(k) for k in keys}
+        current_layout = {k: _layout()[k] for k in keys}
+        if saved_layout != current_layout:
+            raise CheckpointError(
+                f"the checkpoint {checkpoint_dir} holds distributed-optimizer state saved at "
+                f"{_describe_layout(saved_layout)}; this run uses {_describe_layout(current_layout)}. That "
+                "state only loads at the same TP/PP/VPP sizes (the data-parallel size may differ): resume "
+                "at the saved sizes, or load the weights only (load_optimizer=False)"
+            )
+
+
+def _describe_layout(layout: dict) -> str:
+    return (f"TP={layout['tensor_model_parallel_size']}, PP={layout['pipeline_model_parallel_size']}, "
+            f"VPP={layout['virtual_pipeline_model_parallel_size'] or 1}")
 
 
 def _init_empty_distributed_optimizer_state(optimizer) -> None:
@@ -732,6 +773,9 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
     load_optimizer = load_optimizer and optimizer is not None
     if load_optimizer and not metadata.get("has_optimizer", False):
         raise CheckpointError(f"{checkpoint_dir} holds no optimizer state: load it with load_optimizer=False")
+
+    if load_optimizer:
+        _check_optimizer_compatible(metadata, optimizer, checkpoint_dir)
 
     sharded = _model_sharded_state_dict(model)
     if load_optimizer:
