@@ -13,7 +13,10 @@ Layout of a save directory::
 
 Why torch_dist: every tensor is stored with its global shape and offset (megatron's sharded_state_dict),
 so a checkpoint written at one TP/PP/VPP/DP layout loads at another; only the per-rank RNG states stay
-with their layout (they are skipped, with a note, when the layout changed).
+with their layout (they are skipped, with a note, when the layout changed), and the distributed
+optimizer's state loads at the saved TP/PP/VPP sizes only (any DP size; a clear error otherwise, the
+weights still load with load_optimizer=False). The padded vocabulary size must match (it is a multiple
+of --make-vocab-size-divisible-by times TP).
 
 Why a synchronous, in-process writer (`_InProcessTorchDistSaveStrategy`) instead of megatron-core's default
 torch_dist writer: the default one starts a multiprocessing Manager and forks one writer process per
@@ -40,14 +43,14 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.base import LoadShardedStrategy, SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreLoadPlanner,
@@ -265,7 +268,6 @@ _METADATA_PICKLE_ALLOWED = {
     )
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.distributed.checkpoint._extension", "StreamTransformExtension"),
     ("torch.distributed.checkpoint.planner", "LoadItemType"),
     ("torch.distributed.checkpoint.planner", "WriteItemType"),
     ("torch", "Size"),
@@ -403,8 +405,10 @@ class _InProcessTorchDistSaveStrategy(SaveShardedStrategy):
 # State gathering
 # ----------------------------------------------------------------------------------------------------------
 
-# How the distributed optimizer lays out its state in a checkpoint: one canonical tensor per parameter,
-# so that TP, PP and DP sizes may all change between save and load.
+# How the distributed optimizer lays out its state in a checkpoint: dp_reshardable (Megatron-LM's default,
+# one tensor per gradient bucket; the DP size may change, TP/PP may not). megatron-core 0.16.1's
+# layout-independent formats fail with torch's Adam (no Apex/Transformer Engine): 'fully_reshardable'
+# loses the per-parameter 'step' key on load, 'fully_sharded_model_space' cannot describe the 0-d step.
 _SHARDED_STATE_METADATA = {
     "distrib_optim_sharding_type": "dp_reshardable",
     "chained_optim_avoid_prefix": True,
