@@ -60,24 +60,33 @@ def build_parser(extra_sections: Sequence[type] = ()) -> argparse.ArgumentParser
     sections = [(name, type(getattr(defaults, name))) for name in RunConfig.SECTIONS]
     sections += [(cls.__name__, cls) for cls in extra_sections]
     for section_name, cls in sections:
-        group = parser.add_argument_group(section_name, (cls.__doc__ or "").strip())
-        docs = field_docstrings(cls)
-        for f in fields(cls):
-            flag_name = "--" + f.name.replace("_", "-")
-            kwargs = dict(f.metadata)
-            kwargs["help"] = docs.get(f.name, "")
-            kwargs["dest"] = f.name
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            kwargs.setdefault("default", default)
-            base = _base_type(f.type)
-            if base is bool:
-                kwargs["action"] = "store_true"
-            else:
-                kwargs["type"] = base
-                if default is not None and "nargs" not in kwargs:
-                    kwargs["help"] += f" Default: {default}."
-            group.add_argument(flag_name, **kwargs)
+        add_dataclass_arguments(parser, cls, section_name)
     return parser
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: Optional[str] = None) -> None:
+    """One `--field-name` flag per field of dataclass `cls`, in an argument group; help = the field docstring.
+
+    Tools with their own settings dataclass (e.g. megatron_mile.evaluation) build their parsers with it, so
+    their flags and dataclasses cannot drift apart either.
+    """
+    group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip())
+    docs = field_docstrings(cls)
+    for f in fields(cls):
+        flag_name = "--" + f.name.replace("_", "-")
+        kwargs = dict(f.metadata)
+        kwargs["help"] = docs.get(f.name, "")
+        kwargs["dest"] = f.name
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs.setdefault("default", default)
+        base = _base_type(f.type)
+        if base is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = base
+            if default is not None and "nargs" not in kwargs:
+                kwargs["help"] += f" Default: {default}."
+        group.add_argument(flag_name, **kwargs)
 
 
 def config_from_namespace(namespace: argparse.Namespace) -> RunConfig:

@@ -94,3 +94,23 @@ def discover_domain_prefixes(output_prefix: str, weights: Mapping[str, float], k
     """The domains of ``weights`` for which ``--split-by-domain`` output exists under ``output_prefix``."""
     found = domain_prefixes_from_preprocess(output_prefix, weights, key, split_sentences)
     return {d: p for d, p in found.items() if dataset_exists(p)}
+
+
+def domain_of_prefix(prefix: str, domains=None) -> str:
+    """The Pile domain a dataset prefix was written for by ``--split-by-domain``, else the prefix's file name.
+
+    ``/d/pile_Wikipedia_en_text_document`` -> ``"Wikipedia (en)"`` when that domain is among ``domains``
+    (default: the domains of the shipped Pile weights). The longest matching domain wins, so a domain whose
+    file-name form ends another's is never mistaken for it.
+    """
+    import re
+
+    from megatron_mile.data.preprocess import sanitize_domain
+
+    name = os.path.basename(prefix.rstrip("/"))
+    candidates = []
+    for domain in domains if domains is not None else load_weights():
+        tag = sanitize_domain(domain)
+        if re.search(rf"_{re.escape(tag)}_[^_]+_(document|sentence)$", name):
+            candidates.append((len(tag), domain))
+    return max(candidates)[1] if candidates else name

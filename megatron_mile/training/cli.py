@@ -33,11 +33,11 @@ def main(argv: Optional[List[str]] = None, model_provider=None, dataset_provider
         print(f"pretrain_gpt_mile.py: error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr)
         return 1
     finally:
-        _shutdown()
+        shutdown_distributed()
     return 0
 
 
-def _shutdown() -> None:
+def shutdown_distributed() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 

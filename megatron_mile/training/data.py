@@ -9,7 +9,7 @@ uninterrupted run would have seen, whatever the DP size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +20,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_mile.config import RunConfig
+
+T = TypeVar("T")
 
 
 def build_run_tokenizer(config: RunConfig):
@@ -47,56 +49,70 @@ def build_run_tokenizer(config: RunConfig):
     return tokenizer
 
 
+def gpt_dataset_config(config: RunConfig, tokenizer, blend, split: Optional[str] = None) -> GPTDatasetConfig:
+    """megatron-core's GPTDatasetConfig for this run's samples (training and evaluation tools alike).
+
+    `split` defaults to the run's --split. No collectives.
+    """
+    return GPTDatasetConfig(
+        random_seed=config.training.seed,
+        sequence_length=config.model.seq_length,
+        blend=blend,
+        split=split if split is not None else config.data.split,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal masking is built into the attention kernels
+        path_to_cache=config.data.data_cache_path,
+        mmap_bin_files=True,
+    )
+
+
+def build_on_rank0_first(build: Callable[[], T]) -> T:
+    """build() on rank 0, then on every other rank, so that index caches are written once and read after.
+
+    Collectives: two barriers on the world group (none without torch.distributed).
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        built = build()
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        built = build()
+    if dist.is_initialized():
+        dist.barrier()
+    return built
+
+
 def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
     """(train, validation) datasets sized for the whole run. Collectives: barriers on the world group."""
     d, t = config.data, config.training
     if d.data_path:
         weights_and_paths = list(d.data_path)
         blend = get_blend_from_list(weights_and_paths)
-        _check_dataset_files(blend[0])
+        check_dataset_files(blend[0])
     else:
         blend = None
-    dataset_config = GPTDatasetConfig(
-        random_seed=t.seed,
-        sequence_length=config.model.seq_length,
-        blend=blend,
-        split=d.split,
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,  # causal masking is built into the attention kernels
-        path_to_cache=d.data_cache_path,
-        mmap_bin_files=True,
-    )
+    dataset_config = gpt_dataset_config(config, tokenizer, blend)
     sizes = [t.train_iters * t.global_batch_size, num_eval_samples, 0]
     dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
-    rank = dist.get_rank() if dist.is_initialized() else 0
-
-    def build():
-        return BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, dataset_config).build()
-
-    # Rank 0 writes the index caches; the others then read them instead of racing to write.
-    if rank == 0:
-        datasets = build()
-    if dist.is_initialized():
-        dist.barrier()
-    if rank != 0:
-        datasets = build()
-    if dist.is_initialized():
-        dist.barrier()
-    train, valid, _ = datasets
+    train, valid, _ = build_on_rank0_first(
+        lambda: BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, dataset_config).build()
+    )
     return train, valid
 
 
-def _check_dataset_files(prefixes) -> None:
+def check_dataset_files(prefixes, flag: str = "--data-path") -> None:
+    """Raise FileNotFoundError naming `flag` when a dataset prefix lacks its .bin or .idx. No collectives."""
     import os
 
     for prefix in prefixes:
         missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
         if missing:
             raise FileNotFoundError(
-                f"--data-path prefix {prefix!r} has no {' / '.join(prefix + e for e in missing)}: give the "
+                f"{flag} prefix {prefix!r} has no {' / '.join(prefix + e for e in missing)}: give the "
                 "prefix that tools/preprocess_data.py printed (without .bin/.idx)"
             )
 
@@ -124,7 +140,8 @@ class MicroBatchSampler:
             start += stride
 
 
-def _collate(samples) -> dict:
+def collate(samples) -> dict:
+    """Stack dataset samples into a micro-batch: tokens, labels, loss_mask, position_ids, each [mbs, seq]."""
     batch = {}
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
         batch[key] = torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples])
@@ -143,7 +160,7 @@ def micro_batch_iterator(dataset, config: RunConfig, consumed_samples: int, cycl
         produced = False
         for indices in sampler:
             produced = True
-            yield _collate([dataset[i] for i in indices])
+            yield collate([dataset[i] for i in indices])
         if not cycle or not produced:
             return
         consumed_samples = 0

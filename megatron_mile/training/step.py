@@ -32,9 +32,12 @@ _STEP_LOSS_FIELDS = ("loss", "lm_loss", "weight_sum", "tokens", "mean_entropy", 
 class LossCollector:
     """Collects each micro-batch's MicroBatchLoss and supplies the step's gradient normaliser."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_token_values: bool = False) -> None:
         self.parts: List[MicroBatchLoss] = []
         self.global_weight_sum: Optional[float] = None
+        # Per-token [weight, entropy] of the loss-masked tokens, kept only when asked (histogram steps).
+        self.keep_token_values = keep_token_values
+        self.token_values: List[torch.Tensor] = []
 
     def loss_func(self, loss_mask: torch.Tensor, output: torch.Tensor):
         """Megatron schedule loss function: output [b, s, 3] (ce, w, H) -> (sum(w*ce), tokens, {}).
@@ -43,6 +46,8 @@ class LossCollector:
         """
         part = reduce_micro_batch(output[..., CE], output[..., WEIGHT], loss_mask, output[..., ENTROPY])
         self.parts.append(part)
+        if self.keep_token_values:
+            self.token_values.append(output.detach()[loss_mask > 0][:, [WEIGHT, ENTROPY]].float())  # [n, 2]
         return part.weighted_ce_sum, loss_mask.sum().to(torch.int), {}
 
     def local_weight_sum(self) -> torch.Tensor:
@@ -82,8 +87,12 @@ def step_statistics(parts: List[MicroBatchLoss]) -> StepLoss:
     return StepLoss(**dict(zip(_STEP_LOSS_FIELDS, values.cpu().tolist())))
 
 
-def make_forward_step(collector: LossCollector, want_entropy: bool) -> Callable:
-    """The forward_step_func megatron's schedules call once per micro-batch and model chunk."""
+def make_forward_step(collector, want_entropy: bool, pass_labels: bool = False) -> Callable:
+    """The forward_step_func megatron's schedules call once per micro-batch and model chunk.
+
+    The loss function is collector.loss_func(loss_mask, output), or (loss_mask, labels, output) with
+    `pass_labels` (evaluation by target token: megatron_mile.evaluation).
+    """
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator) if data_iterator is not None else None
@@ -92,10 +101,11 @@ def make_forward_step(collector: LossCollector, want_entropy: bool) -> Callable:
         unwrapped.want_entropy = want_entropy
         if batch is None:  # a middle pipeline stage: input comes from the previous stage
             output = model(None, None, None)
-            return output, partial(collector.loss_func, None)
+            return output, partial(collector.loss_func, *((None, None) if pass_labels else (None,)))
         labels = batch["labels"] if unwrapped.post_process else None
         output = model(batch["tokens"], batch["position_ids"], None, labels=labels)
-        return output, partial(collector.loss_func, batch["loss_mask"])
+        inputs = (batch["loss_mask"], batch["labels"]) if pass_labels else (batch["loss_mask"],)
+        return output, partial(collector.loss_func, *inputs)
 
     return forward_step
 
@@ -118,6 +128,8 @@ class StepResult:
     stats: StepLoss
     grad_norm: Optional[float]
     skipped: bool
+    # [n, 2] (weight, entropy) of this rank's loss-masked tokens when asked for; last pipeline stage only.
+    token_values: Optional[torch.Tensor] = None
 
 
 def configure_schedules(model: list, optimizer, collector_holder: dict) -> None:
@@ -139,9 +151,15 @@ def train_step(
     micro_batch_size: int,
     collector_holder: dict,
     want_entropy: bool,
+    keep_token_values: bool = False,
 ) -> StepResult:
-    """Forward, backward and (unless the loss is not finite) the optimizer and scheduler step."""
-    collector = LossCollector()
+    """Forward, backward and (unless the loss is not finite) the optimizer and scheduler step.
+
+    `keep_token_values` also returns every loss-masked token's weight and entropy (want_entropy must be
+    set for the entropy to be computed); it costs one masked copy per micro-batch, so only ask on the
+    steps that log them.
+    """
+    collector = LossCollector(keep_token_values)
     collector_holder["collector"] = collector
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -157,16 +175,17 @@ def train_step(
         forward_only=False,
     )
     stats = step_statistics(collector.parts)
+    token_values = torch.cat(collector.token_values) if collector.token_values else None
     if not math.isfinite(stats.loss):
         # Never apply an update computed from a non-finite loss; the caller counts and reports it.
         for chunk in model:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        return StepResult(stats, None, skipped=True)
+        return StepResult(stats, None, skipped=True, token_values=token_values)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
-    return StepResult(stats, grad_norm, skipped=not update_successful)
+    return StepResult(stats, grad_norm, skipped=not update_successful, token_values=token_values)
 
 
 def evaluate(model: list, data_iterators: list, num_micro_batches: int, eval_iters: int, seq_length: int,
