@@ -8,7 +8,7 @@
 #   DATA_PATH        a ready --data-path list ("w1 prefix1 w2 prefix2 ..."), instead of DATA_PREFIX
 #   LOSS_TYPE        mile (default) | focal | cross_entropy: the paper's baselines
 #   CHECKPOINT_DIR   --save/--load directory (default: checkpoints/<recipe>-<loss>)
-#   FP8=1            add Transformer Engine fp8 flags (H100 and newer; see below)
+#   FP8=1            FP8 GEMMs in the transformer layers (Transformer Engine; H100 and newer)
 #   GPUS_PER_NODE (8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (6000): torchrun
 #   DRY_RUN=1        print the torchrun command instead of running it
 set -euo pipefail
@@ -32,19 +32,20 @@ case "$LOSS_TYPE" in
   *) echo "LOSS_TYPE must be mile, focal or cross_entropy, got '$LOSS_TYPE'" >&2; exit 2 ;;
 esac
 
-# fp8 needs Transformer Engine layers; these flags are added by the GPU path of the training CLI and are
-# not accepted by every version of pretrain_gpt_mile.py yet, hence opt-in.
-FP8_ARGS=()
+# Delayed scaling over a 1024-step amax history, e4m3 forward / e5m2 gradients (Megatron-LM's usual FP8
+# settings). The output layer stays bf16 and the loss fp32.
+KERNEL_ARGS=()
 if [[ "${FP8:-0}" == 1 ]]; then
-  FP8_ARGS=(--transformer-impl transformer_engine --fp8-format hybrid --fp8-amax-history-len 1024
-            --fp8-amax-compute-algo max)
+  KERNEL_ARGS=(--fp8-format hybrid --fp8-amax-history-len 1024 --fp8-amax-compute-algo max)
 fi
 
 CHECKPOINT_DIR="${CHECKPOINT_DIR:-$REPO/checkpoints/${RECIPE_NAME}-${LOSS_TYPE}}"
 
 # The paper's optimisation (docs/scale.md): Adam (0.9, 0.95), lr 3e-4 with cosine decay to 0, weight
-# decay 0.1, clipping 1.0, bf16, init std 0.01, LLaMA tokenizer.
+# decay 0.1, clipping 1.0, bf16, init std 0.01, LLaMA tokenizer. Transformer Engine layers: fused norms and
+# attention on GPUs, and sequence parallelism with RMSNorm (6.7B) needs them.
 TRAIN_ARGS=(
+  --transformer-impl transformer_engine
   --lr 3e-4 --min-lr 0 --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS" --train-iters "$TRAIN_ITERS"
   --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 --bf16 --init-method-std 0.01
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
@@ -53,10 +54,14 @@ TRAIN_ARGS=(
   --log-interval 10 --eval-interval 1000 --eval-iters 10 --tensorboard-dir "$CHECKPOINT_DIR/tensorboard"
 )
 
+# megatron's tensor-parallel layers expect one CUDA work queue, so that a communication kernel is queued
+# before the compute it overlaps with (Megatron-LM's examples set it too).
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+
 CMD=(
   torchrun --nproc_per_node "${GPUS_PER_NODE:-8}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-6000}"
-  "$REPO/pretrain_gpt_mile.py" "${RECIPE_ARGS[@]}" "${TRAIN_ARGS[@]}" "${LOSS_ARGS[@]}" "${FP8_ARGS[@]}"
+  "$REPO/pretrain_gpt_mile.py" "${RECIPE_ARGS[@]}" "${TRAIN_ARGS[@]}" "${LOSS_ARGS[@]}" "${KERNEL_ARGS[@]}"
 )
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then

@@ -81,7 +81,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: Optiona
         kwargs.setdefault("default", default)
         base = _base_type(f.type)
         if base is bool:
-            kwargs["action"] = "store_true"
+            # A plain switch, unless the field asks for --name / --no-name (argparse.BooleanOptionalAction).
+            kwargs.setdefault("action", "store_true")
         else:
             kwargs["type"] = base
             if default is not None and "nargs" not in kwargs:
@@ -99,12 +100,17 @@ def config_from_namespace(namespace: argparse.Namespace) -> RunConfig:
     return config
 
 
-def parse_args(argv: Optional[List[str]] = None, world_size: int = 1, gpu_available: bool = False) -> RunConfig:
-    """Parse flags into a finalised, validated RunConfig (raises ConfigError with every problem)."""
+def parse_args(argv: Optional[List[str]] = None, world_size: int = 1, gpu_available: bool = False,
+               kernel_support=None) -> RunConfig:
+    """Parse flags into a finalised, validated RunConfig (raises ConfigError with every problem).
+
+    kernel_support: the megatron_mile.kernels.KernelSupport to check kernel flags against (default: this
+    machine's).
+    """
     namespace = build_parser().parse_args(argv)
     config = config_from_namespace(namespace)
     config.finalize(world_size)
-    config.validate(world_size, gpu_available)
+    config.validate(world_size, gpu_available, kernel_support)
     return config
 
 

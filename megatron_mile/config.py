@@ -8,10 +8,12 @@ message.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
+from megatron_mile import kernels
 from megatron_mile.loss.vocab_parallel import LOSS_TYPES
 
 
@@ -79,7 +81,8 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     """Layers per virtual pipeline stage (interleaved 1F1B schedule); needs PP > 1."""
     sequence_parallel: bool = False
-    """Split layer norms and dropout along the sequence over the TP group (GPU, Transformer Engine)."""
+    """Split layer norms and dropout along the sequence over the TP group (GPUs, TP > 1; with RMSNorm it
+    needs --transformer-impl transformer_engine, with LayerNorm Transformer Engine or apex)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states and fp32 main weights across data-parallel ranks (ZeRO-1)."""
     distributed_backend: Optional[str] = flag(None, choices=["nccl", "gloo"])
@@ -206,6 +209,50 @@ class TrainingConfig:
     """Stop when this many consecutive iterations had a non-finite loss (their updates are skipped)."""
 
 
+def _fusion_switch():
+    """A fused-kernel switch as Megatron-LM spells it (--no-NAME), plus --NAME to insist on it."""
+    return flag(None, action=argparse.BooleanOptionalAction)
+
+
+@dataclass
+class KernelConfig:
+    """Layer implementation and fused kernels: Transformer Engine and FP8, apex / jit fusions
+    (megatron_mile.kernels explains what each needs)."""
+
+    transformer_impl: str = flag("local", choices=["local", "transformer_engine"])
+    """Transformer layers: megatron-core's local modules (CPU and GPU), or Transformer Engine's (GPU; fused
+    norm + linear, fused attention; needed for FP8 and for --sequence-parallel with RMSNorm)."""
+    fp8_format: Optional[str] = flag(None, choices=["e4m3", "hybrid"])
+    """FP8 GEMMs in the transformer layers (Transformer Engine, needs --bf16 and a GPU with FP8, e.g. H100):
+    e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients). The output layer stays bf16 and the loss
+    runs in fp32. Default: off."""
+    fp8_recipe: Optional[str] = flag(None, choices=["delayed", "tensorwise", "mxfp8", "blockwise"])
+    """FP8 scaling recipe: delayed (amax history), tensorwise (current scaling), mxfp8 (Blackwell),
+    blockwise. Default: delayed."""
+    fp8_margin: Optional[int] = None
+    """Delayed scaling: the scale leaves 2^margin of headroom below the fp8 maximum. Default: 0."""
+    fp8_amax_history_len: Optional[int] = None
+    """Delayed scaling: steps of amax history per tensor. Default: 1."""
+    fp8_amax_compute_algo: Optional[str] = flag(None, choices=["most_recent", "max"])
+    """Delayed scaling: the amax the scale follows, the latest or the largest in the history.
+    Default: most_recent."""
+    gradient_accumulation_fusion: Optional[bool] = _fusion_switch()
+    """Fuse weight-gradient GEMMs with the accumulation into fp32 main grads (apex's
+    fused_weight_gradient_mlp_cuda; GPU). Default: on where available."""
+    masked_softmax_fusion: Optional[bool] = _fusion_switch()
+    """Fused scale + mask + softmax in the local attention (apex's scaled_masked_softmax_cuda; GPU).
+    Default: on where available."""
+    bias_dropout_fusion: Optional[bool] = _fusion_switch()
+    """Fused bias + dropout + residual add (torch jit; GPU). Default: on where available."""
+    bias_swiglu_fusion: Optional[bool] = _fusion_switch()
+    """Fused bias + SwiGLU in the MLP with --swiglu (torch jit; GPU). Default: on where available."""
+    bias_gelu_fusion: Optional[bool] = _fusion_switch()
+    """Fused bias + GeLU in the MLP without --swiglu (torch jit; GPU; needs biases). Default: on where
+    available."""
+    rope_fusion: Optional[bool] = _fusion_switch()
+    """Fused rotary position embedding (Transformer Engine's kernel; GPU). Default: on where available."""
+
+
 @dataclass
 class RunConfig:
     """Everything one training run needs."""
@@ -216,8 +263,9 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
-    SECTIONS = ("model", "parallel", "loss", "optimizer", "data", "training")
+    SECTIONS = ("model", "parallel", "loss", "optimizer", "data", "training", "kernels")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
@@ -237,8 +285,13 @@ class RunConfig:
         if self.optimizer.lr_decay_iters is None:
             self.optimizer.lr_decay_iters = t.train_iters
 
-    def validate(self, world_size: int, gpu_available: bool) -> None:
-        """Raise ConfigError listing every invalid setting or combination, each with its fix."""
+    def validate(self, world_size: int, gpu_available: bool,
+                 kernel_support: Optional[kernels.KernelSupport] = None) -> None:
+        """Raise ConfigError listing every invalid setting or combination, each with its fix.
+
+        kernel_support: the optional GPU packages to check kernel flags against (default: this machine's,
+        detected without importing them); KernelSupport.full() checks a script meant for a GPU cluster.
+        """
         problems: List[str] = []
         m, p, l, o, d, t = self.model, self.parallel, self.loss, self.optimizer, self.data, self.training
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -334,13 +387,13 @@ class RunConfig:
             need(t.save is not None, "--save-interval needs --save <dir>")
             need(t.save_interval >= 1, "--save-interval must be >= 1")
 
-        # GPU-only features.
+        # GPU-only features: the backend here; layer implementation, FP8, fusions and sequence parallelism
+        # in megatron_mile.kernels.
         if not gpu_available:
-            need(not p.sequence_parallel, "--sequence-parallel needs CUDA GPUs (Transformer Engine); it is not "
-                 "supported on CPU: drop the flag")
             need(p.distributed_backend != "nccl", "--distributed-backend nccl needs CUDA GPUs; use gloo on CPU")
-        elif p.sequence_parallel:
-            need(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if kernel_support is None:
+            kernel_support = kernels.detect_kernel_support(gpu_available)
+        problems.extend(kernels.config_problems(self, gpu_available, kernel_support))
 
         if problems:
             raise ConfigError(

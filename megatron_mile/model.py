@@ -4,6 +4,10 @@
 megatron_mile.loss and returns, per token, the cross-entropy (with gradient), its detached weight and the
 detached entropy, packed as [b, s, 3]. The training step's loss function turns those into the exact global
 normalisation L = sum(w * ce) / sum(w) (megatron_mile.training.step).
+
+The transformer layers are megatron-core's local modules or Transformer Engine's (--transformer-impl), with
+FP8 and the fused kernels megatron_mile.kernels resolves for this machine; the output layer is megatron's
+ColumnParallelLinear either way (never FP8: bf16 logits, upcast to fp32 statistics inside the loss).
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
-from megatron_mile import device
+from megatron_mile import device, kernels
 from megatron_mile.config import RunConfig
 from megatron_mile.loss import vocab_parallel_weighted_cross_entropy
 from megatron_mile.vocab import padded_vocab_size
@@ -89,10 +96,12 @@ class SeededTransformerLayer(TransformerLayer):
 
 
 def transformer_config(config: RunConfig) -> TransformerConfig:
-    """megatron-core's TransformerConfig for this run; CUDA-only fusions stay off on CPU."""
-    m, p, o = config.model, config.parallel, config.optimizer
+    """megatron-core's TransformerConfig for this run: FP8 as asked, each fusion where its kernel exists
+    (megatron_mile.kernels; all of them off on CPU)."""
+    m, p, o, k = config.model, config.parallel, config.optimizer, config.kernels
     on_gpu = device.gpu_available()
     dtype = torch.bfloat16 if o.bf16 else torch.float32
+    fusions = kernels.resolve_fusions(config, on_gpu, kernels.detect_kernel_support(on_gpu))
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -117,13 +126,15 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         # Weights are created on the CPU from one full-size master tensor, split across TP ranks, so a
         # given seed gives the same model at every TP size (and no CUDA is needed to build it).
         use_cpu_initialization=not on_gpu,
-        # Fusions that need CUDA kernels or Transformer Engine; on CPU they would fail or torch.compile.
-        bias_activation_fusion=on_gpu and not m.disable_bias_linear and not m.swiglu,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        # Fusions that need CUDA kernels, apex or Transformer Engine; on CPU they would fail or torch.compile.
+        **fusions,
         persist_layer_norm=False,
+        # FP8 in the transformer layers only (Transformer Engine); megatron's defaults where a flag is unset.
+        fp8=k.fp8_format,
+        fp8_recipe=k.fp8_recipe or "delayed",
+        fp8_margin=0 if k.fp8_margin is None else k.fp8_margin,
+        fp8_amax_history_len=1 if k.fp8_amax_history_len is None else k.fp8_amax_history_len,
+        fp8_amax_compute_algo=k.fp8_amax_compute_algo or "most_recent",
         # The schedules must not divide by their own token count: the loss function returns
         # un-normalised sums and the gradients are divided once by the global weight total.
         calculate_per_token_loss=True,
@@ -147,7 +158,7 @@ def build_model_chunk(
 ) -> MileGPTModel:
     """One model chunk (a pipeline stage, or one virtual stage of it)."""
     m, l = config.model, config.loss
-    spec = get_gpt_layer_local_spec(normalization=m.normalization)
+    spec = transformer_layer_spec(config)
     if spec.module is TransformerLayer:
         spec.module = type("SeededTransformerLayer", (SeededTransformerLayer,), {"init_seed": config.training.seed})
     return MileGPTModel(
@@ -169,6 +180,14 @@ def build_model_chunk(
         entropy_threshold=l.mile_entropy_threshold,
         real_vocab_size=real_vocab_size,
     )
+
+
+def transformer_layer_spec(config: RunConfig):
+    """megatron-core's layer spec for --transformer-impl: its local modules, or Transformer Engine's (the
+    norm fused into the following linear layer; TE picks RMSNorm / LayerNorm from the config)."""
+    if config.kernels.transformer_impl == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=config.model.normalization)
 
 
 def build_model(config: RunConfig, real_vocab_size: int) -> list:

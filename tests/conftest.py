@@ -22,11 +22,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def dist_pool():
-    """dist_pool(world_size) -> a DistributedPool kept alive for the whole test session."""
+    """dist_pool(world_size) -> a DistributedPool kept alive for the whole test session.
+
+    A pool that was killed after a hang is replaced, so one hung test fails alone.
+    """
     pools = {}
 
     def get(world_size: int) -> DistributedPool:
-        if world_size not in pools:
+        if world_size not in pools or pools[world_size].broken:
             pools[world_size] = DistributedPool(world_size)
         return pools[world_size]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from megatron_mile.arguments import build_parser, parse_args
+from megatron_mile.config import ConfigError
+from megatron_mile.kernels import KernelSupport
 from megatron_mile.planning.recipes import LLAMA, RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +31,10 @@ PAPER = {
     "6.7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
                  seq_length=2048, global_batch_size=2048, train_iters=25_000, lr_warmup_iters=2000),
 }
-# Flags that only the GPU training path (Transformer Engine) defines, added by FP8=1.
-FP8_FLAGS = {"--transformer-impl": 1, "--fp8-format": 1, "--fp8-amax-history-len": 1, "--fp8-amax-compute-algo": 1}
+# Flags added by FP8=1 (with their value counts).
+FP8_FLAGS = {"--fp8-format": 1, "--fp8-amax-history-len": 1, "--fp8-amax-compute-algo": 1}
+# The machine the scripts are written for: H100s in NVIDIA's PyTorch container (Transformer Engine, apex).
+H100 = KernelSupport.full(compute_capability=(9, 0))
 
 
 def dry_run(script: str, **env) -> list:
@@ -72,7 +76,7 @@ def test_script_flags_exist_and_validate(recipe, nnodes):
                         "--master_addr": "node0", "--master_port": "29500"}
     world = 8 * nnodes
     build_parser().parse_args(flags)  # unknown flags exit here with argparse's message
-    config = parse_args(flags, world_size=world, gpu_available=True)
+    config = parse_args(flags, world_size=world, gpu_available=True, kernel_support=H100)
     m, o, t, l = config.model, config.optimizer, config.training, config.loss
     for name, value in PAPER[recipe].items():
         section = next(s for s in (m, o, t) if hasattr(s, name))
@@ -82,6 +86,7 @@ def test_script_flags_exist_and_validate(recipe, nnodes):
     assert (m.normalization, m.swiglu, m.position_embedding_type) == ("RMSNorm", True, "rope")
     assert m.untie_embeddings_and_output_weights and m.disable_bias_linear
     assert config.data.tokenizer_type == "SentencePieceTokenizer"
+    assert config.kernels.transformer_impl == "transformer_engine" and config.kernels.fp8_format is None
     assert (l.loss_type, l.gamma, l.sigma) == ("mile", 1.0, 1.0)
     # The planner's recipe is what the script launches (so the memory tables in docs/scale.md apply).
     for flag in RECIPES[recipe].shape_flags + LLAMA + RECIPES[recipe].layout_flags:
@@ -91,23 +96,36 @@ def test_script_flags_exist_and_validate(recipe, nnodes):
 @pytest.mark.parametrize("recipe", list(PAPER))
 def test_paper_world_size_validates(recipe):
     flags = drop_fp8(split_command(dry_run(f"pretrain_llama_{recipe}.sh"))[1])
-    parse_args(flags, world_size=RECIPES[recipe].world_size, gpu_available=True)
+    parse_args(flags, world_size=RECIPES[recipe].world_size, gpu_available=True, kernel_support=H100)
 
 
-def test_fp8_flags_are_opt_in_and_the_only_unknown_ones():
-    plain = split_command(dry_run("pretrain_llama_6.7b.sh"))[1]
-    fp8 = split_command(dry_run("pretrain_llama_6.7b.sh", FP8="1"))[1]
+@pytest.mark.parametrize("recipe", list(PAPER))
+def test_fp8_is_opt_in_and_validates(recipe):
+    plain = split_command(dry_run(f"pretrain_llama_{recipe}.sh"))[1]
+    fp8 = split_command(dry_run(f"pretrain_llama_{recipe}.sh", FP8="1"))[1]
     assert not set(FP8_FLAGS) & set(plain)
     assert set(FP8_FLAGS) <= set(fp8)
     assert drop_fp8(fp8) == plain
-    build_parser().parse_args(drop_fp8(fp8))
+    config = parse_args(fp8, world_size=RECIPES[recipe].world_size, gpu_available=True, kernel_support=H100)
+    k = config.kernels
+    assert (k.fp8_format, k.fp8_amax_history_len, k.fp8_amax_compute_algo) == ("hybrid", 1024, "max")
+    # An A100 has no FP8: the recipe stops at start-up saying so.
+    with pytest.raises(ConfigError, match="--fp8-format hybrid needs a GPU with FP8"):
+        parse_args(fp8, world_size=RECIPES[recipe].world_size, gpu_available=True,
+                   kernel_support=KernelSupport.full(compute_capability=(8, 0)))
+
+
+def test_recipes_need_transformer_engine_and_say_so():
+    flags = split_command(dry_run("pretrain_llama_468m.sh"))[1]
+    with pytest.raises(ConfigError, match=r"--transformer-impl transformer_engine needs Transformer Engine: install"):
+        parse_args(flags, world_size=16, gpu_available=True, kernel_support=KernelSupport(compute_capability=(9, 0)))
 
 
 @pytest.mark.parametrize("loss,expected", [("focal", ["--loss-type", "focal"]),
                                            ("cross_entropy", ["--loss-type", "cross_entropy"])])
 def test_loss_type_override_for_baselines(loss, expected):
     flags = split_command(dry_run("pretrain_llama_468m.sh", LOSS_TYPE=loss))[1]
-    config = parse_args(flags, world_size=8, gpu_available=True)
+    config = parse_args(flags, world_size=8, gpu_available=True, kernel_support=H100)
     assert config.loss.loss_type == loss and "--mile-gamma" not in flags
 
 

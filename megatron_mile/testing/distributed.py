@@ -21,7 +21,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch.multiprocessing as mp
 
 # Seconds a single call may take before the pool is declared hung and killed.
-DEFAULT_CALL_TIMEOUT_S = 600.0
+DEFAULT_CALL_TIMEOUT_S = 300.0
+# After one rank fails, seconds to wait for the others: a rank that raised mid-collective leaves its peers
+# blocked in that collective, and they only come back when gloo's own timeout fires.
+STRAGGLER_TIMEOUT_S = 60.0
+# gloo's collective timeout in pool workers: a peer that died or raised must not block a test for the
+# default 10-30 minutes.
+WORKER_COLLECTIVE_TIMEOUT_MINUTES = 2.0
 
 
 def find_free_port() -> int:
@@ -44,6 +50,41 @@ class RemoteError(RuntimeError):
     """A worker raised; the message holds every failing rank's traceback."""
 
 
+def _record_new_groups() -> list:
+    """Make torch.distributed.new_group remember every group it creates, in the returned list.
+
+    Why: megatron's destroy_model_parallel only forgets its groups, and each gloo group keeps its worker
+    threads and sockets until destroyed. A pool worker runs hundreds of calls, each initialising parallel
+    state anew; without this it accumulated thousands of threads and the machine's load average ran into
+    the thousands.
+    """
+    import torch.distributed as dist
+
+    created: list = []
+    create = dist.new_group
+
+    def recording_new_group(*args, **kwargs):
+        group = create(*args, **kwargs)
+        created.append(group)
+        return group
+
+    dist.new_group = recording_new_group
+    return created
+
+
+def _destroy_groups(groups: list) -> None:
+    """Destroy the recorded groups this rank belongs to (purely local for subgroups), then forget them."""
+    import torch.distributed as dist
+
+    from torch.distributed import distributed_c10d
+
+    for group in groups:
+        # Skip non-members and groups something else (megatron, a test body) destroyed already.
+        if group is not None and group in distributed_c10d._world.pg_map:
+            dist.destroy_process_group(group)
+    groups.clear()
+
+
 def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads: int) -> None:
     """Body of one pool process: set up gloo once, then run tasks until told to stop."""
     import torch
@@ -59,9 +100,10 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads:
     )
     from megatron_mile import device
 
-    device.initialize_distributed(backend="gloo")
+    device.initialize_distributed(backend="gloo", timeout_minutes=WORKER_COLLECTIVE_TIMEOUT_MINUTES)
     from megatron.core import parallel_state
 
+    created_groups = _record_new_groups()
     try:
         while True:
             task = tasks.get()
@@ -73,12 +115,14 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads:
                     tensor_model_parallel_size=layout.tensor_model_parallel_size,
                     pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
                     virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+                    distributed_timeout_minutes=WORKER_COLLECTIVE_TIMEOUT_MINUTES,
                 )
                 results.put((rank, True, fn(*args, **kwargs)))
             except BaseException:  # noqa: BLE001 - the traceback is the report
                 results.put((rank, False, traceback.format_exc()))
             finally:
                 parallel_state.destroy_model_parallel()
+                _destroy_groups(created_groups)
     finally:
         import torch.distributed as dist
 
@@ -114,6 +158,8 @@ class DistributedPool:
         ]
         for proc in self._procs:
             proc.start()
+        # Set once a call timed out or left ranks stuck: the workers were killed and the pool is unusable.
+        self.broken = False
 
     def run(
         self,
@@ -125,30 +171,52 @@ class DistributedPool:
         timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
         **kwargs: Any,
     ) -> list:
-        """Run fn(*args, **kwargs) on every rank; return the per-rank results, in rank order."""
+        """Run fn(*args, **kwargs) on every rank; return the per-rank results, in rank order.
+
+        Raises RemoteError when any rank raised (every failing rank's traceback in the message) and
+        TimeoutError when the call hung. Either way a hung or half-failed pool is killed and marked
+        `broken`, so that one bad test cannot stall every test after it.
+        """
+        if self.broken:
+            raise RuntimeError("this DistributedPool was killed after an earlier hang; start a new one")
         layout = ParallelLayout(
             tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size
         )
         for task_queue in self._tasks:
             task_queue.put((fn, args, kwargs, layout))
+        name = getattr(fn, "__name__", fn)
         outcomes: dict[int, tuple[bool, Any]] = {}
         while len(outcomes) < self.world_size:
+            any_failed = any(not ok for ok, _ in outcomes.values())
+            wait_s = min(timeout_s, STRAGGLER_TIMEOUT_S) if any_failed else timeout_s
             try:
-                rank, ok, value = self._results.get(timeout=timeout_s)
+                rank, ok, value = self._results.get(timeout=wait_s)
             except queue.Empty:
                 self.close(force=True)
+                failures = self._failure_report(outcomes)
+                if failures:
+                    raise RemoteError(
+                        f"{name} failed; ranks {sorted(set(range(self.world_size)) - set(outcomes))} did not "
+                        f"return within {wait_s:.0f} s after it (the pool was killed)\n{failures}"
+                    ) from None
                 raise TimeoutError(
-                    f"{getattr(fn, '__name__', fn)} did not finish on all {self.world_size} ranks within "
-                    f"{timeout_s:.0f} s (ranks done: {sorted(outcomes)}); the pool was killed"
+                    f"{name} did not finish on all {self.world_size} ranks within {timeout_s:.0f} s "
+                    f"(ranks done: {sorted(outcomes)}); the pool was killed"
                 ) from None
             outcomes[rank] = (ok, value)
-        failures = [f"--- rank {r} ---\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok]
+        failures = self._failure_report(outcomes)
         if failures:
-            raise RemoteError("\n".join(failures))
+            raise RemoteError(failures)
         return [outcomes[r][1] for r in range(self.world_size)]
 
+    @staticmethod
+    def _failure_report(outcomes: dict) -> str:
+        return "\n".join(f"--- rank {r} ---\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok)
+
     def close(self, force: bool = False) -> None:
-        """Stop the workers; `force` kills them (used after a hang)."""
+        """Stop the workers; `force` kills them (used after a hang) and marks the pool broken."""
+        if force:
+            self.broken = True
         for proc, task_queue in zip(self._procs, self._tasks):
             if proc.is_alive() and not force:
                 task_queue.put(None)
