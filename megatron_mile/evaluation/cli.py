@@ -125,6 +125,7 @@ def run_config_for(eval_config: BucketEvalConfig, saved_config: dict, saved_voca
     dp = max(1, world_size // (tp * pp))
     t.global_batch_size = t.micro_batch_size * dp
     t.load = t.save = t.tensorboard_dir = None
+    t.log_entropy_histogram_interval = 0
     t.save_interval = t.exit_interval = None
     if eval_config.data_path:
         d.data_path, d.mock_data = list(eval_config.data_path), False
@@ -239,8 +240,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_mile.evaluation.report import format_report, write_json_atomic
     from megatron_mile.training.cli import shutdown_distributed
 
+    import torch.distributed as dist
+
     rank = int(os.environ.get("RANK", "0"))
     last = rank == int(os.environ.get("WORLD_SIZE", "1")) - 1
+    # A caller that set up the process group itself (a test's worker pool) keeps it afterwards.
+    owns_process_group = not dist.is_initialized()
     try:
         eval_config = parse_args(argv)
     except ConfigError as error:
@@ -265,5 +270,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     finally:
-        shutdown_distributed()
+        if owns_process_group:
+            shutdown_distributed()
     return 0

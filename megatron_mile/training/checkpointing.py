@@ -42,6 +42,7 @@ import random
 import re
 import secrets
 import shutil
+import traceback
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
@@ -743,7 +744,18 @@ def _load_distributed(checkpoint_dir: Path, sharded: dict) -> dict:
         # Missing keys and shape mismatches surface as KeyError / megatron's CheckpointingException;
         # anything torch's reader or planner raised (e.g. refused metadata) is wrapped in torch's
         # CheckpointException, which derives from BaseException: turn both into a clear error.
-        raise CheckpointError(f"cannot load {checkpoint_dir} into this model: {error}") from error
+        raise CheckpointError(f"cannot load {checkpoint_dir} into this model: {_describe_load_error(error)}") from error
+
+
+def _describe_load_error(error: BaseException) -> str:
+    """One line per failing rank ("rank 0: FileNotFoundError: ...") instead of torch's stack traces."""
+    failures = getattr(error, "failures", None)
+    if isinstance(error, torch_dcp.api.CheckpointException) and failures:
+        return "; ".join(
+            f"rank {rank}: " + "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            for rank, (exc, _) in sorted(failures.items())
+        )
+    return str(error)
 
 
 def _load_chunks(model: list, loaded: dict, strict: bool = True) -> None:
