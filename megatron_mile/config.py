@@ -203,6 +203,11 @@ class TrainingConfig:
     """Print a log line every this many iterations."""
     tensorboard_dir: Optional[str] = None
     """Write TensorBoard scalars here."""
+    log_entropy_histogram_interval: Optional[int] = None
+    """Every this many iterations, write to TensorBoard the distributions (histograms) of the per-token
+    entropy and loss weight over the step's loss-masked tokens, to see how token difficulty moves through
+    training. Default: every --eval-interval iterations when --tensorboard-dir is set; 0 turns it off (then
+    the step does no extra work)."""
     no_progress: bool = False
     """Do not print the console progress line with ETA."""
     max_skipped_iterations: int = 10
@@ -369,6 +374,10 @@ class RunConfig:
         need(t.train_iters >= 1, "--train-iters must be >= 1")
         need(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters), "--lr-warmup-iters exceeds the decay length")
         need(t.log_interval >= 1 and t.eval_interval >= 1, "--log-interval and --eval-interval must be >= 1")
+        if t.log_entropy_histogram_interval is not None:
+            need(t.log_entropy_histogram_interval >= 0, "--log-entropy-histogram-interval must be >= 0 (0 = off)")
+            need(t.log_entropy_histogram_interval == 0 or t.tensorboard_dir is not None,
+                 "--log-entropy-histogram-interval writes TensorBoard histograms: add --tensorboard-dir <dir>")
 
         # Data.
         need(

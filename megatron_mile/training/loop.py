@@ -21,7 +21,7 @@ from megatron_mile.arguments import config_to_dict
 from megatron_mile.config import RunConfig
 from megatron_mile.model import build_model
 from megatron_mile.training import data as run_data
-from megatron_mile.training import reporting
+from megatron_mile.training import reporting, token_histograms
 from megatron_mile.training.initialize import initialize_parallel, is_logging_rank, print_rank_0, print_rank_last, set_random_seeds
 from megatron_mile.training.optimizer import build_optimizer, wrap_for_training
 from megatron_mile.training.step import configure_schedules, evaluate, train_step
@@ -117,14 +117,17 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     skipped_total = nan_total = consecutive_skips = 0
     interval_start = time.time()
     interval_iterations = 0
+    histogram_every = token_histograms.histogram_interval(t.log_entropy_histogram_interval, t.eval_interval,
+                                                          t.tensorboard_dir)
     last_saved_iteration = iteration if t.load else None
     try:
         while iteration < t.train_iters:
-            want_entropy = (iteration + 1) % t.log_interval == 0 or config.loss.loss_type == "mile"
+            histogram_step = histogram_every > 0 and (iteration + 1) % histogram_every == 0
+            want_entropy = (iteration + 1) % t.log_interval == 0 or config.loss.loss_type == "mile" or histogram_step
             step_start = time.perf_counter()
             step = train_step(
                 model, optimizer, scheduler, train_iterators, num_micro, config.model.seq_length,
-                t.micro_batch_size, collector_holder, want_entropy,
+                t.micro_batch_size, collector_holder, want_entropy, keep_token_values=histogram_step,
             )
             step_seconds = time.perf_counter() - step_start
             iteration += 1
@@ -156,6 +159,8 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
                 )
             )
             progress.update(iteration, step.stats.lm_loss)
+            if histogram_step:
+                _log_token_histograms(tensorboard, iteration, step)
 
             if iteration % t.log_interval == 0:
                 elapsed = time.time() - interval_start
@@ -204,6 +209,19 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     return result
 
 
+def _log_token_histograms(tensorboard: reporting.TensorBoardWriter, iteration: int, step) -> None:
+    """Entropy and weight histograms of the step's loss-masked tokens over the global batch, to TensorBoard.
+
+    Collectives: on the last pipeline stage, those of token_histograms.reduce_histograms over the DP group
+    (two small all-reduces); none elsewhere.
+    """
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return
+    histograms = token_histograms.reduce_histograms(step.token_values, group=parallel_state.get_data_parallel_group())
+    for quantity, histogram in zip(token_histograms.QUANTITIES, histograms):
+        tensorboard.histogram_raw(iteration, token_histograms.TAGS[quantity], histogram)
+
+
 def _write_summary(save_dir: str, config: RunConfig, result: TrainingResult, seconds: float) -> None:
     """{save}/summary.json: the run's settings and final figures (written to a temp name, then renamed)."""
     import json
@@ -219,6 +237,13 @@ def _write_summary(save_dir: str, config: RunConfig, result: TrainingResult, sec
         "final_train_loss_last10": sum(r.loss for r in recent) / len(recent) if recent else None,
         "validation": [{"iteration": i, "lm_loss": lm, "ppl": math.exp(min(lm, 50)), "training_loss": l}
                        for i, lm, l in result.validation],
+        # Per-iteration curves of this run (columns, to stay compact): tools/plot_comparison.py draws them.
+        "history": {
+            "iteration": [r.iteration for r in result.history],
+            "lm_loss": [r.lm_loss if math.isfinite(r.lm_loss) else None for r in result.history],
+            "loss": [r.loss if math.isfinite(r.loss) else None for r in result.history],
+            "skipped": [r.skipped for r in result.history],
+        },
         "checkpoint": result.checkpoint,
         "config": config_to_dict(config),
     }

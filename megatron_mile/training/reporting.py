@@ -96,6 +96,16 @@ class TensorBoardWriter:
         if self.writer is not None and values is not None and len(values):
             self.writer.add_histogram(name, values, iteration)
 
+    def histogram_raw(self, iteration: int, name: str, histogram) -> None:
+        """A histogram already binned (megatron_mile.training.token_histograms.Histogram); empty ones are skipped."""
+        if self.writer is None or not histogram.num:
+            return
+        self.writer.add_histogram_raw(
+            name, min=histogram.min, max=histogram.max, num=histogram.num, sum=histogram.sum,
+            sum_squares=histogram.sum_squares, bucket_limits=histogram.bucket_limits,
+            bucket_counts=histogram.bucket_counts, global_step=iteration,
+        )
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
