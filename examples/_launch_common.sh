@@ -9,6 +9,7 @@
 #   LOSS_TYPE        mile (default) | focal | cross_entropy: the paper's baselines
 #   CHECKPOINT_DIR   --save/--load directory (default: checkpoints/<recipe>-<loss>)
 #   FP8=1            FP8 GEMMs in the transformer layers (Transformer Engine; H100 and newer)
+#   FUSED_LM_HEAD=1  output layer + loss fused, without materialising the logits (--fused-lm-head)
 #   GPUS_PER_NODE (8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (6000): torchrun
 #   DRY_RUN=1        print the torchrun command instead of running it
 set -euo pipefail
@@ -37,6 +38,9 @@ esac
 KERNEL_ARGS=()
 if [[ "${FP8:-0}" == 1 ]]; then
   KERNEL_ARGS=(--fp8-format hybrid --fp8-amax-history-len 1024 --fp8-amax-compute-algo max)
+fi
+if [[ "${FUSED_LM_HEAD:-0}" == 1 ]]; then
+  KERNEL_ARGS+=(--fused-lm-head)
 fi
 
 CHECKPOINT_DIR="${CHECKPOINT_DIR:-$REPO/checkpoints/${RECIPE_NAME}-${LOSS_TYPE}}"

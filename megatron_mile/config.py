@@ -221,8 +221,8 @@ def _fusion_switch():
 
 @dataclass
 class KernelConfig:
-    """Layer implementation and fused kernels: Transformer Engine and FP8, apex / jit fusions
-    (megatron_mile.kernels explains what each needs)."""
+    """Layer implementation and fused kernels: Transformer Engine and FP8, apex / jit fusions, the fused LM
+    head (megatron_mile.kernels explains what each needs)."""
 
     transformer_impl: str = flag("local", choices=["local", "transformer_engine"])
     """Transformer layers: megatron-core's local modules (CPU and GPU), or Transformer Engine's (GPU; fused
@@ -256,6 +256,10 @@ class KernelConfig:
     available."""
     rope_fusion: Optional[bool] = _fusion_switch()
     """Fused rotary position embedding (Transformer Engine's kernel; GPU). Default: on where available."""
+    fused_lm_head: bool = False
+    """Compute the output layer and the loss together in chunks of tokens, without materialising the
+    [s, b, V/tp] logits (megatron_mile.loss.fused_lm_head): far less memory on the last pipeline stage,
+    the same losses and gradients to rounding."""
 
 
 @dataclass

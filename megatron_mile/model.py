@@ -3,7 +3,8 @@
 `MileGPTModel.compute_language_model_loss` replaces megatron's vocab-parallel cross-entropy with
 megatron_mile.loss and returns, per token, the cross-entropy (with gradient), its detached weight and the
 detached entropy, packed as [b, s, 3]. The training step's loss function turns those into the exact global
-normalisation L = sum(w * ce) / sum(w) (megatron_mile.training.step).
+normalisation L = sum(w * ce) / sum(w) (megatron_mile.training.step). With --fused-lm-head the output layer
+and the loss run together without materialising the logits (megatron_mile.fused_head), same contract.
 
 The transformer layers are megatron-core's local modules or Transformer Engine's (--transformer-impl), with
 FP8 and the fused kernels megatron_mile.kernels resolves for this machine; the output layer is megatron's
@@ -12,6 +13,7 @@ ColumnParallelLinear either way (never FP8: bf16 logits, upcast to fp32 statisti
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -27,19 +29,27 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 
 from megatron_mile import device, kernels
 from megatron_mile.config import RunConfig
+from megatron_mile.fused_head import fused_language_model_loss
 from megatron_mile.loss import vocab_parallel_weighted_cross_entropy
 from megatron_mile.vocab import padded_vocab_size
 
 # Index of each per-token quantity in the packed [b, s, 3] output of the loss hook.
 CE, WEIGHT, ENTROPY = 0, 1, 2
 
+# GPTModel._postprocess's parameters, to find labels / loss_mask however megatron passes them.
+_POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
+
 
 class MileGPTModel(GPTModel):
     """GPTModel whose language-model loss is the weighted vocab-parallel loss of megatron_mile.loss."""
 
     def __init__(self, *args, loss_type: str, gamma: float, sigma: float, entropy_threshold: Optional[float],
-                 real_vocab_size: int, **kwargs):
+                 real_vocab_size: int, fused_lm_head: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if fused_lm_head and self.config.mtp_num_layers:
+            raise ValueError("the fused LM head does not cover multi-token prediction layers")
+        # Output layer + loss in chunks, without the [s, b, V/tp] logits (megatron_mile.fused_head).
+        self.fused_lm_head = fused_lm_head
         self.loss_type = loss_type
         self.loss_gamma = gamma
         self.loss_sigma = sigma
@@ -73,6 +83,18 @@ class MileGPTModel(GPTModel):
         entropy = outputs[2] if want_entropy else torch.zeros_like(ce)
         packed = torch.stack([ce, weight, entropy], dim=-1)  # [s, b, 3]
         return packed.transpose(0, 1).contiguous()  # [b, s, 3]
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        """megatron's output layer + loss, or with fused_lm_head the fused one when a loss is asked for.
+
+        Logits (no labels) and inference always take megatron's path. Collectives: those of the path taken
+        (megatron_mile.fused_head.fused_language_model_loss for the fused one).
+        """
+        bound = _POSTPROCESS_SIGNATURE.bind(self, hidden_states, *args, **kwargs).arguments
+        labels = bound.get("labels")
+        if self.fused_lm_head and self.post_process and labels is not None and bound.get("inference_context") is None:
+            return fused_language_model_loss(self, hidden_states, labels, bound.get("loss_mask"))
+        return super()._postprocess(hidden_states, *args, **kwargs)
 
 
 class SeededTransformerLayer(TransformerLayer):
@@ -179,6 +201,7 @@ def build_model_chunk(
         sigma=l.sigma,
         entropy_threshold=l.mile_entropy_threshold,
         real_vocab_size=real_vocab_size,
+        fused_lm_head=config.kernels.fused_lm_head,
     )
 
 

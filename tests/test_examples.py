@@ -100,15 +100,15 @@ def test_paper_world_size_validates(recipe):
 
 
 @pytest.mark.parametrize("recipe", list(PAPER))
-def test_fp8_is_opt_in_and_validates(recipe):
+def test_fp8_and_fused_lm_head_are_opt_in_and_validate(recipe):
     plain = split_command(dry_run(f"pretrain_llama_{recipe}.sh"))[1]
-    fp8 = split_command(dry_run(f"pretrain_llama_{recipe}.sh", FP8="1"))[1]
-    assert not set(FP8_FLAGS) & set(plain)
+    fp8 = split_command(dry_run(f"pretrain_llama_{recipe}.sh", FP8="1", FUSED_LM_HEAD="1"))[1]
+    assert not set(FP8_FLAGS) & set(plain) and "--fused-lm-head" not in plain
     assert set(FP8_FLAGS) <= set(fp8)
-    assert drop_fp8(fp8) == plain
+    assert drop_fp8(fp8) == plain + ["--fused-lm-head"]
     config = parse_args(fp8, world_size=RECIPES[recipe].world_size, gpu_available=True, kernel_support=H100)
     k = config.kernels
-    assert (k.fp8_format, k.fp8_amax_history_len, k.fp8_amax_compute_algo) == ("hybrid", 1024, "max")
+    assert (k.fp8_format, k.fp8_amax_history_len, k.fp8_amax_compute_algo, k.fused_lm_head) == ("hybrid", 1024, "max", True)
     # An A100 has no FP8: the recipe stops at start-up saying so.
     with pytest.raises(ConfigError, match="--fp8-format hybrid needs a GPU with FP8"):
         parse_args(fp8, world_size=RECIPES[recipe].world_size, gpu_available=True,

@@ -100,7 +100,7 @@ def test_each_missing_requirement_is_one_message_with_the_fix(extra, gpu, suppor
         (FP8_READY + ["--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"], H100, 1),
         (FP8_READY + ["--fp8-format", "e4m3", "--fp8-recipe", "tensorwise"], H100, 1),
         (FP8_READY + ["--fp8-recipe", "mxfp8"], KernelSupport.full(compute_capability=(10, 0)), 1),
-        (TE + ["--bf16", "--sequence-parallel", "--tensor-model-parallel-size", "2"], H100, 2),
+        (TE + ["--bf16", "--sequence-parallel", "--tensor-model-parallel-size", "2", "--fused-lm-head"], H100, 2),
         (["--gradient-accumulation-fusion", "--masked-softmax-fusion", "--bias-dropout-fusion",
           "--bias-swiglu-fusion", "--rope-fusion"], H100, 1),
         (TE, KernelSupport(transformer_engine=True), 1),  # capability unknown: not held against FP8-free runs
@@ -113,7 +113,7 @@ def test_what_the_machine_supports_validates(extra, support, world_size):
 def test_fusion_switches_off_and_local_layers_validate_on_cpu():
     off = ["--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
            "--no-bias-swiglu-fusion", "--no-bias-gelu-fusion", "--no-rope-fusion", "--transformer-impl", "local"]
-    assert problems(off, False, NO_GPU) == []
+    assert problems(off + ["--fused-lm-head"], False, NO_GPU) == []
     config = parse_args(TINY_LLAMA + off, world_size=1, gpu_available=False, kernel_support=NO_GPU)
     assert config.kernels.gradient_accumulation_fusion is False and config.kernels.rope_fusion is False
 
@@ -280,3 +280,26 @@ def test_fp8_training_is_finite_and_close_to_bf16():
         # FP8 GEMMs in 4 small layers move the loss by well under 5% from the bf16 run.
         assert abs(loss_8 - loss_16) <= 0.05 * abs(loss_16), (step, fp8, bf16)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_fused_lm_head_matches_unfused_in_bf16_on_gpu(impl):
+    if impl == "transformer_engine":
+        _require_te()
+    argv = TINY_LLAMA + LOSS_FLAGS["mile"] + ["--bf16", "--transformer-impl", impl]
+    unfused = torchrun_history(argv)
+    fused = torchrun_history(argv + ["--fused-lm-head"])
+    for (loss_f, norm_f), (loss_u, norm_u) in zip(fused, unfused):
+        assert abs(loss_f - loss_u) <= 1e-2 * abs(loss_u) and abs(norm_f - norm_u) <= 5e-2 * abs(norm_u)
+
+
+@pytest.mark.gpu
+def test_sequence_parallel_with_fused_lm_head_matches_tp2_without():
+    _require_te()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    argv = TINY_LLAMA + LOSS_FLAGS["mile"] + TE + ["--bf16", "--tensor-model-parallel-size", "2"]
+    reference = torchrun_history(argv, nproc=2)
+    for extra in (["--sequence-parallel"], ["--sequence-parallel", "--fused-lm-head"]):
+        for (loss, norm), (loss_r, norm_r) in zip(torchrun_history(argv + extra, nproc=2), reference):
+            assert abs(loss - loss_r) <= 1e-2 * abs(loss_r) and abs(norm - norm_r) <= 5e-2 * abs(norm_r), extra

@@ -59,22 +59,63 @@ def single_process_runs(dist_pool):
     }
 
 
+def assert_same_history(per_rank, reference, context, rel_tol=1e-5, grad_rel_tol=None):
+    """Every rank's [(loss, lm_loss, grad_norm, skipped)] equals the reference's, step by step."""
+    assert len(reference) == 3
+    grad_rel_tol = rel_tol if grad_rel_tol is None else grad_rel_tol
+    for rank_history in per_rank:  # every rank reports the same global numbers
+        assert len(rank_history) == len(reference), context
+        for step, (ours, ref) in enumerate(zip(rank_history, reference), start=1):
+            loss_value, lm_loss, grad_norm, skipped = ours
+            assert not skipped
+            assert math.isclose(loss_value, ref[0], rel_tol=rel_tol, abs_tol=rel_tol), (context, step, ours, ref)
+            assert math.isclose(lm_loss, ref[1], rel_tol=rel_tol, abs_tol=rel_tol), (context, step, ours, ref)
+            assert math.isclose(grad_norm, ref[2], rel_tol=grad_rel_tol, abs_tol=rel_tol), (context, step, ours, ref)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("loss", list(LOSS_FLAGS))
 def test_layout_reproduces_single_process(dist_pool, single_process_runs, loss, layout):
     per_rank = dist_pool(2).run(run_pretrain, TINY_LLAMA + LOSS_FLAGS[loss] + LAYOUTS[layout], 2)
     reference = single_process_runs[loss]
-    assert len(reference) == 3
-    for rank_history in per_rank:  # every rank reports the same global numbers
-        for step, (ours, ref) in enumerate(zip(rank_history, reference), start=1):
-            loss_value, lm_loss, grad_norm, skipped = ours
-            assert not skipped
-            assert math.isclose(loss_value, ref[0], rel_tol=1e-5, abs_tol=1e-5), (loss, layout, step, ours, ref)
-            assert math.isclose(lm_loss, ref[1], rel_tol=1e-5, abs_tol=1e-5), (loss, layout, step, ours, ref)
-            assert math.isclose(grad_norm, ref[2], rel_tol=1e-5, abs_tol=1e-5), (loss, layout, step, ours, ref)
+    assert_same_history(per_rank, reference, (loss, layout))
     # The loss types really differ (the comparison above would be vacuous otherwise).
     if loss != "cross_entropy":
         assert max(abs(a[0] - b[0]) for a, b in zip(reference, single_process_runs["cross_entropy"])) > 1e-3
+
+
+# ------------------------------------------------------------------ the fused LM head (--fused-lm-head)
+
+# (flags, world size): the fused head at TP 1, with the vocabulary split over 2 TP ranks, and on the last of
+# 2 pipeline stages.
+FUSED_LAYOUTS = {"tp1": ([], 1), "tp2": (LAYOUTS["tp2"], 2), "pp2": (LAYOUTS["pp2"], 2)}
+
+
+@pytest.mark.parametrize("layout", list(FUSED_LAYOUTS))
+@pytest.mark.parametrize("loss", list(LOSS_FLAGS))
+def test_fused_lm_head_reproduces_the_unfused_run(dist_pool, single_process_runs, loss, layout):
+    flags, world_size = FUSED_LAYOUTS[layout]
+    argv = TINY_LLAMA + LOSS_FLAGS[loss] + flags + ["--fused-lm-head"]
+    per_rank = dist_pool(world_size).run(run_pretrain, argv, world_size)
+    assert_same_history(per_rank, single_process_runs[loss], ("fused", loss, layout))
+
+
+def test_fused_lm_head_with_tied_embeddings_across_pipeline_stages(dist_pool):
+    # Tied: the last stage's output weight is a copy of the first stage's embedding, kept equal by the
+    # embedding-gradient all-reduce; the fused head's weight gradient must reach it like the unfused one.
+    tied = [a for a in TINY_LLAMA if a != "--untie-embeddings-and-output-weights"] + LOSS_FLAGS["mile"]
+    reference = dist_pool(1).run(run_pretrain, tied, 1)[0]
+    per_rank = dist_pool(2).run(run_pretrain, tied + LAYOUTS["pp2"] + ["--fused-lm-head"], 2)
+    assert_same_history(per_rank, reference, ("fused", "tied", "pp2"))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused_lm_head"])
+def test_bf16_training_follows_the_fp32_run(dist_pool, single_process_runs, fused):
+    # bf16 weights and activations, fp32 loss statistics and main weights: 3 steps stay within bf16
+    # rounding of the fp32 run (seen: loss within 3e-3, grad norm within 9e-3 relative).
+    argv = TINY_LLAMA + LOSS_FLAGS["mile"] + ["--bf16"] + (["--fused-lm-head"] if fused else [])
+    history = dist_pool(1).run(run_pretrain, argv, 1)
+    assert_same_history(history, single_process_runs["mile"], ("bf16", fused), rel_tol=1e-2, grad_rel_tol=3e-2)
 
 
 def run_with_nan_at(argv, world_size, bad_steps):
@@ -135,6 +176,7 @@ def test_repeated_nan_losses_stop_training_with_a_clear_message(dist_pool):
         (["--sequence-parallel"], 1, "--sequence-parallel needs CUDA GPUs"),
         (["--loss-type", "mile", "--mile-sigma", "0"], 1, "--mile-sigma must be > 0"),
         (["--pipeline-model-parallel-size", "3"], 3, "does not divide --num-layers"),
+        (["--lr-warmup-iters", "6", "--train-iters", "6"], 1, "--lr-warmup-iters 6 must be smaller than"),
     ],
 )
 def test_bad_flag_combinations_are_rejected_with_the_fix(extra, world_size, message):

@@ -103,7 +103,9 @@ def make_forward_step(collector, want_entropy: bool, pass_labels: bool = False) 
             output = model(None, None, None)
             return output, partial(collector.loss_func, *((None, None) if pass_labels else (None,)))
         labels = batch["labels"] if unwrapped.post_process else None
-        output = model(batch["tokens"], batch["position_ids"], None, labels=labels)
+        # The fused LM head computes its gradients in forward, so the model needs the loss mask there.
+        loss_mask = batch["loss_mask"] if unwrapped.post_process else None
+        output = model(batch["tokens"], batch["position_ids"], None, labels=labels, loss_mask=loss_mask)
         inputs = (batch["loss_mask"], batch["labels"]) if pass_labels else (batch["loss_mask"],)
         return output, partial(collector.loss_func, *inputs)
 
