@@ -5,7 +5,7 @@ Pins, and why:
   NVIDIA's PyTorch containers ship Python 3.12, where megatron-core >=0.16.1,<0.17 is what the tests cover;
   newer 0.17+ releases import triton unconditionally and are not yet supported.
 - torch: a range that the 2.13.0 CPU wheel satisfies, so an install never pulls a CUDA build by itself.
-- eval (also in test, so CI runs the export and lm-evaluation-harness tests): transformers and lm-eval are
+- eval (also in test, so CI runs the export, lm-evaluation-harness and plot tests): transformers and lm-eval are
   pinned to the releases the export was checked against; lm-eval's `hf` extra brings accelerate, which its
   Hugging Face model code imports. Install with the torch pin as a constraint (tools/setup_env.sh does), or
   pip may resolve a CUDA torch for them.
@@ -16,8 +16,9 @@ Pins, and why:
 
 from setuptools import find_packages, setup
 
-# Export to Hugging Face (tools/export_hf.py) and offline evaluation with lm-evaluation-harness.
-EVAL_REQUIRES = ["transformers==5.23.0", "safetensors>=0.4.3", "lm-eval[hf]==0.4.13"]
+# Export to Hugging Face (tools/export_hf.py), offline evaluation with lm-evaluation-harness, and the
+# comparison plots (tools/plot_comparison.py, examples/compare_losses.sh).
+EVAL_REQUIRES = ["transformers==5.23.0", "safetensors>=0.4.3", "lm-eval[hf]==0.4.13", "matplotlib>=3.8"]
 
 setup(
     name="megatron-mile",
