@@ -17,18 +17,11 @@ OUT="${OUT:-runs/quickstart}"
 TRAIN_ITERS="${TRAIN_ITERS:-300}"
 LOSS_TYPE="${LOSS_TYPE:-mile}"
 NPROC="${NPROC:-2}"
-TOKENIZER=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model data/sample/tokenizer.json)
-mkdir -p "$OUT/data"
+WARMUP_ITERS=$(( TRAIN_ITERS / 10 ))
 
 echo "== 1/3 preprocessing data/sample/train.jsonl.zst (one dataset per Pile domain)"
-if ! ls "$OUT"/data/sample_*_text_document.idx >/dev/null 2>&1; then
-  python tools/preprocess_data.py --input data/sample/train.jsonl.zst --output-prefix "$OUT/data/sample" \
-    --split-by-domain --append-eod --workers 2 "${TOKENIZER[@]}"
-else
-  echo "   (reusing $OUT/data)"
-fi
-read -r -a DATA_PATH <<< "$(python tools/pile_blend.py --output-prefix "$OUT/data/sample")"
-echo "   --data-path ${DATA_PATH[*]}"
+DATA_DIR="$OUT/data"
+source examples/_prepare_sample_data.sh  # sets TOKENIZER and DATA_PATH
 
 LOSS_FLAGS=(--loss-type "$LOSS_TYPE")
 [ "$LOSS_TYPE" = mile ] && LOSS_FLAGS+=(--mile-gamma 1.0 --mile-sigma 1.0)
@@ -43,9 +36,9 @@ torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29517}" pretrai
   --untie-embeddings-and-output-weights --init-method-std 0.02 \
   --hidden-dropout 0.0 --attention-dropout 0.0 \
   --micro-batch-size 8 --global-batch-size 16 --train-iters "$TRAIN_ITERS" \
-  --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 30 \
+  --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS" \
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234 \
-  --data-path "${DATA_PATH[@]}" --split 98,2,0 "${TOKENIZER[@]}" \
+  --data-path "${DATA_PATH[@]}" --split 98,2,0 --data-cache-path "$OUT/data/cache" "${TOKENIZER[@]}" \
   "${LOSS_FLAGS[@]}" \
   --log-interval 25 --eval-interval 100 --eval-iters 4 \
   --save "$OUT/checkpoints" --save-interval 100 --tensorboard-dir "$OUT/tensorboard" \

@@ -376,7 +376,10 @@ class RunConfig:
         need(o.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
         need(0 <= m.hidden_dropout < 1 and 0 <= m.attention_dropout < 1, "dropout probabilities must lie in [0, 1)")
         need(t.train_iters >= 1, "--train-iters must be >= 1")
-        need(o.lr_warmup_iters <= (o.lr_decay_iters or t.train_iters), "--lr-warmup-iters exceeds the decay length")
+        decay_iters = o.lr_decay_iters or t.train_iters
+        need(o.lr_warmup_iters < decay_iters,
+             f"--lr-warmup-iters {o.lr_warmup_iters} must be smaller than the decay length {decay_iters} "
+             "(--lr-decay-iters, default --train-iters): lower --lr-warmup-iters or train longer")
         need(t.log_interval >= 1 and t.eval_interval >= 1, "--log-interval and --eval-interval must be >= 1")
         if t.log_entropy_histogram_interval is not None:
             need(t.log_entropy_histogram_interval >= 0, "--log-entropy-histogram-interval must be >= 0 (0 = off)")

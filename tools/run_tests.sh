@@ -2,6 +2,6 @@
 # Set up the environment (tools/setup_env.sh) and run the test suite. Extra arguments go to pytest.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$REPO_ROOT/tools/setup_env.sh"
+MILE_EXTRAS="${MILE_EXTRAS:-test}" source "$REPO_ROOT/tools/setup_env.sh"
 cd "$REPO_ROOT"
 exec python -m pytest "$@"

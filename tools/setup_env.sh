@@ -15,17 +15,32 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-# Reinstall only when the install requirements changed (a stamp holds setup.py's hash).
+# Extras to install beside the package: tools/run_tests.sh asks for "test"; the quickstart needs none.
+EXTRAS="${MILE_EXTRAS:-}"
+SPEC="$REPO_ROOT"
+[ -n "$EXTRAS" ] && SPEC="$REPO_ROOT[$EXTRAS]"
+# Reinstall only when the install requirements changed: the stamp holds one line per installed extras set,
+# "<sha256 of setup.py> <extras>"; the package alone is satisfied by any line with the current hash.
 STAMP="$VENV/.megatron_mile_installed"
-WANT="$(cat "$REPO_ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+SETUP_HASH="$(sha256sum "$REPO_ROOT/setup.py" | cut -d' ' -f1)"
+installed() {
+  [ -f "$STAMP" ] || return 1
+  if [ -z "$EXTRAS" ]; then grep -q "^$SETUP_HASH " "$STAMP"; else grep -qx "$SETUP_HASH $EXTRAS" "$STAMP"; fi
+}
+# This machine's pip configuration may name package folders that do not exist; pip warns once per package.
+quiet_pip() {
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+if ! installed; then
   CONSTRAINTS="$(mktemp)"
   echo "$TORCH_PIN" > "$CONSTRAINTS"
-  echo "[setup] installing $TORCH_PIN and megatron_mile[test] (a minute on a fresh machine)"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$TORCH_PIN"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" -e "$REPO_ROOT[test]"
+  echo "[setup] installing $TORCH_PIN and megatron_mile${EXTRAS:+[$EXTRAS]} (a minute or two on a fresh machine)"
+  quiet_pip "$TORCH_PIN"
+  quiet_pip -c "$CONSTRAINTS" -e "$SPEC"
   rm -f "$CONSTRAINTS"
-  echo "$WANT" > "$STAMP"
+  [ -f "$STAMP" ] && grep -q "^$SETUP_HASH " "$STAMP" || : > "$STAMP"
+  echo "$SETUP_HASH $EXTRAS" >> "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning}"

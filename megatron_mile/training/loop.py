@@ -85,7 +85,6 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     t = config.training
     model_provider = model_provider or build_model
     dataset_provider = dataset_provider or run_data.build_datasets
-    t = config.training
     initialize_parallel(config)
     set_random_seeds(t.seed)
     tokenizer = run_data.build_run_tokenizer(config)
@@ -120,6 +119,16 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     histogram_every = token_histograms.histogram_interval(t.log_entropy_histogram_interval, t.eval_interval,
                                                           t.tensorboard_dir)
     last_saved_iteration = iteration if t.load else None
+    start_iteration, exited_early = iteration, False
+
+    def validate(at_iteration: int) -> None:
+        """Validation loss over --eval-iters global batches: logged, to TensorBoard, kept in the result."""
+        stats = evaluate(model, valid_iterators, num_micro, t.eval_iters, config.model.seq_length, t.micro_batch_size)
+        result.validation.append((at_iteration, stats.lm_loss, stats.loss))
+        print_rank_last(reporting.format_validation_log(at_iteration, stats))
+        tensorboard.scalars(at_iteration, {"validation/lm loss": stats.lm_loss, "validation/training loss": stats.loss,
+                                           "validation/lm loss PPL": reporting._safe_exp(stats.lm_loss)})
+
     try:
         while iteration < t.train_iters:
             histogram_step = histogram_every > 0 and (iteration + 1) % histogram_every == 0
@@ -180,11 +189,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
                 interval_start, interval_iterations = time.time(), 0
 
             if valid_iterators is not None and iteration % t.eval_interval == 0:
-                stats = evaluate(model, valid_iterators, num_micro, t.eval_iters, config.model.seq_length, t.micro_batch_size)
-                result.validation.append((iteration, stats.lm_loss, stats.loss))
-                print_rank_last(reporting.format_validation_log(iteration, stats))
-                tensorboard.scalars(iteration, {"validation/lm loss": stats.lm_loss, "validation/training loss": stats.loss,
-                                                "validation/lm loss PPL": reporting._safe_exp(stats.lm_loss)})
+                validate(iteration)
 
             exiting = t.exit_interval is not None and iteration % t.exit_interval == 0
             if t.save and (exiting or (t.save_interval and iteration % t.save_interval == 0)):
@@ -194,7 +199,12 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
                 last_saved_iteration = iteration
             if exiting:
                 print_rank_0(f" exiting at iteration {iteration} (--exit-interval {t.exit_interval})")
+                exited_early = True
                 break
+        # As Megatron-LM does, the run ends with a validation of the final model unless it just had one.
+        if (valid_iterators is not None and not exited_early and iteration > start_iteration
+                and iteration % t.eval_interval != 0):
+            validate(iteration)
         if t.save and last_saved_iteration != iteration:
             result.checkpoint = checkpointing.save_checkpoint(
                 t.save, iteration, model, optimizer, scheduler, consumed_samples, config_dict
