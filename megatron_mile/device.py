@@ -63,3 +63,19 @@ def initialize_distributed(backend: Optional[str] = None, timeout_minutes: float
         world_size=int(os.environ["WORLD_SIZE"]),
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
+
+
+def initialize_single_process() -> None:
+    """A gloo process group of this process alone, for tools that run megatron code in one process (export).
+
+    Why not initialize_distributed: its TCP store needs a free port, and a MASTER_PORT left in the
+    environment by a training launch (possibly still running) would be taken. An in-memory store needs
+    no port. gloo even on a GPU machine: such tools work on the CPU. Idempotent.
+    """
+    if not gpu_available():
+        from megatron_mile import cpu_compat
+
+        cpu_compat.enable()
+    if dist.is_initialized():
+        return
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)

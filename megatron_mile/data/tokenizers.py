@@ -162,6 +162,14 @@ class _RustBPETokenizer(_BaseTokenizer):
     def vocab(self) -> dict:
         return self._tok.get_vocab(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """This tokenizer as a Hugging Face tokenizer.json (the export writes it beside the model)."""
+        return self._tok.to_str()
+
+    def token_text(self, token_id: int) -> str:
+        """The vocabulary entry of one id (e.g. the EOD token's string)."""
+        return self._tok.id_to_token(int(token_id))
+
 
 class HuggingFaceTokenizer(_RustBPETokenizer):
     """A Hugging Face ``tokenizer.json``, loaded offline with the ``tokenizers`` library.
