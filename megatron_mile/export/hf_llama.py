@@ -1,0 +1,242 @@
+"""Megatron LLaMA weights -> a Hugging Face LlamaForCausalLM directory (config.json, model.safetensors).
+
+Layout differences handled here (single-process megatron names of megatron_mile.model's local layer spec):
+
+- fused QKV: `self_attention.linear_qkv.weight` is [ng * (np/ng + 2) * d, h], grouped per query group g
+  as [the np/ng query heads of g, the key head of g, the value head of g]; Llama keeps q_proj [np * d, h],
+  k_proj and v_proj [ng * d, h] apart.
+- fused SwiGLU: `mlp.linear_fc1.weight` is [2 * ffn, h] = [gate; up]; Llama has gate_proj and up_proj.
+- norms: the local spec has separate `input_layernorm` / `pre_mlp_layernorm` modules; Transformer Engine
+  specs fold them into `linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight`. Both are read.
+- RoPE: megatron's default (non-interleaved, rotate_half over the two halves of each head) is Llama's.
+- vocabulary: megatron pads the embedding and output rows to a multiple of the TP size; the export keeps
+  the real tokens only (vocab_size = the tokenizer's size). Why: the padded rows are never trained and
+  take no part in the training loss, but a Llama softmax would spread probability over them, so every
+  log-likelihood an evaluation computes would differ from the trained model's.
+- tied embeddings: written as a separate lm_head copy (tie_word_embeddings stays false).
+
+Only safetensors is needed to write the directory; transformers is not imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+import torch
+
+from megatron_mile.config import ModelConfig
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported as asked; the message says why and what to do."""
+
+
+INSTALL_HINT = "pip install -e .[eval]  (or: pip install safetensors transformers)"
+
+
+def check_llama_architecture(model: ModelConfig) -> None:
+    """Raise ExportError listing every setting that a Hugging Face Llama cannot represent."""
+    problems: List[str] = []
+    if model.normalization != "RMSNorm":
+        problems.append(f"normalization is {model.normalization}; Llama uses RMSNorm (--normalization RMSNorm)")
+    if not model.swiglu:
+        problems.append("the MLP is not gated (GeLU); Llama uses SwiGLU (--swiglu)")
+    if not model.disable_bias_linear:
+        problems.append("linear layers have biases; Llama has none (--disable-bias-linear)")
+    if model.position_embedding_type != "rope":
+        problems.append(f"position embeddings are {model.position_embedding_type}; Llama uses rope "
+                        "(--position-embedding-type rope)")
+    if problems:
+        raise ExportError("the checkpoint is not a LLaMA-architecture model, so it has no Hugging Face Llama "
+                          "equivalent:\n  - " + "\n  - ".join(problems))
+
+
+def _query_groups(model: ModelConfig) -> int:
+    return model.num_query_groups if model.group_query_attention else model.num_attention_heads
+
+
+def hf_config(model: ModelConfig, vocab_size: int, dtype: torch.dtype, eos_token_id: Optional[int]) -> dict:
+    """config.json of the LlamaForCausalLM (keys read by transformers 4.x and 5.x alike)."""
+    rope_theta = float(model.rotary_base)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": _query_groups(model),
+        "head_dim": model.hidden_size // model.num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_position_embeddings,
+        "rms_norm_eps": model.norm_epsilon,
+        # transformers < 5 reads rope_theta; 5.x reads rope_parameters (and converts rope_theta if alone).
+        "rope_theta": rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": model.init_method_std,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        # Training appends the end-of-document token to each document and adds no BOS.
+        "bos_token_id": None,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": None,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _take(params: Dict[str, torch.Tensor], *names: str) -> torch.Tensor:
+    """Pop the first of `names` present (alternative spellings of one weight across layer specs)."""
+    for name in names:
+        if name in params:
+            return params.pop(name)
+    raise ExportError(f"the checkpoint has no {' or '.join(names)}: it does not hold the model its config describes")
+
+
+def to_hf_state_dict(megatron_params: Mapping[str, torch.Tensor], model: ModelConfig,
+                     real_vocab_size: int) -> Dict[str, torch.Tensor]:
+    """Single-process megatron parameters -> Llama state dict (contiguous tensors, real vocabulary only).
+
+    Raises ExportError when a weight is missing, has an unexpected shape, or is left over (a layer this
+    mapping does not know, e.g. qk-layernorm or experts): better no export than a silently wrong one.
+    """
+    params = dict(megatron_params)
+    h, heads, groups = model.hidden_size, model.num_attention_heads, _query_groups(model)
+    d, ffn = h // heads, model.ffn_hidden_size
+    per_group = heads // groups
+    out: Dict[str, torch.Tensor] = {}
+
+    def put(name: str, tensor: torch.Tensor, shape: tuple) -> None:
+        if tuple(tensor.shape) != shape:
+            raise ExportError(f"{name}: expected shape {shape}, the checkpoint gives {tuple(tensor.shape)}")
+        out[name] = tensor.contiguous().clone()
+
+    embedding = _take(params, "embedding.word_embeddings.weight")  # [V_padded, h]
+    put("model.embed_tokens.weight", embedding[:real_vocab_size], (real_vocab_size, h))
+    if model.untie_embeddings_and_output_weights:
+        output = _take(params, "output_layer.weight")  # [V_padded, h]
+    else:
+        output = params.pop("output_layer.weight", embedding)
+    put("lm_head.weight", output[:real_vocab_size], (real_vocab_size, h))
+    put("model.norm.weight", _take(params, "decoder.final_layernorm.weight"), (h,))
+
+    for i in range(model.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        put(dst + "input_layernorm.weight",
+            _take(params, src + "input_layernorm.weight", src + "self_attention.linear_qkv.layer_norm_weight"), (h,))
+        qkv = _take(params, src + "self_attention.linear_qkv.weight")  # [ng * (np/ng + 2) * d, h]
+        if tuple(qkv.shape) != (groups * (per_group + 2) * d, h):
+            raise ExportError(f"{src}self_attention.linear_qkv.weight has shape {tuple(qkv.shape)}, expected "
+                              f"{(groups * (per_group + 2) * d, h)} for {heads} heads in {groups} query groups")
+        qkv = qkv.view(groups, per_group + 2, d, h)  # [ng, np/ng + 2, d, h]
+        put(dst + "self_attn.q_proj.weight", qkv[:, :per_group].reshape(heads * d, h), (heads * d, h))
+        put(dst + "self_attn.k_proj.weight", qkv[:, per_group].reshape(groups * d, h), (groups * d, h))
+        put(dst + "self_attn.v_proj.weight", qkv[:, per_group + 1].reshape(groups * d, h), (groups * d, h))
+        put(dst + "self_attn.o_proj.weight", _take(params, src + "self_attention.linear_proj.weight"), (h, heads * d))
+        put(dst + "post_attention_layernorm.weight",
+            _take(params, src + "pre_mlp_layernorm.weight", src + "mlp.linear_fc1.layer_norm_weight"), (h,))
+        fc1 = _take(params, src + "mlp.linear_fc1.weight")  # [2 * ffn, h] = [gate; up]
+        if tuple(fc1.shape) != (2 * ffn, h):
+            raise ExportError(f"{src}mlp.linear_fc1.weight has shape {tuple(fc1.shape)}, expected {(2 * ffn, h)} "
+                              "(SwiGLU: gate and up stacked)")
+        put(dst + "mlp.gate_proj.weight", fc1[:ffn], (ffn, h))
+        put(dst + "mlp.up_proj.weight", fc1[ffn:], (ffn, h))
+        put(dst + "mlp.down_proj.weight", _take(params, src + "mlp.linear_fc2.weight"), (h, ffn))
+
+    if params:
+        raise ExportError(f"the checkpoint holds weights a Llama has no place for: {sorted(params)[:8]}"
+                          f"{' ...' if len(params) > 8 else ''}")
+    return out
+
+
+def _safetensors_writer():
+    try:
+        from safetensors.torch import save_file  # noqa: PLC0415
+    except ImportError as error:
+        raise ImportError(f"exporting needs the safetensors package: {INSTALL_HINT}") from error
+    return save_file
+
+
+def save_safetensors(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
+    # transformers refuses safetensors files whose metadata does not name their framework.
+    _safetensors_writer()(state_dict, str(path), metadata={"format": "pt"})
+
+
+def prepare_output(output: Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty output directory unless asked (checked before any work is done)."""
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output {output} is a file; give a directory path")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ExportError(f"--output {output} exists and is not empty: choose another path or pass --overwrite")
+
+
+def commit_directory(tmp: Path, output: Path) -> None:
+    """Move the finished temp directory to `output` (replacing an old export), so that `output` is never
+    seen half-written: a crash leaves either the old directory or the new one, plus a temp to delete."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{secrets.token_hex(4)}")
+        os.rename(output, old)
+    os.rename(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def export_checkpoint(load_dir, output, iteration: Optional[int] = None, tokenizer: Optional[str] = None,
+                      overwrite: bool = False, log=print) -> Path:
+    """Export the latest checkpoint of `load_dir` (or `iteration`) to a LlamaForCausalLM directory `output`.
+
+    The model settings come from the run's config saved with the checkpoint; the checkpoint may have any
+    TP/PP layout (it is loaded in this one process). Files are written into a temp directory beside
+    `output`, which is renamed when complete. Raises ExportError, FileNotFoundError or ValueError naming
+    the problem, before anything is written when the input is unusable.
+    """
+    from megatron_mile.arguments import config_from_dict  # noqa: PLC0415
+    from megatron_mile.export import checkpoint  # noqa: PLC0415
+    from megatron_mile.export.hf_tokenizer import prepare_tokenizer, write_tokenizer_files  # noqa: PLC0415
+
+    output = Path(output)
+    metadata = checkpoint.read_metadata(load_dir, iteration)
+    saved = config_from_dict(metadata["config"])
+    model = saved.model
+    check_llama_architecture(model)
+    prepare_output(output, overwrite)
+    real_vocab_size = int(metadata.get("vocab", {}).get("real", -1))
+    to_export = prepare_tokenizer(saved.data, tokenizer, real_vocab_size)
+    _safetensors_writer()  # a missing package fails now, not after minutes of loading
+
+    full = checkpoint.load_full_checkpoint(load_dir, metadata=metadata)
+    state_dict = to_hf_state_dict(full.params, model, full.real_vocab_size)
+    del full.params
+    dtype = state_dict["lm_head.weight"].dtype
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        write_tokenizer_files(tmp, to_export, model.max_position_embeddings)
+        write_json(tmp / "config.json", hf_config(model, full.real_vocab_size, dtype, to_export.eos_token_id))
+        save_safetensors(state_dict, tmp / "model.safetensors")
+        commit_directory(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    groups = _query_groups(model)
+    log(f"exported {load_dir} iteration {full.iteration} ({model.num_layers} layers, hidden {model.hidden_size}, "
+        f"{model.num_attention_heads} heads / {groups} KV heads, vocabulary {full.real_vocab_size} of "
+        f"{full.padded_vocab_size} padded rows, {dtype}) to {output}")
+    log(f"  {to_export.note}")
+    return output
