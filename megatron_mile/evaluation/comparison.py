@@ -169,7 +169,8 @@ def plot_lm_loss(results: dict, path: str) -> None:
         points = [(i, v) for i, v in zip(iterations, values) if v is not None]
         if points:
             axis.plot([i for i, _ in points], [v for _, v in points], color=color, alpha=0.2, linewidth=0.8)
-            smooth = _smooth([v for _, v in points], 0.9)
+            # Smooth over about 1/30 of the run (TensorBoard-style EMA): 0.9 for 300 steps, none for 30.
+            smooth = _smooth([v for _, v in points], min(0.9, max(0.0, 1.0 - 30.0 / len(points))))
             axis.plot([i for i, _ in points], smooth, color=color, linewidth=1.8, label=f"{run['name']} (train)")
         if run["validation"]:
             axis.plot([v["iteration"] for v in run["validation"]], [v["lm_loss"] for v in run["validation"]],
@@ -201,6 +202,10 @@ def plot_bucket_perplexity(results: dict, path: str) -> None:
     axis.set_xticks(range(len(groups)))
     axis.set_xticklabels(groups)
     axis.set_yscale("log")  # the buckets' perplexities differ by orders of magnitude
+    tallest = max((r["buckets"][g]["perplexity"] if g != "all" else r["overall"]["perplexity"]) or 0.0
+                  for r in runs for g in groups)
+    if tallest > 0:
+        axis.set_ylim(top=tallest * 4)  # headroom for the value labels above the bars
     axis.set_ylabel("validation perplexity (log scale)")
     axis.set_xlabel("target token's frequency bucket")
     axis.set_title(results.get("title") or "perplexity per bucket")

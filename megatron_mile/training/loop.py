@@ -253,6 +253,7 @@ def _write_summary(save_dir: str, config: RunConfig, result: TrainingResult, sec
             "lm_loss": [r.lm_loss if math.isfinite(r.lm_loss) else None for r in result.history],
             "loss": [r.loss if math.isfinite(r.loss) else None for r in result.history],
             "skipped": [r.skipped for r in result.history],
+            "seconds": [round(r.seconds, 4) for r in result.history],
         },
         "checkpoint": result.checkpoint,
         "config": config_to_dict(config),
