@@ -398,3 +398,27 @@ def test_unknown_weights_are_refused():
         to_hf_state_dict({**params, "decoder.layers.0.self_attention.q_layernorm.weight": torch.ones(4)}, model, 10)
     with pytest.raises(ExportError, match="output_layer.weight"):
         to_hf_state_dict({k: v for k, v in params.items() if k != "output_layer.weight"}, model, 10)
+
+
+def test_null_tokenizer_runs_export_no_tokenizer_files(tmp_path):
+    from megatron_mile.config import DataConfig
+    from megatron_mile.export.hf_tokenizer import prepare_tokenizer, write_tokenizer_files
+
+    prepared = prepare_tokenizer(DataConfig(tokenizer_type="NullTokenizer", vocab_size=99), None, 100)
+    assert prepared.tokenizer is None and prepared.eos_token_id is None and "--tokenizer" in prepared.note
+    write_tokenizer_files(tmp_path, prepared, 128)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_the_whole_directory(tmp_path):
+    from megatron_mile.export.hf_llama import commit_directory, prepare_output
+
+    output, new = tmp_path / "hf", tmp_path / ".hf.tmp-1"
+    output.mkdir()
+    (output / "stale.bin").write_text("old")
+    new.mkdir()
+    (new / "config.json").write_text("{}")
+    prepare_output(output, overwrite=True)
+    commit_directory(new, output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(p.name for p in output.iterdir()) == ["config.json"]
