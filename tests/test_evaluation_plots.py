@@ -90,3 +90,40 @@ def test_the_tool_runs_as_a_script(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "png" / "lm_loss.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def compare_script_runs(script: str) -> list:
+    """(name, loss flags) of every train_and_evaluate line of an examples/ comparison script."""
+    import shlex
+
+    runs = []
+    for line in (REPO / "examples" / script).read_text().splitlines():
+        if line.startswith("train_and_evaluate "):
+            words = shlex.split(line)
+            runs.append((words[1], words[2:]))
+    return runs
+
+
+@pytest.mark.parametrize("script, names", [
+    ("compare_losses.sh", ["cross_entropy", "focal", "mile"]),
+    ("sweep_gamma.sh", ["cross_entropy", "mile_gamma0.5", "mile", "mile_gamma2"]),
+])
+def test_comparison_scripts_train_with_flags_that_validate(script, names):
+    from megatron_mile.arguments import parse_args
+
+    # The shared training flags, expanded by bash from the script itself with stand-in data paths.
+    expand = (
+        'TRAIN_ITERS=300; TP=1; DATA_DIR=/d; DATA_PATH=(1 /d/sample_Github_text_document); '
+        'TOKENIZER=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model t.json); '
+        'eval "$(sed -n "/^COMMON_FLAGS=(/,/^)/p" examples/_compare_common.sh)"; printf "%s\\n" "${COMMON_FLAGS[@]}"'
+    )
+    common = subprocess.run(["bash", "-c", expand], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\n")[:-1]
+    assert "--seed" in common and "--train-iters" in common
+    runs = compare_script_runs(script)
+    assert [name for name, _ in runs] == names
+    gammas = set()
+    for _, loss_flags in runs:
+        config = parse_args(common + loss_flags, world_size=2)  # the scripts' default: 2 processes
+        assert config.model.seq_length == 128 and config.training.global_batch_size == 16
+        gammas.add((config.loss.loss_type, config.loss.gamma))
+    assert len(gammas) == len(runs)  # every run differs in its loss only

@@ -5,4 +5,5 @@
 - bucket_perplexity: forward-only scoring per target bucket and domain at any TP / PP / DP layout.
 - report: the console table and the JSON file.
 - cli: tools/eval_token_buckets.py.
+- comparison: tools/plot_comparison.py (tables and plots over several runs).
 """

@@ -144,67 +144,92 @@ def run_config_for(eval_config: BucketEvalConfig, saved_config: dict, saved_voca
     return config
 
 
-def evaluate(eval_config: BucketEvalConfig) -> dict:
-    """Run the whole evaluation on every rank; return the report (the same dict on every rank).
-
-    Collectives: process-group and model-parallel group creation; count_tokens_distributed (all-reduce);
-    dataset index builds (barriers); the checkpoint load (megatron's dist_checkpointing.load);
-    evaluate_bucket_sums (forward-only schedules, DP all-reduce, broadcast).
-    """
-    from megatron.core.transformer.module import Float16Module
-
-    from megatron_mile import device
-    from megatron_mile.arguments import config_to_dict
-    from megatron_mile.evaluation import datasets as eval_data
-    from megatron_mile.evaluation.bucket_perplexity import evaluate_bucket_sums, summarise
-    from megatron_mile.evaluation.token_buckets import build_buckets, count_tokens_distributed, validate_fractions
-    from megatron_mile.model import build_model
+def _checkpoint_metadata(eval_config: BucketEvalConfig) -> dict:
+    """mile_checkpoint.json of the checkpoint to evaluate. No collectives."""
     from megatron_mile.training import checkpointing
-    from megatron_mile.training import data as run_data
-    from megatron_mile.training.initialize import initialize_parallel, set_random_seeds
 
-    start = time.time()
-    fractions = validate_fractions(eval_config.bucket_fractions)
     if not os.path.isdir(eval_config.load):
         raise EvaluationError(
             f"checkpoint directory {eval_config.load} does not exist: pass the directory the training run saved "
             "its checkpoints to (its --save)"
         )
-    metadata = checkpointing.read_checkpoint_metadata(eval_config.load, eval_config.iteration)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    config = run_config_for(eval_config, metadata.get("config", {}), metadata.get("vocab", {}), world_size)
-    config.finalize(world_size)
-    config.validate(world_size, device.gpu_available())
-    train_prefixes = eval_data.prefixes_of(config.data.data_path)
-    run_data.check_dataset_files(train_prefixes)
-    valid_prefixes = eval_data.prefixes_of(eval_config.valid_data_path) if eval_config.valid_data_path else train_prefixes
-    run_data.check_dataset_files(valid_prefixes, "--valid-data-path" if eval_config.valid_data_path else "--data-path")
+    return checkpointing.read_checkpoint_metadata(eval_config.load, eval_config.iteration)
 
-    initialize_parallel(config)
-    set_random_seeds(config.training.seed)
+
+def _checked_tokenizer(config, saved_vocab: dict):
+    """The run's tokenizer, refused when its vocabulary is not the checkpoint's. No collectives."""
+    from megatron_mile.training import data as run_data
+
     tokenizer = run_data.build_run_tokenizer(config)
-    saved_real = metadata.get("vocab", {}).get("real")
+    saved_real = saved_vocab.get("real")
     if saved_real is not None and tokenizer.vocab_size != saved_real:
         raise EvaluationError(
             f"the tokenizer {config.data.tokenizer_model or config.data.tokenizer_type} has {tokenizer.vocab_size} "
             f"entries, the checkpoint was trained with a {saved_real}-token vocabulary: pass the checkpoint's "
             "tokenizer (--tokenizer-model)"
         )
-    vocab_size = tokenizer.vocab_size
+    return tokenizer
 
-    # Buckets from the training split; the validation ranges are counted too, to catch foreign token ids
-    # before any model work.
-    train_ranges = eval_data.training_ranges(train_prefixes, config.data.split)
-    counts = count_tokens_distributed(train_ranges, vocab_size)
-    buckets = build_buckets(counts, fractions)
-    domains = eval_data.validation_domains(valid_prefixes, None if eval_config.valid_data_path else config.data.split)
-    count_tokens_distributed([d.sequences for d in domains], vocab_size)
+
+def _load_model(eval_config: BucketEvalConfig, config, vocab_size: int):
+    """(model chunks of this rank with the checkpoint's weights, in eval precision; the iteration).
+
+    Collectives: those of checkpointing.load_model_weights.
+    """
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_mile.arguments import config_to_dict
+    from megatron_mile.model import build_model
+    from megatron_mile.training import checkpointing
 
     chunks = build_model(config, vocab_size)
     iteration = checkpointing.load_model_weights(eval_config.load, chunks, eval_config.iteration,
                                                  config_dict=config_to_dict(config))
     if config.optimizer.bf16:
+        # As in training: bf16 weights and activations; the loss statistics are fp32 whatever the input.
         chunks = [Float16Module(chunks[0].config, chunk) for chunk in chunks]
+    return chunks, iteration
+
+
+def evaluate(eval_config: BucketEvalConfig) -> dict:
+    """Run the whole evaluation on every rank; return the report (the same dict on every rank).
+
+    Collectives: process-group and model-parallel group creation; count_tokens_distributed (all-reduces);
+    dataset index builds (barriers); the checkpoint load (megatron's dist_checkpointing.load);
+    evaluate_bucket_sums (forward-only schedules, DP all-reduce, broadcast).
+    """
+    from megatron_mile import device
+    from megatron_mile.evaluation import datasets as eval_data
+    from megatron_mile.evaluation.bucket_perplexity import evaluate_bucket_sums, summarise
+    from megatron_mile.evaluation.token_buckets import build_buckets, count_tokens_distributed, validate_fractions
+    from megatron_mile.training import data as run_data
+    from megatron_mile.training.initialize import initialize_parallel, set_random_seeds
+
+    start = time.time()
+    fractions = validate_fractions(eval_config.bucket_fractions)
+    metadata = _checkpoint_metadata(eval_config)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config = run_config_for(eval_config, metadata.get("config", {}), metadata.get("vocab", {}), world_size)
+    config.finalize(world_size)
+    config.validate(world_size, device.gpu_available())
+    train_prefixes = eval_data.prefixes_of(config.data.data_path)
+    run_data.check_dataset_files(train_prefixes)
+    held_out = bool(eval_config.valid_data_path)
+    valid_prefixes = eval_data.prefixes_of(eval_config.valid_data_path) if held_out else train_prefixes
+    run_data.check_dataset_files(valid_prefixes, "--valid-data-path" if held_out else "--data-path")
+
+    initialize_parallel(config)
+    set_random_seeds(config.training.seed)
+    tokenizer = _checked_tokenizer(config, metadata.get("vocab", {}))
+
+    # Buckets from the training split; the validation ranges are counted too, to catch foreign token ids
+    # before any model work.
+    train_ranges = eval_data.training_ranges(train_prefixes, config.data.split)
+    buckets = build_buckets(count_tokens_distributed(train_ranges, tokenizer.vocab_size), fractions)
+    domains = eval_data.validation_domains(valid_prefixes, None if held_out else config.data.split)
+    count_tokens_distributed([d.sequences for d in domains], tokenizer.vocab_size)
+
+    chunks, iteration = _load_model(eval_config, config, tokenizer.vocab_size)
     eval_data.build_validation_datasets(config, tokenizer, domains)
     sums = evaluate_bucket_sums(
         chunks, [d.dataset for d in domains], buckets.bucket_of_token, len(buckets.names),
@@ -212,7 +237,7 @@ def evaluate(eval_config: BucketEvalConfig) -> dict:
     )
     results = summarise(sums, [d.name for d in domains], buckets.names)
     loss = config.loss
-    report = {
+    return {
         "checkpoint": os.path.abspath(eval_config.load),
         "iteration": iteration,
         "loss_type": loss.loss_type,
@@ -232,15 +257,14 @@ def evaluate(eval_config: BucketEvalConfig) -> dict:
                    "world_size": world_size},
         "seconds": round(time.time() - start, 1),
     }
-    return report
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse flags, evaluate, print the table and write the JSON on the last rank; return the exit code."""
+    import torch.distributed as dist
+
     from megatron_mile.evaluation.report import format_report, write_json_atomic
     from megatron_mile.training.cli import shutdown_distributed
-
-    import torch.distributed as dist
 
     rank = int(os.environ.get("RANK", "0"))
     last = rank == int(os.environ.get("WORLD_SIZE", "1")) - 1

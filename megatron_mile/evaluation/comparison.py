@@ -160,26 +160,50 @@ def _smooth(values: List[Optional[float]], weight: float) -> List[Optional[float
     return out
 
 
+def _smoothing_weight(points: int) -> float:
+    # Smooth over about 1/30 of the run (TensorBoard-style EMA): 0.9 for 300 steps, none for 30.
+    return min(0.9, max(0.0, 1.0 - 30.0 / max(points, 1)))
+
+
 def plot_lm_loss(results: dict, path: str) -> None:
+    """lm loss over training per run (raw, faint; smoothed; validation points); below it, with two or more
+    runs, each run's smoothed difference to the first run, where the curves themselves overlap."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for index, run in enumerate(results["runs"]):
+    runs = results["runs"]
+    if len(runs) > 1:
+        figure, (axis, difference) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
+                                                  gridspec_kw={"height_ratios": [3, 1.4]})
+    else:
+        figure, axis = plt.subplots(figsize=(8, 5))
+        difference = None
+    base = {i: v for i, v in zip(runs[0]["history"]["iteration"], runs[0]["history"]["lm_loss"]) if v is not None}
+    for index, run in enumerate(runs):
         color = f"C{index}"
-        iterations, values = run["history"]["iteration"], run["history"]["lm_loss"]
-        points = [(i, v) for i, v in zip(iterations, values) if v is not None]
+        points = [(i, v) for i, v in zip(run["history"]["iteration"], run["history"]["lm_loss"]) if v is not None]
         if points:
             axis.plot([i for i, _ in points], [v for _, v in points], color=color, alpha=0.2, linewidth=0.8)
-            # Smooth over about 1/30 of the run (TensorBoard-style EMA): 0.9 for 300 steps, none for 30.
-            smooth = _smooth([v for _, v in points], min(0.9, max(0.0, 1.0 - 30.0 / len(points))))
+            smooth = _smooth([v for _, v in points], _smoothing_weight(len(points)))
             axis.plot([i for i, _ in points], smooth, color=color, linewidth=1.8, label=f"{run['name']} (train)")
         if run["validation"]:
             axis.plot([v["iteration"] for v in run["validation"]], [v["lm_loss"] for v in run["validation"]],
                       color=color, marker="o", linestyle="--", linewidth=1, label=f"{run['name']} (validation)")
-    axis.set_xlabel("iteration")
+        if difference is not None and index > 0:
+            shared = [(i, v - base[i]) for i, v in points if i in base]
+            if shared:
+                smooth = _smooth([d for _, d in shared], _smoothing_weight(len(shared)))
+                difference.plot([i for i, _ in shared], smooth, color=color, linewidth=1.5, label=run["name"])
     axis.set_ylabel("lm loss (plain cross-entropy, nats)")
     axis.set_title(results.get("title") or "lm loss")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
+    if difference is not None:
+        difference.axhline(0.0, color="C0", linewidth=1)
+        difference.set_ylabel(f"minus {runs[0]['name']}\n(smoothed)")
+        difference.grid(alpha=0.3)
+        difference.legend(fontsize=8)
+        difference.set_xlabel("iteration")
+    else:
+        axis.set_xlabel("iteration")
     figure.tight_layout()
     _save(figure, path, plt)
 
