@@ -7,6 +7,8 @@ Variants, each in a fresh process (group), run in alternating rounds so that dri
 all of them alike; the figure is the median step time over all measured steps of all rounds:
   ours_ce_tp1 / ours_mile_tp1     pretrain() (schedules, loss collector, logging), 1 process x 2 threads
   ours_ce_tp2 / ours_mile_tp2     the same at TP=2: 2 gloo processes x 1 thread
+  ours_ce_tp1_fused / ours_mile_tp1_fused
+                                  pretrain() with --fused-lm-head (output layer + loss in chunks of tokens)
   megatron_bare_tp1               megatron-core GPTModel (its own cross-entropy), DDP and optimizer in a
                                   plain loop, CPU layer on; no megatron_mile training code
   hf_llama                        transformers' LlamaForCausalLM (sdpa attention) + torch.optim.Adam
@@ -24,10 +26,13 @@ import sys
 import time
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ, MBS = 4, 256, 4, 688, 32000, 256, 4
-VARIANTS = ["ours_ce_tp1", "ours_mile_tp1", "megatron_bare_tp1", "hf_llama", "ours_ce_tp2", "ours_mile_tp2"]
+VARIANTS = [
+    "ours_ce_tp1", "ours_mile_tp1", "megatron_bare_tp1", "hf_llama", "ours_ce_tp2", "ours_mile_tp2",
+    "ours_ce_tp1_fused", "ours_mile_tp1_fused",
+]
 
 
-def _our_flags(loss: str, tp: int, steps: int):
+def _our_flags(loss: str, tp: int, steps: int, fused: bool = False):
     flags = (
         f"--num-layers {LAYERS} --hidden-size {HIDDEN} --num-attention-heads {HEADS} --ffn-hidden-size {FFN} "
         f"--seq-length {SEQ} --normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope "
@@ -36,6 +41,8 @@ def _our_flags(loss: str, tp: int, steps: int):
         f"--mock-data --tokenizer-type NullTokenizer --vocab-size {VOCAB - 1} --log-interval 1000000 "
         f"--eval-iters 0 --no-progress --loss-type {loss} --tensor-model-parallel-size {tp}"
     ).split()
+    if fused:
+        flags.append("--fused-lm-head")
     return flags
 
 
@@ -128,10 +135,11 @@ def _worker(variant: str, steps: int) -> list:
         return run_hf_llama(steps)
     if variant == "megatron_bare_tp1":
         return run_distributed(run_megatron_bare, 1, steps)[0]
-    _, loss, tp = variant.split("_")
+    _, loss, tp, *fused = variant.split("_")
     loss = {"ce": "cross_entropy", "mile": "mile"}[loss]
     world = int(tp[2:])
-    per_rank = run_distributed(run_ours, world, _our_flags(loss, world, steps), world, tensor_model_parallel_size=world)
+    flags = _our_flags(loss, world, steps, fused=bool(fused))
+    per_rank = run_distributed(run_ours, world, flags, world, tensor_model_parallel_size=world)
     return [max(step) for step in zip(*per_rank)]  # a step ends when its slowest rank does
 
 
@@ -167,6 +175,8 @@ def main() -> None:
         "ours_mile_tp2": ("ours_ce_tp2", "MiLe / CE, TP=2"),
         "ours_ce_tp1": ("megatron_bare_tp1", "ours CE / bare megatron-core"),
         "megatron_bare_tp1": ("hf_llama", "bare megatron-core / transformers"),
+        "ours_mile_tp1_fused": ("ours_ce_tp1_fused", "MiLe / CE, fused LM head"),
+        "ours_ce_tp1_fused": ("hf_llama", "ours CE fused / transformers"),
     }
     for v in variants:
         ratio = ""
