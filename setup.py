@@ -34,7 +34,9 @@ setup(
     package_data={"megatron_mile": ["data/*.json"]},
     install_requires=[
         "torch>=2.4,<=2.13.0",
-        "megatron-core>=0.16.1,<0.17",
+        # Pinned where it is the newest release (Python 3.11); the range tested in NVIDIA's 3.12 containers.
+        'megatron-core==0.16.1; python_version < "3.12"',
+        'megatron-core>=0.16.1,<0.17; python_version >= "3.12"',
         "numpy",
         "nltk>=3.9",
         "tokenizers>=0.19",

@@ -127,6 +127,30 @@ def test_matches_reference_on_every_shard(dist_pool, tp, loss_type, dtype_name):
     assert all(c == counts[0] and c > 0 for c in counts)
 
 
+def check_against_reference_in_small_chunks(chunk_elements: int) -> int:
+    """Worker body: the reference check with scratch buffers of a few rows, so that forward and backward
+    walk several chunks and a shorter last one (production chunks hold whole test cases in one)."""
+    from megatron_mile.loss import vocab_parallel
+
+    saved = vocab_parallel.CHUNK_ELEMENTS
+    vocab_parallel.CHUNK_ELEMENTS = chunk_elements
+    try:
+        return sum(check_against_reference(loss, dtype) for loss in ("mile", "focal")
+                   for dtype in ("float32", "bfloat16"))
+    finally:
+        vocab_parallel.CHUNK_ELEMENTS = saved
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_matches_reference_when_walking_several_chunks(dist_pool, tp):
+    # 160 elements: 2-4 rows of 40-64 owned columns at TP 1, 5 rows of 32 at TP 2; 18 tokens per case.
+    if tp == 1:
+        counts = [check_against_reference_in_small_chunks(160)]
+    else:
+        counts = dist_pool(tp).run(check_against_reference_in_small_chunks, 160, tensor_model_parallel_size=tp)
+    assert all(c == counts[0] and c > 0 for c in counts)
+
+
 def check_gamma_zero_is_megatron_cross_entropy() -> None:
     """Worker body: gamma = 0 MiLe and focal equal megatron-core's vocab_parallel_cross_entropy."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatron_ce

@@ -20,7 +20,7 @@ the per-token local maxima ([N] fp32) and ONE SUM of the packed statistics ([k, 
 2 otherwise); backward issues none.
 
 Memory: the caller's logits are never modified and never copied whole. The forward pass walks the logits
-in chunks of tokens through small fp32 scratch buffers (each ~1 MiB, so they stay in cache) and keeps only
+in chunks of tokens through small fp32 scratch buffers (each 4 MiB, so they stay in cache) and keeps only
 per-token vectors. Saved for backward: a reference to the logits (which the caller holds anyway), the
 per-token log-sum-exp, the owned-target indices and the incoming mask: O(tokens) beyond the logits.
 Backward recomputes the softmax chunk by chunk and writes the gradient straight into one tensor of the
@@ -35,9 +35,11 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-# Elements per fp32 scratch buffer: 2**18 floats = 1 MiB, small enough to stay in L2/L3 while a chunk of
-# tokens is subtracted, exponentiated and reduced, large enough that per-op overhead is negligible.
-CHUNK_ELEMENTS = 1 << 18
+# Elements per fp32 scratch buffer: 2**20 floats = 4 MiB (two buffers: 8 MiB), small enough to stay in the
+# last-level cache while a chunk of tokens is subtracted, exponentiated and reduced, large enough that the
+# per-op dispatch cost (five small ops per chunk) stays small. Measured on a 2-core CPU, vocab 32000, 4096
+# tokens: 2**18 took 143 ms for the forward statistics with entropy, 2**20 99 ms, 2**22 167 ms.
+CHUNK_ELEMENTS = 1 << 20
 
 # Targets equal to this id take no part in the loss (ce = 0, weight = 0, zero gradient), as in
 # torch.nn.functional.cross_entropy. Megatron's data pipeline uses a loss mask instead; both work.

@@ -42,7 +42,7 @@ GPU_MEMORY_GB: Dict[str, float] = {"H100": 80.0, "A100": 80.0, "H200": 141.0}
 GPU_RESERVED_BYTES = 4 * 10**9
 
 # Bytes of the loss's two fp32 chunk buffers (vocab_parallel.CHUNK_ELEMENTS floats each).
-LOSS_CHUNK_BYTES = 2 * (1 << 18) * 4
+LOSS_CHUNK_BYTES = 2 * (1 << 20) * 4
 # Per token, the loss keeps: log-sum-exp and max (fp32), owned-target index (int64), flags (bool), the
 # packed [ce, weight, entropy] output and statistics (fp32): a generous round figure, O(tokens) only.
 LOSS_BYTES_PER_TOKEN = 64
