@@ -31,7 +31,7 @@ echo "== 2/3 training a small LLaMA with --loss-type $LOSS_TYPE on $NPROC proces
 torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29517}" pretrain_gpt_mile.py \
   --tensor-model-parallel-size "$NPROC" \
   --num-layers 4 --hidden-size 256 --ffn-hidden-size 688 --num-attention-heads 4 \
-  --seq-length 256 --max-position-embeddings 256 \
+  --seq-length 128 --max-position-embeddings 128 \
   --normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope \
   --untie-embeddings-and-output-weights --init-method-std 0.02 \
   --hidden-dropout 0.0 --attention-dropout 0.0 \
