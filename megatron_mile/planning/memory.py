@@ -327,13 +327,20 @@ def logits_and_loss_bytes(shape: ModelShape, layout: Layout) -> Dict[str, float]
     e = _compute_bytes(layout)
     vocab_shard = padded_vocab(shape, t) // t
     logits = tokens * vocab_shard * e
+    # fp32 logits are overwritten by their gradient (no allocation); otherwise one new tensor.
+    logits_grad = 0.0 if e == 4 else float(logits)
+    # The output layer's backward: its weight gradient (param dtype) and the input gradient [s, b, h].
+    output_backward = float(vocab_shard * shape.hidden_size * e + tokens * shape.hidden_size * e)
+    # The loss forward's two fp32 chunk buffers hold min(CHUNK_ELEMENTS // v, tokens) rows each and are freed
+    # before backward allocates anything, so only what they exceed the backward's allocations by counts.
+    chunk_rows = min(max(1, (LOSS_CHUNK_BYTES // 8) // vocab_shard), tokens)
+    chunk_buffers = 2.0 * chunk_rows * vocab_shard * 4
     return {
         "logits": float(logits),
-        "loss forward (per-token vectors, chunk buffers)": float(tokens * LOSS_BYTES_PER_TOKEN + LOSS_CHUNK_BYTES),
-        # fp32 logits are overwritten by their gradient (no allocation); otherwise one new tensor.
-        "loss backward (logits gradient)": 0.0 if e == 4 else float(logits),
-        # The output layer's backward: its weight gradient (param dtype) and the input gradient [s, b, h].
-        "output layer backward": float(vocab_shard * shape.hidden_size * e + tokens * shape.hidden_size * e),
+        "loss per-token vectors (kept for backward)": float(tokens * LOSS_BYTES_PER_TOKEN),
+        "loss backward (logits gradient)": logits_grad,
+        "output layer backward": output_backward,
+        "loss forward chunk buffers (beyond the backward's)": max(0.0, chunk_buffers - logits_grad - output_backward),
     }
 
 
