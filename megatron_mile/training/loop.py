@@ -73,15 +73,29 @@ def _data_iterators(config: RunConfig, model: list, dataset, consumed_samples: i
     return iterators
 
 
-def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> TrainingResult:
-    """Train as `config` says; return the per-iteration history. Must be called on every rank.
+@dataclass
+class TrainingSetup:
+    """Everything pretrain() builds before its first step (benchmarks drive train_step from this directly)."""
 
-    model_provider(config, vocab_size) -> model chunks and dataset_provider(config, tokenizer,
-    num_eval_samples) -> (train, validation) default to megatron_mile's GPT model and datasets.
+    model: list  # model chunks, wrapped in megatron DDP
+    optimizer: object
+    scheduler: object
+    train_iterators: list
+    valid_iterators: Optional[list]
+    num_micro_batches: int
+    collector_holder: dict  # the schedules' finalize hook reads the current step's LossCollector here
+    config_dict: dict
+    vocab_size: int
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def setup_training(config: RunConfig, model_provider=None, dataset_provider=None) -> TrainingSetup:
+    """Initialise parallel state, build model, optimizer, scheduler and data, load --load if given.
+
+    Must be called on every rank. Collectives: those of megatron's parallel-state initialisation, model
+    wrapping, the optimizer and (with --load) the checkpoint load.
     """
-    if t_uses_checkpoints(config):
-        from megatron_mile.training import checkpointing
-
     t = config.training
     model_provider = model_provider or build_model
     dataset_provider = dataset_provider or run_data.build_datasets
@@ -96,6 +110,8 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
 
     iteration, consumed_samples = 0, 0
     if t.load is not None:
+        from megatron_mile.training import checkpointing
+
         iteration, consumed_samples = checkpointing.load_checkpoint(t.load, model, optimizer, scheduler, config_dict)
 
     num_micro = _num_micro_batches(config)
@@ -106,9 +122,29 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
 
     collector_holder: dict = {}
     configure_schedules(model, optimizer, collector_holder)
+    return TrainingSetup(model, optimizer, scheduler, train_iterators, valid_iterators, num_micro, collector_holder,
+                         config_dict, tokenizer.vocab_size, iteration, consumed_samples)
+
+
+def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> TrainingResult:
+    """Train as `config` says; return the per-iteration history. Must be called on every rank.
+
+    model_provider(config, vocab_size) -> model chunks and dataset_provider(config, tokenizer,
+    num_eval_samples) -> (train, validation) default to megatron_mile's GPT model and datasets.
+    """
+    if t_uses_checkpoints(config):
+        from megatron_mile.training import checkpointing
+
+    t = config.training
+    setup = setup_training(config, model_provider, dataset_provider)
+    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    train_iterators, valid_iterators = setup.train_iterators, setup.valid_iterators
+    num_micro, collector_holder, config_dict = setup.num_micro_batches, setup.collector_holder, setup.config_dict
+    iteration, consumed_samples = setup.iteration, setup.consumed_samples
+
     tensorboard = reporting.TensorBoardWriter(t.tensorboard_dir if is_logging_rank() else None)
     progress = reporting.ProgressLine(t.train_iters, enabled=is_logging_rank() and not t.no_progress and sys.stderr.isatty())
-    _print_run_summary(config, tokenizer.vocab_size, model)
+    _print_run_summary(config, setup.vocab_size, model)
 
     result = TrainingResult()
     run_start = time.time()
