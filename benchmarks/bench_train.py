@@ -14,6 +14,12 @@ all of them alike; the figure is the median step time over all measured steps of
   hf_llama                        transformers' LlamaForCausalLM (sdpa attention) + torch.optim.Adam
 
     python benchmarks/bench_train.py [--rounds 2] [--steps 12] [--warmup 3]
+    python benchmarks/bench_train.py --paired [--rounds 4] [--steps 40] [--warmup 4] [--json pairs.json]
+
+--paired measures only the fork's overhead, more precisely: our train_step() (what pretrain() times per
+iteration) and the bare megatron-core step alternate within one process, and the figure is the median of the
+per-pair ratios with a bootstrap interval. Separate processes drift apart by 10-30% on a shared machine;
+steps one after the other in one process see the same machine.
 """
 
 from __future__ import annotations
@@ -55,8 +61,8 @@ def run_ours(flags, world_size):
     return [r.seconds for r in result.history]
 
 
-def run_megatron_bare(steps):
-    """Worker body: megatron-core GPTModel + DDP + optimizer in a plain loop (its own cross-entropy)."""
+def build_megatron_bare():
+    """megatron-core GPTModel + DDP + optimizer (its own cross-entropy), and a function running one step."""
     import torch
     import torch.nn.functional as F
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -84,8 +90,9 @@ def run_megatron_bare(steps):
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0), [model])
     gen = torch.Generator().manual_seed(1)
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(MBS, SEQ)
-    times = []
-    for _ in range(steps):
+
+    def step():
+        """One timed step (the batch is drawn before the clock starts: a bare loop at its cheapest)."""
         tokens = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=gen)
         start = time.perf_counter()
         model.zero_grad_buffer()
@@ -94,8 +101,47 @@ def run_megatron_bare(steps):
         loss.backward()
         model.finish_grad_sync()
         optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
+
+    return step
+
+
+def run_megatron_bare(steps):
+    """Worker body: megatron-core GPTModel + DDP + optimizer in a plain loop (its own cross-entropy)."""
+    step = build_megatron_bare()
+    return [step() for _ in range(steps)]
+
+
+def run_paired(flags, steps):
+    """Worker body: our train step and the bare megatron-core step alternating in ONE process.
+
+    Both share the process, its threads and whatever else the machine is doing at that moment, so the
+    per-pair ratio is free of the drift between processes that dominates the separate-process figures.
+    Our side is exactly what pretrain() times per iteration: train_step() on the setup pretrain() builds.
+    The pair order alternates (A B, B A, ...) so neither side always runs on a warmer cache.
+    """
+    from megatron_mile.arguments import parse_args
+    from megatron_mile.training.loop import setup_training
+    from megatron_mile.training.step import train_step
+
+    config = parse_args(flags, world_size=1)
+    setup = setup_training(config)
+
+    def ours():
+        start = time.perf_counter()
+        train_step(setup.model, setup.optimizer, setup.scheduler, setup.train_iterators, setup.num_micro_batches,
+                   SEQ, MBS, setup.collector_holder, want_entropy=config.loss.loss_type == "mile")
+        return time.perf_counter() - start
+
+    bare = build_megatron_bare()
+    pairs = []
+    for index in range(steps):
+        if index % 2 == 0:
+            a, b = ours(), bare()
+        else:
+            b, a = bare(), ours()
+        pairs.append((a, b))
+    return pairs
 
 
 def run_hf_llama(steps):
@@ -135,6 +181,8 @@ def _worker(variant: str, steps: int) -> list:
         return run_hf_llama(steps)
     if variant == "megatron_bare_tp1":
         return run_distributed(run_megatron_bare, 1, steps)[0]
+    if variant == "paired_ce_tp1":
+        return run_distributed(run_paired, 1, _our_flags("cross_entropy", 1, steps + 1), steps)[0]
     _, loss, tp, *fused = variant.split("_")
     loss = {"ce": "cross_entropy", "mile": "mile"}[loss]
     world = int(tp[2:])
@@ -149,10 +197,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--paired", action="store_true",
+                        help="only the overhead figure: our CE step and the bare megatron-core step alternating "
+                             "in one process per round (see run_paired)")
+    parser.add_argument("--json", help="with --paired: write every step time and pair ratio here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(args.worker, args.steps)))
+        return
+    if args.paired:
+        _main_paired(args)
         return
     variants = args.variants.split(",")
     times = {v: [] for v in variants}
@@ -186,6 +241,45 @@ def main() -> None:
         print(f"| {v} | {median[v]:.3f} | {tokens / median[v]:.0f} | {ratio} |")
     if "ours_ce_tp1" in median and "hf_llama" in median:
         print(f"\nours CE TP=1 / transformers: {median['ours_ce_tp1'] / median['hf_llama']:.3f}")
+
+
+def _main_paired(args) -> None:
+    ours, bare, ratios = [], [], []
+    for round_index in range(args.rounds):
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", "paired_ce_tp1", "--steps", str(args.steps)],
+            check=True, capture_output=True, text=True,
+        )
+        pairs = json.loads(out.stdout.strip().splitlines()[-1])[args.warmup:]
+        round_ratios = [a / b for a, b in pairs]
+        ours += [a for a, _ in pairs]
+        bare += [b for _, b in pairs]
+        ratios += round_ratios
+        print(f"round {round_index}: ours {statistics.median(a for a, _ in pairs):.3f} s, bare "
+              f"{statistics.median(b for _, b in pairs):.3f} s, median pair ratio {statistics.median(round_ratios):.3f}",
+              file=sys.stderr)
+    quartiles = statistics.quantiles(ratios, n=4)
+    low, high = _bootstrap_median_interval(ratios)
+    tokens = MBS * SEQ
+    print("| variant | median step (s) | tokens/s |")
+    print("|---|---|---|")
+    print(f"| ours_ce_tp1 (train_step) | {statistics.median(ours):.3f} | {tokens / statistics.median(ours):.0f} |")
+    print(f"| megatron_bare_tp1 | {statistics.median(bare):.3f} | {tokens / statistics.median(bare):.0f} |")
+    print(f"\nours / bare, median of {len(ratios)} same-process pairs: {statistics.median(ratios):.3f} "
+          f"(quartiles {quartiles[0]:.3f} - {quartiles[2]:.3f}; 95% bootstrap interval of the median "
+          f"{low:.3f} - {high:.3f}); ratio of medians {statistics.median(ours) / statistics.median(bare):.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ours_seconds": ours, "bare_seconds": bare, "pair_ratios": ratios}, f)
+
+
+def _bootstrap_median_interval(values, resamples: int = 4000, seed: int = 0):
+    """95% percentile-bootstrap interval of the median of `values` (resampled with replacement)."""
+    import random
+
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 if __name__ == "__main__":
