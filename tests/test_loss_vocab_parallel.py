@@ -66,8 +66,12 @@ def _loss_settings(loss_type):
     return [(g, s, None) for g in GAMMAS for s in (1.0, 0.25)] + [(1.0, 1.0, 0.5), (2.0, 1.0, 0.9)]
 
 
-def check_against_reference(loss_type: str, dtype_name: str) -> int:
-    """Worker body: compare loss, weight, entropy and this rank's gradient shard with the reference."""
+def check_against_reference(loss_type: str, dtype_name: str, reuse_logits_for_grad: bool = False) -> int:
+    """Worker body: compare loss, weight, entropy and this rank's gradient shard with the reference.
+
+    With reuse_logits_for_grad the logits are a non-leaf (as the output layer produces them) that the loss
+    may overwrite; the gradient is read at the leaf behind it.
+    """
     dtype = getattr(torch, dtype_name)
     rank, tp = _tp_rank_size()
     checked = 0
@@ -76,11 +80,13 @@ def check_against_reference(loss_type: str, dtype_name: str) -> int:
     ):
         logits, target, upstream = _make_case(seed, vocab, padded, dtype)
         start, end = vocab_shard_range(padded, rank, tp)
-        shard = logits[..., start:end].clone()
-        untouched = shard.clone()
-        shard.requires_grad_()
+        leaf = logits[..., start:end].clone()
+        untouched = leaf.clone()
+        leaf.requires_grad_()
+        shard = leaf * 1.0 if reuse_logits_for_grad else leaf
         ce, weight, entropy = vocab_parallel_weighted_cross_entropy(
-            shard, target, loss_type, gamma, sigma, vocab, threshold, return_entropy=True
+            shard, target, loss_type, gamma, sigma, vocab, threshold, return_entropy=True,
+            reuse_logits_for_grad=reuse_logits_for_grad,
         )
         (upstream * weight * ce).sum().backward()
 
@@ -91,38 +97,40 @@ def check_against_reference(loss_type: str, dtype_name: str) -> int:
         (upstream * ref_weight * ref_ce).sum().backward()
         ref_grad = full.grad[..., start:end]
 
-        where = f"{loss_type} {dtype_name} tp={tp} rank={rank} vocab={vocab}/{padded} seed={seed} gamma={gamma}"
+        where = (f"{loss_type} {dtype_name} tp={tp} rank={rank} vocab={vocab}/{padded} seed={seed} gamma={gamma} "
+                 f"reuse={reuse_logits_for_grad}")
         assert ce.dtype == torch.float32 and weight.dtype == torch.float32, where
         assert not weight.requires_grad and not entropy.requires_grad, where
         torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-5, msg=lambda m: f"ce {where}: {m}")
         torch.testing.assert_close(weight, ref_weight, rtol=1e-5, atol=1e-5, msg=lambda m: f"w {where}: {m}")
         torch.testing.assert_close(entropy, ref_entropy, rtol=1e-5, atol=1e-5, msg=lambda m: f"H {where}: {m}")
-        assert shard.grad.dtype == dtype, where
+        assert leaf.grad.dtype == dtype, where
         if dtype == torch.float32:
-            torch.testing.assert_close(shard.grad, ref_grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad {where}: {m}")
+            torch.testing.assert_close(leaf.grad, ref_grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad {where}: {m}")
         else:
             # Ours rounds an fp32 gradient to bf16 once; so does the reference here.
             torch.testing.assert_close(
-                shard.grad.float(), ref_grad.to(dtype).float(), rtol=8e-3, atol=1e-6,
+                leaf.grad.float(), ref_grad.to(dtype).float(), rtol=8e-3, atol=1e-6,
                 msg=lambda m: f"grad {where}: {m}",
             )
-        # Padded columns get exactly zero gradient; the caller's logits are never modified.
+        # Padded columns get exactly zero gradient; logits not given up are never modified.
         owned = max(0, min(end, vocab) - start)
-        assert torch.count_nonzero(shard.grad[..., owned:]) == 0, where
-        assert torch.equal(shard.detach(), untouched), f"logits were modified: {where}"
+        assert torch.count_nonzero(leaf.grad[..., owned:]) == 0, where
+        if not (reuse_logits_for_grad and dtype == torch.float32):
+            assert torch.equal(shard.detach(), untouched), f"logits were modified: {where}"
         checked += 1
     return checked
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype_name,reuse", [("float32", False), ("bfloat16", False), ("float32", True)])
 @pytest.mark.parametrize("loss_type", ["cross_entropy", "focal", "mile"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_matches_reference_on_every_shard(dist_pool, tp, loss_type, dtype_name):
+def test_matches_reference_on_every_shard(dist_pool, tp, loss_type, dtype_name, reuse):
     if tp == 1:
-        counts = [check_against_reference(loss_type, dtype_name)]  # in-process, no torch.distributed
+        counts = [check_against_reference(loss_type, dtype_name, reuse)]  # in-process, no torch.distributed
     else:
         counts = dist_pool(tp).run(
-            check_against_reference, loss_type, dtype_name, tensor_model_parallel_size=tp
+            check_against_reference, loss_type, dtype_name, reuse, tensor_model_parallel_size=tp
         )
     assert all(c == counts[0] and c > 0 for c in counts)
 
@@ -135,8 +143,8 @@ def check_against_reference_in_small_chunks(chunk_elements: int) -> int:
     saved = vocab_parallel.CHUNK_ELEMENTS
     vocab_parallel.CHUNK_ELEMENTS = chunk_elements
     try:
-        return sum(check_against_reference(loss, dtype) for loss in ("mile", "focal")
-                   for dtype in ("float32", "bfloat16"))
+        return sum(check_against_reference(loss, dtype, reuse) for loss in ("mile", "focal")
+                   for dtype, reuse in (("float32", False), ("bfloat16", False), ("float32", True)))
     finally:
         vocab_parallel.CHUNK_ELEMENTS = saved
 
@@ -348,3 +356,23 @@ def test_reuse_logits_for_grad_gives_the_same_gradient_in_place(vocab):
     torch.testing.assert_close(ce2, ce)
     torch.testing.assert_close(grads["g"], ref_in.grad, rtol=1e-6, atol=1e-8)
     assert grads["g"].data_ptr() == storage, "the gradient should live in the logits' storage"
+
+
+def test_reuse_logits_for_grad_leaves_non_contiguous_logits_intact_until_backward():
+    # exp(z - m) can only be kept in the logits' own storage when reshape() gives a view of it; a
+    # transposed [b, s, v] -> [s, b, v] tensor is not one, so forward must leave it alone and backward
+    # recompute the softmax.
+    logits, target, upstream = _make_case(4, 50, 64, torch.float32)
+    ref_in = logits.clone().requires_grad_()
+    ce, w = vocab_parallel_mile(ref_in, target, gamma=1.0, vocab_size=50)
+    (upstream * ce * w).sum().backward()
+
+    leaf = logits.transpose(0, 1).contiguous().requires_grad_()  # [b, s, v]
+    produced = leaf.transpose(0, 1) * 1.0  # [s, b, v], strides of the transposed tensor
+    assert not produced.is_contiguous()
+    before = produced.detach().clone()
+    ce2, w2 = vocab_parallel_weighted_cross_entropy(produced, target, "mile", 1.0, 1.0, 50, reuse_logits_for_grad=True)
+    assert torch.equal(produced.detach(), before), "forward modified logits it cannot keep exp(z - m) in"
+    (upstream * ce2 * w2).sum().backward()
+    torch.testing.assert_close(ce2, ce)
+    torch.testing.assert_close(leaf.grad.transpose(0, 1), ref_in.grad, rtol=1e-6, atol=1e-8)

@@ -19,12 +19,17 @@ Communication per call, on the tensor-parallel group: forward issues exactly two
 the per-token local maxima ([N] fp32) and ONE SUM of the packed statistics ([k, N] fp32, k = 3 for MiLe,
 2 otherwise); backward issues none.
 
-Memory: the caller's logits are never modified and never copied whole. The forward pass walks the logits
-in chunks of tokens through small fp32 scratch buffers (each 4 MiB, so they stay in cache) and keeps only
-per-token vectors. Saved for backward: a reference to the logits (which the caller holds anyway), the
-per-token log-sum-exp, the owned-target indices and the incoming mask: O(tokens) beyond the logits.
+Memory: by default the caller's logits are never modified and never copied whole. The forward pass walks
+the logits in chunks of tokens through small fp32 scratch buffers (each 4 MiB, so they stay in cache) and
+keeps only per-token vectors. Saved for backward: a reference to the logits (which the caller holds anyway),
+the per-token log-sum-exp, the owned-target indices and the incoming mask: O(tokens) beyond the logits.
 Backward recomputes the softmax chunk by chunk and writes the gradient straight into one tensor of the
 logits' dtype, so bf16 logits never get an fp32 copy of the full [s, b, V/tp] tensor.
+
+A caller that gives up contiguous fp32 logits (reuse_logits_for_grad, as the model's loss hook does) lets the
+forward pass write exp(z - m) over them and the backward pass turn that into the gradient in place with
+one multiply per element (no second exp), as megatron-core's cross-entropy does: no full-size
+allocation at all, and one pass less over the logits.
 """
 
 from __future__ import annotations
@@ -169,28 +174,13 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         if tp_size > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=tp_group)
 
-        # --- 2. one pass over the logits in chunks: S and (for MiLe or logging) T ---
         need_entropy = loss_type == "mile" or want_entropy
         stats = torch.zeros((3 if need_entropy else 2, num_tokens), dtype=torch.float32, device=device)
         target_logit, sum_exp = stats[0], stats[1]  # [N] each
         sum_exp_shifted = stats[2] if need_entropy else None
-        if owned > 0 and num_tokens > 0:
-            rows = min(_rows_per_chunk(owned), num_tokens)
-            shifted = torch.empty((rows, owned), dtype=torch.float32, device=device)
-            exps = torch.empty_like(shifted)
-            for start in range(0, num_tokens, rows):
-                end = min(start + rows, num_tokens)
-                n = end - start
-                z = shifted[:n]
-                e = exps[:n]
-                torch.sub(logits_2d[start:end, :owned], logits_max[start:end, None], out=z)
-                torch.exp(z, out=e)
-                torch.sum(e, dim=-1, out=sum_exp[start:end])
-                if need_entropy:
-                    z.mul_(e)  # e * (z - m), in place: z is not needed any more
-                    torch.sum(z, dim=-1, out=sum_exp_shifted[start:end])
 
         # Target logit, picked on the rank that owns it (zero on the others, so the SUM assembles it).
+        # Picked before step 2, which may overwrite the logits.
         ignored = target_1d == ignore_index if ignore_index is not None else None
         local_target = target_1d - vocab_start
         target_here = (local_target >= 0) & (local_target < owned)
@@ -199,6 +189,28 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         local_target = torch.where(target_here, local_target, torch.zeros_like(local_target))
         picked = logits_2d.gather(1, local_target[:, None]).squeeze(1).float() - logits_max
         target_logit.copy_(torch.where(target_here, picked, torch.zeros_like(picked)))
+
+        # When the caller gives the fp32 logits up (reuse_logits_for_grad), exp(z - m) is written over them
+        # and backward only rescales it: one pass over the logits instead of recomputing sub + exp.
+        # That needs logits_2d to be the logits' own storage, i.e. contiguous logits.
+        keep_exps = reuse_logits_for_grad and logits.dtype == torch.float32 and logits.is_contiguous()
+
+        # --- 2. one pass over the logits in chunks: S and (for MiLe or logging) T ---
+        if owned > 0 and num_tokens > 0:
+            rows = min(_rows_per_chunk(owned), num_tokens)
+            shifted = torch.empty((rows, owned), dtype=torch.float32, device=device)
+            exps = None if keep_exps else torch.empty_like(shifted)
+            for start in range(0, num_tokens, rows):
+                end = min(start + rows, num_tokens)
+                n = end - start
+                z = shifted[:n]
+                e = logits_2d[start:end, :owned] if keep_exps else exps[:n]
+                torch.sub(logits_2d[start:end, :owned], logits_max[start:end, None], out=z)
+                torch.exp(z, out=e)
+                torch.sum(e, dim=-1, out=sum_exp[start:end])
+                if need_entropy:
+                    z.mul_(e)  # e * (z - m), in place: z is not needed any more
+                    torch.sum(z, dim=-1, out=sum_exp_shifted[start:end])
 
         # --- 3. collective 2: ONE SUM of the packed statistics ---
         if tp_size > 1:
@@ -229,8 +241,12 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
             if entropy is not None:
                 entropy = entropy * keep
 
-        ctx.save_for_backward(logits, logits_max + log_sum_exp, local_target, target_here, ignored)
+        # Backward turns row r of the saved logits into softmax with one number per token: the log-sum-exp
+        # to subtract (logits kept) or 1 / S to multiply by (logits overwritten with exp(z - m)).
+        softmax_from_saved = sum_exp.reciprocal() if keep_exps else logits_max + log_sum_exp  # [N]
+        ctx.save_for_backward(logits, softmax_from_saved, local_target, target_here, ignored)
         ctx.owned = owned
+        ctx.keep_exps = keep_exps
         ctx.reuse_logits_for_grad = reuse_logits_for_grad and logits.dtype == torch.float32
         shape = target.shape
         weight = weight.view(shape)
@@ -241,7 +257,7 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce, _grad_weight, _grad_entropy):
         """d ce / d z_v = softmax(z)_v - [v == target], times the incoming gradient. No communication."""
-        logits, log_sum_exp, local_target, target_here, ignored = ctx.saved_tensors
+        logits, softmax_from_saved, local_target, target_here, ignored = ctx.saved_tensors
         owned = ctx.owned
         partition = logits.size(-1)
         logits_2d = logits.reshape(-1, partition)  # [N, v/tp]
@@ -257,19 +273,24 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         if owned > 0 and num_tokens > 0:
             rows = min(_rows_per_chunk(owned), num_tokens)
             direct = logits.dtype == torch.float32 and owned == partition
-            scratch = None if direct else torch.empty((rows, owned), dtype=torch.float32, device=logits.device)
+            needs_scratch = not (direct or ctx.keep_exps)
+            scratch = torch.empty((rows, owned), dtype=torch.float32, device=logits.device) if needs_scratch else None
             row_index = torch.arange(rows, device=logits.device)
             target_grad = grad_scale * target_here.float()  # [N]: subtracted at the owned target
             for start in range(0, num_tokens, rows):
                 end = min(start + rows, num_tokens)
                 n = end - start
                 # fp32 logits: compute straight into the gradient rows; otherwise in an fp32 scratch buffer.
-                out = grad[start:end] if direct else scratch[:n]
-                torch.sub(logits_2d[start:end, :owned], log_sum_exp[start:end, None], out=out)
-                out.exp_()  # softmax
-                out.mul_(grad_scale[start:end, None])
+                if ctx.keep_exps:  # grad is logits_2d, which holds exp(z - m): softmax = that / S
+                    out = grad[start:end, :owned]
+                    out.mul_((softmax_from_saved[start:end] * grad_scale[start:end])[:, None])
+                else:
+                    out = grad[start:end] if direct else scratch[:n]
+                    torch.sub(logits_2d[start:end, :owned], softmax_from_saved[start:end, None], out=out)
+                    out.exp_()  # softmax
+                    out.mul_(grad_scale[start:end, None])
                 out[row_index[:n], local_target[start:end]] -= target_grad[start:end]
-                if not direct:
+                if needs_scratch:
                     grad[start:end, :owned].copy_(out)
         return grad.view_as(logits), None, None, None, None, None, None, None, None, None, None
 
@@ -292,7 +313,8 @@ def vocab_parallel_weighted_cross_entropy(
     The general form behind vocab_parallel_mile / vocab_parallel_focal / vocab_parallel_cross_entropy.
 
     Args:
-        logits: [s, b, V_padded/tp] this rank's vocabulary shard, fp32 or bf16. Never modified.
+        logits: [s, b, V_padded/tp] this rank's vocabulary shard, fp32 or bf16. Never modified, unless
+            reuse_logits_for_grad.
         target: [s, b] global token ids in [0, vocab_size), or ignore_index.
         loss_type: "cross_entropy" (w = 1), "focal" (w = (1 - p_target)^gamma) or "mile"
             (w = (sigma + H)^gamma).
@@ -304,11 +326,12 @@ def vocab_parallel_weighted_cross_entropy(
             parallel state is not initialised.
         return_entropy: also return H [s, b] (costs one extra in-cache multiply-add per logit for
             cross-entropy and focal; free for MiLe).
-        reuse_logits_for_grad: opt-in, fp32 logits only. Backward writes the gradient into the logits'
-            own storage instead of a new tensor, as megatron-core's cross-entropy does, saving one
-            [s, b, V/tp] fp32 allocation. Only for callers that never read the logits after backward
-            (a model's loss hook whose logits come straight from the output layer). Forward never
-            modifies the logits either way.
+        reuse_logits_for_grad: opt-in, fp32 logits only. The caller gives the logits up: forward
+            overwrites their real-vocabulary columns with exp(z - max) and backward turns that into the
+            gradient in the same storage, as megatron-core's cross-entropy does, saving one [s, b, V/tp]
+            fp32 allocation and the backward pass's exp. Only for callers that never read the logits
+            after this call (a model's loss hook whose logits come straight from the output layer).
+            Non-contiguous fp32 logits are left intact and backward recomputes the softmax into them.
 
     Returns:
         ce [s, b] fp32 with gradient to `logits`; weight [s, b] fp32 detached; and, when return_entropy,

@@ -20,9 +20,10 @@ Everything is counted from the model shape and the parallel layout:
   Pipeline parallelism: with 1F1B the first stage holds min(PP, micro-batches) micro-batches in flight,
   the interleaved schedule (1 + (PP - 1) / (PP * v)) times that (Korthikanti et al., section 4.2.3).
 - logits and loss: the last stage keeps [s, b, V/tp] logits in the compute dtype; the loss
-  (megatron_mile.loss.vocab_parallel) keeps only per-token vectors and two 1 MiB fp32 chunk buffers in
-  forward; backward writes the logits' gradient into a new tensor of the logits' dtype, or into the
-  logits themselves when they are fp32 (the model's loss hook opts in).
+  (megatron_mile.loss.vocab_parallel) keeps only per-token vectors and 4 MiB fp32 chunk buffers in
+  forward (two; one for fp32 logits, whose exp it keeps in place); backward writes the logits' gradient
+  into a new tensor of the logits' dtype, or into the logits themselves when they are fp32 (the model's
+  loss hook opts in).
 - FLOPs: 6 * (matmul parameters) * tokens + 12 * layers * hidden * seq * tokens (attention scores and
   values, counted over the full s x s square as Megatron-LM does), and the time per step at a given MFU.
 """
@@ -41,8 +42,8 @@ GPU_MEMORY_GB: Dict[str, float] = {"H100": 80.0, "A100": 80.0, "H200": 141.0}
 # fragmentation. A few GB in practice; we reserve this much when saying whether a plan fits.
 GPU_RESERVED_BYTES = 4 * 10**9
 
-# Bytes of the loss's two fp32 chunk buffers (vocab_parallel.CHUNK_ELEMENTS floats each).
-LOSS_CHUNK_BYTES = 2 * (1 << 20) * 4
+# Bytes of one of the loss's fp32 chunk buffers (vocab_parallel.CHUNK_ELEMENTS floats).
+LOSS_CHUNK_BYTES = (1 << 20) * 4
 # Per token, the loss keeps: log-sum-exp and max (fp32), owned-target index (int64), flags (bool), the
 # packed [ce, weight, entropy] output and statistics (fp32): a generous round figure, O(tokens) only.
 LOSS_BYTES_PER_TOKEN = 64
@@ -331,10 +332,11 @@ def logits_and_loss_bytes(shape: ModelShape, layout: Layout) -> Dict[str, float]
     logits_grad = 0.0 if e == 4 else float(logits)
     # The output layer's backward: its weight gradient (param dtype) and the input gradient [s, b, h].
     output_backward = float(vocab_shard * shape.hidden_size * e + tokens * shape.hidden_size * e)
-    # The loss forward's two fp32 chunk buffers hold min(CHUNK_ELEMENTS // v, tokens) rows each and are freed
+    # The loss forward's fp32 chunk buffers hold min(CHUNK_ELEMENTS // v, tokens) rows each and are freed
     # before backward allocates anything, so only what they exceed the backward's allocations by counts.
-    chunk_rows = min(max(1, (LOSS_CHUNK_BYTES // 8) // vocab_shard), tokens)
-    chunk_buffers = 2.0 * chunk_rows * vocab_shard * 4
+    # Two of them; one with fp32 logits, whose exp(z - m) the loss writes over the logits themselves.
+    chunk_rows = min(max(1, (LOSS_CHUNK_BYTES // 4) // vocab_shard), tokens)
+    chunk_buffers = (1.0 if e == 4 else 2.0) * chunk_rows * vocab_shard * 4
     return {
         "logits": float(logits),
         "loss per-token vectors (kept for backward)": float(tokens * LOSS_BYTES_PER_TOKEN),
