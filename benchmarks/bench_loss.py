@@ -1,7 +1,9 @@
 """Forward+backward time and peak memory of the vocab-parallel losses, side by side in one run.
 
 Methods: megatron-core's vocab_parallel_cross_entropy, our cross-entropy, MiLe and focal, and a naive
-full-vocabulary MiLe (softmax, clamp, log over all logits, as the paper's code does; TP 1 only).
+full-vocabulary MiLe (softmax, clamp, log over all logits, as the paper's code does; TP 1 only); for fp32
+logits also ce_inplace / mile_inplace, ours with reuse_logits_for_grad as the model's loss hook calls it
+(it overwrites the logits, as megatron-core's does).
 Shapes: 4096 tokens ([s, b] = [1024, 4]), vocab 32000 and 50257 (padded to a multiple of 128 * TP),
 TP 1 (one process, 2 threads) and TP 2 (two gloo processes, 1 thread each), bf16 and fp32 logits.
 
@@ -12,6 +14,7 @@ the RSS held just before the call (logits and inputs already allocated): the los
 
     python benchmarks/bench_loss.py                 # everything, prints a markdown table
     python benchmarks/bench_loss.py --quick         # vocab 32000, TP 1, bf16 only
+    python benchmarks/bench_loss.py --vocabs 32000 --tps 1,2 --dtypes float32
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import sys
 import time
 
 TOKENS_SEQ, TOKENS_BATCH = 1024, 4  # 4096 tokens
-METHODS = ["megatron_ce", "ce", "mile", "focal", "naive_mile"]
+METHODS = ["megatron_ce", "ce", "mile", "focal", "naive_mile", "ce_inplace", "mile_inplace"]
+# The model's loss hook gives its fp32 logits up (reuse_logits_for_grad), as megatron-core's in-place
+# cross-entropy takes them; bf16 logits are never overwritten, so these two run for fp32 only.
+FP32_ONLY = ("ce_inplace", "mile_inplace")
 
 
 def _rss_bytes() -> int:
@@ -65,11 +71,22 @@ def _make_inputs(vocab: int, dtype_name: str):
     return shard, target, vocab
 
 
-def _step(method: str, logits, target, vocab: int) -> None:
-    """One forward+backward of `method` on a fresh leaf copy of the logits."""
+def _step(method: str, leaf, target, vocab: int) -> None:
+    """One forward+backward of `method` on a fresh leaf copy of the logits, seen through a view.
+
+    A model's loss gets the output layer's logits, a non-leaf. Handing a leaf itself to megatron-core's
+    in-place cross-entropy would make autograd copy the gradient on accumulation (it is the leaf's own
+    tensor), a cost no model pays; through a view every method's gradient lands in .grad without a copy.
+    """
+    logits = leaf.view_as(leaf)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatron_ce
 
-    from megatron_mile.loss import vocab_parallel_cross_entropy, vocab_parallel_focal, vocab_parallel_mile
+    from megatron_mile.loss import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_focal,
+        vocab_parallel_mile,
+        vocab_parallel_weighted_cross_entropy,
+    )
     from megatron_mile.loss.reference import naive_mile_loss
 
     if method == "megatron_ce":
@@ -82,6 +99,12 @@ def _step(method: str, logits, target, vocab: int) -> None:
         loss = (ce * w).sum()
     elif method == "focal":
         ce, w = vocab_parallel_focal(logits, target, vocab_size=vocab)
+        loss = (ce * w).sum()
+    elif method in FP32_ONLY:
+        ce, w = vocab_parallel_weighted_cross_entropy(
+            logits, target, {"ce_inplace": "cross_entropy", "mile_inplace": "mile"}[method], 1.0, 1.0, vocab,
+            reuse_logits_for_grad=True,
+        )
         loss = (ce * w).sum()
     elif method == "naive_mile":
         loss = naive_mile_loss(logits[..., :vocab], target)
@@ -154,6 +177,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--vocabs", help="comma-separated, e.g. 32000 (default: 32000,50257)")
+    parser.add_argument("--tps", help="comma-separated, e.g. 1,2 (default: 1,2)")
+    parser.add_argument("--dtypes", help="comma-separated, e.g. float32 (default: bfloat16,float32)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("job", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("methods", nargs="?", help=argparse.SUPPRESS)
@@ -170,11 +196,15 @@ def main() -> None:
     vocabs = [32000] if args.quick else [32000, 50257]
     tps = [1] if args.quick else [1, 2]
     dtypes = ["bfloat16"] if args.quick else ["bfloat16", "float32"]
+    vocabs = [int(v) for v in args.vocabs.split(",")] if args.vocabs else vocabs
+    tps = [int(t) for t in args.tps.split(",")] if args.tps else tps
+    dtypes = args.dtypes.split(",") if args.dtypes else dtypes
     rows = []
     for vocab in vocabs:
         for tp in tps:
             for dtype in dtypes:
-                methods = [m for m in METHODS if not (m == "naive_mile" and tp > 1)]
+                methods = [m for m in METHODS if not (m == "naive_mile" and tp > 1)
+                           and not (m in FP32_ONLY and dtype != "float32")]
                 times = _run_worker("time", ",".join(methods), vocab, tp, dtype, args.rounds)
                 for method in methods:
                     mem = _run_worker("memory", method, vocab, tp, dtype, 0)
