@@ -16,10 +16,10 @@ all of them alike; the figure is the median step time over all measured steps of
     python benchmarks/bench_train.py [--rounds 2] [--steps 12] [--warmup 3]
     python benchmarks/bench_train.py --paired [--rounds 4] [--steps 40] [--warmup 4] [--json pairs.json]
 
---paired measures only the fork's overhead, more precisely: our train_step() (what pretrain() times per
-iteration) and the bare megatron-core step alternate within one process, and the figure is the median of the
-per-pair ratios with a bootstrap interval. Separate processes drift apart by 10-30% on a shared machine;
-steps one after the other in one process see the same machine.
+--paired measures the two TP=1 ratios more precisely: our train_step() (what pretrain() times per iteration),
+the bare megatron-core step and transformers' step take turns within one process, and each figure is the
+median of the per-turn ratios with a bootstrap interval. Separate processes drift apart by 10-30% on a
+shared machine; steps one after the other in one process see the same machine.
 """
 
 from __future__ import annotations
@@ -113,12 +113,14 @@ def run_megatron_bare(steps):
 
 
 def run_paired(flags, steps):
-    """Worker body: our train step and the bare megatron-core step alternating in ONE process.
+    """Worker body: our train step, the bare megatron-core step and transformers' step taking turns in ONE
+    process; returns one (ours, bare, transformers) triple of seconds per turn.
 
-    Both share the process, its threads and whatever else the machine is doing at that moment, so the
-    per-pair ratio is free of the drift between processes that dominates the separate-process figures.
+    All three share the process, its threads and whatever else the machine is doing at that moment, so the
+    per-turn ratios are free of the drift between processes that dominates the separate-process figures.
     Our side is exactly what pretrain() times per iteration: train_step() on the setup pretrain() builds.
-    The pair order alternates (A B, B A, ...) so neither side always runs on a warmer cache.
+    The order rotates every turn (ours first, then bare first, then transformers first) so no side always
+    runs right after the same neighbour.
     """
     from megatron_mile.arguments import parse_args
     from megatron_mile.training.loop import setup_training
@@ -133,19 +135,19 @@ def run_paired(flags, steps):
                    SEQ, MBS, setup.collector_holder, want_entropy=config.loss.loss_type == "mile")
         return time.perf_counter() - start
 
-    bare = build_megatron_bare()
-    pairs = []
+    sides = [ours, build_megatron_bare(), build_hf_llama()]
+    turns = []
     for index in range(steps):
-        if index % 2 == 0:
-            a, b = ours(), bare()
-        else:
-            b, a = bare(), ours()
-        pairs.append((a, b))
-    return pairs
+        seconds = [0.0] * len(sides)
+        for offset in range(len(sides)):
+            side = (index + offset) % len(sides)
+            seconds[side] = sides[side]()
+        turns.append(tuple(seconds))
+    return turns
 
 
-def run_hf_llama(steps):
-    """Worker body (no torch.distributed needed): transformers' LlamaForCausalLM in a plain loop."""
+def build_hf_llama():
+    """transformers' LlamaForCausalLM + torch.optim.Adam, and a function running one step."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -158,8 +160,9 @@ def run_hf_llama(steps):
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(1)
-    times = []
-    for _ in range(steps):
+
+    def step():
+        """One timed step (the batch is drawn before the clock starts)."""
         tokens = torch.randint(0, VOCAB, (MBS, SEQ), generator=gen)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -167,8 +170,15 @@ def run_hf_llama(steps):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
+
+    return step
+
+
+def run_hf_llama(steps):
+    """Worker body (no torch.distributed needed): transformers' LlamaForCausalLM in a plain loop."""
+    step = build_hf_llama()
+    return [step() for _ in range(steps)]
 
 
 def _worker(variant: str, steps: int) -> list:
@@ -198,9 +208,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--paired", action="store_true",
-                        help="only the overhead figure: our CE step and the bare megatron-core step alternating "
-                             "in one process per round (see run_paired)")
-    parser.add_argument("--json", help="with --paired: write every step time and pair ratio here")
+                        help="only the TP=1 ratios: our CE step, the bare megatron-core step and transformers' "
+                             "step taking turns in one process per round (see run_paired)")
+    parser.add_argument("--json", help="with --paired: write every step time and ratio here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -244,33 +254,38 @@ def main() -> None:
 
 
 def _main_paired(args) -> None:
-    ours, bare, ratios = [], [], []
+    names = ("ours_ce_tp1 (train_step)", "megatron_bare_tp1", "hf_llama")
+    turns = []
     for round_index in range(args.rounds):
         out = subprocess.run(
             [sys.executable, __file__, "--worker", "paired_ce_tp1", "--steps", str(args.steps)],
             check=True, capture_output=True, text=True,
         )
-        pairs = json.loads(out.stdout.strip().splitlines()[-1])[args.warmup:]
-        round_ratios = [a / b for a, b in pairs]
-        ours += [a for a, _ in pairs]
-        bare += [b for _, b in pairs]
-        ratios += round_ratios
-        print(f"round {round_index}: ours {statistics.median(a for a, _ in pairs):.3f} s, bare "
-              f"{statistics.median(b for _, b in pairs):.3f} s, median pair ratio {statistics.median(round_ratios):.3f}",
-              file=sys.stderr)
-    quartiles = statistics.quantiles(ratios, n=4)
-    low, high = _bootstrap_median_interval(ratios)
+        measured = [tuple(t) for t in json.loads(out.stdout.strip().splitlines()[-1])[args.warmup:]]
+        turns += measured
+        medians = [statistics.median(t[i] for t in measured) for i in range(len(names))]
+        print(f"round {round_index}: " + ", ".join(f"{n.split()[0]} {m:.3f} s" for n, m in zip(names, medians))
+              + f"; median ours / bare {statistics.median(t[0] / t[1] for t in measured):.3f}, "
+              f"ours / transformers {statistics.median(t[0] / t[2] for t in measured):.3f}", file=sys.stderr)
     tokens = MBS * SEQ
     print("| variant | median step (s) | tokens/s |")
     print("|---|---|---|")
-    print(f"| ours_ce_tp1 (train_step) | {statistics.median(ours):.3f} | {tokens / statistics.median(ours):.0f} |")
-    print(f"| megatron_bare_tp1 | {statistics.median(bare):.3f} | {tokens / statistics.median(bare):.0f} |")
-    print(f"\nours / bare, median of {len(ratios)} same-process pairs: {statistics.median(ratios):.3f} "
-          f"(quartiles {quartiles[0]:.3f} - {quartiles[2]:.3f}; 95% bootstrap interval of the median "
-          f"{low:.3f} - {high:.3f}); ratio of medians {statistics.median(ours) / statistics.median(bare):.3f}")
+    for i, name in enumerate(names):
+        median = statistics.median(t[i] for t in turns)
+        print(f"| {name} | {median:.3f} | {tokens / median:.0f} |")
+    print()
+    ratios = {}
+    for other, label in ((1, "bare megatron-core"), (2, "transformers")):
+        ratios[label] = [t[0] / t[other] for t in turns]
+        quartiles = statistics.quantiles(ratios[label], n=4)
+        low, high = _bootstrap_median_interval(ratios[label])
+        ratio_of_medians = statistics.median(t[0] for t in turns) / statistics.median(t[other] for t in turns)
+        print(f"ours / {label}, median of {len(turns)} same-process turns: {statistics.median(ratios[label]):.3f} "
+              f"(quartiles {quartiles[0]:.3f} - {quartiles[2]:.3f}; 95% bootstrap interval of the median "
+              f"{low:.3f} - {high:.3f}); ratio of medians {ratio_of_medians:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"ours_seconds": ours, "bare_seconds": bare, "pair_ratios": ratios}, f)
+            json.dump({"sides": names, "seconds": turns, "ratios": ratios}, f)
 
 
 def _bootstrap_median_interval(values, resamples: int = 4000, seed: int = 0):
