@@ -270,27 +270,27 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         grad = logits_2d if ctx.reuse_logits_for_grad else torch.empty_like(logits_2d)
         if owned < partition:
             grad[:, owned:] = 0  # padded vocabulary columns take no part
-        if owned > 0 and num_tokens > 0:
+        target_grad = grad_scale * target_here.float()  # [N]: subtracted at the owned target
+        if owned > 0 and num_tokens > 0 and ctx.keep_exps:
+            # grad is logits_2d, which holds exp(z - m): softmax * grad_scale = that * (grad_scale / S).
+            # One streaming multiply, then the target correction; nothing to recompute, so no chunks.
+            grad[:, :owned].mul_((softmax_from_saved * grad_scale)[:, None])
+            grad[torch.arange(num_tokens, device=logits.device), local_target] -= target_grad
+        elif owned > 0 and num_tokens > 0:
             rows = min(_rows_per_chunk(owned), num_tokens)
+            # fp32 logits: compute straight into the gradient rows; otherwise in an fp32 scratch buffer.
             direct = logits.dtype == torch.float32 and owned == partition
-            needs_scratch = not (direct or ctx.keep_exps)
-            scratch = torch.empty((rows, owned), dtype=torch.float32, device=logits.device) if needs_scratch else None
+            scratch = None if direct else torch.empty((rows, owned), dtype=torch.float32, device=logits.device)
             row_index = torch.arange(rows, device=logits.device)
-            target_grad = grad_scale * target_here.float()  # [N]: subtracted at the owned target
             for start in range(0, num_tokens, rows):
                 end = min(start + rows, num_tokens)
                 n = end - start
-                # fp32 logits: compute straight into the gradient rows; otherwise in an fp32 scratch buffer.
-                if ctx.keep_exps:  # grad is logits_2d, which holds exp(z - m): softmax = that / S
-                    out = grad[start:end, :owned]
-                    out.mul_((softmax_from_saved[start:end] * grad_scale[start:end])[:, None])
-                else:
-                    out = grad[start:end] if direct else scratch[:n]
-                    torch.sub(logits_2d[start:end, :owned], softmax_from_saved[start:end, None], out=out)
-                    out.exp_()  # softmax
-                    out.mul_(grad_scale[start:end, None])
+                out = grad[start:end] if direct else scratch[:n]
+                torch.sub(logits_2d[start:end, :owned], softmax_from_saved[start:end, None], out=out)
+                out.exp_()  # softmax
+                out.mul_(grad_scale[start:end, None])
                 out[row_index[:n], local_target[start:end]] -= target_grad[start:end]
-                if needs_scratch:
+                if not direct:
                     grad[start:end, :owned].copy_(out)
         return grad.view_as(logits), None, None, None, None, None, None, None, None, None, None
 
