@@ -28,8 +28,11 @@ LOSS_TYPES = ("cross_entropy", "mile")
 def _load_revision(revision: str, directory: str):
     """Import LOSS_FILE as it was at `revision` (a module of its own beside the installed one)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = subprocess.run(["git", "-C", root, "show", f"{revision}:{LOSS_FILE}"], check=True,
-                            capture_output=True, text=True).stdout
+    shown = subprocess.run(["git", "-C", root, "show", f"{revision}:{LOSS_FILE}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        sys.exit(f"error: cannot read {LOSS_FILE} at revision {revision!r} ({shown.stderr.strip()}); "
+                 "pass a commit of this repository that has the file, e.g. HEAD~1")
+    source = shown.stdout
     path = os.path.join(directory, "vocab_parallel_at_revision.py")
     with open(path, "w") as f:
         f.write(source)
