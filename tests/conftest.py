@@ -20,6 +20,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test starts from the same torch and Python random state, so a failure reproduces on rerun."""
+    import random
+
+    random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def dist_pool():
     """dist_pool(world_size) -> a DistributedPool kept alive for the whole test session.
