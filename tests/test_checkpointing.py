@@ -31,7 +31,8 @@ BATCH = 2
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=2, hidden_size=64, bf16=False):
+def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=2, hidden_size=64, bf16=False,
+                disable_bias_linear=False):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -43,6 +44,7 @@ def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=
     # 100 tokens pad to 128 rows at TP 1 and 2 alike, so layouts can exchange checkpoints.
     m.make_vocab_size_divisible_by = 64
     m.hidden_dropout = m.attention_dropout = dropout
+    m.disable_bias_linear = disable_bias_linear
     p = config.parallel
     p.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
     p.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()

@@ -72,6 +72,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from megatron_mile import device
+from megatron_mile.training.optimizer import use_fused_torch_adam_on_cpu
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 METADATA_FILENAME = "mile_checkpoint.json"
@@ -807,6 +808,7 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_distributed_optimizer_step(optimizer)
+        use_fused_torch_adam_on_cpu(optimizer)  # the loaded param groups carry the saving run's kernel flags
         if scheduler is not None and metadata.get("scheduler") is not None:
             scheduler.load_state_dict(metadata["scheduler"])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
+import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
@@ -62,6 +63,7 @@ def build_optimizer(config: RunConfig, model: List) -> Tuple[object, OptimizerPa
         ),
         model,
     )
+    use_fused_torch_adam_on_cpu(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -78,3 +80,34 @@ def build_optimizer(config: RunConfig, model: List) -> Tuple[object, OptimizerPa
         lr_wsd_decay_style="linear" if o.lr_decay_style == "WSD" else None,
     )
     return optimizer, scheduler
+
+
+# The dtypes torch's fused CPU Adam kernel takes.
+_FUSED_ADAM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def use_fused_torch_adam_on_cpu(optimizer) -> int:
+    """Switch torch's Adam/AdamW inside megatron's optimizer to torch's fused kernel where it updates CPU tensors.
+
+    Why: without Apex or Transformer Engine (always so on CPU) megatron-core builds torch.optim.AdamW with
+    neither fused nor foreach, i.e. about ten element-wise passes per parameter tensor; the fused kernel makes
+    one (on the 20M-parameter benchmark model: about 35-50 ms -> 10 ms per step, 5% of the step). torch reads
+    the flag from each param group at every step, and get_megatron_optimizer offers no way to pass it, so it
+    is set here after construction, and again after a checkpoint load (torch's load_state_dict brings back
+    the saved groups' flags). The update is the same Adam up to float rounding. GPU optimizers (Apex/TE
+    FusedAdam) and groups holding a non-CPU tensor are left as they are. No collectives.
+
+    Returns the number of param groups switched.
+    """
+    switched = 0
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            if group.get("differentiable") or not group["params"]:
+                continue
+            if all(p.device.type == "cpu" and p.dtype in _FUSED_ADAM_CPU_DTYPES for p in group["params"]):
+                group["fused"], group["foreach"] = True, False
+                switched += 1
+    return switched
