@@ -10,15 +10,19 @@ all of them alike; the figure is the median step time over all measured steps of
   ours_ce_tp1_fused / ours_mile_tp1_fused
                                   pretrain() with --fused-lm-head (output layer + loss in chunks of tokens)
   megatron_bare_tp1               megatron-core GPTModel (its own cross-entropy), DDP and optimizer in a
-                                  plain loop, CPU layer on; no megatron_mile training code
-  hf_llama                        transformers' LlamaForCausalLM (sdpa attention) + torch.optim.Adam
+                                  plain loop, CPU layer on; no megatron_mile training code. Its torch Adam
+                                  runs the fused kernel, as ours does (use_fused_torch_adam_on_cpu), so the
+                                  ratio measures the training code, not the choice of Adam kernel
+  hf_llama                        transformers' LlamaForCausalLM (sdpa attention) + torch.optim.Adam as
+                                  constructed by default (its for-loop kernel on CPU)
+  hf_llama_fused_adam             the same with torch.optim.Adam(fused=True)
 
     python benchmarks/bench_train.py [--rounds 2] [--steps 12] [--warmup 3]
     python benchmarks/bench_train.py --paired [--rounds 4] [--steps 40] [--warmup 4] [--json pairs.json]
 
---paired measures the two TP=1 ratios more precisely: our train_step() (what pretrain() times per iteration),
-the bare megatron-core step and transformers' step take turns within one process, and each figure is the
-median of the per-turn ratios with a bootstrap interval. Separate processes drift apart by 10-30% on a
+--paired measures the TP=1 ratios more precisely: our train_step() (what pretrain() times per iteration), the
+same with torch's for-loop Adam, the bare megatron-core step and transformers' step with each Adam take turns
+within one process, and each figure is the median of the per-turn ratios with a bootstrap interval. Separate processes drift apart by 10-30% on a
 shared machine; steps one after the other in one process see the same machine.
 """
 
@@ -33,8 +37,8 @@ import time
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ, MBS = 4, 256, 4, 688, 32000, 256, 4
 VARIANTS = [
-    "ours_ce_tp1", "ours_mile_tp1", "megatron_bare_tp1", "hf_llama", "ours_ce_tp2", "ours_mile_tp2",
-    "ours_ce_tp1_fused", "ours_mile_tp1_fused",
+    "ours_ce_tp1", "ours_mile_tp1", "megatron_bare_tp1", "hf_llama", "hf_llama_fused_adam", "ours_ce_tp2",
+    "ours_mile_tp2", "ours_ce_tp1_fused", "ours_mile_tp1_fused",
 ]
 
 
@@ -88,6 +92,10 @@ def build_megatron_bare():
     )
     model = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0), [model])
+    # The Adam kernel our training picks on CPU (megatron-core offers no argument for it): set the same flag
+    # here by hand, so that ours / bare compares training code, not kernels.
+    for group in optimizer.optimizer.param_groups:
+        group["fused"], group["foreach"] = True, False
     gen = torch.Generator().manual_seed(1)
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(MBS, SEQ)
 
@@ -112,15 +120,19 @@ def run_megatron_bare(steps):
     return [step() for _ in range(steps)]
 
 
-def run_paired(flags, steps):
-    """Worker body: our train step, the bare megatron-core step and transformers' step taking turns in ONE
-    process; returns one (ours, bare, transformers) triple of seconds per turn.
+PAIRED_SIDES = (
+    "ours_ce_tp1 (train_step)", "ours_ce_tp1, for-loop Adam", "megatron_bare_tp1", "hf_llama", "hf_llama_fused_adam",
+)
 
-    All three share the process, its threads and whatever else the machine is doing at that moment, so the
+
+def run_paired(flags, steps):
+    """Worker body: the PAIRED_SIDES taking turns in ONE process; returns one tuple of seconds per turn.
+
+    All sides share the process, its threads and whatever else the machine is doing at that moment, so the
     per-turn ratios are free of the drift between processes that dominates the separate-process figures.
-    Our side is exactly what pretrain() times per iteration: train_step() on the setup pretrain() builds.
-    The order rotates every turn (ours first, then bare first, then transformers first) so no side always
-    runs right after the same neighbour.
+    Our side is exactly what pretrain() times per iteration: train_step() on the setup pretrain() builds;
+    its for-loop-Adam twin steps the same model with the fused flag off for that step (the gain of the
+    fused kernel). The order rotates every turn so no side always runs right after the same neighbour.
     """
     from megatron_mile.arguments import parse_args
     from megatron_mile.training.loop import setup_training
@@ -129,13 +141,24 @@ def run_paired(flags, steps):
     config = parse_args(flags, world_size=1)
     setup = setup_training(config)
 
-    def ours():
+    groups = [g for sub in getattr(setup.optimizer, "chained_optimizers", [setup.optimizer])
+              for g in sub.optimizer.param_groups]
+    assert all(g["fused"] for g in groups), "train_step should run torch's fused Adam on CPU"
+
+    def ours(fused_adam=True):
+        for group in groups:
+            group["fused"] = fused_adam
         start = time.perf_counter()
         train_step(setup.model, setup.optimizer, setup.scheduler, setup.train_iterators, setup.num_micro_batches,
                    SEQ, MBS, setup.collector_holder, want_entropy=config.loss.loss_type == "mile")
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        for group in groups:
+            group["fused"] = True
+        return seconds
 
-    sides = [ours, build_megatron_bare(), build_hf_llama()]
+    sides = [ours, lambda: ours(fused_adam=False), build_megatron_bare(), build_hf_llama(),
+             build_hf_llama(fused_adam=True)]
+    assert len(sides) == len(PAIRED_SIDES)
     turns = []
     for index in range(steps):
         seconds = [0.0] * len(sides)
@@ -146,8 +169,9 @@ def run_paired(flags, steps):
     return turns
 
 
-def build_hf_llama():
-    """transformers' LlamaForCausalLM + torch.optim.Adam, and a function running one step."""
+def build_hf_llama(fused_adam: bool = False):
+    """transformers' LlamaForCausalLM + torch.optim.Adam (fused kernel if asked), and a function running one
+    step."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -158,7 +182,7 @@ def build_hf_llama():
         tie_word_embeddings=False, attention_dropout=0.0, attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused_adam or None)
     gen = torch.Generator().manual_seed(1)
 
     def step():
@@ -175,9 +199,9 @@ def build_hf_llama():
     return step
 
 
-def run_hf_llama(steps):
+def run_hf_llama(steps, fused_adam=False):
     """Worker body (no torch.distributed needed): transformers' LlamaForCausalLM in a plain loop."""
-    step = build_hf_llama()
+    step = build_hf_llama(fused_adam)
     return [step() for _ in range(steps)]
 
 
@@ -186,9 +210,9 @@ def _worker(variant: str, steps: int) -> list:
 
     from megatron_mile.testing.distributed import run_distributed
 
-    if variant == "hf_llama":
+    if variant in ("hf_llama", "hf_llama_fused_adam"):
         torch.set_num_threads(2)
-        return run_hf_llama(steps)
+        return run_hf_llama(steps, fused_adam=variant == "hf_llama_fused_adam")
     if variant == "megatron_bare_tp1":
         return run_distributed(run_megatron_bare, 1, steps)[0]
     if variant == "paired_ce_tp1":
@@ -208,8 +232,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--paired", action="store_true",
-                        help="only the TP=1 ratios: our CE step, the bare megatron-core step and transformers' "
-                             "step taking turns in one process per round (see run_paired)")
+                        help="only the TP=1 ratios: the PAIRED_SIDES (ours, ours with for-loop Adam, bare "
+                             "megatron-core, transformers with each Adam) taking turns in one process per round "
+                             "(see run_paired)")
     parser.add_argument("--json", help="with --paired: write every step time and ratio here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -242,6 +267,7 @@ def main() -> None:
         "megatron_bare_tp1": ("hf_llama", "bare megatron-core / transformers"),
         "ours_mile_tp1_fused": ("ours_ce_tp1_fused", "MiLe / CE, fused LM head"),
         "ours_ce_tp1_fused": ("hf_llama", "ours CE fused / transformers"),
+        "hf_llama_fused_adam": ("hf_llama", "transformers, fused / for-loop Adam"),
     }
     for v in variants:
         ratio = ""
@@ -249,12 +275,13 @@ def main() -> None:
             base, label = ratios[v]
             ratio = f"{median[v] / median[base]:.3f} ({label})"
         print(f"| {v} | {median[v]:.3f} | {tokens / median[v]:.0f} | {ratio} |")
-    if "ours_ce_tp1" in median and "hf_llama" in median:
-        print(f"\nours CE TP=1 / transformers: {median['ours_ce_tp1'] / median['hf_llama']:.3f}")
+    for hf in ("hf_llama", "hf_llama_fused_adam"):
+        if "ours_ce_tp1" in median and hf in median:
+            print(f"\nours CE TP=1 / {hf}: {median['ours_ce_tp1'] / median[hf]:.3f}")
 
 
 def _main_paired(args) -> None:
-    names = ("ours_ce_tp1 (train_step)", "megatron_bare_tp1", "hf_llama")
+    names = PAIRED_SIDES
     turns = []
     for round_index in range(args.rounds):
         out = subprocess.run(
@@ -264,9 +291,10 @@ def _main_paired(args) -> None:
         measured = [tuple(t) for t in json.loads(out.stdout.strip().splitlines()[-1])[args.warmup:]]
         turns += measured
         medians = [statistics.median(t[i] for t in measured) for i in range(len(names))]
-        print(f"round {round_index}: " + ", ".join(f"{n.split()[0]} {m:.3f} s" for n, m in zip(names, medians))
-              + f"; median ours / bare {statistics.median(t[0] / t[1] for t in measured):.3f}, "
-              f"ours / transformers {statistics.median(t[0] / t[2] for t in measured):.3f}", file=sys.stderr)
+        print(f"round {round_index}: " + ", ".join(f"{n} {m:.3f} s" for n, m in zip(names, medians))
+              + "; median ours / " + ", ".join(
+                  f"{n} {statistics.median(t[0] / t[i] for t in measured):.3f}" for i, n in enumerate(names) if i
+              ), file=sys.stderr)
     tokens = MBS * SEQ
     print("| variant | median step (s) | tokens/s |")
     print("|---|---|---|")
@@ -275,7 +303,8 @@ def _main_paired(args) -> None:
         print(f"| {name} | {median:.3f} | {tokens / median:.0f} |")
     print()
     ratios = {}
-    for other, label in ((1, "bare megatron-core"), (2, "transformers")):
+    for other in range(1, len(names)):
+        label = names[other]
         ratios[label] = [t[0] / t[other] for t in turns]
         quartiles = statistics.quantiles(ratios[label], n=4)
         low, high = _bootstrap_median_interval(ratios[label])
