@@ -19,11 +19,14 @@ all of them alike; the figure is the median step time over all measured steps of
 
     python benchmarks/bench_train.py [--rounds 2] [--steps 12] [--warmup 3]
     python benchmarks/bench_train.py --paired [--rounds 4] [--steps 40] [--warmup 4] [--json pairs.json]
+    python benchmarks/bench_train.py --paired-loss 1,2 [--rounds 4] [--steps 40] [--warmup 4] [--json loss.json]
 
 --paired measures the TP=1 ratios more precisely: our train_step() (what pretrain() times per iteration), the
 same with torch's for-loop Adam, the bare megatron-core step and transformers' step with each Adam take turns
-within one process, and each figure is the median of the per-turn ratios with a bootstrap interval. Separate processes drift apart by 10-30% on a
-shared machine; steps one after the other in one process see the same machine.
+within one process, and each figure is the median of the per-turn ratios with a bootstrap interval.
+--paired-loss does the same for MiLe / cross-entropy: one model whose loss type alternates step by step.
+Separate processes drift apart by 10-30% on a shared machine; steps one after the other in one process see
+the same machine.
 """
 
 from __future__ import annotations
@@ -169,6 +172,44 @@ def run_paired(flags, steps):
     return turns
 
 
+def run_paired_loss(flags, world_size, steps):
+    """Worker body (every rank): cross-entropy and MiLe steps taking turns on ONE model; returns one
+    (cross-entropy, MiLe) pair of seconds per turn, a step ending when this rank's part of it does.
+
+    The loss type is an attribute of the model's loss hook (MileGPTModel.loss_type), so both sides share the
+    weights, data iterator, optimizer and process: the ratio isolates the loss. Each side computes the entropy
+    exactly when pretrain() would (always for MiLe; for cross-entropy only on logging steps, never here).
+    The order alternates every turn; every rank follows the same order, as the collectives require.
+    """
+    from megatron_mile.arguments import parse_args
+    from megatron_mile.training.loop import setup_training
+    from megatron_mile.training.step import train_step
+
+    config = parse_args(flags, world_size=world_size)
+    setup = setup_training(config)
+    models = []
+    for chunk in setup.model:
+        while hasattr(chunk, "module"):
+            chunk = chunk.module
+        models.append(chunk)
+
+    def step(loss_type):
+        for model in models:
+            model.loss_type = loss_type
+        start = time.perf_counter()
+        train_step(setup.model, setup.optimizer, setup.scheduler, setup.train_iterators, setup.num_micro_batches,
+                   SEQ, MBS, setup.collector_holder, want_entropy=loss_type == "mile")
+        return time.perf_counter() - start
+
+    turns = []
+    for index in range(steps):
+        seconds = {}
+        for loss_type in (("cross_entropy", "mile") if index % 2 == 0 else ("mile", "cross_entropy")):
+            seconds[loss_type] = step(loss_type)
+        turns.append((seconds["cross_entropy"], seconds["mile"]))
+    return turns
+
+
 def build_hf_llama(fused_adam: bool = False):
     """transformers' LlamaForCausalLM + torch.optim.Adam (fused kernel if asked), and a function running one
     step."""
@@ -215,6 +256,11 @@ def _worker(variant: str, steps: int) -> list:
         return run_hf_llama(steps, fused_adam=variant == "hf_llama_fused_adam")
     if variant == "megatron_bare_tp1":
         return run_distributed(run_megatron_bare, 1, steps)[0]
+    if variant.startswith("paired_loss_tp"):
+        world = int(variant[len("paired_loss_tp"):])
+        flags = _our_flags("mile", world, 2 * steps + 1)  # two optimizer steps per turn
+        per_rank = run_distributed(run_paired_loss, world, flags, world, steps, tensor_model_parallel_size=world)
+        return [[max(side) for side in zip(*turn)] for turn in zip(*per_rank)]  # slowest rank per side
     if variant == "paired_ce_tp1":
         return run_distributed(run_paired, 1, _our_flags("cross_entropy", 1, steps + 1), steps)[0]
     _, loss, tp, *fused = variant.split("_")
@@ -235,7 +281,10 @@ def main() -> None:
                         help="only the TP=1 ratios: the PAIRED_SIDES (ours, ours with for-loop Adam, bare "
                              "megatron-core, transformers with each Adam) taking turns in one process per round "
                              "(see run_paired)")
-    parser.add_argument("--json", help="with --paired: write every step time and ratio here")
+    parser.add_argument("--paired-loss", metavar="TPS",
+                        help="only MiLe / cross-entropy: both loss types taking turns on one model, at each TP "
+                             "size listed (e.g. 1,2; see run_paired_loss)")
+    parser.add_argument("--json", help="with --paired or --paired-loss: write every step time and ratio here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -243,6 +292,9 @@ def main() -> None:
         return
     if args.paired:
         _main_paired(args)
+        return
+    if args.paired_loss:
+        _main_paired_loss(args)
         return
     variants = args.variants.split(",")
     times = {v: [] for v in variants}
@@ -315,6 +367,35 @@ def _main_paired(args) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"sides": names, "seconds": turns, "ratios": ratios}, f)
+
+
+def _main_paired_loss(args) -> None:
+    results = {}
+    print("| TP | cross-entropy step (s) | MiLe step (s) | MiLe / CE: median of per-turn ratios | 95% interval "
+          "of the median | quartiles | ratio of medians |")
+    print("|---|---|---|---|---|---|---|")
+    for tp in [int(t) for t in args.paired_loss.split(",")]:
+        turns = []
+        for round_index in range(args.rounds):
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", f"paired_loss_tp{tp}", "--steps", str(args.steps)],
+                check=True, capture_output=True, text=True,
+            )
+            measured = [tuple(t) for t in json.loads(out.stdout.strip().splitlines()[-1])[args.warmup:]]
+            turns += measured
+            print(f"TP {tp} round {round_index}: cross-entropy {statistics.median(t[0] for t in measured):.3f} s, "
+                  f"MiLe {statistics.median(t[1] for t in measured):.3f} s; median MiLe / CE "
+                  f"{statistics.median(t[1] / t[0] for t in measured):.3f}", file=sys.stderr)
+        ratios = [t[1] / t[0] for t in turns]
+        low, high = _bootstrap_median_interval(ratios)
+        quartiles = statistics.quantiles(ratios, n=4)
+        ce, mile = statistics.median(t[0] for t in turns), statistics.median(t[1] for t in turns)
+        print(f"| {tp} | {ce:.3f} | {mile:.3f} | {statistics.median(ratios):.3f} ({len(turns)} turns) | "
+              f"{low:.3f} - {high:.3f} | {quartiles[0]:.3f} - {quartiles[2]:.3f} | {mile / ce:.3f} |")
+        results[tp] = {"seconds": turns, "ratios": ratios}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f)
 
 
 def _bootstrap_median_interval(values, resamples: int = 4000, seed: int = 0):
