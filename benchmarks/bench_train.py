@@ -139,14 +139,14 @@ def run_paired(flags, steps):
     """
     from megatron_mile.arguments import parse_args
     from megatron_mile.training.loop import setup_training
+    from megatron_mile.training.optimizer import torch_adams
     from megatron_mile.training.step import train_step
 
     config = parse_args(flags, world_size=1)
     setup = setup_training(config)
 
-    groups = [g for sub in getattr(setup.optimizer, "chained_optimizers", [setup.optimizer])
-              for g in sub.optimizer.param_groups]
-    assert all(g["fused"] for g in groups), "train_step should run torch's fused Adam on CPU"
+    groups = [g for _, adam in torch_adams(setup.optimizer) for g in adam.param_groups]
+    assert groups and all(g["fused"] for g in groups), "train_step should run torch's fused Adam on CPU"
 
     def ours(fused_adam=True):
         for group in groups:
@@ -271,6 +271,18 @@ def _worker(variant: str, steps: int) -> list:
     return [max(step) for step in zip(*per_rank)]  # a step ends when its slowest rank does
 
 
+def _tp_sizes(text: str) -> list:
+    """'1,2' -> [1, 2]; anything else is a usage error naming the expected form."""
+    try:
+        sizes = [int(t) for t in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(tp <= 0 or HEADS % tp for tp in sizes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated TP sizes that divide the model's {HEADS} "
+                                         f"attention heads (e.g. 1,2), got {text!r}")
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
@@ -281,7 +293,7 @@ def main() -> None:
                         help="only the TP=1 ratios: the PAIRED_SIDES (ours, ours with for-loop Adam, bare "
                              "megatron-core, transformers with each Adam) taking turns in one process per round "
                              "(see run_paired)")
-    parser.add_argument("--paired-loss", metavar="TPS",
+    parser.add_argument("--paired-loss", metavar="TPS", type=_tp_sizes,
                         help="only MiLe / cross-entropy: both loss types taking turns on one model, at each TP "
                              "size listed (e.g. 1,2; see run_paired_loss)")
     parser.add_argument("--json", help="with --paired or --paired-loss: write every step time and ratio here")
@@ -374,7 +386,7 @@ def _main_paired_loss(args) -> None:
     print("| TP | cross-entropy step (s) | MiLe step (s) | MiLe / CE: median of per-turn ratios | 95% interval "
           "of the median | quartiles | ratio of medians |")
     print("|---|---|---|---|---|---|---|")
-    for tp in [int(t) for t in args.paired_loss.split(",")]:
+    for tp in args.paired_loss:
         turns = []
         for round_index in range(args.rounds):
             out = subprocess.run(

@@ -10,17 +10,15 @@ import pytest
 import torch
 
 from megatron_mile.training import checkpointing
-from megatron_mile.training.optimizer import use_fused_torch_adam_on_cpu
+from megatron_mile.training.optimizer import torch_adams, use_fused_torch_adam_on_cpu
 from test_checkpointing import build, full_params, make_config, run_step
 
 
 def _torch_param_groups(optimizer):
-    """The param groups of every torch optimizer inside megatron's (chained) optimizer."""
-    return [
-        group
-        for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-        for group in sub.optimizer.param_groups
-    ]
+    """The param groups of every torch Adam inside megatron's (chained) optimizer (there must be one)."""
+    groups = [group for _, adam in torch_adams(optimizer) for group in adam.param_groups]
+    assert groups, "megatron's optimizer should fall back to torch's Adam on CPU"
+    return groups
 
 
 def worker_fused_matches_reference(distributed_optimizer, bf16):
@@ -83,7 +81,7 @@ def test_fused_adam_survives_checkpoint_load(dist_pool, tmp_path):
     assert flags and all(flags)
 
 
-def test_non_cpu_or_non_adam_optimizers_are_left_alone():
+def test_groups_the_kernel_cannot_take_and_other_optimizers_are_left_alone():
     """Groups holding a tensor the CPU kernel cannot take, and optimizers other than torch's Adam, keep
     their flags."""
 

@@ -72,7 +72,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from megatron_mile import device
-from megatron_mile.training.optimizer import use_fused_torch_adam_on_cpu
+from megatron_mile.training.optimizer import torch_adams, use_fused_torch_adam_on_cpu
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 METADATA_FILENAME = "mile_checkpoint.json"
@@ -696,9 +696,8 @@ def _init_empty_distributed_optimizer_state(optimizer) -> None:
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: PLC0415
 
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if not isinstance(sub, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+    for sub, inner in torch_adams(optimizer):
+        if not isinstance(sub, DistributedOptimizer):
             continue
         params = [p for group in inner.param_groups for p in group["params"]]
         if all(len(inner.state[p]) > 0 for p in params):
@@ -719,9 +718,8 @@ def _restore_distributed_optimizer_step(optimizer) -> None:
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: PLC0415
 
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if not isinstance(sub, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+    for sub, inner in torch_adams(optimizer):
+        if not isinstance(sub, DistributedOptimizer):
             continue
         for group in inner.param_groups:
             if group.get("step") is None:

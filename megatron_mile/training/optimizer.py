@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -100,14 +100,20 @@ def use_fused_torch_adam_on_cpu(optimizer) -> int:
     Returns the number of param groups switched.
     """
     switched = 0
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
-            continue
-        for group in inner.param_groups:
+    for _, adam in torch_adams(optimizer):
+        for group in adam.param_groups:
             if group.get("differentiable") or not group["params"]:
                 continue
             if all(p.device.type == "cpu" and p.dtype in _FUSED_ADAM_CPU_DTYPES for p in group["params"]):
                 group["fused"], group["foreach"] = True, False
                 switched += 1
     return switched
+
+
+def torch_adams(optimizer) -> Iterator[tuple]:
+    """(megatron optimizer, torch Adam/AdamW inside it) for each part of a (chained) megatron optimizer
+    that fell back to torch's Adam, i.e. ran without Apex and Transformer Engine. No collectives."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
+            yield sub, inner
