@@ -5,7 +5,7 @@ Methods (MiLe loss, gamma 1, a loss mask with ~10% zeros; both produce the gradi
            (copy_to_tensor_model_parallel_region, then hidden @ W^T -> [s, b, V/tp] logits), then
            vocab_parallel_weighted_cross_entropy (with reuse_logits_for_grad, as MileGPTModel uses it)
            and sum(mask * w * ce), backward through autograd;
-  fused    megatron_mile.loss.fused_lm_head.fused_lm_head_loss (default 32 MiB chunk budget).
+  fused    megatron_mile.loss.fused_linear_cross_entropy (default 32 MiB chunk budget).
 Shapes: 16384 tokens ([s, b] = [2048, 8]), hidden 512, vocab 32000 (already a multiple of 128 * TP),
 TP 1 (one process, 2 threads) and TP 2 (two gloo processes, 1 thread each), bf16 and fp32.
 
@@ -76,9 +76,10 @@ def _step(method: str, hidden, weight, target, loss_mask) -> float:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-    from megatron_mile.loss import vocab_parallel_weighted_cross_entropy
-    from megatron_mile.loss.fused_lm_head import fused_lm_head_loss
+    from megatron_mile.loss import LossSpec, vocab_parallel_weighted_cross_entropy
+    from megatron_mile.loss.fused_linear_cross_entropy import fused_linear_cross_entropy
 
+    spec = LossSpec("mile", 1.0, 1.0)
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -86,12 +87,12 @@ def _step(method: str, hidden, weight, target, loss_mask) -> float:
         replicated = copy_to_tensor_model_parallel_region(h) if tp > 1 else h
         logits = replicated.matmul(w.t())  # [s, b, v/tp]
         ce, wt = vocab_parallel_weighted_cross_entropy(
-            logits, target, "mile", 1.0, 1.0, VOCAB, ignore_index=None, reuse_logits_for_grad=True
+            logits, target, spec, VOCAB, ignore_index=None, reuse_logits_for_grad=True
         )
         del logits
         loss = (wt * loss_mask * ce).sum()
     elif method == "fused":
-        loss = fused_lm_head_loss(h, w, target, loss_mask, "mile", 1.0, 1.0, VOCAB, ignore_index=None).weighted_ce_sum
+        loss = fused_linear_cross_entropy(h, w, target, loss_mask, spec, VOCAB, ignore_index=None).weighted_ce_sum
     else:
         raise ValueError(method)
     loss.backward()

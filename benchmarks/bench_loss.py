@@ -82,6 +82,7 @@ def _step(method: str, leaf, target, vocab: int) -> None:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatron_ce
 
     from megatron_mile.loss import (
+        LossSpec,
         vocab_parallel_cross_entropy,
         vocab_parallel_focal,
         vocab_parallel_mile,
@@ -101,10 +102,8 @@ def _step(method: str, leaf, target, vocab: int) -> None:
         ce, w = vocab_parallel_focal(logits, target, vocab_size=vocab)
         loss = (ce * w).sum()
     elif method in FP32_ONLY:
-        ce, w = vocab_parallel_weighted_cross_entropy(
-            logits, target, {"ce_inplace": "cross_entropy", "mile_inplace": "mile"}[method], 1.0, 1.0, vocab,
-            reuse_logits_for_grad=True,
-        )
+        spec = LossSpec({"ce_inplace": "cross_entropy", "mile_inplace": "mile"}[method], 1.0, 1.0)
+        ce, w = vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab, reuse_logits_for_grad=True)
         loss = (ce * w).sum()
     elif method == "naive_mile":
         loss = naive_mile_loss(logits[..., :vocab], target)

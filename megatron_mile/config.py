@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 from megatron_mile import kernels
-from megatron_mile.loss.vocab_parallel import LOSS_TYPES
+from megatron_mile.loss.spec import LOSS_TYPES
 
 
 class ConfigError(ValueError):
@@ -258,7 +258,7 @@ class KernelConfig:
     """Fused rotary position embedding (Transformer Engine's kernel; GPU). Default: on where available."""
     fused_lm_head: bool = False
     """Compute the output layer and the loss together in chunks of tokens, without materialising the
-    [s, b, V/tp] logits (megatron_mile.loss.fused_lm_head): far less memory on the last pipeline stage,
+    [s, b, V/tp] logits (megatron_mile.loss.fused_linear_cross_entropy): far less memory on the last pipeline stage,
     the same losses and gradients to rounding."""
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from loss_cases import VOCABS, loss_specs, tp_rank_size
 from megatron_mile.loss import (
+    LossSpec,
     all_reduce_step_loss,
     reduce_micro_batch,
     reference_global_loss,
@@ -25,10 +27,6 @@ from megatron_mile.loss import (
 )
 from megatron_mile.vocab import vocab_shard_range
 
-# (real vocabulary, padded vocabulary). 64 = no padding; 50 leaves padding in the last shard at TP 2/4;
-# 40 at TP 4 leaves the last rank with no real column at all.
-VOCABS = [(64, 64), (50, 64), (40, 64)]
-GAMMAS = [0.0, 0.5, 1.0, 2.0]
 SEEDS = [0, 1, 2]
 
 
@@ -46,24 +44,9 @@ def _make_case(seed, vocab, padded, dtype, seq=6, batch=3, ignore_some=True):
     return logits.to(dtype), target, upstream
 
 
-def _tp_rank_size():
-    if not dist.is_initialized():
-        return 0, 1
-    from megatron.core import parallel_state
-
-    return (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_world_size(),
-    )
-
-
 def _loss_settings(loss_type):
-    """(gamma, sigma, entropy_threshold) combinations worth checking for one loss type."""
-    if loss_type == "cross_entropy":
-        return [(0.0, 1.0, None)]
-    if loss_type == "focal":
-        return [(g, 1.0, None) for g in GAMMAS]
-    return [(g, s, None) for g in GAMMAS for s in (1.0, 0.25)] + [(1.0, 1.0, 0.5), (2.0, 1.0, 0.9)]
+    """The LossSpecs worth checking for one loss type (MiLe: two sigmas and two entropy thresholds)."""
+    return loss_specs(loss_type, mile_sigmas=(1.0, 0.25), mile_extra=[(1.0, 1.0, 0.5), (2.0, 1.0, 0.9)])
 
 
 def check_against_reference(loss_type: str, dtype_name: str, reuse_logits_for_grad: bool = False) -> int:
@@ -73,9 +56,9 @@ def check_against_reference(loss_type: str, dtype_name: str, reuse_logits_for_gr
     may overwrite; the gradient is read at the leaf behind it.
     """
     dtype = getattr(torch, dtype_name)
-    rank, tp = _tp_rank_size()
+    rank, tp = tp_rank_size()
     checked = 0
-    for (vocab, padded), seed, (gamma, sigma, threshold) in itertools.product(
+    for (vocab, padded), seed, spec in itertools.product(
         VOCABS, SEEDS, _loss_settings(loss_type)
     ):
         logits, target, upstream = _make_case(seed, vocab, padded, dtype)
@@ -85,19 +68,18 @@ def check_against_reference(loss_type: str, dtype_name: str, reuse_logits_for_gr
         leaf.requires_grad_()
         shard = leaf * 1.0 if reuse_logits_for_grad else leaf
         ce, weight, entropy = vocab_parallel_weighted_cross_entropy(
-            shard, target, loss_type, gamma, sigma, vocab, threshold, return_entropy=True,
-            reuse_logits_for_grad=reuse_logits_for_grad,
+            shard, target, spec, vocab, return_entropy=True, reuse_logits_for_grad=reuse_logits_for_grad,
         )
         (upstream * weight * ce).sum().backward()
 
         full = logits.float().requires_grad_()
         ref_ce, ref_weight, ref_entropy = reference_weighted_cross_entropy(
-            full, target, loss_type, gamma, sigma, vocab, threshold
+            full, target, spec.loss_type, spec.gamma, spec.sigma, vocab, spec.entropy_threshold
         )
         (upstream * ref_weight * ref_ce).sum().backward()
         ref_grad = full.grad[..., start:end]
 
-        where = (f"{loss_type} {dtype_name} tp={tp} rank={rank} vocab={vocab}/{padded} seed={seed} gamma={gamma} "
+        where = (f"{spec.describe()} {dtype_name} tp={tp} rank={rank} vocab={vocab}/{padded} seed={seed} "
                  f"reuse={reuse_logits_for_grad}")
         assert ce.dtype == torch.float32 and weight.dtype == torch.float32, where
         assert not weight.requires_grad and not entropy.requires_grad, where
@@ -163,7 +145,7 @@ def check_gamma_zero_is_megatron_cross_entropy() -> None:
     """Worker body: gamma = 0 MiLe and focal equal megatron-core's vocab_parallel_cross_entropy."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatron_ce
 
-    rank, tp = _tp_rank_size()
+    rank, tp = tp_rank_size()
     for seed in SEEDS:
         logits, target, upstream = _make_case(seed, 64, 64, torch.float32, ignore_some=False)
         start, end = vocab_shard_range(64, rank, tp)
@@ -205,14 +187,14 @@ def count_collectives(loss_type: str):
 
         return record
 
-    rank, tp = _tp_rank_size()
+    rank, tp = tp_rank_size()
     logits, target, _ = _make_case(0, 64, 64, torch.float32)
     shard = logits[..., vocab_shard_range(64, rank, tp)[0] : vocab_shard_range(64, rank, tp)[1]]
     shard = shard.clone().requires_grad_()
     try:
         for name in _COLLECTIVES:
             setattr(dist, name, recorder(name))
-        ce, weight = vocab_parallel_weighted_cross_entropy(shard, target, loss_type)
+        ce, weight = vocab_parallel_weighted_cross_entropy(shard, target, LossSpec(loss_type))
         forward_calls = list(calls)
         calls.clear()
         (ce * weight).sum().backward()
@@ -238,7 +220,7 @@ def check_split_invariance(loss_type: str, micro_batches: int) -> dict:
     """Worker body: a global batch split over DP ranks and micro-batches gives the full-batch loss/grads."""
     from megatron.core import parallel_state
 
-    rank, tp = _tp_rank_size()
+    rank, tp = tp_rank_size()
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     vocab, padded, seq, global_batch = 50, 64, 5, 8
@@ -249,6 +231,7 @@ def check_split_invariance(loss_type: str, micro_batches: int) -> dict:
 
     # Reference: the whole global batch in one full-vocabulary computation.
     full = logits.clone().requires_grad_()
+    spec = LossSpec(loss_type, 1.5, 1.0)
     ref_ce, ref_w, _ = reference_weighted_cross_entropy(full, target, loss_type, 1.5, 1.0, vocab)
     ref_loss = reference_global_loss(ref_ce, ref_w, loss_mask)
     ref_loss.backward()
@@ -263,7 +246,7 @@ def check_split_invariance(loss_type: str, micro_batches: int) -> dict:
     for m in range(micro_batches):
         sl = slice(m * per_micro, (m + 1) * per_micro)
         ce, w, h = vocab_parallel_weighted_cross_entropy(
-            mine[:, sl], target[:, cols][:, sl], loss_type, 1.5, 1.0, vocab, return_entropy=True
+            mine[:, sl], target[:, cols][:, sl], spec, vocab, return_entropy=True
         )
         part = reduce_micro_batch(ce, w, loss_mask[:, cols][:, sl], h)
         part.weighted_ce_sum.backward()  # gradient accumulation of the un-normalised numerators
@@ -327,7 +310,7 @@ def _inputs(vocab=16):
         (lambda x, t: vocab_parallel_cross_entropy(x, t.float()), "target"),
         (lambda x, t: vocab_parallel_cross_entropy(x, t, vocab_size=17), "vocab_size"),
         (lambda x, t: vocab_parallel_cross_entropy(x.long(), t), "logits"),
-        (lambda x, t: vocab_parallel_weighted_cross_entropy(x, t, "softmax"), "loss_type"),
+        (lambda x, t: vocab_parallel_weighted_cross_entropy(x, t, LossSpec("softmax")), "loss_type"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(call, match):
@@ -353,7 +336,7 @@ def test_reuse_logits_for_grad_gives_the_same_gradient_in_place(vocab):
     produced = leaf * 1.0
     storage = produced.data_ptr()
     ce2, w2 = vocab_parallel_weighted_cross_entropy(
-        produced, target, "mile", 1.0, 1.0, vocab, reuse_logits_for_grad=True
+        produced, target, LossSpec("mile", 1.0, 1.0), vocab, reuse_logits_for_grad=True
     )
     grads = {}
     produced.register_hook(lambda g: grads.setdefault("g", g))
@@ -376,7 +359,8 @@ def test_reuse_logits_for_grad_leaves_non_contiguous_logits_intact_until_backwar
     produced = leaf.transpose(0, 1) * 1.0  # [s, b, v], strides of the transposed tensor
     assert not produced.is_contiguous()
     before = produced.detach().clone()
-    ce2, w2 = vocab_parallel_weighted_cross_entropy(produced, target, "mile", 1.0, 1.0, 50, reuse_logits_for_grad=True)
+    ce2, w2 = vocab_parallel_weighted_cross_entropy(produced, target, LossSpec("mile", 1.0, 1.0), 50,
+                                                  reuse_logits_for_grad=True)
     assert torch.equal(produced.detach(), before), "forward modified logits it cannot keep exp(z - m) in"
     (upstream * ce2 * w2).sum().backward()
     torch.testing.assert_close(ce2, ce)

@@ -17,31 +17,26 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron_mile.loss import reduce_micro_batch, reference_weighted_cross_entropy, vocab_parallel_weighted_cross_entropy
-from megatron_mile.loss.fused_lm_head import (
+from loss_cases import VOCABS, loss_specs, tp_rank_size
+from megatron_mile.loss import (
+    LossSpec,
+    MicroBatchLoss,
+    reduce_micro_batch,
+    reference_weighted_cross_entropy,
+    vocab_parallel_weighted_cross_entropy,
+)
+from megatron_mile.loss.fused_linear_cross_entropy import (
     DEFAULT_CHUNK_BYTES,
-    grad_group_chunks,
     chunk_tokens_for_budget,
-    fused_lm_head_loss,
-    fused_lm_head_micro_batch_loss,
+    fused_linear_cross_entropy,
+    grad_group_chunks,
 )
 from megatron_mile.vocab import vocab_shard_range
 
-# (real vocabulary, padded vocabulary): no padding; padding in the last shard at TP 2/4; at TP 4 the last
-# rank holds no real column at all.
-VOCABS = [(64, 64), (50, 64), (40, 64)]
 SEQ, BATCH, HIDDEN = 6, 3, 16  # 18 tokens
 # 1 and 18 are the extremes; 4 and 7 leave a short last chunk; 6 divides; 64 exceeds the token count.
 CHUNKS = [1, 4, 6, 7, 18, 64]
 UPSTREAM = 0.37  # the scalar backward multiplies by (e.g. 1 / sum(w)); not 1, so a missing scale shows
-
-
-def _tp_rank_size():
-    if not dist.is_initialized():
-        return 0, 1
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
 def _make_case(seed, vocab, padded, dtype, ignore_some=False):
@@ -64,36 +59,32 @@ def _make_case(seed, vocab, padded, dtype, ignore_some=False):
 
 
 def _loss_settings(loss_type):
-    if loss_type == "cross_entropy":
-        return [(0.0, 1.0, None)]
-    if loss_type == "focal":
-        return [(g, 1.0, None) for g in (0.0, 0.5, 1.0, 2.0)]
-    return [(g, 1.0, None) for g in (0.0, 0.5, 1.0, 2.0)] + [(1.0, 0.25, None), (1.0, 1.0, 0.5)]
+    """The LossSpecs worth checking for one loss type (MiLe: sigma 0.25 and one entropy threshold too)."""
+    return loss_specs(loss_type, mile_extra=[(1.0, 0.25, None), (1.0, 1.0, 0.5)])
 
 
-def _unfused(hidden, weight_shard, target, loss_mask, loss_type, gamma, sigma, vocab, threshold, ignore_index=-100):
+def _unfused(hidden, weight_shard, target, loss_mask, spec, vocab, ignore_index=-100):
     """The path the fused one replaces: ColumnParallelLinear's matmul, then the vocab-parallel loss."""
     from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-    _, tp = _tp_rank_size()
+    _, tp = tp_rank_size()
     h = hidden.detach().clone().requires_grad_()
     w = weight_shard.detach().clone().requires_grad_()
     replicated = copy_to_tensor_model_parallel_region(h) if tp > 1 else h  # backward: all-reduce SUM
     logits = torch.matmul(replicated, w.t())  # [s, b, v/tp]
     ce, weight, entropy = vocab_parallel_weighted_cross_entropy(
-        logits, target, loss_type, gamma, sigma, vocab, threshold, ignore_index, return_entropy=True
+        logits, target, spec, vocab, ignore_index, return_entropy=True
     )
     total = (weight * loss_mask * ce).sum()
     (total * UPSTREAM).backward()
     return total.detach(), ce.detach(), weight, entropy, h.grad, w.grad
 
 
-def _fused(hidden, weight_shard, target, loss_mask, loss_type, gamma, sigma, vocab, threshold, chunk, **kwargs):
+def _fused(hidden, weight_shard, target, loss_mask, spec, vocab, chunk, **kwargs):
     h = hidden.detach().clone().requires_grad_()
     w = weight_shard.detach().clone().requires_grad_()
-    out = fused_lm_head_loss(
-        h, w, target, loss_mask, loss_type, gamma, sigma, vocab, threshold,
-        chunk_tokens=chunk, return_entropy=True, **kwargs,
+    out = fused_linear_cross_entropy(
+        h, w, target, loss_mask, spec, vocab, chunk_tokens=chunk, return_entropy=True, **kwargs,
     )
     (out.weighted_ce_sum * UPSTREAM).backward()
     return out, h.grad, w.grad
@@ -101,24 +92,26 @@ def _fused(hidden, weight_shard, target, loss_mask, loss_type, gamma, sigma, voc
 
 def check_fp32(loss_type: str) -> int:
     """Worker body: fp32 fused == unfused == reference within 1e-5 for every setting and chunk size."""
-    rank, tp = _tp_rank_size()
+    rank, tp = tp_rank_size()
     checked = 0
-    for (vocab, padded), (gamma, sigma, threshold), seed in itertools.product(VOCABS, _loss_settings(loss_type), (0, 1)):
+    for (vocab, padded), spec, seed in itertools.product(VOCABS, _loss_settings(loss_type), (0, 1)):
         hidden, weight, target, loss_mask = _make_case(seed, vocab, padded, torch.float32, ignore_some=seed == 1)
         start, end = vocab_shard_range(padded, rank, tp)
         shard = weight[start:end]
-        settings = (loss_type, gamma, sigma, vocab, threshold)
+        settings = (spec, vocab)
         u_loss, u_ce, u_w, u_h, u_gh, u_gw = _unfused(hidden, shard, target, loss_mask, *settings)
 
         full_h = hidden.clone().requires_grad_()
         full_w = weight.clone().requires_grad_()
-        r_ce, r_w, r_h = reference_weighted_cross_entropy(full_h @ full_w.t(), target, loss_type, gamma, sigma, vocab, threshold)
+        r_ce, r_w, r_h = reference_weighted_cross_entropy(
+            full_h @ full_w.t(), target, spec.loss_type, spec.gamma, spec.sigma, vocab, spec.entropy_threshold
+        )
         r_loss = (r_w * loss_mask * r_ce).sum()
         (r_loss * UPSTREAM).backward()
 
         for chunk in CHUNKS:
             out, f_gh, f_gw = _fused(hidden, shard, target, loss_mask, *settings, chunk)
-            where = f"{loss_type} tp={tp} rank={rank} vocab={vocab}/{padded} gamma={gamma} sigma={sigma} thr={threshold} chunk={chunk} seed={seed}"
+            where = f"{spec.describe()} tp={tp} rank={rank} vocab={vocab}/{padded} chunk={chunk} seed={seed}"
             close = dict(rtol=1e-5, atol=1e-5)
             for name, got, unfused, ref in [
                 ("loss", out.weighted_ce_sum.detach(), u_loss, r_loss.detach()),
@@ -149,17 +142,17 @@ def check_bf16(loss_type: str) -> int:
     largest entry, since the unfused path also rounds its TP all-reduce and its grad_W matmul to bf16,
     where the fused one sums per-chunk bf16 products in fp32.
     """
-    rank, tp = _tp_rank_size()
+    rank, tp = tp_rank_size()
     checked = 0
-    for (vocab, padded), (gamma, sigma, threshold) in itertools.product(VOCABS, _loss_settings(loss_type)):
+    for (vocab, padded), spec in itertools.product(VOCABS, _loss_settings(loss_type)):
         hidden, weight, target, loss_mask = _make_case(3, vocab, padded, torch.bfloat16)
         start, end = vocab_shard_range(padded, rank, tp)
         shard = weight[start:end]
-        settings = (loss_type, gamma, sigma, vocab, threshold)
+        settings = (spec, vocab)
         u_loss, u_ce, u_w, u_h, u_gh, u_gw = _unfused(hidden, shard, target, loss_mask, *settings)
         for chunk in (4, 7, 64):
             out, f_gh, f_gw = _fused(hidden, shard, target, loss_mask, *settings, chunk)
-            where = f"bf16 {loss_type} tp={tp} rank={rank} vocab={vocab}/{padded} gamma={gamma} chunk={chunk}"
+            where = f"bf16 {spec.describe()} tp={tp} rank={rank} vocab={vocab}/{padded} chunk={chunk}"
             assert f_gh.dtype == f_gw.dtype == torch.bfloat16, where
             torch.testing.assert_close(out.weighted_ce_sum.detach(), u_loss, rtol=1e-4, atol=1e-4, msg=lambda m: f"loss {where}: {m}")
             for name, got, want in [("ce", out.ce, u_ce), ("weight", out.weight, u_w), ("entropy", out.entropy, u_h)]:
@@ -209,7 +202,7 @@ def count_collectives(chunk: int, reduce_grad_hidden: bool, grad: bool):
 
         return record
 
-    rank, tp = _tp_rank_size()
+    rank, tp = tp_rank_size()
     hidden, weight, target, loss_mask = _make_case(0, 50, 64, torch.float32)
     start, end = vocab_shard_range(64, rank, tp)
     h = hidden.clone().requires_grad_(grad)
@@ -218,8 +211,8 @@ def count_collectives(chunk: int, reduce_grad_hidden: bool, grad: bool):
         dist.all_reduce = record_all_reduce
         for name in others:
             setattr(dist, name, record_other(name))
-        out = fused_lm_head_loss(h, w, target, loss_mask, "mile", 1.0, vocab_size=50, chunk_tokens=chunk,
-                                 reduce_grad_hidden=reduce_grad_hidden)
+        out = fused_linear_cross_entropy(h, w, target, loss_mask, LossSpec("mile", 1.0), vocab_size=50,
+                                         chunk_tokens=chunk, reduce_grad_hidden=reduce_grad_hidden)
         forward_calls = list(calls)
         calls.clear()
         if grad:
@@ -262,14 +255,14 @@ def check_caller_reduces_grad_hidden() -> None:
     """Worker body: hidden routed through copy_to_tensor_model_parallel_region + reduce_grad_hidden=False."""
     from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-    rank, tp = _tp_rank_size()
+    rank, tp = tp_rank_size()
     hidden, weight, target, loss_mask = _make_case(2, 50, 64, torch.float32)
     start, end = vocab_shard_range(64, rank, tp)
-    _, _, _, _, u_gh, u_gw = _unfused(hidden, weight[start:end], target, loss_mask, "mile", 1.0, 1.0, 50, None)
+    _, _, _, _, u_gh, u_gw = _unfused(hidden, weight[start:end], target, loss_mask, LossSpec("mile", 1.0, 1.0), 50)
     h = hidden.clone().requires_grad_()
     w = weight[start:end].clone().requires_grad_()
-    out = fused_lm_head_loss(copy_to_tensor_model_parallel_region(h), w, target, loss_mask, "mile", 1.0,
-                             vocab_size=50, chunk_tokens=5, reduce_grad_hidden=False)
+    out = fused_linear_cross_entropy(copy_to_tensor_model_parallel_region(h), w, target, loss_mask,
+                                     LossSpec("mile", 1.0), vocab_size=50, chunk_tokens=5, reduce_grad_hidden=False)
     (out.weighted_ce_sum * UPSTREAM).backward()
     torch.testing.assert_close(h.grad, u_gh, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad, u_gw, rtol=1e-5, atol=1e-5)
@@ -308,9 +301,9 @@ def test_never_materialises_the_logits(dtype, monkeypatch):
     w = torch.randn(vocab, hidden_size, generator=gen).to(dtype).requires_grad_()
     target = torch.randint(0, vocab, (seq, batch), generator=gen)
     chunk = 16
-    monkeypatch.setattr("megatron_mile.loss.fused_lm_head.GRAD_GROUP_TOKENS", 4 * chunk)  # groups of 4 chunks
+    monkeypatch.setattr("megatron_mile.loss.fused_linear_cross_entropy.GRAD_GROUP_TOKENS", 4 * chunk)  # groups of 4 chunks
     with _Recorder() as rec:
-        out = fused_lm_head_loss(h, w, target, loss_type="mile", chunk_tokens=chunk)
+        out = fused_linear_cross_entropy(h, w, target, spec=LossSpec("mile"), chunk_tokens=chunk)
         out.weighted_ce_sum.backward()
     tokens = seq * batch
     # Largest tensors: the [chunk, V] scratch blocks (bf16: the [group * chunk, V] staging) and the
@@ -327,7 +320,7 @@ def test_never_materialises_the_logits(dtype, monkeypatch):
     assert group in (1, 4) and rec.matmuls == chunks + 2 * groups, rec.matmuls
     # The unfused path does hold one: the recorder sees it.
     with _Recorder() as rec_unfused:
-        ce, wt = vocab_parallel_weighted_cross_entropy(h @ w.t(), target, "mile")
+        ce, wt = vocab_parallel_weighted_cross_entropy(h @ w.t(), target, LossSpec("mile"))
         (ce * wt).sum().backward()
     assert rec_unfused.largest >= tokens * vocab
 
@@ -339,13 +332,14 @@ def test_gradients_only_for_what_needs_them(frozen):
     w = weight.clone().requires_grad_(frozen == "none")
     grads_wanted = {"none": 1, "weight": 1, "both": 0}[frozen]
     with _Recorder() as rec:
-        out = fused_lm_head_loss(h, w, target, loss_mask, "focal", 2.0, vocab_size=50, chunk_tokens=6)
+        out = fused_linear_cross_entropy(h, w, target, loss_mask, LossSpec("focal", 2.0), vocab_size=50, chunk_tokens=6)
     chunks = 3
     # Per chunk: the projection, plus one matmul for each gradient that is needed.
     assert rec.matmuls == chunks * {"none": 3, "weight": 2, "both": 1}[frozen], rec.matmuls
     assert out.weighted_ce_sum.requires_grad == bool(grads_wanted)
     with torch.no_grad(), _Recorder() as rec_eval:
-        evaluated = fused_lm_head_loss(h, w, target, loss_mask, "focal", 2.0, vocab_size=50, chunk_tokens=6)
+        evaluated = fused_linear_cross_entropy(h, w, target, loss_mask, LossSpec("focal", 2.0), vocab_size=50,
+                                               chunk_tokens=6)
     assert rec_eval.matmuls == chunks  # evaluation: the projection only
     assert not evaluated.weighted_ce_sum.requires_grad
     torch.testing.assert_close(evaluated.weighted_ce_sum, out.weighted_ce_sum.detach(), rtol=0, atol=0)
@@ -354,18 +348,27 @@ def test_gradients_only_for_what_needs_them(frozen):
         assert w.grad is None and h.grad is not None
 
 
+def fused_micro_batch_loss(hidden, weight, target, loss_mask, **kwargs) -> MicroBatchLoss:
+    """fused_linear_cross_entropy reduced to a MicroBatchLoss: the fused sum with its gradient, and the
+    detached statistics reduce_micro_batch gives for the fused call's own per-token values."""
+    out = fused_linear_cross_entropy(hidden, weight, target, loss_mask, **kwargs)
+    entropy = out.entropy if out.entropy.numel() else None
+    part = reduce_micro_batch(out.ce, out.weight, loss_mask, entropy)
+    return MicroBatchLoss(out.weighted_ce_sum, part.sums, part.weight_min, part.weight_max)
+
+
 def test_micro_batch_loss_equals_reduce_micro_batch_of_the_unfused_path():
     hidden, weight, target, loss_mask = _make_case(5, 50, 64, torch.float32)
     for loss_type in ("cross_entropy", "focal", "mile"):
+        spec = LossSpec(loss_type, 1.0)
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_()
-        part = fused_lm_head_micro_batch_loss(
-            h, w, target, loss_mask, loss_type=loss_type, gamma=1.0, vocab_size=50, chunk_tokens=5, return_entropy=True
-        )
+        part = fused_micro_batch_loss(h, w, target, loss_mask, spec=spec, vocab_size=50, chunk_tokens=5,
+                                      return_entropy=True)
         part.weighted_ce_sum.backward()
         h2 = hidden.clone().requires_grad_()
         w2 = weight.clone().requires_grad_()
-        ce, wt, ent = vocab_parallel_weighted_cross_entropy(h2 @ w2.t(), target, loss_type, 1.0, vocab_size=50, return_entropy=True)
+        ce, wt, ent = vocab_parallel_weighted_cross_entropy(h2 @ w2.t(), target, spec, vocab_size=50, return_entropy=True)
         ref = reduce_micro_batch(ce, wt, loss_mask, ent)
         ref.weighted_ce_sum.backward()
         torch.testing.assert_close(part.weighted_ce_sum.detach(), ref.weighted_ce_sum.detach(), rtol=1e-6, atol=1e-6)
@@ -387,19 +390,19 @@ def test_default_chunk_follows_the_memory_budget():
     assert chunk_tokens_for_budget(10**9) == 1  # never zero
     hidden, weight, target, _ = _make_case(6, 64, 64, torch.float32)
     # A budget of exactly 5 rows gives the same results as chunk_tokens=5.
-    a = fused_lm_head_loss(hidden, weight, target, loss_type="mile", chunk_bytes=5 * 4 * 64)
-    b = fused_lm_head_loss(hidden, weight, target, loss_type="mile", chunk_tokens=5)
+    a = fused_linear_cross_entropy(hidden, weight, target, spec=LossSpec("mile"), chunk_bytes=5 * 4 * 64)
+    b = fused_linear_cross_entropy(hidden, weight, target, spec=LossSpec("mile"), chunk_tokens=5)
     torch.testing.assert_close(a.ce, b.ce, rtol=0, atol=0)
 
 
 def test_a_second_backward_raises_instead_of_reusing_consumed_gradients():
     hidden, weight, target, loss_mask = _make_case(7, 64, 64, torch.float32)
     h = hidden.clone().requires_grad_()
-    out = fused_lm_head_loss(h, weight, target, loss_mask, "mile", chunk_tokens=4)
+    out = fused_linear_cross_entropy(h, weight, target, loss_mask, LossSpec("mile"), chunk_tokens=4)
     (out.weighted_ce_sum * 2.0).backward(retain_graph=True)
     first = h.grad.clone()
     h2 = hidden.clone().requires_grad_()
-    fused_lm_head_loss(h2, weight, target, loss_mask, "mile", chunk_tokens=4).weighted_ce_sum.backward()
+    fused_linear_cross_entropy(h2, weight, target, loss_mask, LossSpec("mile"), chunk_tokens=4).weighted_ce_sum.backward()
     torch.testing.assert_close(first, 2.0 * h2.grad)
     with pytest.raises(RuntimeError, match="consumed by the first backward"):
         out.weighted_ce_sum.backward()
@@ -424,4 +427,5 @@ def test_bad_input_raises_value_error(change, match):
     kwargs = dict(hidden=hidden, weight=weight, target=target, loss_mask=loss_mask, loss_type="mile")
     kwargs.update(change)
     with pytest.raises(ValueError, match=match):
-        fused_lm_head_loss(**kwargs)
+        spec = LossSpec(kwargs.pop("loss_type"), kwargs.pop("gamma", 1.0))
+        fused_linear_cross_entropy(spec=spec, **kwargs)

@@ -1,4 +1,4 @@
-"""Fused output layer + MiLe / focal / cross-entropy loss that never materialises the [s, b, V/tp] logits.
+"""Fused linear cross-entropy: output layer + weighted loss without the [s, b, V/tp] logits (--fused-lm-head).
 
 The unfused path computes logits = hidden @ W^T ([s, b, V/tp], the largest activation of a GPT model: 2 GiB
 in fp32 for 16k tokens at vocab 32000), keeps them for backward and allocates their gradient. Here the
@@ -17,7 +17,7 @@ arrives only in backward. Forward therefore computes, per chunk of c tokens,
     m        = max_v z                 -> all-reduce MAX    [c]
     S, T, zt = sum e, sum e (z - m), z_target - m, e = exp(z - m)
                                        -> all-reduce SUM    [k, c]  (k = 3 with the entropy, else 2)
-    ce, H, w from S, T, zt              (exactly as megatron_mile.loss.vocab_parallel)
+    ce, H, w from S, T, zt              (the per-shard steps of megatron_mile.loss.shard, as the unfused path)
     G        = mask * w * (e / S - onehot)                  [c, V_owned]   (in the same scratch buffer)
     grad_hidden[c rows] = G @ W_owned                       [c, h]
     grad_W[owned rows] += G^T @ hidden_c                    [V_owned, h]
@@ -50,20 +50,15 @@ once, in backward.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_mile.loss.reduction import MicroBatchLoss, reduce_micro_batch
-from megatron_mile.loss.vocab_parallel import (
-    DEFAULT_IGNORE_INDEX,
-    _group_rank_and_size,
-    _tp_group_or_default,
-    validate_loss_arguments,
-)
+from megatron_mile.loss import shard as shard_steps
+from megatron_mile.loss.shard import DEFAULT_IGNORE_INDEX, VocabShard
+from megatron_mile.loss.spec import CROSS_ENTROPY, LossSpec
 
 # Bytes of one fp32 [chunk_tokens, V/tp] scratch block. 32 MiB keeps the scratch small next to the model
 # (two blocks = 64 MiB) while each matmul chunk stays large enough to run at full speed: at V/tp = 32000
@@ -71,7 +66,7 @@ from megatron_mile.loss.vocab_parallel import (
 DEFAULT_CHUNK_BYTES = 32 << 20
 
 # bf16 inputs: tokens whose bf16 logit gradients are staged before the two gradient matmuls run on all of
-# them at once (see _FusedLMHeadLoss.forward), rounded up to whole chunks. Each group costs one fp32 pass
+# them at once (see _FusedLinearCrossEntropy.forward), rounded up to whole chunks. Each group costs one fp32 pass
 # over grad_W [V/tp, h] against a matmul of group_tokens * V/tp * h, so the pass's share is ~1/group_tokens
 # whatever V/tp is: ~1024 tokens keeps it small (at h = 512) with a staging buffer of 2 * 1024 * V/tp bytes.
 GRAD_GROUP_TOKENS = 1024
@@ -92,13 +87,13 @@ def chunk_tokens_for_budget(partition: int, chunk_bytes: int = DEFAULT_CHUNK_BYT
 
 
 @dataclass
-class FusedLMHeadOutput:
-    """What one call of fused_lm_head_loss returns.
+class FusedLinearCrossEntropyOutput:
+    """What one call of fused_linear_cross_entropy returns.
 
     weighted_ce_sum: sum_t(mask_t * w_t * ce_t), fp32 scalar WITH gradient to hidden and weight.
     ce, weight, entropy: per token [s, b] fp32, detached, NOT multiplied by the loss mask (as
-        vocab_parallel_weighted_cross_entropy returns them; ignore_index positions are 0). entropy is an
-        empty tensor unless it was needed (MiLe) or asked for (return_entropy).
+        megatron_mile.loss.vocab_parallel_token_losses returns them; ignore_index positions are 0). entropy
+        is an empty tensor unless the weighting needs it or it was asked for (return_entropy).
     """
 
     weighted_ce_sum: torch.Tensor
@@ -107,21 +102,7 @@ class FusedLMHeadOutput:
     entropy: torch.Tensor
 
 
-def _token_weights(loss_type, ce, entropy, gamma, sigma, entropy_threshold, vocab_size):
-    """Detached per-token weight [c] from ce / entropy [c]; the formulas of vocab_parallel, in one place."""
-    if loss_type == "mile":
-        weight = (sigma + entropy).pow(gamma)
-        if entropy_threshold is not None:
-            below = entropy / math.log(vocab_size) < entropy_threshold
-            weight = torch.where(below, torch.ones_like(weight), weight)
-        return weight
-    if loss_type == "focal":
-        # 1 - p_target = -expm1(-ce): exact for confident tokens where p_target is close to 1.
-        return torch.neg(torch.expm1(-ce)).clamp_(min=0.0).pow_(gamma)
-    return torch.ones_like(ce)
-
-
-class _FusedLMHeadLoss(torch.autograd.Function):
+class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum(mask * w * ce) of hidden @ W^T, with grad_hidden / grad_W computed in forward (module docstring).
 
     Forward collectives (tp_group): per chunk, all-reduce MAX [c] then all-reduce SUM [k, c].
@@ -137,27 +118,21 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         weight: torch.Tensor,  # [v/tp, h], this rank's shard of the output layer
         target: torch.Tensor,  # [s, b]
         loss_mask: torch.Tensor,  # [s, b] fp32 (1 = counts)
-        loss_type: str,
-        gamma: float,
-        sigma: float,
-        vocab_size: int,
-        entropy_threshold: Optional[float],
+        spec: LossSpec,
+        shard: VocabShard,
         ignore_index: Optional[int],
-        tp_group,
         chunk_tokens: int,
         want_entropy: bool,
         grad_hidden_needed: bool,
         grad_weight_needed: bool,
         reduce_grad_hidden: bool,
     ):
-        rank, tp_size = _group_rank_and_size(tp_group)
         partition, hidden_size = weight.shape
-        vocab_start = rank * partition
         # Real-vocabulary columns of this shard; padded rows of W are never multiplied.
-        owned = max(0, min(partition, vocab_size - vocab_start))
+        owned = shard.owned
         device = hidden.device
         compute_dtype = hidden.dtype
-        need_entropy = loss_type == "mile" or want_entropy
+        need_entropy = spec.needs_entropy or want_entropy
         need_grad = grad_hidden_needed or grad_weight_needed
 
         hidden_2d = hidden.reshape(-1, hidden_size)  # [N, h]
@@ -175,15 +150,11 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             else None
         )
 
-        ignored = target_1d == ignore_index if ignore_index is not None else None
+        targets = shard_steps.targets_on_shard(target_1d, shard, ignore_index)
+        local_target, target_here, ignored = targets
         mask_1d = loss_mask.reshape(-1)
         if ignored is not None:
             mask_1d = mask_1d.masked_fill(ignored, 0.0)
-        local_target = target_1d - vocab_start
-        target_here = (local_target >= 0) & (local_target < owned)
-        if ignored is not None:
-            target_here &= ~ignored
-        local_target = torch.where(target_here, local_target, torch.zeros_like(local_target))
 
         ce = torch.empty(num_tokens, dtype=torch.float32, device=device)  # [N]
         token_weight = torch.empty_like(ce)  # [N]
@@ -211,7 +182,6 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         if need_grad and owned == 0 and grad_hidden_needed:
             # No real column on this rank: its logits depend neither on hidden nor on W.
             grad_hidden_acc.zero_()
-        row_index = torch.arange(rows, device=device)
         staged_from = 0  # first token whose bf16 gradient sits in `stage`
 
         for chunk_index, start in enumerate(range(0, num_tokens, rows)):
@@ -222,6 +192,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
             e = e_buf[:n]
             tgt = local_target[start:end]
             here = target_here[start:end]
+            targets_c = shard_steps.ShardTargets(tgt, here, None)
             if low_precision:
                 slot = (chunk_index % group) * rows
                 staged = stage[slot : slot + n]  # [c, v_owned] in the input dtype
@@ -236,27 +207,18 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 chunk_max = z.amax(dim=-1)  # [c]
             else:
                 chunk_max = torch.full((n,), float("-inf"), device=device)
-            if tp_size > 1:
-                dist.all_reduce(chunk_max, op=dist.ReduceOp.MAX, group=tp_group)
+            shard_steps.all_reduce_max(chunk_max, shard)
 
             # --- packed sums and collective 2: SUM ---
-            stats = torch.zeros((3 if need_entropy else 2, n), dtype=torch.float32, device=device)  # [k, c]
+            stats = shard_steps.new_statistics(n, need_entropy, device)  # [k, c]
             if owned > 0:
                 z.sub_(chunk_max[:, None])
-                torch.exp(z, out=e)
-                torch.sum(e, dim=-1, out=stats[1])
                 picked = z.gather(1, tgt[:, None]).squeeze(1)
-                stats[0] = torch.where(here, picked, torch.zeros_like(picked))
-                if need_entropy:
-                    z.mul_(e)  # e * (z - m); z is not needed any more
-                    torch.sum(z, dim=-1, out=stats[2])
-            if tp_size > 1:
-                dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
-
-            log_sum_exp = torch.log(stats[1])  # [c], shifted by the max
-            ce_c = log_sum_exp - stats[0]
-            entropy_c = (log_sum_exp - stats[2] / stats[1]).clamp_(min=0.0) if need_entropy else None
-            weight_c = _token_weights(loss_type, ce_c, entropy_c, gamma, sigma, entropy_threshold, vocab_size)
+                shard_steps.put_target_logit(stats, picked, targets_c)
+                shard_steps.exp_sums_(z, e, stats[shard_steps.SUM_EXP],
+                                      stats[shard_steps.SUM_EXP_SHIFTED] if need_entropy else None)
+            shard_steps.all_reduce_statistics(stats, shard)
+            ce_c, weight_c, entropy_c, _ = shard_steps.token_losses(stats, spec, shard.vocab_size)
             ce[start:end] = ce_c
             token_weight[start:end] = weight_c
             if need_entropy:
@@ -266,8 +228,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 continue
             # --- this chunk's logit gradient, in e's storage: mask * w * (softmax - onehot) ---
             scale = mask_1d[start:end] * weight_c  # [c]
-            e.mul_((scale / stats[1])[:, None])
-            e[row_index[:n], tgt] -= scale * here.float()
+            shard_steps.softmax_grad_(e, scale / stats[shard_steps.SUM_EXP], scale * here.float(), tgt)
             if not low_precision:
                 if grad_hidden_needed:
                     torch.mm(e, weight_owned, out=grad_hidden_acc[start:end])
@@ -286,12 +247,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 staged_from = end
 
         del z_buf, e_buf
-        if ignored is not None:
-            keep = (~ignored).float()
-            ce.mul_(keep)
-            token_weight.mul_(keep)
-            if entropy is not None:
-                entropy.mul_(keep)
+        shard_steps.zero_ignored_(ignored, ce, token_weight, entropy)
         # The same arithmetic as reduction.reduce_micro_batch: (w * mask) * ce, summed.
         weighted_ce_sum = ((token_weight * mask_1d) * ce).sum()
 
@@ -299,7 +255,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         ctx.grad_weight = grad_weight_acc
         ctx.hidden_meta = (hidden.shape, hidden.dtype)
         ctx.weight_dtype = weight.dtype
-        ctx.tp_group = tp_group if tp_size > 1 and reduce_grad_hidden else None
+        ctx.tp_group = shard.tp_group if shard.tp_size > 1 and reduce_grad_hidden else None
 
         shape = target.shape
         entropy_out = entropy.view(shape) if entropy is not None else torch.empty(0, device=device)
@@ -317,7 +273,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         """
         if ctx.grad_hidden is None and ctx.grad_weight is None:
             raise RuntimeError(
-                "fused_lm_head_loss: its gradients were computed in forward and are consumed by the first "
+                "fused_linear_cross_entropy: its gradients were computed in forward and are consumed by the first "
                 "backward; call it again for another backward (retain_graph cannot replay it)"
             )
         scale = grad_sum.float()
@@ -334,10 +290,10 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         if ctx.grad_weight is not None:
             grad_weight = ctx.grad_weight.mul_(scale).to(ctx.weight_dtype)  # [v/tp, h]
         ctx.grad_hidden = ctx.grad_weight = None
-        return (grad_hidden, grad_weight) + (None,) * 14
+        return (grad_hidden, grad_weight) + (None,) * 10
 
 
-def _validate(hidden, weight, target, loss_mask, vocab_size, padded_vocab_size, ignore_index, chunk_tokens):
+def _validate_operands(hidden, weight) -> None:
     if not hidden.is_floating_point() or hidden.dim() < 2:
         raise ValueError(f"hidden must be a floating-point [s, b, h] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.size(1) != hidden.size(-1):
@@ -347,53 +303,32 @@ def _validate(hidden, weight, target, loss_mask, vocab_size, padded_vocab_size, 
         )
     if weight.dtype != hidden.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} must equal hidden shape without its last dimension "
-            f"{tuple(hidden.shape[:-1])} (hidden [s, b, h], target [s, b])"
-        )
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise ValueError(f"target must hold integer token ids, got dtype {target.dtype}")
-    if loss_mask is not None and tuple(loss_mask.shape) != tuple(target.shape):
-        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal target shape {tuple(target.shape)}")
-    if not (0 < vocab_size <= padded_vocab_size):
-        raise ValueError(
-            f"vocab_size={vocab_size} must be in [1, {padded_vocab_size}] = tp_size * weight.size(0); pass the "
-            "real (unpadded) vocabulary size, or check that tp_group is the group that split the weight"
-        )
+
+
+def _validate_options(hidden, loss_mask, chunk_tokens) -> None:
+    if loss_mask is not None and tuple(loss_mask.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal target shape {tuple(hidden.shape[:-1])}")
     if chunk_tokens is not None and int(chunk_tokens) < 1:
         raise ValueError(f"chunk_tokens must be >= 1 (or None for the memory budget), got {chunk_tokens!r}")
-    if target.numel() == 0:
-        return
-    valid = target if ignore_index is None else target[target != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
-        bad = valid[(valid < 0) | (valid >= vocab_size)][0].item()
-        raise ValueError(
-            f"target contains id {bad}, outside the vocabulary [0, {vocab_size}); check the tokenizer and "
-            f"--vocab-size (ignored positions may use ignore_index={ignore_index})"
-        )
 
 
-def fused_lm_head_loss(
+def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
     loss_mask: Optional[torch.Tensor] = None,
-    loss_type: str = "cross_entropy",
-    gamma: float = 1.0,
-    sigma: float = 1.0,
+    spec: LossSpec = CROSS_ENTROPY,
     vocab_size: Optional[int] = None,
-    entropy_threshold: Optional[float] = None,
     ignore_index: Optional[int] = DEFAULT_IGNORE_INDEX,
     tp_group=None,
     chunk_tokens: Optional[int] = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     return_entropy: bool = False,
     reduce_grad_hidden: bool = True,
-) -> FusedLMHeadOutput:
+) -> FusedLinearCrossEntropyOutput:
     """Output projection + weighted loss in chunks: sum(mask * w * ce) of logits = hidden @ weight^T.
 
-    Equal (to rounding) to `vocab_parallel_weighted_cross_entropy(hidden @ weight.T, ...)` followed by
+    Equal (to rounding) to `vocab_parallel_token_losses(hidden @ weight.T, ...)` followed by
     `sum(loss_mask * w * ce)`, but the [s, b, V/tp] logits are never held: see the module docstring.
 
     Args:
@@ -404,12 +339,12 @@ def fused_lm_head_loss(
         target: [s, b] global token ids in [0, vocab_size), or ignore_index.
         loss_mask: [s, b], 1 where the token counts (None: all count). It must be known in forward,
             because the gradient is computed there.
-        loss_type, gamma, sigma, entropy_threshold: as in vocab_parallel_weighted_cross_entropy.
+        spec: the loss (megatron_mile.loss.spec.LossSpec), as in vocab_parallel_token_losses.
         vocab_size: the real vocabulary; rows of `weight` at or beyond it (padding) take no part.
         tp_group: tensor-parallel group over which the vocabulary is split (default: megatron's).
         chunk_tokens: tokens per chunk; must be the same on every TP rank. Default: the largest count whose
             fp32 [chunk, V/tp] block fits in `chunk_bytes` (chunk_tokens_for_budget).
-        return_entropy: compute H for logging even for cross-entropy / focal (MiLe always has it).
+        return_entropy: compute H for logging even when the weighting does not need it (MiLe has it).
         reduce_grad_hidden: all-reduce grad_hidden over tp_group in backward (default). Pass False when the
             caller's own autograd already sums it over TP (hidden from copy_to_tensor_model_parallel_region
             or from a sequence-parallel all-gather, whose backward reduce-scatters).
@@ -421,12 +356,10 @@ def fused_lm_head_loss(
     [k, c] fp32 (k = 3 with the entropy, else 2): 2 * ceil(s * b / chunk_tokens) in all. Backward: one
     all-reduce SUM of [s, b, h] fp32 (when reduce_grad_hidden and TP > 1).
     """
-    validate_loss_arguments(loss_type, gamma, sigma, entropy_threshold)
-    tp_group = _tp_group_or_default(tp_group)
-    _, tp_size = _group_rank_and_size(tp_group)
-    padded_vocab_size = weight.size(0) * tp_size if weight.dim() == 2 else 0
-    vocab_size = padded_vocab_size if vocab_size is None else int(vocab_size)
-    _validate(hidden, weight, target, loss_mask, vocab_size, padded_vocab_size, ignore_index, chunk_tokens)
+    _validate_operands(hidden, weight)
+    shard = VocabShard.of(weight.size(0), vocab_size, tp_group, what="weight.size(0)")
+    shard_steps.validate_targets(target, hidden.shape[:-1], shard.vocab_size, ignore_index, "hidden [s, b, h]")
+    _validate_options(hidden, loss_mask, chunk_tokens)
     if chunk_tokens is None:
         chunk_tokens = chunk_tokens_for_budget(weight.size(0), chunk_bytes)
     mask = (
@@ -437,43 +370,18 @@ def fused_lm_head_loss(
     grad_enabled = torch.is_grad_enabled()
     grad_hidden_needed = grad_enabled and hidden.requires_grad
     grad_weight_needed = grad_enabled and weight.requires_grad
-    weighted_ce_sum, ce, token_weight, entropy = _FusedLMHeadLoss.apply(
+    weighted_ce_sum, ce, token_weight, entropy = _FusedLinearCrossEntropy.apply(
         hidden,
         weight,
         target,
         mask,
-        loss_type,
-        float(gamma),
-        float(sigma),
-        vocab_size,
-        entropy_threshold,
+        spec,
+        shard,
         ignore_index,
-        tp_group,
         int(chunk_tokens),
         return_entropy,
         grad_hidden_needed,
         grad_weight_needed,
         reduce_grad_hidden,
     )
-    return FusedLMHeadOutput(weighted_ce_sum, ce, token_weight, entropy)
-
-
-def fused_lm_head_micro_batch_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    loss_mask: Optional[torch.Tensor] = None,
-    **kwargs,
-) -> MicroBatchLoss:
-    """fused_lm_head_loss reduced to the MicroBatchLoss the training step collects.
-
-    Same arguments as fused_lm_head_loss (keywords after loss_mask). weighted_ce_sum carries the
-    gradient to hidden and weight; sums, weight_min and weight_max are those reduce_micro_batch would
-    give for the unfused path's per-token ce / weight / entropy and the same loss_mask. The entropy sum
-    is 0 unless the loss is MiLe or return_entropy=True. Collectives: those of fused_lm_head_loss.
-    """
-    out = fused_lm_head_loss(hidden, weight, target, loss_mask, **kwargs)
-    entropy = out.entropy if out.entropy.numel() else None
-    # Detached statistics from the detached per-token values; the differentiable sum is the fused one.
-    part = reduce_micro_batch(out.ce, out.weight, loss_mask, entropy)
-    return MicroBatchLoss(out.weighted_ce_sum, part.sums, part.weight_min, part.weight_max)
+    return FusedLinearCrossEntropyOutput(weighted_ce_sum, ce, token_weight, entropy)

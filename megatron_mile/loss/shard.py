@@ -1,0 +1,220 @@
+"""The per-shard steps both vocab-parallel loss paths are built from.
+
+Each tensor-parallel rank holds a contiguous slice of the padded vocabulary ([..., V_padded/tp] logits, or
+the [V_padded/tp, h] output-layer rows the fused path multiplies by). Per token, both paths
+(megatron_mile.loss.vocab_parallel on given logits, megatron_mile.loss.fused_linear_cross_entropy on logits
+it computes chunk by chunk) need the same three sums over the WHOLE real vocabulary, shifted by the global
+maximum m so that every rank's partial sums add up exactly:
+
+    z_t = logit of the target - m           (owned by exactly one rank; zero elsewhere)
+    S   = sum_v exp(z_v - m)                 (softmax denominator)
+    T   = sum_v exp(z_v - m) * (z_v - m)     (entropy statistic, only when needed)
+
+then ce = log S - z_t and H = log S - T / S (the entropy of softmax(z) in nats; derivation in
+docs/mile-loss.md), the weight from the LossSpec, and the logit gradient
+scale * (softmax - onehot(target)). This module holds those steps once; the two paths differ only in where
+the logits come from and when the gradient is formed.
+
+Communication: `all_reduce_max` (MAX of [N] fp32) and `all_reduce_statistics` (one SUM of the packed [k, N]
+fp32) on the tensor-parallel group; nothing else here communicates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_mile.loss.spec import LossSpec, TokenStatistics
+
+# Targets equal to this id take no part in the loss (ce = 0, weight = 0, zero gradient), as in
+# torch.nn.functional.cross_entropy. Megatron's data pipeline uses a loss mask instead; both work.
+DEFAULT_IGNORE_INDEX = -100
+
+# Rows of the packed per-token statistics (one all-reduce SUM carries them all).
+TARGET_LOGIT, SUM_EXP, SUM_EXP_SHIFTED = 0, 1, 2
+
+
+def tp_group_or_default(tp_group):
+    """`tp_group`, else megatron's tensor-parallel group, else None (a single process)."""
+    if tp_group is not None:
+        return tp_group
+    if not dist.is_initialized():
+        return None
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice [vocab_start, vocab_start + partition) of the padded vocabulary.
+
+    `owned` counts its columns that belong to the real vocabulary: padding at or beyond vocab_size takes no
+    part in the max, the sums or the gradient, so results depend neither on the padding nor on the TP size.
+    """
+
+    tp_group: object
+    rank: int
+    tp_size: int
+    partition: int  # V_padded / tp, the same on every rank
+    vocab_size: int  # the real vocabulary V
+
+    @classmethod
+    def of(cls, partition: int, vocab_size: Optional[int], tp_group, what: str = "logits.size(-1)") -> "VocabShard":
+        """The shard of a `partition`-wide slice on `tp_group` (None: megatron's group, or one process).
+
+        vocab_size None means no padding (tp * partition). Raises ValueError when vocab_size does not fit.
+        """
+        tp_group = tp_group_or_default(tp_group)
+        rank, tp_size = (0, 1) if tp_group is None else (dist.get_rank(tp_group), dist.get_world_size(tp_group))
+        padded = partition * tp_size
+        vocab_size = padded if vocab_size is None else int(vocab_size)
+        if not (0 < vocab_size <= padded):
+            raise ValueError(
+                f"vocab_size={vocab_size} must be in [1, {padded}] = tp_size * {what}; pass the real (unpadded) "
+                "vocabulary size, or check that the tensor-parallel group matches the one that split the vocabulary"
+            )
+        return cls(tp_group, rank, tp_size, partition, vocab_size)
+
+    @property
+    def vocab_start(self) -> int:
+        return self.rank * self.partition
+
+    @property
+    def owned(self) -> int:
+        return max(0, min(self.partition, self.vocab_size - self.vocab_start))
+
+
+def validate_targets(target: torch.Tensor, expected_shape, vocab_size: int, ignore_index: Optional[int],
+                     against: str) -> None:
+    """Raise ValueError naming the problem: target must be integer ids [s, b] in [0, vocab_size) or ignored.
+
+    `expected_shape` is the input's shape without its last dimension; `against` names that input in the
+    message (e.g. "logits [s, b, V/tp]").
+    """
+    if tuple(target.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal the {against.split()[0]} shape without its last "
+            f"dimension {tuple(expected_shape)} ({against}, target [s, b])"
+        )
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer token ids, got dtype {target.dtype}")
+    if target.numel() == 0:
+        return
+    valid = target if ignore_index is None else target[target != ignore_index]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
+        bad = valid[(valid < 0) | (valid >= vocab_size)][0].item()
+        raise ValueError(
+            f"target contains id {bad}, outside the vocabulary [0, {vocab_size}); check the tokenizer and "
+            f"--vocab-size (ignored positions may use ignore_index={ignore_index})"
+        )
+
+
+class ShardTargets(NamedTuple):
+    """Where each token's target lies on this shard. All [N]."""
+
+    local: torch.Tensor  # int64 column of the target in this shard; 0 where it is not here
+    here: torch.Tensor  # bool: this rank owns the target column (never for ignored tokens)
+    ignored: Optional[torch.Tensor]  # bool: target == ignore_index; None without an ignore_index
+
+
+def targets_on_shard(target: torch.Tensor, shard: VocabShard, ignore_index: Optional[int]) -> ShardTargets:
+    """Locate the targets [N] (global ids) on this shard. No communication."""
+    ignored = target == ignore_index if ignore_index is not None else None
+    local = target - shard.vocab_start
+    here = (local >= 0) & (local < shard.owned)
+    if ignored is not None:
+        here &= ~ignored
+    local = torch.where(here, local, torch.zeros_like(local))
+    return ShardTargets(local, here, ignored)
+
+
+def new_statistics(num_tokens: int, need_entropy: bool, device) -> torch.Tensor:
+    """Zeroed packed statistics [k, N] fp32: rows TARGET_LOGIT, SUM_EXP and (need_entropy) SUM_EXP_SHIFTED."""
+    return torch.zeros((3 if need_entropy else 2, num_tokens), dtype=torch.float32, device=device)
+
+
+def put_target_logit(stats: torch.Tensor, shifted_target_logit: torch.Tensor, targets: ShardTargets) -> None:
+    """stats[TARGET_LOGIT] = z_target - m where this rank owns the target, 0 elsewhere (the SUM assembles it)."""
+    value = torch.where(targets.here, shifted_target_logit, torch.zeros_like(shifted_target_logit))
+    stats[TARGET_LOGIT].copy_(value)
+
+
+def exp_sums_(shifted: torch.Tensor, exps: torch.Tensor, sum_exp: torch.Tensor,
+              sum_exp_shifted: Optional[torch.Tensor]) -> None:
+    """One chunk's S (and T): exps = exp(shifted); sum_exp = sum exps; sum_exp_shifted = sum exps * shifted.
+
+    shifted [n, v] = z - m, fp32, OVERWRITTEN with exps * shifted when T is asked for; exps [n, v] fp32 output
+    (may be any fp32 storage the caller wants exp(z - m) kept in); sum_exp / sum_exp_shifted [n] outputs.
+    """
+    torch.exp(shifted, out=exps)
+    torch.sum(exps, dim=-1, out=sum_exp)
+    if sum_exp_shifted is not None:
+        shifted.mul_(exps)  # e * (z - m), in place: the shifted logits are not needed any more
+        torch.sum(shifted, dim=-1, out=sum_exp_shifted)
+
+
+def all_reduce_max(values: torch.Tensor, shard: VocabShard) -> None:
+    """Collective 1: all-reduce MAX of the per-token local maxima [N] fp32 over the TP group (in place)."""
+    if shard.tp_size > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=shard.tp_group)
+
+
+def all_reduce_statistics(stats: torch.Tensor, shard: VocabShard) -> None:
+    """Collective 2: ONE all-reduce SUM of the packed statistics [k, N] fp32 over the TP group (in place)."""
+    if shard.tp_size > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=shard.tp_group)
+
+
+class TokenLosses(NamedTuple):
+    """Per-token results, fp32. ce carries the gradient (where the path gives one); the rest are detached.
+
+    entropy is an EMPTY tensor when it was neither needed by the weighting nor asked for.
+    """
+
+    ce: torch.Tensor
+    weight: torch.Tensor
+    entropy: torch.Tensor
+
+
+def token_losses(stats: torch.Tensor, spec: LossSpec, vocab_size: int):
+    """From the all-reduced packed statistics [k, N] to (ce, weight, entropy or None, log S), each [N] fp32.
+
+    ce = log S - z_t, H = log S - T / S (clamped at 0 against rounding), weight = spec.token_weight.
+    log S is shifted by the global max m (the caller adds m back where it needs log Z).
+    """
+    log_sum_exp = torch.log(stats[SUM_EXP])  # [N]
+    ce = log_sum_exp - stats[TARGET_LOGIT]
+    entropy = None
+    if stats.size(0) > SUM_EXP_SHIFTED:
+        # H = log S - T / S >= 0; clamp the rounding error that can make it a hair negative.
+        entropy = (log_sum_exp - stats[SUM_EXP_SHIFTED] / stats[SUM_EXP]).clamp_(min=0.0)
+    weight = spec.token_weight(TokenStatistics(ce, entropy, vocab_size))
+    return ce, weight, entropy, log_sum_exp
+
+
+def zero_ignored_(ignored: Optional[torch.Tensor], *per_token: Optional[torch.Tensor]) -> None:
+    """Set ignored tokens' ce / weight / entropy [N] to 0 in place (None tensors are skipped)."""
+    if ignored is None:
+        return
+    keep = (~ignored).float()
+    for values in per_token:
+        if values is not None:
+            values.mul_(keep)
+
+
+def softmax_grad_(exps: torch.Tensor, row_scale: torch.Tensor, target_scale: torch.Tensor,
+                  local_target: torch.Tensor) -> None:
+    """Turn exp(z - m) [n, v] into scale * (softmax - onehot(target)) in place.
+
+    row_scale [n] multiplies each row (scale / S, which normalises exp into softmax); target_scale [n] is
+    subtracted at each token's target column `local_target` [n] (0 where the target is on another rank).
+    d ce / d z_v = softmax(z)_v - [v == target].
+    """
+    exps.mul_(row_scale[:, None])
+    exps[torch.arange(exps.size(0), device=exps.device), local_target] -= target_scale

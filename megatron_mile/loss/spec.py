@@ -1,0 +1,173 @@
+"""The loss specification: which per-token weighting a run trains with, and its parameters.
+
+Every loss of the project is a weighted cross-entropy (docs/mile-loss.md):
+
+    L = sum_t w_t * ce_t / sum_t w_t,      w_t a DETACHED function of per-token statistics
+
+so a loss is fully described by its weighting: a function of the statistics the vocab-parallel pass already
+has per token (ce, and the entropy H when the weighting asks for it), plus its parameters. `LossSpec` is that
+description, frozen and validated once (from the run's flags, `LossSpec.from_config`) and handed to the
+model and to both autograd paths (megatron_mile.loss.vocab_parallel and
+megatron_mile.loss.fused_linear_cross_entropy), which call `LossSpec.token_weight` and ask
+`LossSpec.needs_entropy`: the rule "this weighting needs the entropy" lives in the registry below and nowhere
+else.
+
+Adding a weighting is one registered function of `TokenStatistics` (and, when it needs a statistic the pass
+does not produce yet, one more row in the packed statistics of megatron_mile.loss.shard):
+
+    @register_weighting("my_weighting", needs_entropy=True, parameters=("gamma",))
+    def _my_weighting(stats: TokenStatistics, spec: LossSpec) -> torch.Tensor:
+        return stats.entropy.pow(spec.gamma)        # [N] fp32, detached
+
+It is then a `--loss-type` choice, and the reference tests can check it against a full-vocabulary version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenStatistics:
+    """Per-token statistics of the whole (real) vocabulary, fp32 [N], detached.
+
+    ce: cross-entropy log Z - z_target (nats).
+    entropy: H = -sum_v p_v log p_v (nats), or None when no weighting or caller asked for it.
+    vocab_size: the real vocabulary size V (e.g. for the normalised entropy H / ln V).
+    """
+
+    ce: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """A registered per-token weighting: w = weight(stats, spec), detached, [N] fp32."""
+
+    name: str
+    weight: Callable[[TokenStatistics, "LossSpec"], torch.Tensor]
+    needs_entropy: bool
+    parameters: Tuple[str, ...]  # the LossSpec fields it reads (shown in logs and run descriptions)
+    description: str
+
+
+WEIGHTINGS: Dict[str, Weighting] = {}
+
+
+def register_weighting(name: str, *, needs_entropy: bool, parameters: Tuple[str, ...] = (), description: str = ""):
+    """Decorator: register `fn(stats: TokenStatistics, spec: LossSpec) -> weight [N]` as loss type `name`."""
+
+    def register(fn):
+        if name in WEIGHTINGS:
+            raise ValueError(f"a weighting named {name!r} is already registered")
+        WEIGHTINGS[name] = Weighting(name, fn, needs_entropy, tuple(parameters), description or (fn.__doc__ or ""))
+        return fn
+
+    return register
+
+
+@register_weighting("cross_entropy", needs_entropy=False, description="w = 1")
+def _uniform_weight(stats: TokenStatistics, spec: "LossSpec") -> torch.Tensor:
+    return torch.ones_like(stats.ce)
+
+
+@register_weighting("focal", needs_entropy=False, parameters=("gamma",), description="w = (1 - p_target)^gamma")
+def _focal_weight(stats: TokenStatistics, spec: "LossSpec") -> torch.Tensor:
+    # Lin et al. 2017. 1 - p_target = -expm1(-ce): exact for confident tokens where p_target is close to 1.
+    return torch.neg(torch.expm1(-stats.ce)).clamp_(min=0.0).pow_(spec.gamma)
+
+
+@register_weighting("mile", needs_entropy=True, parameters=("gamma", "sigma", "entropy_threshold"),
+                    description="w = (sigma + H)^gamma")
+def _mile_weight(stats: TokenStatistics, spec: "LossSpec") -> torch.Tensor:
+    # MiLe (arXiv 2310.19531, docs/mile-loss.md): w = (sigma + H)^gamma. The optional threshold variant gives
+    # weight 1 to tokens whose normalised entropy H / ln V lies below it.
+    weight = (spec.sigma + stats.entropy).pow_(spec.gamma)
+    if spec.entropy_threshold is not None:
+        below = stats.entropy / math.log(stats.vocab_size) < spec.entropy_threshold
+        weight = torch.where(below, torch.ones_like(weight), weight)
+    return weight
+
+
+def loss_types() -> Tuple[str, ...]:
+    """The registered loss types, in registration order (the --loss-type choices)."""
+    return tuple(WEIGHTINGS)
+
+
+# The three built-in loss types (the flag parser's choices are taken from the registry at parse time).
+LOSS_TYPES = loss_types()
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Frozen, validated description of the training loss.
+
+    loss_type: a registered weighting (`loss_types()`): cross_entropy, focal or mile.
+    gamma: the exponent of focal and MiLe (>= 0; 0 gives cross-entropy).
+    sigma: MiLe's offset (> 0; the paper uses 1).
+    entropy_threshold: MiLe only, in [0, 1] or None (off).
+
+    Raises ValueError naming the field when a value is out of range.
+    """
+
+    loss_type: str = "cross_entropy"
+    gamma: float = 1.0
+    sigma: float = 1.0
+    entropy_threshold: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in WEIGHTINGS:
+            raise ValueError(f"loss_type must be one of {loss_types()}, got {self.loss_type!r}")
+        gamma, sigma = self.gamma, self.sigma
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"gamma must be a finite number >= 0 (0 gives plain cross-entropy), got {gamma!r}")
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a finite number > 0 (the paper uses 1.0), got {sigma!r}")
+        threshold = self.entropy_threshold
+        if threshold is not None:
+            if "entropy_threshold" not in self.weighting.parameters:
+                raise ValueError(
+                    f"entropy_threshold applies to the MiLe loss only; leave it None for {self.loss_type}")
+            if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+                raise ValueError(
+                    "entropy_threshold is a normalised entropy H / ln(vocab_size) and must lie in [0, 1], "
+                    f"got {threshold!r}"
+                )
+        # Plain floats, so that the spec hashes, compares and prints the same whatever the caller passed.
+        object.__setattr__(self, "gamma", float(gamma))
+        object.__setattr__(self, "sigma", float(sigma))
+        if threshold is not None:
+            object.__setattr__(self, "entropy_threshold", float(threshold))
+
+    @classmethod
+    def from_config(cls, loss_config) -> "LossSpec":
+        """The spec of a run's LossConfig (megatron_mile.config), whose defaults it resolves."""
+        return cls(loss_config.loss_type, loss_config.gamma, loss_config.sigma, loss_config.mile_entropy_threshold)
+
+    @property
+    def weighting(self) -> Weighting:
+        return WEIGHTINGS[self.loss_type]
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the weight is a function of the entropy (the pass then computes it for free)."""
+        return self.weighting.needs_entropy
+
+    def token_weight(self, stats: TokenStatistics) -> torch.Tensor:
+        """The detached per-token weight [N] fp32 from the statistics [N] (entropy set when needs_entropy)."""
+        if self.needs_entropy and stats.entropy is None:
+            raise ValueError(f"the {self.loss_type} weighting needs the entropy, and none was computed")
+        return self.weighting.weight(stats, self)
+
+    def describe(self) -> str:
+        """One line for logs: the loss type and the parameters its weighting reads."""
+        params = ", ".join(f"{name}={getattr(self, name)}" for name in self.weighting.parameters)
+        return f"{self.loss_type} ({params})" if params else self.loss_type
+
+
+CROSS_ENTROPY = LossSpec("cross_entropy")
