@@ -32,7 +32,7 @@ def _forward_backward(argv):
     training step's loss function, backpropagate sum(w * ce) / sum(w); return packed output, the logits the
     loss saw (unfused only) and the parameter gradients in fp32."""
     from megatron_mile.arguments import parse_args
-    from megatron_mile.model import build_model
+    from megatron_mile.model import build_model, request_entropy
     from megatron_mile.training.initialize import set_random_seeds
     from megatron_mile.training.step import LossCollector
 
@@ -52,7 +52,7 @@ def _forward_backward(argv):
         return original(labels, logits)
 
     chunk.compute_language_model_loss = capture
-    chunk.want_entropy = True
+    request_entropy([chunk], True)
     tokens, labels, loss_mask, positions = _batch(config.model.seq_length)
     packed = model(tokens, positions, None, labels=labels, loss_mask=loss_mask)  # [b, s, 3]
     collector = LossCollector()

@@ -181,7 +181,7 @@ def test_layer_spec_follows_transformer_impl(monkeypatch):
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    from megatron_mile import model
+    from megatron_mile.model import gpt as model
 
     sentinel = ModuleSpec(module=TransformerLayer)
     monkeypatch.setattr(model, "get_gpt_layer_with_transformer_engine_spec", lambda: sentinel)

@@ -1,4 +1,4 @@
-"""megatron_mile.fused_head: the fused LM head inside the model (--fused-lm-head).
+"""megatron_mile.model.fused_output_layer: the fused LM head inside the model (--fused-lm-head).
 
 The training tests (tests/test_training.py) show that a run with the fused head reproduces the unfused one
 at TP 1/2 and PP 2 for every loss. Here: the sequence-parallel path (all-gather of the sequence shards,
@@ -25,8 +25,8 @@ def fused_head_vs_full_vocabulary(loss_type: str, sequence_parallel: bool) -> di
     full logits = hidden @ W^T; returns the largest differences of values and gradients."""
     from megatron.core import parallel_state
 
-    from megatron_mile.fused_head import fused_language_model_loss
-    from megatron_mile.loss import reference_weighted_cross_entropy
+    from megatron_mile.loss import LossSpec, reference_weighted_cross_entropy
+    from megatron_mile.model.fused_output_layer import fused_language_model_loss
     from megatron_mile.model import CE, ENTROPY, WEIGHT
 
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -49,8 +49,7 @@ def fused_head_vs_full_vocabulary(loss_type: str, sequence_parallel: bool) -> di
         config=SimpleNamespace(sequence_parallel=sequence_parallel),
         share_embeddings_and_output_weights=False,
         output_layer=SimpleNamespace(weight=weight_shard),
-        want_entropy=True, loss_type=loss_type, loss_gamma=GAMMAS[loss_type], loss_sigma=1.0,
-        real_vocab_size=vocab, entropy_threshold=None,
+        entropy_requested=True, loss_spec=LossSpec(loss_type, GAMMAS[loss_type], 1.0), real_vocab_size=vocab,
     )
     packed = fused_language_model_loss(model, hidden_in, labels, loss_mask)  # [b, s, 3]
     (packed[..., WEIGHT] * loss_mask * packed[..., CE]).sum().backward()  # as LossCollector.loss_func

@@ -1,8 +1,9 @@
-"""The model's output layer + loss through the fused LM head (--fused-lm-head).
+"""The model's output layer + loss as one fused linear cross-entropy (--fused-lm-head).
 
 Unfused, MileGPTModel computes logits = output_layer(hidden) [s, b, V/tp], and its loss hook packs the
-per-token [ce, weight, entropy] as [b, s, 3]; the training step's loss function (LossCollector.loss_func)
-backpropagates sum(mask * w * ce) through the ce column. Fused, megatron_mile.loss.fused_lm_head computes
+per-token [ce, weight, entropy] as [b, s, 3] (megatron_mile.model.output); the training step's loss function
+(LossCollector.loss_func) backpropagates sum(mask * w * ce) through the ce column. Fused,
+megatron_mile.loss.fused_linear_cross_entropy computes
 the same per-token values without holding the logits, and the gradients of hidden and W already in
 forward, for the scalar sum(mask * w * ce) it returns. So ce cannot carry its own graph here: the packed
 tensor keeps its contract (same shape, same values, gradient through the ce column) through a small
@@ -15,7 +16,8 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-from megatron_mile.loss.fused_lm_head import fused_lm_head_loss
+from megatron_mile.loss.fused_linear_cross_entropy import fused_linear_cross_entropy
+from megatron_mile.model.output import pack_token_losses
 
 # Largest relative deviation of the incoming ce gradient from g * mask * w that still counts as that
 # gradient: fp32 rounding of g * w is ~1e-7; anything else is a caller weighting ce differently.
@@ -63,7 +65,7 @@ def fused_language_model_loss(model, hidden_states: torch.Tensor, labels: torch.
     loss_mask: [b, s] (loss_mask None counts every token; the training step always passes it, because the
     gradient is computed in forward and must know which tokens count).
 
-    Collectives on the TP group: those of fused_lm_head_loss (forward, per chunk of tokens, one all-reduce
+    Collectives on the TP group: those of fused_linear_cross_entropy (forward, per chunk of tokens, one all-reduce
     MAX and one SUM), and in backward either its all-reduce of grad_hidden, or, with sequence parallelism,
     the reduce-scatter of megatron's all-gather of the sequence shards (which sums the TP ranks'
     contributions itself, so the fused head must not).
@@ -82,23 +84,17 @@ def fused_language_model_loss(model, hidden_states: torch.Tensor, labels: torch.
         mask = torch.ones(target.shape, dtype=torch.float32, device=target.device)
     else:
         mask = loss_mask.transpose(0, 1).to(torch.float32).contiguous()  # [s, b]
-    want_entropy = model.want_entropy or model.loss_type == "mile"
-    out = fused_lm_head_loss(
+    out = fused_linear_cross_entropy(
         hidden,
         weight,
         target,
         mask,
-        loss_type=model.loss_type,
-        gamma=model.loss_gamma,
-        sigma=model.loss_sigma,
+        spec=model.loss_spec,
         vocab_size=model.real_vocab_size,
-        entropy_threshold=model.entropy_threshold,
         ignore_index=None,  # megatron's datasets mask with loss_mask, never with an ignore id
         tp_group=tp_group,
-        return_entropy=want_entropy,
+        return_entropy=model.entropy_requested,
         reduce_grad_hidden=not sequence_parallel,
     )
     ce = _CeGradientToFusedSum.apply(out.weighted_ce_sum, out.ce, out.weight * mask)  # [s, b]
-    entropy = out.entropy if want_entropy else torch.zeros_like(out.ce)
-    packed = torch.stack([ce, out.weight, entropy], dim=-1)  # [s, b, 3]
-    return packed.transpose(0, 1).contiguous()  # [b, s, 3]
+    return pack_token_losses(ce, out.weight, out.entropy)

@@ -2,9 +2,10 @@
 
 `MileGPTModel.compute_language_model_loss` replaces megatron's vocab-parallel cross-entropy with
 megatron_mile.loss and returns, per token, the cross-entropy (with gradient), its detached weight and the
-detached entropy, packed as [b, s, 3]. The training step's loss function turns those into the exact global
-normalisation L = sum(w * ce) / sum(w) (megatron_mile.training.step). With --fused-lm-head the output layer
-and the loss run together without materialising the logits (megatron_mile.fused_head), same contract.
+detached entropy, packed as [b, s, 3] (megatron_mile.model.output). The training step's loss function turns
+those into the exact global normalisation L = sum(w * ce) / sum(w) (megatron_mile.training.step). With
+--fused-lm-head the output layer and the loss run together without materialising the logits
+(megatron_mile.model.fused_output_layer), same contract.
 
 The transformer layers are megatron-core's local modules or Transformer Engine's (--transformer-impl), with
 FP8 and the fused kernels megatron_mile.kernels resolves for this machine; the output layer is megatron's
@@ -14,7 +15,7 @@ ColumnParallelLinear either way (never FP8: bf16 logits, upcast to fp32 statisti
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +27,14 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.utils import unwrap_model
 
 from megatron_mile import device, kernels
 from megatron_mile.config import RunConfig
-from megatron_mile.fused_head import fused_language_model_loss
-from megatron_mile.loss import vocab_parallel_weighted_cross_entropy
+from megatron_mile.loss import LossSpec, vocab_parallel_token_losses
+from megatron_mile.model.fused_output_layer import fused_language_model_loss
+from megatron_mile.model.output import pack_token_losses
 from megatron_mile.vocab import padded_vocab_size
-
-# Index of each per-token quantity in the packed [b, s, 3] output of the loss hook.
-CE, WEIGHT, ENTROPY = 0, 1, 2
 
 # GPTModel._postprocess's parameters, to find labels / loss_mask however megatron passes them.
 _POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
@@ -43,58 +43,71 @@ _POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
 class MileGPTModel(GPTModel):
     """GPTModel whose language-model loss is the weighted vocab-parallel loss of megatron_mile.loss."""
 
-    def __init__(self, *args, loss_type: str, gamma: float, sigma: float, entropy_threshold: Optional[float],
-                 real_vocab_size: int, fused_lm_head: bool = False, **kwargs):
+    def __init__(self, *args, loss_spec: LossSpec, real_vocab_size: int, fused_lm_head: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if fused_lm_head and self.config.mtp_num_layers:
             raise ValueError("the fused LM head does not cover multi-token prediction layers")
-        # Output layer + loss in chunks, without the [s, b, V/tp] logits (megatron_mile.fused_head).
+        # Output layer + loss in chunks, without the [s, b, V/tp] logits (megatron_mile.model.fused_output_layer).
         self.fused_lm_head = fused_lm_head
-        self.loss_type = loss_type
-        self.loss_gamma = gamma
-        self.loss_sigma = sigma
-        self.entropy_threshold = entropy_threshold
+        self.loss_spec = loss_spec
         self.real_vocab_size = real_vocab_size
-        # Set by the training loop: compute the entropy for logging even when the loss does not need it.
-        self.want_entropy = False
+        # Compute the entropy for logging even when the loss does not need it. Written once per step, by
+        # request_entropy (the training step and the evaluators), never per micro-batch.
+        self.entropy_requested = False
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """labels [b, s], logits [s, b, V/tp] -> [b, s, 3]: ce (with gradient), weight, entropy.
 
-        Collectives: those of vocab_parallel_weighted_cross_entropy on the TP group (MAX, one SUM).
+        Collectives: those of vocab_parallel_token_losses on the TP group (MAX, one SUM).
         """
         labels = labels.transpose(0, 1).contiguous()  # [s, b]
-        want_entropy = self.want_entropy or self.loss_type == "mile"
-        outputs = vocab_parallel_weighted_cross_entropy(
+        losses = vocab_parallel_token_losses(
             logits,
             labels,
-            self.loss_type,
-            self.loss_gamma,
-            self.loss_sigma,
+            self.loss_spec,
             self.real_vocab_size,
-            self.entropy_threshold,
             ignore_index=None,  # megatron's datasets mask with loss_mask, never with an ignore id
             tp_group=self.pg_collection.tp,
-            return_entropy=want_entropy,
+            compute_entropy=self.entropy_requested,
             # fp32 logits come straight from the output layer and die here: let backward reuse them.
             reuse_logits_for_grad=True,
         )
-        ce, weight = outputs[0], outputs[1]
-        entropy = outputs[2] if want_entropy else torch.zeros_like(ce)
-        packed = torch.stack([ce, weight, entropy], dim=-1)  # [s, b, 3]
-        return packed.transpose(0, 1).contiguous()  # [b, s, 3]
+        return pack_token_losses(*losses)
 
     def _postprocess(self, hidden_states, *args, **kwargs):
         """megatron's output layer + loss, or with fused_lm_head the fused one when a loss is asked for.
 
         Logits (no labels) and inference always take megatron's path. Collectives: those of the path taken
-        (megatron_mile.fused_head.fused_language_model_loss for the fused one).
+        (megatron_mile.model.fused_output_layer.fused_language_model_loss for the fused one).
         """
         bound = _POSTPROCESS_SIGNATURE.bind(self, hidden_states, *args, **kwargs).arguments
         labels = bound.get("labels")
         if self.fused_lm_head and self.post_process and labels is not None and bound.get("inference_context") is None:
             return fused_language_model_loss(self, hidden_states, labels, bound.get("loss_mask"))
         return super()._postprocess(hidden_states, *args, **kwargs)
+
+
+def _loss_chunks(model: Iterable) -> list:
+    """The MileGPTModel chunks inside `model` (a chunk list, wrapped or not); pipeline stages without the
+    output layer included (they hold the attributes, and a later layout change must not miss one)."""
+    chunks = unwrap_model(list(model))
+    return [chunk for chunk in chunks if isinstance(chunk, MileGPTModel)]
+
+
+def request_entropy(model: Iterable, requested: bool) -> None:
+    """Ask every chunk of `model` to compute (or not) the entropy for logging this step.
+
+    The one writer of MileGPTModel.entropy_requested: called once per training step or evaluation pass,
+    before megatron's schedules run. A weighting that needs the entropy computes it regardless.
+    """
+    for chunk in _loss_chunks(model):
+        chunk.entropy_requested = requested
+
+
+def set_loss_spec(model: Iterable, spec: LossSpec) -> None:
+    """Train `model` with another loss from now on (benchmarks compare loss types on one model)."""
+    for chunk in _loss_chunks(model):
+        chunk.loss_spec = spec
 
 
 class SeededTransformerLayer(TransformerLayer):
@@ -179,7 +192,7 @@ def build_model_chunk(
     vp_stage: Optional[int] = None,
 ) -> MileGPTModel:
     """One model chunk (a pipeline stage, or one virtual stage of it)."""
-    m, l = config.model, config.loss
+    m = config.model
     spec = transformer_layer_spec(config)
     if spec.module is TransformerLayer:
         spec.module = type("SeededTransformerLayer", (SeededTransformerLayer,), {"init_seed": config.training.seed})
@@ -196,10 +209,7 @@ def build_model_chunk(
         position_embedding_type=m.position_embedding_type,
         rotary_base=m.rotary_base,
         vp_stage=vp_stage,
-        loss_type=l.loss_type,
-        gamma=l.gamma,
-        sigma=l.sigma,
-        entropy_threshold=l.mile_entropy_threshold,
+        loss_spec=LossSpec.from_config(config.loss),
         real_vocab_size=real_vocab_size,
         fused_lm_head=config.kernels.fused_lm_head,
     )

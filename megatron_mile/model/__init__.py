@@ -1,0 +1,34 @@
+"""The model: megatron-core's GPTModel with the project's loss hook, and its output head.
+
+- gpt: MileGPTModel (the loss where GPTModel computes its LM loss), layout-independent initialisation,
+  megatron-core's TransformerConfig and layer spec for a run, and the model builder.
+- output: the per-token [b, s, 3] (ce, weight, entropy) contract between the model and the loss function.
+- fused_output_layer: the output layer and the loss as one fused linear cross-entropy (--fused-lm-head).
+"""
+
+from megatron_mile.model.gpt import (
+    MileGPTModel,
+    SeededTransformerLayer,
+    build_model,
+    build_model_chunk,
+    request_entropy,
+    set_loss_spec,
+    transformer_config,
+    transformer_layer_spec,
+)
+from megatron_mile.model.output import CE, ENTROPY, WEIGHT, pack_token_losses
+
+__all__ = [
+    "CE",
+    "ENTROPY",
+    "WEIGHT",
+    "MileGPTModel",
+    "SeededTransformerLayer",
+    "build_model",
+    "build_model_chunk",
+    "pack_token_losses",
+    "request_entropy",
+    "set_loss_spec",
+    "transformer_config",
+    "transformer_layer_spec",
+]
