@@ -138,8 +138,8 @@ def run_paired(flags, steps):
     fused kernel). The order rotates every turn so no side always runs right after the same neighbour.
     """
     from megatron_mile.arguments import parse_args
-    from megatron_mile.training.loop import setup_training
     from megatron_mile.training.optimizer import torch_adams
+    from megatron_mile.training.setup import setup_training
     from megatron_mile.training.step import train_step
 
     config = parse_args(flags, world_size=1)
@@ -152,8 +152,7 @@ def run_paired(flags, steps):
         for group in groups:
             group["fused"] = fused_adam
         start = time.perf_counter()
-        train_step(setup.model, setup.optimizer, setup.scheduler, setup.train_iterators, setup.num_micro_batches,
-                   SEQ, MBS, setup.collector_holder, want_entropy=config.loss.loss_type == "mile")
+        train_step(setup)
         seconds = time.perf_counter() - start
         for group in groups:
             group["fused"] = True
@@ -176,29 +175,25 @@ def run_paired_loss(flags, world_size, steps):
     """Worker body (every rank): cross-entropy and MiLe steps taking turns on ONE model; returns one
     (cross-entropy, MiLe) pair of seconds per turn, a step ending when this rank's part of it does.
 
-    The loss type is an attribute of the model's loss hook (MileGPTModel.loss_type), so both sides share the
+    The loss is the model's LossSpec, switched with megatron_mile.model.set_loss_spec, so both sides share the
     weights, data iterator, optimizer and process: the ratio isolates the loss. Each side computes the entropy
     exactly when pretrain() would (always for MiLe; for cross-entropy only on logging steps, never here).
     The order alternates every turn; every rank follows the same order, as the collectives require.
     """
     from megatron_mile.arguments import parse_args
-    from megatron_mile.training.loop import setup_training
+    from megatron_mile.loss import LossSpec
+    from megatron_mile.model import set_loss_spec
+    from megatron_mile.training.setup import setup_training
     from megatron_mile.training.step import train_step
 
     config = parse_args(flags, world_size=world_size)
     setup = setup_training(config)
-    models = []
-    for chunk in setup.model:
-        while hasattr(chunk, "module"):
-            chunk = chunk.module
-        models.append(chunk)
+    specs = {"cross_entropy": LossSpec("cross_entropy"), "mile": LossSpec("mile", 1.0, 1.0)}
 
     def step(loss_type):
-        for model in models:
-            model.loss_type = loss_type
+        set_loss_spec(setup.model, specs[loss_type])
         start = time.perf_counter()
-        train_step(setup.model, setup.optimizer, setup.scheduler, setup.train_iterators, setup.num_micro_batches,
-                   SEQ, MBS, setup.collector_holder, want_entropy=loss_type == "mile")
+        train_step(setup)
         return time.perf_counter() - start
 
     turns = []

@@ -25,7 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_mile import device
-from megatron_mile.model import CE, ENTROPY
+from megatron_mile.model import CE, ENTROPY, request_entropy
 from megatron_mile.training import data as run_data
 from megatron_mile.training.step import make_forward_step
 
@@ -113,6 +113,7 @@ def evaluate_bucket_sums(model: list, datasets: Sequence[Optional[object]], buck
     forward_backward = get_forward_backward_func()
     for chunk in model:
         chunk.eval()
+    request_entropy(model, True)
     try:
         with torch.no_grad():
             for index, dataset in enumerate(datasets):
@@ -123,7 +124,7 @@ def evaluate_bucket_sums(model: list, datasets: Sequence[Optional[object]], buck
                 iterator = (padded_micro_batches(dataset, samples, micro_batch_size, dp_rank, dp_size)
                             if first or last else None)
                 forward_backward(
-                    forward_step_func=make_forward_step(collector, want_entropy=True, pass_labels=True),
+                    forward_step_func=make_forward_step(collector, pass_labels=True),
                     data_iterator=iterator,
                     model=model,
                     num_microbatches=num_rounds(samples, micro_batch_size, dp_size),

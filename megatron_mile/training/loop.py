@@ -1,8 +1,9 @@
 """pretrain(): set up, train for --train-iters with validation and checkpoints, report.
 
 The spine of the fork, in the spirit of Megatron-LM's megatron/training/training.py, written on
-megatron-core: setup (initialize), model (model.py), optimizer (optimizer.py), data (data.py), the step
-(step.py), what is printed (reporting.py), checkpoints (checkpointing.py).
+megatron-core: what is built before the first step (setup.py: process groups, model, optimizer, data,
+--load), the step and evaluation on that state (step.py), what is printed (reporting.py), checkpoints
+(checkpointing.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from megatron.core import parallel_state
 
 from megatron_mile.arguments import config_to_dict
 from megatron_mile.config import RunConfig
-from megatron_mile.model import build_model
-from megatron_mile.training import data as run_data
-from megatron_mile.training import reporting, token_histograms
-from megatron_mile.training.initialize import initialize_parallel, is_logging_rank, print_rank_0, print_rank_last, set_random_seeds
-from megatron_mile.training.optimizer import build_optimizer, wrap_for_training
-from megatron_mile.training.step import configure_schedules, evaluate, train_step
+from megatron_mile.loss import LossSpec
+from megatron_mile.training import checkpointing, reporting, token_histograms
+from megatron_mile.training.initialize import is_logging_rank, print_rank_0, print_rank_last
+from megatron_mile.training.setup import num_micro_batches, setup_training
+from megatron_mile.training.step import evaluate, train_step
 
 
 class TrainingStopped(RuntimeError):
@@ -53,93 +53,15 @@ class TrainingResult:
     checkpoint: Optional[str] = None
 
 
-def _num_micro_batches(config: RunConfig) -> int:
-    t = config.training
-    dp = parallel_state.get_data_parallel_world_size()
-    return t.global_batch_size // (t.micro_batch_size * dp)
-
-
-def _data_iterators(config: RunConfig, model: list, dataset, consumed_samples: int, cycle: bool) -> list:
-    """One iterator per model chunk that reads data (first / last pipeline stage), None elsewhere."""
-    iterators = []
-    vp = len(model) > 1
-    for index, chunk in enumerate(model):
-        stage = index if vp else None
-        first = parallel_state.is_pipeline_first_stage(ignore_virtual=not vp, vp_stage=stage)
-        last = parallel_state.is_pipeline_last_stage(ignore_virtual=not vp, vp_stage=stage)
-        iterators.append(
-            run_data.micro_batch_iterator(dataset, config, consumed_samples, cycle=cycle) if (first or last) else None
-        )
-    return iterators
-
-
-@dataclass
-class TrainingSetup:
-    """Everything pretrain() builds before its first step (benchmarks drive train_step from this directly)."""
-
-    model: list  # model chunks, wrapped in megatron DDP
-    optimizer: object
-    scheduler: object
-    train_iterators: list
-    valid_iterators: Optional[list]
-    num_micro_batches: int
-    collector_holder: dict  # the schedules' finalize hook reads the current step's LossCollector here
-    config_dict: dict
-    vocab_size: int
-    iteration: int = 0
-    consumed_samples: int = 0
-
-
-def setup_training(config: RunConfig, model_provider=None, dataset_provider=None) -> TrainingSetup:
-    """Initialise parallel state, build model, optimizer, scheduler and data, load --load if given.
-
-    Must be called on every rank. Collectives: those of megatron's parallel-state initialisation, model
-    wrapping, the optimizer and (with --load) the checkpoint load.
-    """
-    t = config.training
-    model_provider = model_provider or build_model
-    dataset_provider = dataset_provider or run_data.build_datasets
-    initialize_parallel(config)
-    set_random_seeds(t.seed)
-    tokenizer = run_data.build_run_tokenizer(config)
-    chunks = model_provider(config, tokenizer.vocab_size)
-    set_random_seeds(t.seed)  # model building re-seeded per layer; restart the runtime streams
-    model = wrap_for_training(config, chunks)
-    optimizer, scheduler = build_optimizer(config, model)
-    config_dict = config_to_dict(config)
-
-    iteration, consumed_samples = 0, 0
-    if t.load is not None:
-        from megatron_mile.training import checkpointing
-
-        iteration, consumed_samples = checkpointing.load_checkpoint(t.load, model, optimizer, scheduler, config_dict)
-
-    num_micro = _num_micro_batches(config)
-    eval_samples = t.eval_iters * t.global_batch_size * max(1, math.ceil(t.train_iters / t.eval_interval) + 1)
-    train_ds, valid_ds = dataset_provider(config, tokenizer, eval_samples if t.eval_iters > 0 else 0)
-    train_iterators = _data_iterators(config, model, train_ds, consumed_samples, cycle=False)
-    valid_iterators = _data_iterators(config, model, valid_ds, 0, cycle=True) if t.eval_iters > 0 and valid_ds else None
-
-    collector_holder: dict = {}
-    configure_schedules(model, optimizer, collector_holder)
-    return TrainingSetup(model, optimizer, scheduler, train_iterators, valid_iterators, num_micro, collector_holder,
-                         config_dict, tokenizer.vocab_size, iteration, consumed_samples)
-
-
 def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> TrainingResult:
     """Train as `config` says; return the per-iteration history. Must be called on every rank.
 
     model_provider(config, vocab_size) -> model chunks and dataset_provider(config, tokenizer,
     num_eval_samples) -> (train, validation) default to megatron_mile's GPT model and datasets.
     """
-    if t_uses_checkpoints(config):
-        from megatron_mile.training import checkpointing
-
     t = config.training
     setup = setup_training(config, model_provider, dataset_provider)
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
-    train_iterators, valid_iterators = setup.train_iterators, setup.valid_iterators
-    num_micro, collector_holder, config_dict = setup.num_micro_batches, setup.collector_holder, setup.config_dict
     iteration, consumed_samples = setup.iteration, setup.consumed_samples
 
     tensorboard = reporting.TensorBoardWriter(t.tensorboard_dir if is_logging_rank() else None)
@@ -159,7 +81,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
 
     def validate(at_iteration: int) -> None:
         """Validation loss over --eval-iters global batches: logged, to TensorBoard, kept in the result."""
-        stats = evaluate(model, valid_iterators, num_micro, t.eval_iters, config.model.seq_length, t.micro_batch_size)
+        stats = evaluate(setup)
         result.validation.append((at_iteration, stats.lm_loss, stats.loss))
         print_rank_last(reporting.format_validation_log(at_iteration, stats))
         tensorboard.scalars(at_iteration, {"validation/lm loss": stats.lm_loss, "validation/training loss": stats.loss,
@@ -168,12 +90,10 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     try:
         while iteration < t.train_iters:
             histogram_step = histogram_every > 0 and (iteration + 1) % histogram_every == 0
-            want_entropy = (iteration + 1) % t.log_interval == 0 or config.loss.loss_type == "mile" or histogram_step
+            # The entropy for logging; a weighting that needs it (MiLe) computes it on every step anyway.
+            want_entropy = (iteration + 1) % t.log_interval == 0 or histogram_step
             step_start = time.perf_counter()
-            step = train_step(
-                model, optimizer, scheduler, train_iterators, num_micro, config.model.seq_length,
-                t.micro_batch_size, collector_holder, want_entropy, keep_token_values=histogram_step,
-            )
+            step = train_step(setup, want_entropy, keep_token_values=histogram_step)
             step_seconds = time.perf_counter() - step_start
             iteration += 1
             consumed_samples += t.global_batch_size
@@ -224,13 +144,13 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
                 tensorboard.scalars(iteration, reporting.step_scalars(step.stats, step.grad_norm, learning_rate, tokens_per_second))
                 interval_start, interval_iterations = time.time(), 0
 
-            if valid_iterators is not None and iteration % t.eval_interval == 0:
+            if setup.valid_iterators is not None and iteration % t.eval_interval == 0:
                 validate(iteration)
 
             exiting = t.exit_interval is not None and iteration % t.exit_interval == 0
             if t.save and (exiting or (t.save_interval and iteration % t.save_interval == 0)):
                 result.checkpoint = checkpointing.save_checkpoint(
-                    t.save, iteration, model, optimizer, scheduler, consumed_samples, config_dict
+                    t.save, iteration, model, optimizer, scheduler, consumed_samples, setup.config_dict
                 )
                 last_saved_iteration = iteration
             if exiting:
@@ -238,12 +158,12 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
                 exited_early = True
                 break
         # As Megatron-LM does, the run ends with a validation of the final model unless it just had one.
-        if (valid_iterators is not None and not exited_early and iteration > start_iteration
+        if (setup.valid_iterators is not None and not exited_early and iteration > start_iteration
                 and iteration % t.eval_interval != 0):
             validate(iteration)
         if t.save and last_saved_iteration != iteration:
             result.checkpoint = checkpointing.save_checkpoint(
-                t.save, iteration, model, optimizer, scheduler, consumed_samples, config_dict
+                t.save, iteration, model, optimizer, scheduler, consumed_samples, setup.config_dict
             )
     finally:
         progress.finish()
@@ -301,26 +221,17 @@ def _write_summary(save_dir: str, config: RunConfig, result: TrainingResult, sec
     os.replace(path + ".tmp", path)
 
 
-def t_uses_checkpoints(config: RunConfig) -> bool:
-    return config.training.save is not None or config.training.load is not None
-
-
 def _print_run_summary(config: RunConfig, vocab_size: int, model: list) -> None:
     params = sum(p.numel() for chunk in model for p in chunk.parameters())
     totals = torch.tensor([params], dtype=torch.float64)
     if dist.is_initialized():
         # Parameters of this rank only; the sum over the model-parallel group is the model size.
         dist.all_reduce(totals, group=parallel_state.get_model_parallel_group())
-    l = config.loss
-    loss_desc = l.loss_type
-    if l.loss_type == "mile":
-        loss_desc += f" (gamma={l.gamma}, sigma={l.sigma}, entropy_threshold={l.mile_entropy_threshold})"
-    elif l.loss_type == "focal":
-        loss_desc += f" (gamma={l.gamma})"
+    loss_desc = LossSpec.from_config(config.loss).describe()
     p = config.parallel
     print_rank_0(
         f" > model: {int(totals.item()):,} parameters | vocab {vocab_size} | loss {loss_desc}\n"
         f" > parallel: world {dist.get_world_size() if dist.is_initialized() else 1} = TP {p.tensor_model_parallel_size}"
         f" x PP {p.pipeline_model_parallel_size} x DP {parallel_state.get_data_parallel_world_size()}"
-        f" | micro-batches per step: {_num_micro_batches(config)}"
+        f" | micro-batches per step: {num_micro_batches(config)}"
     )

@@ -1,6 +1,9 @@
 """One optimizer step and one evaluation pass, on megatron-core's pipeline schedules.
 
-The loss of a step is, exactly (mile-loss-facts.md):  L = sum(w * ce) / sum(w)  over every loss-masked
+Both take the run's TrainingSetup (megatron_mile.training.setup): the model chunks, optimizer, scheduler,
+data iterators and the loss collector that the schedules' finalize hook was pointed at once, at set-up.
+
+The loss of a step is, exactly (docs/mile-loss.md):  L = sum(w * ce) / sum(w)  over every loss-masked
 token of the global batch. The schedules run in megatron's per-token-loss mode: each micro-batch's loss
 function returns the UN-normalised sum(w * ce), whose gradients accumulate in DDP's buffers; then
 `finalize_model_grads` divides all gradients once by the global W = sum(w), which it first broadcasts from
@@ -20,19 +23,27 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_model_config
+from megatron.core.utils import get_model_config, unwrap_model
 
 from megatron_mile import device
 from megatron_mile.loss import MicroBatchLoss, StepLoss, all_reduce_step_loss, reduce_micro_batch
-from megatron_mile.model import CE, ENTROPY, WEIGHT
+from megatron_mile.model import CE, ENTROPY, WEIGHT, request_entropy
 
 _STEP_LOSS_FIELDS = ("loss", "lm_loss", "weight_sum", "tokens", "mean_entropy", "weight_mean", "weight_min", "weight_max")
 
 
 class LossCollector:
-    """Collects each micro-batch's MicroBatchLoss and supplies the step's gradient normaliser."""
+    """Collects each micro-batch's MicroBatchLoss and supplies the step's gradient normaliser.
+
+    One collector lives as long as the run (the schedules' finalize hook is bound to it at set-up);
+    `start_step` clears it before each step.
+    """
 
     def __init__(self, keep_token_values: bool = False) -> None:
+        self.start_step(keep_token_values)
+
+    def start_step(self, keep_token_values: bool = False) -> None:
+        """Forget the previous step's micro-batches; keep per-token values this step when asked."""
         self.parts: List[MicroBatchLoss] = []
         self.global_weight_sum: Optional[float] = None
         # Per-token [weight, entropy] of the loss-masked tokens, kept only when asked (histogram steps).
@@ -87,18 +98,18 @@ def step_statistics(parts: List[MicroBatchLoss]) -> StepLoss:
     return StepLoss(**dict(zip(_STEP_LOSS_FIELDS, values.cpu().tolist())))
 
 
-def make_forward_step(collector, want_entropy: bool, pass_labels: bool = False) -> Callable:
+def make_forward_step(collector, pass_labels: bool = False) -> Callable:
     """The forward_step_func megatron's schedules call once per micro-batch and model chunk.
 
     The loss function is collector.loss_func(loss_mask, output), or (loss_mask, labels, output) with
-    `pass_labels` (evaluation by target token: megatron_mile.evaluation).
+    `pass_labels` (evaluation by target token: megatron_mile.evaluation). Whether the model computes the
+    entropy is set once per step beforehand (megatron_mile.model.request_entropy).
     """
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator) if data_iterator is not None else None
         batch = _to_compute_device(batch)
-        unwrapped = _unwrap(model)
-        unwrapped.want_entropy = want_entropy
+        unwrapped = unwrap_model(model)
         if batch is None:  # a middle pipeline stage: input comes from the previous stage
             output = model(None, None, None)
             return output, partial(collector.loss_func, *((None, None) if pass_labels else (None,)))
@@ -110,12 +121,6 @@ def make_forward_step(collector, want_entropy: bool, pass_labels: bool = False) 
         return output, partial(collector.loss_func, *inputs)
 
     return forward_step
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _to_compute_device(batch):
@@ -134,48 +139,45 @@ class StepResult:
     token_values: Optional[torch.Tensor] = None
 
 
-def configure_schedules(model: list, optimizer, collector_holder: dict) -> None:
-    """Point megatron's schedule hooks at this run's optimizer and loss collector."""
+def configure_schedules(model: list, optimizer, collector: LossCollector) -> None:
+    """Point megatron's schedule hooks at this run's optimizer and loss collector (once, at set-up)."""
     config = get_model_config(model[0])
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
-    config.finalize_model_grads_func = lambda *a, **k: collector_holder["collector"].finalize_grads(*a, **k)
+    config.finalize_model_grads_func = collector.finalize_grads
     config.timers = None
 
 
-def train_step(
-    model: list,
-    optimizer,
-    scheduler,
-    data_iterators: list,
-    num_micro_batches: int,
-    seq_length: int,
-    micro_batch_size: int,
-    collector_holder: dict,
-    want_entropy: bool,
-    keep_token_values: bool = False,
-) -> StepResult:
+def _run_schedule(setup, collector: LossCollector, forward_only: bool, data_iterators: list) -> None:
+    """One pass of megatron's schedule over setup.num_micro_batches micro-batches."""
+    model = setup.model
+    get_forward_backward_func()(
+        forward_step_func=make_forward_step(collector),
+        data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+        model=model,
+        num_microbatches=setup.num_micro_batches,
+        seq_length=setup.config.model.seq_length,
+        micro_batch_size=setup.config.training.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def train_step(setup, want_entropy: bool = False, keep_token_values: bool = False) -> StepResult:
     """Forward, backward and (unless the loss is not finite) the optimizer and scheduler step.
 
-    `keep_token_values` also returns every loss-masked token's weight and entropy (want_entropy must be
-    set for the entropy to be computed); it costs one masked copy per micro-batch, so only ask on the
-    steps that log them.
+    `setup` is the run's TrainingSetup. `want_entropy` computes the entropy for logging even when the loss
+    does not need it. `keep_token_values` also returns every loss-masked token's weight and entropy
+    (want_entropy must be set for the entropy to be computed); it costs one masked copy per micro-batch,
+    so only ask on the steps that log them.
     """
-    collector = LossCollector(keep_token_values)
-    collector_holder["collector"] = collector
+    model, optimizer = setup.model, setup.optimizer
+    collector = setup.loss_collector
+    collector.start_step(keep_token_values)
+    request_entropy(model, want_entropy)
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_backward = get_forward_backward_func()
-    forward_backward(
-        forward_step_func=make_forward_step(collector, want_entropy),
-        data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
-        model=model,
-        num_microbatches=num_micro_batches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    _run_schedule(setup, collector, forward_only=False, data_iterators=setup.train_iterators)
     stats = step_statistics(collector.parts)
     token_values = torch.cat(collector.token_values) if collector.token_values else None
     if not math.isfinite(stats.loss):
@@ -186,28 +188,20 @@ def train_step(
         return StepResult(stats, None, skipped=True, token_values=token_values)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
-        scheduler.step(increment=1)
+        setup.scheduler.step(increment=1)
     return StepResult(stats, grad_norm, skipped=not update_successful, token_values=token_values)
 
 
-def evaluate(model: list, data_iterators: list, num_micro_batches: int, eval_iters: int, seq_length: int,
-             micro_batch_size: int) -> StepLoss:
-    """Validation loss over eval_iters global batches (forward only, dropout off)."""
+def evaluate(setup) -> StepLoss:
+    """Validation loss over --eval-iters global batches of setup.valid_iterators (forward only, dropout off)."""
+    model = setup.model
     for chunk in model:
         chunk.eval()
     collector = LossCollector()
-    forward_backward = get_forward_backward_func()
+    request_entropy(model, True)
     with torch.no_grad():
-        for _ in range(eval_iters):
-            forward_backward(
-                forward_step_func=make_forward_step(collector, want_entropy=True),
-                data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
-                model=model,
-                num_microbatches=num_micro_batches,
-                seq_length=seq_length,
-                micro_batch_size=micro_batch_size,
-                forward_only=True,
-            )
+        for _ in range(setup.config.training.eval_iters):
+            _run_schedule(setup, collector, forward_only=True, data_iterators=setup.valid_iterators)
     for chunk in model:
         chunk.train()
     return step_statistics(collector.parts)
