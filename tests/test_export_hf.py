@@ -113,7 +113,7 @@ def worker_save(directory, group_query_attention=True, tied=False):
     """Build the model at this worker's layout, give its norms distinct values, save it, return its logits."""
     from megatron_mile.arguments import config_to_dict
     from megatron_mile.model import build_model
-    from megatron_mile.training import checkpointing
+    from megatron_mile import checkpointing
     from megatron_mile.training.initialize import set_random_seeds
 
     config = make_config(group_query_attention, tied)
@@ -313,7 +313,7 @@ def fake_checkpoint(directory, llama=True, iteration=3):
     """A save directory whose checkpoint holds only its description (enough for every check before loading)."""
     from megatron_mile.arguments import config_to_dict
     from megatron_mile.config import RunConfig
-    from megatron_mile.training import checkpointing
+    from megatron_mile import checkpointing
 
     config = RunConfig()
     if llama:

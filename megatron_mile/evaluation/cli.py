@@ -146,7 +146,7 @@ def run_config_for(eval_config: BucketEvalConfig, saved_config: dict, saved_voca
 
 def _checkpoint_metadata(eval_config: BucketEvalConfig) -> dict:
     """mile_checkpoint.json of the checkpoint to evaluate. No collectives."""
-    from megatron_mile.training import checkpointing
+    from megatron_mile import checkpointing
 
     if not os.path.isdir(eval_config.load):
         raise EvaluationError(
@@ -180,7 +180,7 @@ def _load_model(eval_config: BucketEvalConfig, config, vocab_size: int):
 
     from megatron_mile.arguments import config_to_dict
     from megatron_mile.model import build_model
-    from megatron_mile.training import checkpointing
+    from megatron_mile import checkpointing
 
     chunks = build_model(config, vocab_size)
     iteration = checkpointing.load_model_weights(eval_config.load, chunks, eval_config.iteration,

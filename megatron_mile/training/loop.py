@@ -2,7 +2,7 @@
 
 The spine of the fork, in the spirit of Megatron-LM's megatron/training/training.py, written on
 megatron-core: setup (initialize), model (model.py), optimizer (optimizer.py), data (data.py), the step
-(step.py), what is printed (reporting.py), checkpoints (checkpointing.py).
+(step.py), what is printed (reporting.py), checkpoints (megatron_mile.checkpointing).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def setup_training(config: RunConfig, model_provider=None, dataset_provider=None
 
     iteration, consumed_samples = 0, 0
     if t.load is not None:
-        from megatron_mile.training import checkpointing
+        from megatron_mile import checkpointing
 
         iteration, consumed_samples = checkpointing.load_checkpoint(t.load, model, optimizer, scheduler, config_dict)
 
@@ -133,7 +133,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     num_eval_samples) -> (train, validation) default to megatron_mile's GPT model and datasets.
     """
     if t_uses_checkpoints(config):
-        from megatron_mile.training import checkpointing
+        from megatron_mile import checkpointing
 
     t = config.training
     setup = setup_training(config, model_provider, dataset_provider)
