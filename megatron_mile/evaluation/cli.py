@@ -263,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Parse flags, evaluate, print the table and write the JSON on the last rank; return the exit code."""
     import torch.distributed as dist
 
-    from megatron_mile.evaluation.report import format_report, write_json_atomic
+    from megatron_mile.evaluation.report import format_report, write_strict_json
     from megatron_mile.training.cli import shutdown_distributed
 
     rank = int(os.environ.get("RANK", "0"))
@@ -281,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if last:
             print(format_report(report), flush=True)
             if eval_config.output_json:
-                write_json_atomic(eval_config.output_json, report)
+                write_strict_json(eval_config.output_json, report)
                 print(f" wrote {eval_config.output_json}", flush=True)
     except ConfigError as error:
         if rank == 0:

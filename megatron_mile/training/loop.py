@@ -269,9 +269,10 @@ def _log_token_histograms(tensorboard: reporting.TensorBoardWriter, iteration: i
 
 
 def _write_summary(save_dir: str, config: RunConfig, result: TrainingResult, seconds: float) -> None:
-    """{save}/summary.json: the run's settings and final figures (written to a temp name, then renamed)."""
-    import json
+    """{save}/summary.json: the run's settings and final figures (written atomically)."""
     import os
+
+    from megatron_mile.atomic_io import write_json_atomic
 
     recent = [r for r in result.history[-10:] if not r.skipped]
     summary = {
@@ -295,10 +296,7 @@ def _write_summary(save_dir: str, config: RunConfig, result: TrainingResult, sec
         "config": config_to_dict(config),
     }
     os.makedirs(save_dir, exist_ok=True)
-    path = os.path.join(save_dir, "summary.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(os.path.join(save_dir, "summary.json"), summary, indent=1)
 
 
 def t_uses_checkpoints(config: RunConfig) -> bool:
