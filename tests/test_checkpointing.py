@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_mile.training import checkpointing
+from megatron_mile import checkpointing
+from megatron_mile.checkpointing import save as checkpoint_save
+from megatron_mile.checkpointing import torch_dist
 
 VOCAB = 100
 SEQ = 16
@@ -280,13 +282,13 @@ def worker_interrupted_save(directory):
     checkpointing.save_checkpoint(directory, 1, model, optimizer, scheduler, 2, config_dict)
     saved = full_params(model)
     run_step(model, optimizer, scheduler, 2)
-    original = checkpointing._before_commit
-    checkpointing._before_commit = _crash
+    original = checkpoint_save._before_commit
+    checkpoint_save._before_commit = _crash
     try:
         with pytest.raises(SimulatedCrash):
             checkpointing.save_checkpoint(directory, 2, model, optimizer, scheduler, 4, config_dict)
     finally:
-        checkpointing._before_commit = original
+        checkpoint_save._before_commit = original
     import torch.distributed as dist
 
     dist.barrier()
@@ -499,7 +501,7 @@ def test_tampered_checkpoint_runs_no_code(dist_pool, tmp_path):
 def test_metadata_unpickler_refuses_code():
     payload = pickle.dumps(_RunsCode("/nonexistent/never"))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        checkpointing._MetadataUnpickler(__import__("io").BytesIO(payload)).load()
+        torch_dist._MetadataUnpickler(__import__("io").BytesIO(payload)).load()
 
 
 # Errors before anything is loaded need no processes.

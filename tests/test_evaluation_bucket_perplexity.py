@@ -114,7 +114,7 @@ def reference_evaluation(checkpoint_dir, train_prefixes, valid_prefixes, split, 
     from megatron_mile.arguments import config_from_dict
     from megatron_mile.data.tokenizers import build_tokenizer
     from megatron_mile.model import build_model
-    from megatron_mile.training import checkpointing
+    from megatron_mile import checkpointing
 
     config = config_from_dict(checkpointing.read_saved_config(checkpoint_dir))
     config.finalize(1)
@@ -267,7 +267,7 @@ def test_bad_inputs_give_one_clear_error_and_exit_1(dist_pool, corpus, checkpoin
 def test_evaluation_pads_the_vocabulary_like_the_checkpoint_at_any_tp(checkpoint):
     # 100 tokens were padded to 128 rows at TP=1; at TP=2 the default multiple would pad to 256.
     from megatron_mile.evaluation.cli import BucketEvalConfig, EvaluationError, run_config_for
-    from megatron_mile.training.checkpointing import read_checkpoint_metadata
+    from megatron_mile.checkpointing import read_checkpoint_metadata
     from megatron_mile.vocab import padded_vocab_size
 
     metadata = read_checkpoint_metadata(checkpoint)

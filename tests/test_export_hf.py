@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +114,7 @@ def worker_save(directory, group_query_attention=True, tied=False):
     """Build the model at this worker's layout, give its norms distinct values, save it, return its logits."""
     from megatron_mile.arguments import config_to_dict
     from megatron_mile.model import build_model
-    from megatron_mile.training import checkpointing
+    from megatron_mile import checkpointing
     from megatron_mile.training.initialize import set_random_seeds
 
     config = make_config(group_query_attention, tied)
@@ -203,6 +204,16 @@ def test_tied_embeddings_without_gqa(dist_pool, tmp_path):
     with torch.no_grad():
         theirs = model(tokens()).logits
     torch.testing.assert_close(theirs, reference[..., :VOCAB], atol=1e-4, rtol=0)
+
+
+def test_exported_files_get_the_umask_mode(exported):
+    """Every exported file has the mode open() gives a new file (safetensors alone would write 0600)."""
+    _, output, _ = exported
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in output.iterdir()}
+    assert "model.safetensors" in modes
+    assert modes == {name: 0o666 & ~umask for name in modes}
 
 
 def test_exported_tokenizer_encodes_like_the_runs(exported):
@@ -313,7 +324,7 @@ def fake_checkpoint(directory, llama=True, iteration=3):
     """A save directory whose checkpoint holds only its description (enough for every check before loading)."""
     from megatron_mile.arguments import config_to_dict
     from megatron_mile.config import RunConfig
-    from megatron_mile.training import checkpointing
+    from megatron_mile import checkpointing
 
     config = RunConfig()
     if llama:
@@ -411,7 +422,8 @@ def test_null_tokenizer_runs_export_no_tokenizer_files(tmp_path):
 
 
 def test_overwrite_replaces_the_whole_directory(tmp_path):
-    from megatron_mile.export.hf_llama import commit_directory, prepare_output
+    from megatron_mile.atomic_io import replace_directory
+    from megatron_mile.export.hf_llama import prepare_output
 
     output, new = tmp_path / "hf", tmp_path / ".hf.tmp-1"
     output.mkdir()
@@ -419,6 +431,6 @@ def test_overwrite_replaces_the_whole_directory(tmp_path):
     new.mkdir()
     (new / "config.json").write_text("{}")
     prepare_output(output, overwrite=True)
-    commit_directory(new, output)
+    replace_directory(new, output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     assert sorted(p.name for p in output.iterdir()) == ["config.json"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_mile.training import checkpointing
+from megatron_mile import checkpointing
 from megatron_mile.training.optimizer import torch_adams, use_fused_torch_adam_on_cpu
 from test_checkpointing import build, full_params, make_config, run_step
 

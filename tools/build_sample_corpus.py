@@ -29,6 +29,11 @@ import sysconfig
 from html.parser import HTMLParser
 from typing import Dict, Iterator, List, Tuple
 
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+
+from megatron_mile.atomic_io import atomic_open  # noqa: E402
+
 SOURCES = {
     "python-docs": "Wikipedia (en)",
     "python-stdlib": "Github",
@@ -219,9 +224,8 @@ def build(output_dir: str, docs_budget: int, code_budget: int) -> Dict[str, Dict
                                                   + r["text"][:64].encode()).hexdigest())
         raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
         path = os.path.join(output_dir, f"{split}.jsonl.zst")
-        with open(path + ".tmp", "wb") as f:
+        with atomic_open(path, "wb") as f:
             f.write(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw))
-        os.replace(path + ".tmp", path)
         print(f"wrote {path}: {len(records):,} documents, {len(raw) / 2**20:.2f} MB uncompressed, "
               f"{os.path.getsize(path) / 2**20:.2f} MB compressed")
     return stats

@@ -9,9 +9,9 @@ On-disk format (``{prefix}.bin`` holds the tokens back to back; ``{prefix}.idx``
     magic b"MMIDIDX\\x00\\x00" | version <Q = 1 | dtype code <B | sequence count <Q | document-index length <Q
     | int32 sequence lengths | int64 byte offset of each sequence | int64 document index (starts at 0)
 
-Atomicity: both files are written under temporary names beside the target and renamed only after
-everything is flushed to disk, ``.bin`` first and ``.idx`` last, after removing any old ``.idx``. An
-interrupted run therefore never leaves a ``.bin``/``.idx`` pair that looks valid but is not.
+Atomicity (megatron_mile.atomic_io): both files are written under temporary names beside the target and
+each is renamed after it is flushed to disk, ``.bin`` first and ``.idx`` last, after removing any old
+``.idx``. An interrupted run therefore never leaves a ``.bin``/``.idx`` pair that looks valid but is not.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import struct
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from megatron_mile.atomic_io import AtomicFile
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -48,10 +50,9 @@ class IndexedDatasetWriter:
         directory = os.path.dirname(os.path.abspath(prefix))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"output directory {directory!r} does not exist; create it first")
-        tag = f".tmp-{os.getpid()}"
-        self._tmp_bin = prefix + ".bin" + tag
-        self._tmp_idx = prefix + ".idx" + tag
-        self._bin = open(self._tmp_bin, "wb")
+        self._pending_bin = AtomicFile(prefix + ".bin")
+        self._pending_idx: Optional[AtomicFile] = None
+        self._bin = open(self._pending_bin.path, "wb")
         self._lengths: List[np.ndarray] = []  # int32 per sequence
         self._doc_ends: List[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         self.num_sequences = 0
@@ -109,15 +110,14 @@ class IndexedDatasetWriter:
 
     def finalize(self) -> Tuple[str, str]:
         """Write the index and move both files into place; returns the (bin, idx) paths."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         doc_index = np.concatenate(self._doc_ends)
         pointers = np.zeros(lengths.size, dtype=np.int64)
         if lengths.size > 1:
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        with open(self._tmp_idx, "wb") as f:
+        self._pending_idx = AtomicFile(self.prefix + ".idx")
+        with open(self._pending_idx.path, "wb") as f:
             f.write(INDEX_MAGIC)
             f.write(struct.pack("<Q", INDEX_VERSION))
             f.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
@@ -126,15 +126,13 @@ class IndexedDatasetWriter:
             f.write(lengths.astype("<i4").tobytes())
             f.write(pointers.astype("<i8").tobytes())
             f.write(doc_index.astype("<i8").tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        bin_path, idx_path = self.prefix + ".bin", self.prefix + ".idx"
         # An old .idx must go first: between the two renames a stale index would otherwise pair with
         # the new .bin and look like a valid dataset.
+        bin_path, idx_path = self.prefix + ".bin", self.prefix + ".idx"
         if os.path.exists(idx_path):
             os.remove(idx_path)
-        os.replace(self._tmp_bin, bin_path)
-        os.replace(self._tmp_idx, idx_path)
+        self._pending_bin.commit()
+        self._pending_idx.commit()
         self._done = True
         return bin_path, idx_path
 
@@ -142,9 +140,9 @@ class IndexedDatasetWriter:
         """Close and delete the temporary files; the target paths are left untouched."""
         if not self._bin.closed:
             self._bin.close()
-        for path in (self._tmp_bin, self._tmp_idx):
-            if os.path.exists(path):
-                os.remove(path)
+        for pending in (self._pending_bin, self._pending_idx):
+            if pending is not None:
+                pending.discard()
         self._done = True
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
+from megatron_mile.atomic_io import atomic_path
+
 EOD_TOKEN = "<|endoftext|>"
 
 
@@ -48,9 +50,8 @@ def save_tokenizer(tok, output_dir: str, gpt2_files: bool = False) -> list:
     """Write ``tokenizer.json`` (and, with ``gpt2_files``, ``vocab.json``/``merges.txt``) to ``output_dir``."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "tokenizer.json")
-    tmp = path + f".tmp-{os.getpid()}"
-    tok.save(tmp, pretty=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tok.save(str(tmp), pretty=False)
     written = [path]
     if gpt2_files:
         written += tok.model.save(output_dir)

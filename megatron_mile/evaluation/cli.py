@@ -146,7 +146,7 @@ def run_config_for(eval_config: BucketEvalConfig, saved_config: dict, saved_voca
 
 def _checkpoint_metadata(eval_config: BucketEvalConfig) -> dict:
     """mile_checkpoint.json of the checkpoint to evaluate. No collectives."""
-    from megatron_mile.training import checkpointing
+    from megatron_mile import checkpointing
 
     if not os.path.isdir(eval_config.load):
         raise EvaluationError(
@@ -180,7 +180,7 @@ def _load_model(eval_config: BucketEvalConfig, config, vocab_size: int):
 
     from megatron_mile.arguments import config_to_dict
     from megatron_mile.model import build_model
-    from megatron_mile.training import checkpointing
+    from megatron_mile import checkpointing
 
     chunks = build_model(config, vocab_size)
     iteration = checkpointing.load_model_weights(eval_config.load, chunks, eval_config.iteration,
@@ -263,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Parse flags, evaluate, print the table and write the JSON on the last rank; return the exit code."""
     import torch.distributed as dist
 
-    from megatron_mile.evaluation.report import format_report, write_json_atomic
+    from megatron_mile.evaluation.report import format_report, write_strict_json
     from megatron_mile.training.cli import shutdown_distributed
 
     rank = int(os.environ.get("RANK", "0"))
@@ -281,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if last:
             print(format_report(report), flush=True)
             if eval_config.output_json:
-                write_json_atomic(eval_config.output_json, report)
+                write_strict_json(eval_config.output_json, report)
                 print(f" wrote {eval_config.output_json}", flush=True)
     except ConfigError as error:
         if rank == 0:

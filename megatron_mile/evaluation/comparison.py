@@ -20,7 +20,8 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from megatron_mile.evaluation.report import write_json_atomic
+from megatron_mile.atomic_io import atomic_path, write_text_atomic
+from megatron_mile.evaluation.report import write_strict_json
 
 PROG = "plot_comparison.py"
 RESULTS_VERSION = 1
@@ -240,15 +241,12 @@ def plot_bucket_perplexity(results: dict, path: str) -> None:
 
 
 def _save(figure, path: str, plt) -> None:
-    # Temp name, then rename: a reader never sees a half-written PNG.
-    tmp = f"{path}.tmp-{os.getpid()}.png"
+    # Atomically: a reader never sees a half-written PNG. The format is named, as the temp name has no .png.
     try:
-        figure.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(figure)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_outputs(results: dict, output_dir: str) -> List[str]:
@@ -260,11 +258,8 @@ def write_outputs(results: dict, output_dir: str) -> List[str]:
              ("results.json", "results.md", "lm_loss.png", "bucket_perplexity.png")]
     plot_lm_loss(results, paths[2])
     plot_bucket_perplexity(results, paths[3])
-    write_json_atomic(paths[0], results)
-    tmp = paths[1] + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(markdown(results))
-    os.replace(tmp, paths[1])
+    write_strict_json(paths[0], results)
+    write_text_atomic(paths[1], markdown(results))
     return paths
 
 

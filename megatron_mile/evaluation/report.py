@@ -14,11 +14,11 @@ JSON layout (all losses are plain cross-entropy in nats, perplexity = exp(loss))
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import secrets
 from typing import List
+
+from megatron_mile.atomic_io import write_json_atomic
 
 
 def _number(value, digits: int = 3) -> str:
@@ -94,16 +94,7 @@ def _finite_or_none(value):
     return value
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    """Write `data` as strict JSON (NaN -> null) to `path` through a temp file beside it and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(_finite_or_none(data), handle, indent=1, allow_nan=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def write_strict_json(path: str, data: dict) -> None:
+    """Write `data` as strict JSON (NaN -> null) to `path` atomically, creating its directory if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json_atomic(path, _finite_or_none(data), indent=1, allow_nan=False)

@@ -4,7 +4,7 @@ Why through megatron's own model and sharded state dict rather than reading the 
 torch_dist checkpoint stores each tensor with its global shape and offsets in megatron's sharded-key
 layout (SwiGLU's fc1 split into gate and up shards, layers numbered globally, ...). Building the
 single-process model and loading into it with the project's safe loader
-(megatron_mile.training.checkpointing.load_model_weights) reuses the code that resharding at load time
+(megatron_mile.checkpointing.load_model_weights) reuses the code that resharding at load time
 is tested with, instead of a second reading of megatron's layout.
 
 Memory: the model is built without initialising its weights (they are overwritten by the load), so a
@@ -22,7 +22,7 @@ import torch
 
 from megatron_mile.arguments import config_from_dict, config_to_dict
 from megatron_mile.config import RunConfig
-from megatron_mile.training import checkpointing
+from megatron_mile import checkpointing
 
 
 @dataclass

@@ -20,15 +20,12 @@ Only safetensors is needed to write the directory; transformers is not imported.
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from megatron_mile.atomic_io import atomic_directory, write_json_atomic
 from megatron_mile.config import ModelConfig
 
 
@@ -179,22 +176,6 @@ def prepare_output(output: Path, overwrite: bool) -> None:
         raise ExportError(f"--output {output} exists and is not empty: choose another path or pass --overwrite")
 
 
-def commit_directory(tmp: Path, output: Path) -> None:
-    """Move the finished temp directory to `output` (replacing an old export), so that `output` is never
-    seen half-written: a crash leaves either the old directory or the new one, plus a temp to delete."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{secrets.token_hex(4)}")
-        os.rename(output, old)
-    os.rename(tmp, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
 def export_checkpoint(load_dir, output, iteration: Optional[int] = None, tokenizer: Optional[str] = None,
                       overwrite: bool = False, log=print) -> Path:
     """Export the latest checkpoint of `load_dir` (or `iteration`) to a LlamaForCausalLM directory `output`.
@@ -223,17 +204,12 @@ def export_checkpoint(load_dir, output, iteration: Optional[int] = None, tokeniz
     del full.params
     dtype = state_dict["lm_head.weight"].dtype
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
+    # `output` is never seen half-written: a crash leaves the old directory or the new one.
+    with atomic_directory(output) as tmp:
         write_tokenizer_files(tmp, to_export, model.max_position_embeddings)
-        write_json(tmp / "config.json", hf_config(model, full.real_vocab_size, dtype, to_export.eos_token_id))
+        write_json_atomic(tmp / "config.json", hf_config(model, full.real_vocab_size, dtype, to_export.eos_token_id),
+                          indent=2, sort_keys=True)
         save_safetensors(state_dict, tmp / "model.safetensors")
-        commit_directory(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     groups = _query_groups(model)
     log(f"exported {load_dir} iteration {full.iteration} ({model.num_layers} layers, hidden {model.hidden_size}, "
         f"{model.num_attention_heads} heads / {groups} KV heads, vocabulary {full.real_vocab_size} of "

@@ -1,1 +1,2 @@
-"""The training loop: setup, the step, evaluation, logging and checkpoints (one module per concern)."""
+"""The training loop: setup, the step, evaluation and logging, one module per concern (checkpoints live in
+megatron_mile.checkpointing)."""

@@ -3,12 +3,13 @@
 The spine of the fork, in the spirit of Megatron-LM's megatron/training/training.py, written on
 megatron-core: what is built before the first step (setup.py: process groups, model, optimizer, data,
 --load), the step and evaluation on that state (step.py), what is printed (reporting.py), checkpoints
-(checkpointing.py).
+(megatron_mile.checkpointing).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from megatron.core import parallel_state
 from megatron_mile.arguments import config_to_dict
 from megatron_mile.config import RunConfig
 from megatron_mile.loss import LossSpec
-from megatron_mile.training import checkpointing, reporting, token_histograms
+from megatron_mile import checkpointing
+from megatron_mile.atomic_io import write_json_atomic
+from megatron_mile.training import reporting, token_histograms
 from megatron_mile.training.initialize import is_logging_rank, print_rank_0, print_rank_last
 from megatron_mile.training.setup import num_micro_batches, setup_training
 from megatron_mile.training.step import evaluate, train_step
@@ -189,10 +192,7 @@ def _log_token_histograms(tensorboard: reporting.TensorBoardWriter, iteration: i
 
 
 def _write_summary(save_dir: str, config: RunConfig, result: TrainingResult, seconds: float) -> None:
-    """{save}/summary.json: the run's settings and final figures (written to a temp name, then renamed)."""
-    import json
-    import os
-
+    """{save}/summary.json: the run's settings and final figures (written atomically)."""
     recent = [r for r in result.history[-10:] if not r.skipped]
     summary = {
         "iterations": result.final_iteration,
@@ -215,10 +215,7 @@ def _write_summary(save_dir: str, config: RunConfig, result: TrainingResult, sec
         "config": config_to_dict(config),
     }
     os.makedirs(save_dir, exist_ok=True)
-    path = os.path.join(save_dir, "summary.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(os.path.join(save_dir, "summary.json"), summary, indent=1)
 
 
 def _print_run_summary(config: RunConfig, vocab_size: int, model: list) -> None:

@@ -1,4 +1,5 @@
-"""Wrapping model chunks for training (bf16, megatron DDP) and building the optimizer and LR schedule."""
+"""Wrapping model chunks for training (bf16, megatron DDP), building the optimizer and LR schedule, and the
+distributed optimizer's state fix-ups around a checkpoint load."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
@@ -117,3 +119,47 @@ def torch_adams(optimizer) -> Iterator[tuple]:
         inner = getattr(sub, "optimizer", None)
         if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
             yield sub, inner
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed-optimizer state around a checkpoint load (megatron_mile.checkpointing.load calls these)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def init_empty_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer zero Adam state with a step counter before loading into it.
+
+    Why: megatron-core's DistributedOptimizer.sharded_state_dict(is_loading=True) first calls its own
+    state_dict(), which (without Apex/Transformer Engine, i.e. with torch's Adam) asserts that every
+    parameter's state holds one common 'step'; an optimizer that has not stepped yet holds none. The
+    values put here are placeholders that the checkpoint overwrites. No collectives.
+    """
+    for sub, inner in torch_adams(optimizer):
+        if not isinstance(sub, DistributedOptimizer):
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if all(len(inner.state[p]) > 0 for p in params):
+            continue
+        if sub.init_state_fn is not None:
+            sub.init_state_fn(inner, sub.config)
+        for p in params:
+            inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def restore_distributed_optimizer_step(optimizer) -> None:
+    """Put the loaded Adam step counter back into every parameter's state (distributed optimizer).
+
+    Why: with torch's Adam, megatron-core's DistributedOptimizer keeps the step in its param groups in
+    the checkpoint and sets it into each parameter's state on load, but its per-bucket state copy that
+    follows overwrites 'step' with the placeholder of the freshly initialised state; the bias correction
+    of the next update would then restart. The param groups keep the loaded value. No collectives.
+    """
+    for sub, inner in torch_adams(optimizer):
+        if not isinstance(sub, DistributedOptimizer):
+            continue
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue
+            for p in group["params"]:
+                if "step" in inner.state[p]:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)

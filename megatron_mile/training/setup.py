@@ -12,10 +12,10 @@ from typing import Optional
 
 from megatron.core import parallel_state
 
+from megatron_mile import checkpointing
 from megatron_mile.arguments import config_to_dict
 from megatron_mile.config import RunConfig
 from megatron_mile.model import build_model
-from megatron_mile.training import checkpointing
 from megatron_mile.training import data as run_data
 from megatron_mile.training.initialize import initialize_parallel, set_random_seeds
 from megatron_mile.training.optimizer import build_optimizer, wrap_for_training

@@ -1,0 +1,59 @@
+"""Checkpoints: save, resume and load weights, in Megatron-LM's directory layout and torch_dist format.
+
+Layout of a save directory::
+
+    {dir}/latest_checkpointed_iteration.txt     the newest complete iteration, as a decimal integer
+    {dir}/iter_0000100/                         one checkpoint
+        metadata.json, common.pt, .metadata,    megatron-core distributed checkpoint (torch_dist) of the
+        __<rank>_0.distcp                         model chunks and the optimizer
+        mile_checkpoint.json                    plain data: iteration, consumed samples, the run's config,
+                                                  LR-scheduler state, parallel layout, vocabulary sizes
+        rng/rank_00000.pt ...                   per-rank RNG states (python, numpy, torch CPU/CUDA and
+                                                  megatron's model-parallel tracker)
+
+Modules: policy first, format last.
+
+- `save` / `load`: the orchestration (save_checkpoint, load_checkpoint, load_model_weights); `save.common_state`
+  is the one place that decides the plain data stored with the tensors.
+- `tracker`: iteration directory names, the latest-iteration tracker file, finding the checkpoint to load,
+  reading mile_checkpoint.json (no collectives, no torch).
+- `compatibility`: whether a checkpoint fits this run (architecture, vocabulary, optimizer state, layout).
+- `rng`: the per-rank RNG states.
+- `torch_dist`: megatron-core's torch_dist format, read safely (restricted unpickler, weights_only) and
+  written in-process; the only module that touches megatron-core's dist_checkpointing strategies.
+"""
+
+from megatron_mile.checkpointing.compatibility import ARCHITECTURE_FIELDS, CheckpointError
+from megatron_mile.checkpointing.load import load_checkpoint, load_model_weights
+from megatron_mile.checkpointing.rng import get_rng_state, set_rng_state
+from megatron_mile.checkpointing.save import save_checkpoint
+from megatron_mile.checkpointing.tracker import (
+    FORMAT,
+    FORMAT_VERSION,
+    METADATA_FILENAME,
+    RNG_DIRNAME,
+    TRACKER_FILENAME,
+    checkpoint_name,
+    read_checkpoint_metadata,
+    read_latest_iteration,
+    read_saved_config,
+)
+
+__all__ = [
+    "ARCHITECTURE_FIELDS",
+    "CheckpointError",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "METADATA_FILENAME",
+    "RNG_DIRNAME",
+    "TRACKER_FILENAME",
+    "checkpoint_name",
+    "get_rng_state",
+    "load_checkpoint",
+    "load_model_weights",
+    "read_checkpoint_metadata",
+    "read_latest_iteration",
+    "read_saved_config",
+    "save_checkpoint",
+    "set_rng_state",
+]

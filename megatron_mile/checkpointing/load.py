@@ -1,0 +1,133 @@
+"""load_checkpoint (resume training) and load_model_weights (evaluation, export).
+
+The model may use another TP/PP/VPP/DP layout than the saved one: torch_dist keeps every tensor with its
+global shape and offset. The per-rank RNG states load only at the saved layout (skipped with a note
+otherwise), and the distributed optimizer's state only at the saved TP/PP/VPP sizes (any DP size; a
+clear error otherwise, the weights still load with load_optimizer=False). The padded vocabulary size
+must match (it is a multiple of --make-vocab-size-divisible-by times TP).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_mile.checkpointing import torch_dist
+from megatron_mile.checkpointing.compatibility import (
+    CheckpointError,
+    check_model_config,
+    check_optimizer_compatible,
+    check_vocab,
+    parallel_layout,
+)
+from megatron_mile.checkpointing.rng import load_rng_state
+from megatron_mile.checkpointing.tracker import TRACKER_FILENAME, read_metadata, resolve_checkpoint_dir
+from megatron_mile.training.initialize import print_rank_0
+from megatron_mile.training.optimizer import (
+    init_empty_distributed_optimizer_state,
+    restore_distributed_optimizer_step,
+    use_fused_torch_adam_on_cpu,
+)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _load_sharded(checkpoint_dir: Path, state: dict) -> dict:
+    """Collectives: those of torch_dist.load_sharded."""
+    try:
+        return torch_dist.load_sharded(state, checkpoint_dir)
+    except torch_dist.LOAD_ERRORS as error:
+        raise CheckpointError(
+            f"cannot load {checkpoint_dir} into this model: {torch_dist.describe_load_error(error)}"
+        ) from error
+
+
+def _load_chunks(model: list, loaded: dict) -> None:
+    for index, chunk in enumerate(model):
+        torch_dist.unwrap_model(chunk).load_state_dict(loaded[f"model{index}"], strict=True)
+
+
+def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: dict, load_optimizer: bool = True,
+                    load_rng: bool = True, iteration: Optional[int] = None) -> Tuple[int, int]:
+    """Load the latest checkpoint (or `iteration`) of `load_dir` into model, optimizer and scheduler.
+
+    Returns (iteration, consumed_samples); (0, 0) with a printed note when `load_dir` has no checkpoint.
+    Must be called on every rank. The model may use another TP/PP/VPP/DP layout than the saved one; RNG
+    states are restored only at the saved layout (a note is printed otherwise). Raises FileNotFoundError /
+    ValueError (CheckpointError) naming the path and the fix for a missing directory or iteration, a
+    corrupt latest file, or a model whose architecture or vocabulary differs from the checkpoint's.
+
+    Collectives: those of megatron's dist_checkpointing.load (all-gathers of shard metadata for
+    validation; torch.distributed.checkpoint.load's plan gather/scatter); the distributed optimizer's scatter
+    of its state when it is used; one final barrier.
+    """
+    checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration)
+    if checkpoint_dir is None:
+        print_rank_0(f" no checkpoint in {load_dir} ({TRACKER_FILENAME} not found): training from scratch")
+        return 0, 0
+    metadata = read_metadata(checkpoint_dir)
+    check_model_config(metadata.get("config", {}), config_dict, checkpoint_dir)
+    check_vocab(metadata.get("vocab", {}), model, checkpoint_dir)
+    load_optimizer = load_optimizer and optimizer is not None
+    if load_optimizer and not metadata.get("has_optimizer", False):
+        raise CheckpointError(f"{checkpoint_dir} holds no optimizer state: load it with load_optimizer=False")
+
+    if load_optimizer:
+        check_optimizer_compatible(metadata, optimizer, checkpoint_dir)
+        init_empty_distributed_optimizer_state(optimizer)
+    state = torch_dist.sharded_state_dict(model, optimizer if load_optimizer else None, is_loading=True)
+    loaded = _load_sharded(checkpoint_dir, state)
+    _load_chunks(model, loaded)
+    if load_optimizer:
+        # megatron's distributed-optimizer load copies into its fp32 main parameters (leaves that
+        # require grad) outside no_grad on some paths; the copy is a state restore, not a computation.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        restore_distributed_optimizer_step(optimizer)
+        use_fused_torch_adam_on_cpu(optimizer)  # the loaded param groups carry the saving run's kernel flags
+        if scheduler is not None and metadata.get("scheduler") is not None:
+            scheduler.load_state_dict(metadata["scheduler"])
+
+    if load_rng:
+        _load_rng(checkpoint_dir, metadata)
+    _barrier()
+    print_rank_0(f" loaded checkpoint {checkpoint_dir} (iteration {iteration}, "
+                 f"{metadata['consumed_samples']} samples consumed)")
+    return int(metadata["iteration"]), int(metadata["consumed_samples"])
+
+
+def _load_rng(checkpoint_dir: Path, metadata: dict) -> None:
+    saved_layout, current_layout = metadata.get("layout", {}), parallel_layout()
+    if saved_layout != current_layout:
+        # Per-rank streams do not map between layouts; the run continues with its freshly seeded ones.
+        print_rank_0(f" note: {checkpoint_dir} was saved at layout {saved_layout}, this run uses {current_layout}; "
+                     "RNG states are not restored (dropout masks will differ from an uninterrupted run)")
+        return
+    load_rng_state(checkpoint_dir)
+
+
+def load_model_weights(load_dir, model: list, iteration: Optional[int] = None,
+                       config_dict: Optional[dict] = None) -> int:
+    """Load only the model weights (latest, or `iteration`) into `model`; returns the iteration.
+
+    For evaluation and export tools: no optimizer, scheduler or RNG state is touched. With `config_dict`
+    the architecture is checked as in load_checkpoint. Must be called on every rank of the model's layout.
+
+    Collectives: those of megatron's dist_checkpointing.load; one barrier.
+    """
+    checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration)
+    if checkpoint_dir is None:
+        raise FileNotFoundError(f"{load_dir} holds no checkpoint (no {TRACKER_FILENAME})")
+    metadata = read_metadata(checkpoint_dir)
+    if config_dict is not None:
+        check_model_config(metadata.get("config", {}), config_dict, checkpoint_dir)
+    check_vocab(metadata.get("vocab", {}), model, checkpoint_dir)
+    _load_chunks(model, _load_sharded(checkpoint_dir, torch_dist.sharded_state_dict(model)))
+    _barrier()
+    return int(iteration)

@@ -1,0 +1,280 @@
+"""megatron-core's torch_dist checkpoint format, read safely and written in-process.
+
+The one module that touches megatron-core's dist_checkpointing strategies and torch.distributed.checkpoint:
+a new megatron-core version is adapted here (the strategy base classes moved between releases).
+
+What is stored: megatron's sharded state dict of the model chunks (and optionally the optimizer). Every
+tensor is kept with its global shape and offset, so a checkpoint written at one TP/PP/VPP/DP layout loads
+at another. Files: ``.metadata`` (torch's pickled checkpoint metadata), ``__<rank>_0.distcp`` (tensor
+data), ``common.pt`` (the non-sharded items), ``metadata.json`` (megatron's format tag).
+
+Why an in-process writer (`_InProcessTorchDistSaveStrategy`) instead of megatron-core's default torch_dist
+writer: the default starts a multiprocessing Manager and forks one writer process per bucket, which fails
+inside daemonic worker processes (our test pool) and forks a process that holds gloo threads. torch's own
+FileSystemWriter writes the same files from the calling thread.
+
+Safety: a checkpoint directory is data a user hands us. Tensors and common.pt are read with
+``torch.load(..., weights_only=True)`` (megatron-core's safe globals registered), and the pickled
+``.metadata`` goes through `_MetadataUnpickler`, which admits the checkpoint-metadata classes only.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreLoadPlanner,
+    MCoreSavePlanner,
+    TorchDistLoadShardedStrategy,
+    _replace_sharded_keys_with_state_dict_keys,
+    _replace_state_dict_keys_with_sharded_keys,
+    _restore_dict_types,
+    _unwrap_pyt_sharded_tensor,
+    mcore_to_pyt_state_dict,
+)
+from megatron.core.safe_globals import register_safe_globals
+from torch.distributed import checkpoint as torch_dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import StorageMeta
+
+# How the distributed optimizer lays out its state in a checkpoint: dp_reshardable (Megatron-LM's default,
+# one tensor per gradient bucket; the DP size may change, TP/PP may not). megatron-core 0.16.1's
+# layout-independent formats fail with torch's Adam (no Apex/Transformer Engine): 'fully_reshardable'
+# loses the per-parameter 'step' key on load, 'fully_sharded_model_space' cannot describe the 0-d step.
+DISTRIBUTED_OPTIMIZER_SHARDING = "dp_reshardable"
+_SHARDED_STATE_METADATA = {
+    "distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING,
+    "chained_optim_avoid_prefix": True,
+    "singleton_local_shards": False,
+}
+
+# What a failed load raises: missing keys and shape mismatches surface as KeyError / megatron's
+# CheckpointingException; anything torch's reader or planner raised (e.g. refused metadata) is wrapped
+# in torch's CheckpointException, which derives from BaseException.
+LOAD_ERRORS = (KeyError, CheckpointingException, torch_dcp.api.CheckpointException)
+
+
+def unwrap_model(module):
+    """The megatron model inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def sharded_state_dict(model: list, optimizer=None, is_loading: bool = False) -> dict:
+    """{'model0': ..., 'model1': ..., ['optimizer': ...]}: megatron's sharded state dict of a run.
+
+    One entry per model chunk; tensor keys are global layer numbers, so the chunk count (virtual
+    pipeline) may change between save and load. With `optimizer`, its sharded state (the distributed
+    optimizer's in the dp_reshardable layout). With `is_loading`, the optimizer describes what to load
+    into. Collectives: the distributed optimizer's gather of its state over the DP group when saving.
+    """
+    state = {
+        f"model{index}": unwrap_model(chunk).sharded_state_dict(metadata=dict(_SHARDED_STATE_METADATA))
+        for index, chunk in enumerate(model)
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata=dict(_SHARDED_STATE_METADATA)
+        )
+    return state
+
+
+def save_sharded(state: dict, checkpoint_dir: Path) -> None:
+    """Write `state` (from sharded_state_dict) into the empty directory `checkpoint_dir`, every rank its part.
+
+    Collectives: those of torch.distributed.checkpoint.save (gather of the save plans to rank 0, scatter
+    of the global plan, gather of the write results) and megatron's save validation (all-gathers of
+    shard metadata), over the default group.
+    """
+    dist_checkpointing.save(state, str(checkpoint_dir), sharded_strategy=_InProcessTorchDistSaveStrategy())
+
+
+def load_sharded(state: dict, checkpoint_dir: Path) -> dict:
+    """Load `checkpoint_dir` into the shapes `state` (from sharded_state_dict) describes; returns the
+    loaded state dict (same keys). Raises one of LOAD_ERRORS when the checkpoint does not fit.
+
+    Collectives: those of torch.distributed.checkpoint.load (plan gather/scatter) and megatron's load
+    validation (all-gathers of shard metadata), over the default group.
+    """
+    register_safe_globals()
+    return dist_checkpointing.load(
+        state,
+        str(checkpoint_dir),
+        sharded_strategy=_SafeTorchDistLoadStrategy(),
+        common_strategy=_SafeCommonLoadStrategy(),
+    )
+
+
+def describe_load_error(error: BaseException) -> str:
+    """One line per failing rank ("rank 0: FileNotFoundError: ...") instead of torch's stack traces."""
+    failures = getattr(error, "failures", None)
+    if isinstance(error, torch_dcp.api.CheckpointException) and failures:
+        return "; ".join(
+            f"rank {rank}: " + "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            for rank, (exc, _) in sorted(failures.items())
+        )
+    return str(error)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Safe reading
+# ----------------------------------------------------------------------------------------------------------
+
+# Globals a torch_dist `.metadata` pickle may reference: the checkpoint-metadata dataclasses, torch's
+# size/dtype/layout values and the plain containers pickle builds them with. Nothing that runs code.
+_METADATA_PICKLE_ALLOWED = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.planner", "LoadItemType"),
+    ("torch.distributed.checkpoint.planner", "WriteItemType"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # looks a torch.layout up by its name, nothing else
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("collections", "OrderedDict"),
+    ("copyreg", "_reconstructor"),
+    ("builtins", "object"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickler for a torch_dist `.metadata` file that refuses every global outside a fixed allow-list."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch":
+            value = getattr(torch, name, None)
+            # dtypes, layouts and memory formats are pickled as `torch.<name>` values.
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which a checkpoint's metadata never needs; "
+            "refusing to load it (the file may be tampered with)"
+        )
+
+
+class _SafeFileSystemReader(FileSystemReader):
+    """torch's FileSystemReader with `.metadata` read by `_MetadataUnpickler` instead of plain pickle."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)
+        with self.fs.create_stream(path, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(MCoreLoadPlanner):
+    """megatron's load planner with byte objects read by torch.load(weights_only=True)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, map_location="cpu", weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+class _SafeTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
+    """megatron-core's torch_dist load, with the safe reader and planner above (same on-disk format).
+
+    Collectives: those of torch.distributed.checkpoint.load (a gather and a scatter of the load plans
+    over the default group).
+    """
+
+    def load(self, sharded_state_dict, checkpoint_dir: Path):
+        shape_checked = [
+            t for t in nested_values(sharded_state_dict)
+            if isinstance(t, ShardedTensor) and not t.allow_shape_mismatch
+        ]
+        shape_free = {
+            t.key: t for t in nested_values(sharded_state_dict)
+            if isinstance(t, ShardedTensor) and t.allow_shape_mismatch
+        }
+        original = sharded_state_dict
+        flat, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
+        pyt_state_dict = mcore_to_pyt_state_dict(flat, True)
+        torch_dcp.load(
+            pyt_state_dict,
+            storage_reader=_SafeFileSystemReader(checkpoint_dir),
+            planner=_SafeLoadPlanner(
+                shapes_validation_sharded_tensors=shape_checked,
+                allow_shape_mismatch_sharded_tensors=shape_free,
+            ),
+        )
+        state_dict = {k: _unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
+        state_dict = _replace_sharded_keys_with_state_dict_keys(state_dict, flat_mapping, rename_mapping)
+        _restore_dict_types(state_dict, original)
+        return state_dict
+
+    def load_tensors_metadata(self, checkpoint_dir: Path, metadata=None):
+        if metadata is None:
+            metadata = _SafeFileSystemReader(checkpoint_dir).read_metadata()
+        return super().load_tensors_metadata(checkpoint_dir, metadata)
+
+
+class _SafeCommonLoadStrategy(TorchCommonLoadStrategy):
+    """common.pt (and object shards, were any stored as files) read with weights_only=True explicitly,
+    whatever torch's default or the TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD environment variable says."""
+
+    def load_common(self, checkpoint_dir):
+        path = Path(checkpoint_dir) / "common.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint {checkpoint_dir} is incomplete")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
+        raise NotImplementedError("megatron_mile checkpoints keep no per-object files")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _InProcessTorchDistSaveStrategy(SaveShardedStrategy):
+    """Writes megatron-core's torch_dist format with torch's FileSystemWriter, in the calling thread.
+
+    Collectives: those of torch.distributed.checkpoint.save (gather of the save plans to rank 0, scatter
+    of the global plan, gather of the write results) over the default group.
+    """
+
+    def __init__(self):
+        super().__init__("torch_dist", 1)
+
+    def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
+        # Only the main replica of each shard is written (as megatron's own strategy does).
+        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
+        pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
+        torch_dcp.save(
+            pyt_state_dict,
+            storage_writer=FileSystemWriter(checkpoint_dir, single_file_per_rank=True, sync_files=True, thread_count=1),
+            planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False),
+        )
+
+    def can_handle_sharded_objects(self) -> bool:
+        return True
