@@ -21,6 +21,40 @@ class ConfigError(ValueError):
     """Invalid flags or flag combinations; the message lists every problem and how to fix it."""
 
 
+# The range of every numeric flag, checked at start-up (RunConfig.validate) so that a bad value stops the run
+# before any work instead of crashing later (a zero interval dividing, a negative size reaching torch).
+# Unset optional flags (None) are not checked. Every float flag must also be finite.
+_AT_LEAST_ONE = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
+    "max_position_embeddings", "rotary_base", "make_vocab_size_divisible_by", "micro_batch_size",
+    "global_batch_size", "train_iters", "lr_decay_iters", "exit_interval", "log_interval", "eval_interval",
+    "max_skipped_iterations",
+)
+_AT_LEAST_ZERO = ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad", "eval_iters", "num_workers", "seed")
+_POSITIVE = ("norm_epsilon", "init_method_std", "adam_eps")
+
+
+def _range_problems(config: "RunConfig") -> List[str]:
+    """One message per numeric flag outside its range (or not finite), naming the flag and the value."""
+    problems = []
+    for section_name in config.SECTIONS:
+        section = getattr(config, section_name)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            name = "--" + f.name.replace("_", "-")
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value}")
+            elif f.name in _AT_LEAST_ONE and value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+            elif f.name in _AT_LEAST_ZERO and value < 0:
+                problems.append(f"{name} must be >= 0, got {value}")
+            elif f.name in _POSITIVE and value <= 0:
+                problems.append(f"{name} must be > 0, got {value}")
+    return problems
+
+
 def flag(default, help_override: Optional[str] = None, **argparse_kwargs):
     """A dataclass field with extra argparse settings (choices, nargs, alias flag names)."""
     return field(default=default, metadata=dict(argparse_kwargs))
@@ -309,9 +343,7 @@ class RunConfig:
             if not condition:
                 problems.append(message)
 
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size"):
-            section = m if hasattr(m, name) else t
-            need(getattr(section, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        problems.extend(_range_problems(self))
         need(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
         if tp >= 1 and pp >= 1:
             need(
@@ -339,9 +371,12 @@ class RunConfig:
             m.num_attention_heads % max(m.num_query_groups, 1) == 0,
             f"--num-query-groups {m.num_query_groups} does not divide --num-attention-heads {m.num_attention_heads}",
         )
+        # As Megatron-LM: also with rope, whose tables (and an exported model's advertised context) are sized
+        # by --max-position-embeddings.
         need(
-            m.max_position_embeddings >= m.seq_length or m.position_embedding_type == "rope",
-            "--max-position-embeddings must be >= --seq-length with learned absolute positions",
+            m.max_position_embeddings >= m.seq_length,
+            f"--max-position-embeddings {m.max_position_embeddings} must be >= --seq-length {m.seq_length}: "
+            "raise it (or leave it unset: it defaults to --seq-length)",
         )
         if p.num_layers_per_virtual_pipeline_stage is not None:
             v = p.num_layers_per_virtual_pipeline_stage
@@ -370,17 +405,13 @@ class RunConfig:
         if l.mile_entropy_threshold is not None:
             need(0 <= l.mile_entropy_threshold <= 1, "--mile-entropy-threshold must lie in [0, 1]")
 
-        need(o.lr >= 0 and o.min_lr >= 0, "--lr and --min-lr must be >= 0")
         need(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
         need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "--adam-beta1/2 must lie in [0, 1)")
-        need(o.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
         need(0 <= m.hidden_dropout < 1 and 0 <= m.attention_dropout < 1, "dropout probabilities must lie in [0, 1)")
-        need(t.train_iters >= 1, "--train-iters must be >= 1")
         decay_iters = o.lr_decay_iters or t.train_iters
         need(o.lr_warmup_iters < decay_iters,
              f"--lr-warmup-iters {o.lr_warmup_iters} must be smaller than the decay length {decay_iters} "
              "(--lr-decay-iters, default --train-iters): lower --lr-warmup-iters or train longer")
-        need(t.log_interval >= 1 and t.eval_interval >= 1, "--log-interval and --eval-interval must be >= 1")
         if t.log_entropy_histogram_interval is not None:
             need(t.log_entropy_histogram_interval >= 0, "--log-entropy-histogram-interval must be >= 0 (0 = off)")
             need(t.log_entropy_histogram_interval == 0 or t.tensorboard_dir is not None,
@@ -401,7 +432,7 @@ class RunConfig:
 
         if t.save_interval is not None:
             need(t.save is not None, "--save-interval needs --save <dir>")
-            need(t.save_interval >= 1, "--save-interval must be >= 1")
+            need(t.save_interval >= 1, f"--save-interval must be >= 1, got {t.save_interval}")
 
         # GPU-only features: the backend here; layer implementation, FP8, fusions and sequence parallelism
         # in megatron_mile.kernels.

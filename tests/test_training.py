@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_mile.arguments import parse_args
 from megatron_mile.config import ConfigError
@@ -149,6 +150,63 @@ def run_with_nan_at(argv, world_size, bad_steps):
         model_module.MileGPTModel.compute_language_model_loss = original
 
 
+class _NanGradient(torch.autograd.Function):
+    """Identity in forward; NaN gradient in backward: a finite loss whose gradient is not finite."""
+
+    @staticmethod
+    def forward(ctx, packed):
+        return packed.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+def run_with_nan_gradient_at(argv, bad_steps):
+    """Worker body: the loss stays finite but its gradient is NaN on the given steps (counted from 1)."""
+    from megatron_mile import model as model_module
+    from megatron_mile.training.loop import TrainingStopped, pretrain
+
+    original = model_module.MileGPTModel.compute_language_model_loss
+    calls = {"n": 0}
+    micro_batches = 4
+
+    def poisoned(self, labels, logits):
+        out = original(self, labels, logits)
+        calls["n"] += 1
+        if (calls["n"] - 1) // micro_batches + 1 in bad_steps:
+            out = _NanGradient.apply(out)
+        return out
+
+    model_module.MileGPTModel.compute_language_model_loss = poisoned
+    try:
+        try:
+            result = pretrain(parse_args(argv, world_size=1))
+        except TrainingStopped as stop:
+            return {"stopped": str(stop)}
+        return {"history": [(r.loss, r.skipped, r.grad_norm) for r in result.history]}
+    finally:
+        model_module.MileGPTModel.compute_language_model_loss = original
+
+
+def test_nan_gradient_with_a_finite_loss_skips_the_update(dist_pool):
+    argv = TINY_LLAMA + LOSS_FLAGS["mile"] + ["--train-iters", "4"]
+    poisoned = dist_pool(1).run(run_with_nan_gradient_at, argv, {2})[0]["history"]
+    assert [skipped for _, skipped, _ in poisoned] == [False, True, False, False]
+    assert math.isfinite(poisoned[1][0]) and math.isnan(poisoned[1][2])  # finite loss, NaN gradient norm
+    # The update was not applied: the run goes on exactly as one whose step-2 update was discarded for a NaN
+    # loss (an applied NaN update would make every later loss NaN).
+    nan_loss = dist_pool(1).run(run_with_nan_at, argv, 1, {2})[0]["history"]
+    assert [loss for loss, _, _ in poisoned[2:]] == [loss for loss, _ in nan_loss[2:]]
+    assert all(math.isfinite(loss) for loss, _, _ in poisoned[2:])
+
+
+def test_a_run_whose_every_update_was_skipped_fails(dist_pool):
+    argv = TINY_LLAMA + LOSS_FLAGS["mile"] + ["--train-iters", "3", "--max-skipped-iterations", "10"]
+    out = dist_pool(1).run(run_with_nan_gradient_at, argv, {1, 2, 3})[0]
+    assert "all 3 iterations were skipped" in out["stopped"], out
+
+
 def test_nan_loss_skips_the_update_and_training_goes_on(dist_pool):
     out = dist_pool(1).run(run_with_nan_at, TINY_LLAMA + LOSS_FLAGS["mile"] + ["--train-iters", "4"], 1, {2})[0]
     history = out["history"]
@@ -177,6 +235,16 @@ def test_repeated_nan_losses_stop_training_with_a_clear_message(dist_pool):
         (["--loss-type", "mile", "--mile-sigma", "0"], 1, "--mile-sigma must be > 0"),
         (["--pipeline-model-parallel-size", "3"], 3, "does not divide --num-layers"),
         (["--lr-warmup-iters", "6", "--train-iters", "6"], 1, "--lr-warmup-iters 6 must be smaller than"),
+        # Values that used to pass validation and fail later (or train on nonsense).
+        (["--lr", "inf"], 1, "--lr must be a finite number"),
+        (["--lr", "nan"], 1, "--lr must be a finite number"),
+        (["--norm-epsilon=-1e-5"], 1, "--norm-epsilon must be > 0"),
+        (["--rotary-base", "0"], 1, "--rotary-base must be >= 1"),
+        (["--exit-interval", "0"], 1, "--exit-interval must be >= 1"),
+        (["--ffn-hidden-size=-8"], 1, "--ffn-hidden-size must be >= 1"),
+        (["--weight-decay=-0.1"], 1, "--weight-decay must be >= 0"),
+        (["--init-method-std", "0"], 1, "--init-method-std must be > 0"),
+        (["--max-position-embeddings", "16"], 1, "--max-position-embeddings 16 must be >= --seq-length"),
     ],
 )
 def test_bad_flag_combinations_are_rejected_with_the_fix(extra, world_size, message):

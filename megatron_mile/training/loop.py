@@ -74,7 +74,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     result = TrainingResult()
     run_start = time.time()
     tokens_per_iteration = t.global_batch_size * config.model.seq_length
-    skipped_total = nan_total = consecutive_skips = 0
+    skipped_total = nan_total = consecutive_skips = applied_total = 0
     interval_start = time.time()
     interval_iterations = 0
     histogram_every = token_histograms.histogram_interval(t.log_entropy_histogram_interval, t.eval_interval,
@@ -105,21 +105,20 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
             if step.skipped:
                 skipped_total += 1
                 consecutive_skips += 1
-                if not math.isfinite(step.stats.loss):
-                    nan_total += 1
-                    print_rank_last(
-                        f" iteration {iteration}: the loss is {step.stats.loss} (not finite); the update was "
-                        f"skipped ({consecutive_skips} in a row, limit --max-skipped-iterations "
-                        f"{t.max_skipped_iterations})"
-                    )
+                nan_total += 1
+                print_rank_last(
+                    f" iteration {iteration}: {step.skipped_because} (not finite); the update was skipped "
+                    f"({consecutive_skips} in a row, limit --max-skipped-iterations {t.max_skipped_iterations})"
+                )
                 if consecutive_skips >= t.max_skipped_iterations:
                     raise TrainingStopped(
-                        f"{consecutive_skips} consecutive iterations had a non-finite loss (last at iteration "
-                        f"{iteration}); stopping without saving. Lower --lr, check the data, or resume from the "
-                        "last checkpoint"
+                        f"{consecutive_skips} consecutive iterations had a non-finite loss or gradient (last at "
+                        f"iteration {iteration}: {step.skipped_because}); stopping without saving. Lower --lr or "
+                        "--init-method-std, check the data, or resume from the last checkpoint"
                     )
             else:
                 consecutive_skips = 0
+                applied_total += 1
             result.history.append(
                 IterationRecord(
                     iteration, step.stats.loss, step.stats.lm_loss, step.grad_norm, learning_rate, step.skipped,
@@ -160,6 +159,13 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
                 print_rank_0(f" exiting at iteration {iteration} (--exit-interval {t.exit_interval})")
                 exited_early = True
                 break
+        if iteration > start_iteration and applied_total == 0:
+            # Every update was discarded: the model is the one the run started from, so the run produced
+            # nothing, and must not end as a success (nor save a checkpoint that looks trained).
+            raise TrainingStopped(
+                f"all {iteration - start_iteration} iterations were skipped (non-finite loss or gradient); "
+                "the model is unchanged. Lower --lr or --init-method-std, or check the data"
+            )
         # As Megatron-LM does, the run ends with a validation of the final model unless it just had one.
         if (setup.valid_iterators is not None and not exited_early and iteration > start_iteration
                 and iteration % t.eval_interval != 0):

@@ -3,12 +3,14 @@ distributed optimizer's state fix-ups around a checkpoint load."""
 
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+import math
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
@@ -82,6 +84,46 @@ def build_optimizer(config: RunConfig, model: List) -> Tuple[object, OptimizerPa
         lr_wsd_decay_style="linear" if o.lr_decay_style == "WSD" else None,
     )
     return optimizer, scheduler
+
+
+class UpdateResult(NamedTuple):
+    """What step_unless_non_finite did: applied the update or not, the gradient norm, and why not."""
+
+    applied: bool
+    grad_norm: Optional[float]  # the global norm before clipping; None when not computed (fp16 overflow)
+    skipped_because: Optional[str]  # None when applied
+
+
+def step_unless_non_finite(optimizer) -> UpdateResult:
+    """megatron's optimizer step, except that an update whose gradient norm is NaN/Inf is not applied.
+
+    megatron-core's step applies a finite-loss step whose gradients hold NaN/Inf (e.g. an overflowing
+    forward with a finite loss): every weight becomes NaN. This runs the same stages as its step
+    (prepare_grads -> the global grad norm -> clipping -> step_with_ready_grads) and stops after the norm
+    when it is not finite. The norm is the one clipping needs anyway (one all-reduce over the gradient
+    statistics group), so a run with --clip-grad > 0 pays nothing extra; with --clip-grad 0 it costs that
+    all-reduce and one pass over the gradients. The caller zeroes the gradients before the next step.
+
+    Collectives: those of megatron's prepare_grads (the grad scaler's found-inf all-reduce) and
+    get_grad_norm (all-reduce of the squared norm over the model-parallel gradient-statistics group).
+    Every rank reaches the same decision because the norm is global.
+    """
+    if optimizer.prepare_grads():
+        return UpdateResult(False, None, "the gradients overflowed (loss scaling found inf/NaN)")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return UpdateResult(False, grad_norm, f"the gradient norm is {grad_norm}")
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(sub, "is_stub_optimizer", False) or sub.config.clip_grad <= 0.0:
+            continue
+        params = sub.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(
+                params, sub.config.clip_grad, grad_norm,
+                sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    applied = optimizer.step_with_ready_grads()
+    return UpdateResult(applied, grad_norm, None if applied else "the optimizer reported an unsuccessful update")
 
 
 # The dtypes torch's fused CPU Adam kernel takes.

@@ -28,6 +28,7 @@ from megatron.core.utils import get_model_config, unwrap_model
 from megatron_mile import device
 from megatron_mile.loss import MicroBatchLoss, StepLoss, all_reduce_step_loss, reduce_micro_batch
 from megatron_mile.model import CE, ENTROPY, WEIGHT, request_entropy
+from megatron_mile.training.optimizer import step_unless_non_finite
 
 _STEP_LOSS_FIELDS = ("loss", "lm_loss", "weight_sum", "tokens", "mean_entropy", "weight_mean", "weight_min", "weight_max")
 
@@ -135,6 +136,8 @@ class StepResult:
     stats: StepLoss
     grad_norm: Optional[float]
     skipped: bool
+    # Why the update was not applied (a non-finite loss or gradient norm), for the log; None when applied.
+    skipped_because: Optional[str] = None
     # [n, 2] (weight, entropy) of this rank's loss-masked tokens when asked for; last pipeline stage only.
     token_values: Optional[torch.Tensor] = None
 
@@ -174,22 +177,29 @@ def train_step(setup, want_entropy: bool = False, keep_token_values: bool = Fals
     collector = setup.loss_collector
     collector.start_step(keep_token_values)
     request_entropy(model, want_entropy)
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
+    _discard_gradients(setup)  # the previous step's gradients
     _run_schedule(setup, collector, forward_only=False, data_iterators=setup.train_iterators)
     stats = step_statistics(collector.parts)
     token_values = torch.cat(collector.token_values) if collector.token_values else None
     if not math.isfinite(stats.loss):
         # Never apply an update computed from a non-finite loss; the caller counts and reports it.
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        return StepResult(stats, None, skipped=True, token_values=token_values)
-    update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
+        _discard_gradients(setup)
+        return StepResult(stats, None, skipped=True, skipped_because=f"the loss is {stats.loss}",
+                          token_values=token_values)
+    # Nor one whose gradient is not finite although the loss is (e.g. an overflow inside the model).
+    update = step_unless_non_finite(optimizer)
+    if update.applied:
         setup.scheduler.step(increment=1)
-    return StepResult(stats, grad_norm, skipped=not update_successful, token_values=token_values)
+    else:
+        _discard_gradients(setup)
+    return StepResult(stats, update.grad_norm, skipped=not update.applied, skipped_because=update.skipped_because,
+                      token_values=token_values)
+
+
+def _discard_gradients(setup) -> None:
+    for chunk in setup.model:
+        chunk.zero_grad_buffer()
+    setup.optimizer.zero_grad()
 
 
 def evaluate(setup) -> StepLoss:
