@@ -13,9 +13,13 @@ providers; the training loop lives in megatron_mile.training.
 
 import sys
 
-from megatron_mile.model import build_model
-from megatron_mile.training.cli import main
-from megatron_mile.training.data import build_datasets
+from megatron_mile import known_warnings
+
+known_warnings.install()  # before megatron-core is imported: most of its known warnings come at import
+
+from megatron_mile.model import build_model  # noqa: E402
+from megatron_mile.training.cli import main  # noqa: E402
+from megatron_mile.training.data import build_datasets  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], model_provider=build_model, dataset_provider=build_datasets))

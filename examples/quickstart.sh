@@ -27,6 +27,8 @@ LOSS_FLAGS=(--loss-type "$LOSS_TYPE")
 [ "$LOSS_TYPE" = mile ] && LOSS_FLAGS+=(--mile-gamma 1.0 --mile-sigma 1.0)
 [ "$LOSS_TYPE" = focal ] && LOSS_FLAGS+=(--focal-gamma 1.0)
 
+# One thread per process on 2 cores, as torchrun would choose; set here, torchrun prints no notice about it.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 echo "== 2/3 training a small LLaMA with --loss-type $LOSS_TYPE on $NPROC processes (TP=$NPROC)"
 torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29517}" pretrain_gpt_mile.py \
   --tensor-model-parallel-size "$NPROC" \
@@ -42,7 +44,7 @@ torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29517}" pretrai
   "${LOSS_FLAGS[@]}" \
   --log-interval 25 --eval-interval 100 --eval-iters 4 \
   --save "$OUT/checkpoints" --save-interval 100 --tensorboard-dir "$OUT/tensorboard" \
-  2>&1 | grep --line-buffered -v -E "UserWarning|warnings.warn|Unable to save" | tee "$OUT/train.log"
+  2>&1 | tee "$OUT/train.log"
 
 echo "== 3/3 done"
 echo "   checkpoint:  $OUT/checkpoints (latest: $(cat "$OUT/checkpoints/latest_checkpointed_iteration.txt"))"

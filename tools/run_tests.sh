@@ -4,4 +4,6 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MILE_EXTRAS="${MILE_EXTRAS:-test}" source "$REPO_ROOT/tools/setup_env.sh"
 cd "$REPO_ROOT"
+# The tests check behaviour, not warnings: keep their output to the results.
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning}"
 exec python -m pytest "$@"

@@ -27,20 +27,23 @@ installed() {
   [ -f "$STAMP" ] || return 1
   if [ -z "$EXTRAS" ]; then grep -q "^$SETUP_HASH " "$STAMP"; else grep -qx "$SETUP_HASH $EXTRAS" "$STAMP"; fi
 }
-# This machine's pip configuration may name package folders that do not exist; pip warns once per package.
-quiet_pip() {
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+# pip's own output, cut to one line per package it fetches and the final summary, so a long install shows
+# what it is doing. (This machine's pip configuration may name package folders that do not exist; pip warns
+# once per package about them: dropped.)
+progress_pip() {
+  "$VENV/bin/python" -m pip install --progress-bar off --disable-pip-version-check "$@" 2>&1 \
+    | { grep --line-buffered -E "^(Collecting|Successfully installed|ERROR|error)" || true; } \
+    | sed -u -e 's/^Successfully installed .*/  done/' -e 's/^Collecting /  fetching /'
 }
 if ! installed; then
   CONSTRAINTS="$(mktemp)"
   echo "$TORCH_PIN" > "$CONSTRAINTS"
-  echo "[setup] installing $TORCH_PIN and megatron_mile${EXTRAS:+[$EXTRAS]} (a minute or two on a fresh machine)"
-  quiet_pip "$TORCH_PIN"
-  quiet_pip -c "$CONSTRAINTS" -e "$SPEC"
+  echo "[setup] installing $TORCH_PIN (CPU build) into $VENV"
+  progress_pip "$TORCH_PIN"
+  echo "[setup] installing megatron_mile${EXTRAS:+[$EXTRAS]} and its dependencies (megatron-core, ...)"
+  progress_pip -c "$CONSTRAINTS" -e "$SPEC"
   rm -f "$CONSTRAINTS"
   [ -f "$STAMP" ] && grep -q "^$SETUP_HASH " "$STAMP" || : > "$STAMP"
   echo "$SETUP_HASH $EXTRAS" >> "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning}"

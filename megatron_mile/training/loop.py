@@ -22,7 +22,7 @@ from megatron.core import parallel_state
 from megatron_mile.arguments import config_to_dict
 from megatron_mile.config import RunConfig
 from megatron_mile.loss import LossSpec
-from megatron_mile import checkpointing
+from megatron_mile import checkpointing, known_warnings
 from megatron_mile.atomic_io import write_json_atomic
 from megatron_mile.training import reporting, token_histograms
 from megatron_mile.training.initialize import is_logging_rank, print_rank_0, print_rank_last
@@ -133,13 +133,16 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
                 elapsed = time.time() - interval_start
                 per_iteration = elapsed / interval_iterations
                 tokens_per_second = tokens_per_iteration / per_iteration
+                # The run's average rate so far (validation and saves included, as the ETA must count them).
+                rate = (iteration - start_iteration) / max(time.time() - run_start, 1e-9)
+                eta = (t.train_iters - iteration) / rate
                 if is_logging_rank():
                     progress.stream.write("\r") if progress.enabled else None
                     print(
                         reporting.format_train_log(
                             iteration, t.train_iters, consumed_samples, per_iteration * 1000.0, learning_rate,
                             t.global_batch_size, step.stats, step.grad_norm, tokens_per_second,
-                            skipped_total, nan_total, config.loss.loss_type,
+                            skipped_total, nan_total, config.loss.loss_type, rate, eta,
                         ),
                         flush=True,
                     )
@@ -232,6 +235,9 @@ def _print_run_summary(config: RunConfig, vocab_size: int, model: list) -> None:
         dist.all_reduce(totals, group=parallel_state.get_model_parallel_group())
     loss_desc = LossSpec.from_config(config.loss).describe()
     p = config.parallel
+    hidden = known_warnings.summary_line()
+    if hidden:
+        print_rank_0(hidden)
     print_rank_0(
         f" > model: {int(totals.item()):,} parameters | vocab {vocab_size} | loss {loss_desc}\n"
         f" > parallel: world {dist.get_world_size() if dist.is_initialized() else 1} = TP {p.tensor_model_parallel_size}"

@@ -28,8 +28,11 @@ def format_train_log(
     skipped_iterations: int,
     nan_iterations: int,
     loss_type: str,
+    iterations_per_second: Optional[float] = None,
+    eta_seconds: Optional[float] = None,
 ) -> str:
-    """One training log line in Megatron-LM's format, extended with the weighted-loss scalars."""
+    """One training log line in Megatron-LM's format, extended with the weighted-loss scalars and, when
+    given, the run's rate (iterations/s since this run started) and the time left to --train-iters."""
     timestamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     parts = [
         f" [{timestamp}] iteration {iteration:8d}/{train_iters:8d}",
@@ -50,7 +53,19 @@ def format_train_log(
         f" number of skipped iterations: {skipped_iterations:3d}",
         f" number of nan iterations: {nan_iterations:3d}",
     ]
+    if iterations_per_second is not None:
+        parts.append(f" iterations per second: {iterations_per_second:.3f}")
+    if eta_seconds is not None:
+        parts.append(f" ETA: {format_duration(eta_seconds)}")
     return " |".join(parts) + " |"
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS (or D days, H:MM:SS) for a non-negative number of seconds."""
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    text = str(datetime.timedelta(seconds=rest))
+    return f"{days} days, {text}" if days else text
 
 
 def format_validation_log(iteration: int, stats: StepLoss, label: str = "validation") -> str:
