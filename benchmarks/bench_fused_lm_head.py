@@ -86,7 +86,7 @@ def _step(method: str, hidden, weight, target, loss_mask) -> float:
     if method == "unfused":
         replicated = copy_to_tensor_model_parallel_region(h) if tp > 1 else h
         logits = replicated.matmul(w.t())  # [s, b, v/tp]
-        ce, wt = vocab_parallel_weighted_cross_entropy(
+        ce, wt, _ = vocab_parallel_weighted_cross_entropy(
             logits, target, spec, VOCAB, ignore_index=None, reuse_logits_for_grad=True
         )
         del logits

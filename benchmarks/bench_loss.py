@@ -103,7 +103,7 @@ def _step(method: str, leaf, target, vocab: int) -> None:
         loss = (ce * w).sum()
     elif method in FP32_ONLY:
         spec = LossSpec({"ce_inplace": "cross_entropy", "mile_inplace": "mile"}[method], 1.0, 1.0)
-        ce, w = vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab, reuse_logits_for_grad=True)
+        ce, w, _ = vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab, reuse_logits_for_grad=True)
         loss = (ce * w).sum()
     elif method == "naive_mile":
         loss = naive_mile_loss(logits[..., :vocab], target)

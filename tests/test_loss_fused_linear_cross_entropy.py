@@ -73,7 +73,7 @@ def _unfused(hidden, weight_shard, target, loss_mask, spec, vocab, ignore_index=
     replicated = copy_to_tensor_model_parallel_region(h) if tp > 1 else h  # backward: all-reduce SUM
     logits = torch.matmul(replicated, w.t())  # [s, b, v/tp]
     ce, weight, entropy = vocab_parallel_weighted_cross_entropy(
-        logits, target, spec, vocab, ignore_index, return_entropy=True
+        logits, target, spec, vocab, ignore_index, compute_entropy=True
     )
     total = (weight * loss_mask * ce).sum()
     (total * UPSTREAM).backward()
@@ -320,7 +320,7 @@ def test_never_materialises_the_logits(dtype, monkeypatch):
     assert group in (1, 4) and rec.matmuls == chunks + 2 * groups, rec.matmuls
     # The unfused path does hold one: the recorder sees it.
     with _Recorder() as rec_unfused:
-        ce, wt = vocab_parallel_weighted_cross_entropy(h @ w.t(), target, LossSpec("mile"))
+        ce, wt, _ = vocab_parallel_weighted_cross_entropy(h @ w.t(), target, LossSpec("mile"))
         (ce * wt).sum().backward()
     assert rec_unfused.largest >= tokens * vocab
 
@@ -368,7 +368,7 @@ def test_micro_batch_loss_equals_reduce_micro_batch_of_the_unfused_path():
         part.weighted_ce_sum.backward()
         h2 = hidden.clone().requires_grad_()
         w2 = weight.clone().requires_grad_()
-        ce, wt, ent = vocab_parallel_weighted_cross_entropy(h2 @ w2.t(), target, spec, vocab_size=50, return_entropy=True)
+        ce, wt, ent = vocab_parallel_weighted_cross_entropy(h2 @ w2.t(), target, spec, vocab_size=50, compute_entropy=True)
         ref = reduce_micro_batch(ce, wt, loss_mask, ent)
         ref.weighted_ce_sum.backward()
         torch.testing.assert_close(part.weighted_ce_sum.detach(), ref.weighted_ce_sum.detach(), rtol=1e-6, atol=1e-6)

@@ -68,7 +68,7 @@ def check_against_reference(loss_type: str, dtype_name: str, reuse_logits_for_gr
         leaf.requires_grad_()
         shard = leaf * 1.0 if reuse_logits_for_grad else leaf
         ce, weight, entropy = vocab_parallel_weighted_cross_entropy(
-            shard, target, spec, vocab, return_entropy=True, reuse_logits_for_grad=reuse_logits_for_grad,
+            shard, target, spec, vocab, compute_entropy=True, reuse_logits_for_grad=reuse_logits_for_grad,
         )
         (upstream * weight * ce).sum().backward()
 
@@ -194,7 +194,7 @@ def count_collectives(loss_type: str):
     try:
         for name in _COLLECTIVES:
             setattr(dist, name, recorder(name))
-        ce, weight = vocab_parallel_weighted_cross_entropy(shard, target, LossSpec(loss_type))
+        ce, weight, _ = vocab_parallel_weighted_cross_entropy(shard, target, LossSpec(loss_type))
         forward_calls = list(calls)
         calls.clear()
         (ce * weight).sum().backward()
@@ -246,7 +246,7 @@ def check_split_invariance(loss_type: str, micro_batches: int) -> dict:
     for m in range(micro_batches):
         sl = slice(m * per_micro, (m + 1) * per_micro)
         ce, w, h = vocab_parallel_weighted_cross_entropy(
-            mine[:, sl], target[:, cols][:, sl], spec, vocab, return_entropy=True
+            mine[:, sl], target[:, cols][:, sl], spec, vocab, compute_entropy=True
         )
         part = reduce_micro_batch(ce, w, loss_mask[:, cols][:, sl], h)
         part.weighted_ce_sum.backward()  # gradient accumulation of the un-normalised numerators
@@ -335,7 +335,7 @@ def test_reuse_logits_for_grad_gives_the_same_gradient_in_place(vocab):
     leaf = logits.clone().requires_grad_()
     produced = leaf * 1.0
     storage = produced.data_ptr()
-    ce2, w2 = vocab_parallel_weighted_cross_entropy(
+    ce2, w2, _ = vocab_parallel_weighted_cross_entropy(
         produced, target, LossSpec("mile", 1.0, 1.0), vocab, reuse_logits_for_grad=True
     )
     grads = {}
@@ -359,7 +359,7 @@ def test_reuse_logits_for_grad_leaves_non_contiguous_logits_intact_until_backwar
     produced = leaf.transpose(0, 1) * 1.0  # [s, b, v], strides of the transposed tensor
     assert not produced.is_contiguous()
     before = produced.detach().clone()
-    ce2, w2 = vocab_parallel_weighted_cross_entropy(produced, target, LossSpec("mile", 1.0, 1.0), 50,
+    ce2, w2, _ = vocab_parallel_weighted_cross_entropy(produced, target, LossSpec("mile", 1.0, 1.0), 50,
                                                   reuse_logits_for_grad=True)
     assert torch.equal(produced.detach(), before), "forward modified logits it cannot keep exp(z - m) in"
     (upstream * ce2 * w2).sum().backward()

@@ -119,37 +119,6 @@ def test_bf16_training_follows_the_fp32_run(dist_pool, single_process_runs, fuse
     assert_same_history(history, single_process_runs["mile"], ("bf16", fused), rel_tol=1e-2, grad_rel_tol=3e-2)
 
 
-def run_with_nan_at(argv, world_size, bad_steps):
-    """Worker body: make the loss non-finite on the given steps (counted from 1) and train."""
-    import torch
-
-    from megatron_mile import model as model_module
-    from megatron_mile.training.loop import TrainingStopped, pretrain
-
-    original = model_module.MileGPTModel.compute_language_model_loss
-    calls = {"n": 0}
-    micro_batches = 4
-
-    def poisoned(self, labels, logits):
-        out = original(self, labels, logits)
-        calls["n"] += 1
-        step = (calls["n"] - 1) // micro_batches + 1
-        if step in bad_steps:
-            out = out * torch.tensor([float("nan"), 1.0, 1.0])
-        return out
-
-    model_module.MileGPTModel.compute_language_model_loss = poisoned
-    try:
-        config = parse_args(argv, world_size=world_size)
-        try:
-            result = pretrain(config)
-        except TrainingStopped as stop:
-            return {"stopped": str(stop)}
-        return {"history": [(r.loss, r.skipped) for r in result.history]}
-    finally:
-        model_module.MileGPTModel.compute_language_model_loss = original
-
-
 class _NanGradient(torch.autograd.Function):
     """Identity in forward; NaN gradient in backward: a finite loss whose gradient is not finite."""
 
@@ -162,8 +131,10 @@ class _NanGradient(torch.autograd.Function):
         return torch.full_like(grad, float("nan"))
 
 
-def run_with_nan_gradient_at(argv, bad_steps):
-    """Worker body: the loss stays finite but its gradient is NaN on the given steps (counted from 1)."""
+def run_with_nan_at(argv, world_size, bad_steps, poison="loss"):
+    """Worker body: on the given steps (counted from 1) make the loss non-finite (poison="loss") or keep it
+    finite with a NaN gradient (poison="gradient"), and train. Returns the (loss, skipped, grad norm) history
+    or the reason training stopped."""
     from megatron_mile import model as model_module
     from megatron_mile.training.loop import TrainingStopped, pretrain
 
@@ -174,14 +145,16 @@ def run_with_nan_gradient_at(argv, bad_steps):
     def poisoned(self, labels, logits):
         out = original(self, labels, logits)
         calls["n"] += 1
-        if (calls["n"] - 1) // micro_batches + 1 in bad_steps:
-            out = _NanGradient.apply(out)
+        step = (calls["n"] - 1) // micro_batches + 1
+        if step in bad_steps:
+            out = out * torch.tensor([float("nan"), 1.0, 1.0]) if poison == "loss" else _NanGradient.apply(out)
         return out
 
     model_module.MileGPTModel.compute_language_model_loss = poisoned
     try:
+        config = parse_args(argv, world_size=world_size)
         try:
-            result = pretrain(parse_args(argv, world_size=1))
+            result = pretrain(config)
         except TrainingStopped as stop:
             return {"stopped": str(stop)}
         return {"history": [(r.loss, r.skipped, r.grad_norm) for r in result.history]}
@@ -191,27 +164,27 @@ def run_with_nan_gradient_at(argv, bad_steps):
 
 def test_nan_gradient_with_a_finite_loss_skips_the_update(dist_pool):
     argv = TINY_LLAMA + LOSS_FLAGS["mile"] + ["--train-iters", "4"]
-    poisoned = dist_pool(1).run(run_with_nan_gradient_at, argv, {2})[0]["history"]
+    poisoned = dist_pool(1).run(run_with_nan_at, argv, 1, {2}, "gradient")[0]["history"]
     assert [skipped for _, skipped, _ in poisoned] == [False, True, False, False]
     assert math.isfinite(poisoned[1][0]) and math.isnan(poisoned[1][2])  # finite loss, NaN gradient norm
     # The update was not applied: the run goes on exactly as one whose step-2 update was discarded for a NaN
     # loss (an applied NaN update would make every later loss NaN).
     nan_loss = dist_pool(1).run(run_with_nan_at, argv, 1, {2})[0]["history"]
-    assert [loss for loss, _, _ in poisoned[2:]] == [loss for loss, _ in nan_loss[2:]]
+    assert [loss for loss, _, _ in poisoned[2:]] == [loss for loss, _, _ in nan_loss[2:]]
     assert all(math.isfinite(loss) for loss, _, _ in poisoned[2:])
 
 
 def test_a_run_whose_every_update_was_skipped_fails(dist_pool):
     argv = TINY_LLAMA + LOSS_FLAGS["mile"] + ["--train-iters", "3", "--max-skipped-iterations", "10"]
-    out = dist_pool(1).run(run_with_nan_gradient_at, argv, {1, 2, 3})[0]
+    out = dist_pool(1).run(run_with_nan_at, argv, 1, {1, 2, 3}, "gradient")[0]
     assert "all 3 iterations were skipped" in out["stopped"], out
 
 
 def test_nan_loss_skips_the_update_and_training_goes_on(dist_pool):
     out = dist_pool(1).run(run_with_nan_at, TINY_LLAMA + LOSS_FLAGS["mile"] + ["--train-iters", "4"], 1, {2})[0]
     history = out["history"]
-    assert [skipped for _, skipped in history] == [False, True, False, False]
-    assert math.isnan(history[1][0]) and all(math.isfinite(loss) for loss, _ in history[2:])
+    assert [skipped for _, skipped, _ in history] == [False, True, False, False]
+    assert math.isnan(history[1][0]) and all(math.isfinite(loss) for loss, _, _ in history[2:])
 
 
 def test_repeated_nan_losses_stop_training_with_a_clear_message(dist_pool):

@@ -25,7 +25,6 @@ from megatron_mile.loss.vocab_parallel import (
     vocab_parallel_cross_entropy,
     vocab_parallel_focal,
     vocab_parallel_mile,
-    vocab_parallel_token_losses,
     vocab_parallel_weighted_cross_entropy,
 )
 
@@ -47,6 +46,5 @@ __all__ = [
     "vocab_parallel_cross_entropy",
     "vocab_parallel_focal",
     "vocab_parallel_mile",
-    "vocab_parallel_token_losses",
     "vocab_parallel_weighted_cross_entropy",
 ]

@@ -92,7 +92,7 @@ class FusedLinearCrossEntropyOutput:
 
     weighted_ce_sum: sum_t(mask_t * w_t * ce_t), fp32 scalar WITH gradient to hidden and weight.
     ce, weight, entropy: per token [s, b] fp32, detached, NOT multiplied by the loss mask (as
-        megatron_mile.loss.vocab_parallel_token_losses returns them; ignore_index positions are 0). entropy
+        megatron_mile.loss.vocab_parallel_weighted_cross_entropy returns them; ignore_index positions are 0). entropy
         is an empty tensor unless the weighting needs it or it was asked for (return_entropy).
     """
 
@@ -328,7 +328,7 @@ def fused_linear_cross_entropy(
 ) -> FusedLinearCrossEntropyOutput:
     """Output projection + weighted loss in chunks: sum(mask * w * ce) of logits = hidden @ weight^T.
 
-    Equal (to rounding) to `vocab_parallel_token_losses(hidden @ weight.T, ...)` followed by
+    Equal (to rounding) to `vocab_parallel_weighted_cross_entropy(hidden @ weight.T, ...)` followed by
     `sum(loss_mask * w * ce)`, but the [s, b, V/tp] logits are never held: see the module docstring.
 
     Args:
@@ -339,7 +339,7 @@ def fused_linear_cross_entropy(
         target: [s, b] global token ids in [0, vocab_size), or ignore_index.
         loss_mask: [s, b], 1 where the token counts (None: all count). It must be known in forward,
             because the gradient is computed there.
-        spec: the loss (megatron_mile.loss.spec.LossSpec), as in vocab_parallel_token_losses.
+        spec: the loss (megatron_mile.loss.spec.LossSpec), as in vocab_parallel_weighted_cross_entropy.
         vocab_size: the real vocabulary; rows of `weight` at or beyond it (padding) take no part.
         tp_group: tensor-parallel group over which the vocabulary is split (default: megatron's).
         chunk_tokens: tokens per chunk; must be the same on every TP rank. Default: the largest count whose

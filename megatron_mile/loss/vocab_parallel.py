@@ -171,7 +171,7 @@ def _validate_logits(logits: torch.Tensor) -> None:
         raise ValueError(f"logits must be [..., vocab_shard], got shape {tuple(logits.shape)}")
 
 
-def vocab_parallel_token_losses(
+def vocab_parallel_weighted_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
     spec: LossSpec = CROSS_ENTROPY,
@@ -182,6 +182,8 @@ def vocab_parallel_token_losses(
     reuse_logits_for_grad: bool = False,
 ) -> TokenLosses:
     """Per-token cross-entropy, its detached `spec` weight and the entropy, with the vocabulary split over TP.
+
+    The general form behind vocab_parallel_mile / vocab_parallel_focal / vocab_parallel_cross_entropy.
 
     Args:
         logits: [s, b, V_padded/tp] this rank's vocabulary shard, fp32 or bf16. Never modified, unless
@@ -221,25 +223,6 @@ def vocab_parallel_token_losses(
     ))
 
 
-def vocab_parallel_weighted_cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    spec: LossSpec = CROSS_ENTROPY,
-    vocab_size: Optional[int] = None,
-    ignore_index: Optional[int] = DEFAULT_IGNORE_INDEX,
-    tp_group=None,
-    return_entropy: bool = False,
-    reuse_logits_for_grad: bool = False,
-):
-    """(ce, weight) or, with return_entropy, (ce, weight, entropy): vocab_parallel_token_losses as a tuple.
-
-    Same arguments, shapes and collectives as vocab_parallel_token_losses (return_entropy = compute_entropy).
-    """
-    losses = vocab_parallel_token_losses(logits, target, spec, vocab_size, ignore_index, tp_group,
-                                         return_entropy, reuse_logits_for_grad)
-    return tuple(losses) if return_entropy else (losses.ce, losses.weight)
-
-
 def vocab_parallel_mile(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -253,10 +236,10 @@ def vocab_parallel_mile(
     """MiLe: ce [s, b] (with gradient) and w = (sigma + H)^gamma [s, b] (detached), vocab-parallel.
 
     H is the entropy of the model's predicted distribution over the real vocabulary. Collectives: see
-    vocab_parallel_token_losses (MAX [N], then one SUM [3, N]; none in backward).
+    vocab_parallel_weighted_cross_entropy (MAX [N], then one SUM [3, N]; none in backward).
     """
     spec = LossSpec("mile", gamma, sigma, entropy_threshold)
-    return vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab_size, ignore_index, tp_group)
+    return vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab_size, ignore_index, tp_group)[:2]
 
 
 def vocab_parallel_focal(
@@ -272,7 +255,7 @@ def vocab_parallel_focal(
     Collectives: MAX [N], then one SUM [2, N]; none in backward.
     """
     spec = LossSpec("focal", gamma)
-    return vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab_size, ignore_index, tp_group)
+    return vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab_size, ignore_index, tp_group)[:2]
 
 
 def vocab_parallel_cross_entropy(
@@ -287,4 +270,4 @@ def vocab_parallel_cross_entropy(
     Unlike megatron-core's function it leaves the logits untouched and excludes vocabulary padding.
     Collectives: MAX [N], then one SUM [2, N]; none in backward.
     """
-    return vocab_parallel_weighted_cross_entropy(logits, target, CROSS_ENTROPY, vocab_size, ignore_index, tp_group)
+    return vocab_parallel_weighted_cross_entropy(logits, target, CROSS_ENTROPY, vocab_size, ignore_index, tp_group)[:2]

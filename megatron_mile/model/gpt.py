@@ -31,7 +31,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_mile import device, kernels
 from megatron_mile.config import RunConfig
-from megatron_mile.loss import LossSpec, vocab_parallel_token_losses
+from megatron_mile.loss import LossSpec, vocab_parallel_weighted_cross_entropy
 from megatron_mile.model.fused_output_layer import fused_language_model_loss
 from megatron_mile.model.output import pack_token_losses
 from megatron_mile.vocab import padded_vocab_size
@@ -58,10 +58,10 @@ class MileGPTModel(GPTModel):
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """labels [b, s], logits [s, b, V/tp] -> [b, s, 3]: ce (with gradient), weight, entropy.
 
-        Collectives: those of vocab_parallel_token_losses on the TP group (MAX, one SUM).
+        Collectives: those of vocab_parallel_weighted_cross_entropy on the TP group (MAX, one SUM).
         """
         labels = labels.transpose(0, 1).contiguous()  # [s, b]
-        losses = vocab_parallel_token_losses(
+        losses = vocab_parallel_weighted_cross_entropy(
             logits,
             labels,
             self.loss_spec,
