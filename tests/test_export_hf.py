@@ -187,7 +187,7 @@ def test_hf_logits_match_ours(exported, dist_pool):
 
 def worker_export(directory, output):
     """The export called in a process that already has a group and TP=1/PP=1 state (they are reused)."""
-    from megatron_mile.export.hf_llama import export_checkpoint
+    from megatron_mile.export.hf_directory import export_checkpoint
 
     export_checkpoint(directory, output)
 
@@ -411,7 +411,7 @@ def test_null_tokenizer_runs_export_no_tokenizer_files(tmp_path):
 
 
 def test_overwrite_replaces_the_whole_directory(tmp_path):
-    from megatron_mile.export.hf_llama import commit_directory, prepare_output
+    from megatron_mile.export.hf_directory import commit_directory, prepare_output
 
     output, new = tmp_path / "hf", tmp_path / ".hf.tmp-1"
     output.mkdir()
