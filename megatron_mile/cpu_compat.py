@@ -2,8 +2,8 @@
 
 megatron-core 0.16.1 assumes CUDA in many places (model build, buffers, RNG, pipeline schedules, optimizer).
 `enable()` neutralises those assumptions for the whole process, before any model is built;
-`megatron_mile.device` calls it only when no GPU is visible, and `enable()` refuses to run where CUDA is
-available, so nothing here ever touches the GPU path.
+`megatron_mile.device.prepare_backend` calls it only when no GPU is visible, and `enable()` refuses to run
+where CUDA is available, so nothing here ever touches the GPU path.
 
 Design: every problem gets the narrowest mechanism that solves it, so that code outside megatron-core and
 the hot path of a training step pay (almost) nothing:
@@ -386,7 +386,7 @@ def enable() -> None:
         if torch.cuda.is_available():
             raise RuntimeError(
                 "megatron_mile.cpu_compat is for machines without a GPU, but CUDA is available here; "
-                "use megatron_mile.device.initialize_distributed(), which enables it only on CPU"
+                "use megatron_mile.parallel.initialize_process_group(), which enables it only on CPU"
             )
         # Imports megatron.core (and with it every module patched below) if the caller has not yet.
         import megatron.core  # noqa: F401
