@@ -406,6 +406,37 @@ def test_enable_refuses_where_cuda_is_available(monkeypatch):
     assert not cpu_compat.is_enabled()
 
 
+def test_enable_refuses_a_patch_target_that_does_not_exist(monkeypatch):
+    """A renamed megatron function must stop enable() with its name, not get a useless patch set beside it."""
+    import megatron.core.tensor_parallel.random as mrandom
+    from megatron.core import package_info
+
+    from megatron_mile import cpu_compat
+
+    was_enabled = cpu_compat.is_enabled()
+    cpu_compat.disable()
+    original_current_device = torch.cuda.current_device
+    table = cpu_compat._patches
+    renamed = cpu_compat.Patch("megatron.core.tensor_parallel.random", "_get_cuda_rng_state_renamed",
+                               lambda *args, **kwargs: None, "a target megatron-core does not have")
+    monkeypatch.setattr(cpu_compat, "_patches", lambda cpu_torch: table(cpu_torch) + [renamed])
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            cpu_compat.enable()
+        message = str(refused.value)
+        assert "megatron.core.tensor_parallel.random._get_cuda_rng_state_renamed" in message
+        assert package_info.__version__ in message
+        # Refused before anything was patched: no stray attribute, the real entry points untouched.
+        assert not cpu_compat.is_enabled()
+        assert not hasattr(mrandom, "_get_cuda_rng_state_renamed")
+        assert torch.cuda.current_device is original_current_device
+    finally:
+        cpu_compat.disable()  # where the refusal failed, the table was applied: undo it
+        monkeypatch.undo()
+        if was_enabled:
+            cpu_compat.enable()
+
+
 def test_enable_is_idempotent_and_disable_restores(pool1):
     (state,) = pool1.run(body_layer_state)
     assert state["megatron_view"] == "torch.cuda.FloatTensor"  # what megatron's optimizer asserts compare to
