@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_mile import kernels
@@ -21,7 +21,7 @@ class ConfigError(ValueError):
     """Invalid flags or flag combinations; the message lists every problem and how to fix it."""
 
 
-def flag(default, help_override: Optional[str] = None, **argparse_kwargs):
+def flag(default, **argparse_kwargs):
     """A dataclass field with extra argparse settings (choices, nargs, alias flag names)."""
     return field(default=default, metadata=dict(argparse_kwargs))
 
@@ -415,8 +415,3 @@ class RunConfig:
             raise ConfigError(
                 "invalid configuration:\n" + "\n".join(f"  - {problem}" for problem in problems)
             )
-
-
-def section_fields(section_cls) -> list:
-    """The dataclass fields of one config section, in declaration order."""
-    return list(fields(section_cls))
