@@ -181,17 +181,15 @@ def run_paired_loss(flags, world_size, steps):
     exactly when pretrain() would (always for MiLe; for cross-entropy only on logging steps, never here).
     The order alternates every turn; every rank follows the same order, as the collectives require.
     """
+    from megatron.core.utils import unwrap_model
+
     from megatron_mile.arguments import parse_args
     from megatron_mile.training.loop import setup_training
     from megatron_mile.training.step import train_step
 
     config = parse_args(flags, world_size=world_size)
     setup = setup_training(config)
-    models = []
-    for chunk in setup.model:
-        while hasattr(chunk, "module"):
-            chunk = chunk.module
-        models.append(chunk)
+    models = unwrap_model(list(setup.model))
 
     def step(loss_type):
         for model in models:

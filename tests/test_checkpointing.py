@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from megatron.core.utils import unwrap_model
 
 from megatron_mile.training import checkpointing
 
@@ -90,10 +91,7 @@ def batch(step):
 
 def _forward_step(losses, data_iterator, model):
     data = next(data_iterator)
-    unwrapped = model
-    while hasattr(unwrapped, "module"):
-        unwrapped = unwrapped.module
-    labels = data["labels"] if unwrapped.post_process else None
+    labels = data["labels"] if unwrap_model(model).post_process else None
     output = model(data["tokens"], data["position_ids"], None, labels=labels)
 
     def loss_func(output_tensor):
@@ -141,9 +139,7 @@ def run_step(model, optimizer, scheduler, step, train=True):
 def full_params(model):
     """{name: this rank's tensor} of the unwrapped chunks."""
     out = {}
-    for index, chunk in enumerate(model):
-        while hasattr(chunk, "module"):
-            chunk = chunk.module
+    for index, chunk in enumerate(unwrap_model(model)):
         for name, param in chunk.named_parameters():
             out[f"{index}.{name}"] = param.detach().clone()
     return out

@@ -217,6 +217,7 @@ def body_train_ddp(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
+    from megatron.core.utils import unwrap_model
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     model, config = _build_gpt(bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -261,7 +262,7 @@ def body_train_ddp(
         ok, grad_norm, _ = optimizer.step()
         assert ok, "optimizer step reported failure"
         history.append({"losses": [d["loss"].item() for d in losses], "grad_norm": grad_norm})
-    inner = ddp_model.module.module if bf16 else ddp_model.module
+    inner = unwrap_model(ddp_model)  # DDP, and Float16Module with bf16
     return {
         "history": history,
         "params": _local_tensors(inner, "data"),
