@@ -8,6 +8,7 @@
 from megatron_mile.loss.reduction import MicroBatchLoss, StepLoss, all_reduce_step_loss, reduce_micro_batch
 from megatron_mile.loss.reference import reference_global_loss, reference_weighted_cross_entropy
 from megatron_mile.loss.vocab_parallel import (
+    CHUNK_ELEMENTS,
     DEFAULT_IGNORE_INDEX,
     LOSS_TYPES,
     validate_loss_arguments,
@@ -18,6 +19,7 @@ from megatron_mile.loss.vocab_parallel import (
 )
 
 __all__ = [
+    "CHUNK_ELEMENTS",
     "DEFAULT_IGNORE_INDEX",
     "LOSS_TYPES",
     "MicroBatchLoss",
