@@ -20,6 +20,11 @@ import sys
 import tempfile
 import time
 
+import torch
+from _harness import markdown_table
+
+from megatron_mile.loss import vocab_parallel as current
+
 LOSS_FILE = "megatron_mile/loss/vocab_parallel.py"
 TOKENS_SEQ, TOKENS_BATCH, VOCAB = 1024, 4, 32000
 LOSS_TYPES = ("cross_entropy", "mile")
@@ -43,8 +48,6 @@ def _load_revision(revision: str, directory: str):
 
 
 def _time_once(module, loss_type, base, target) -> float:
-    import torch
-
     leaf = base.clone().requires_grad_()
     logits = leaf.view_as(leaf)  # a non-leaf, as the output layer's logits are
     start = time.perf_counter()
@@ -63,10 +66,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11, help="measured rounds (one more warms up)")
     args = parser.parse_args()
 
-    import torch
-
-    from megatron_mile.loss import vocab_parallel as current
-
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(TOKENS_SEQ, TOKENS_BATCH, VOCAB, generator=gen) * 3  # [s, b, v]
@@ -82,12 +81,12 @@ def main() -> None:
                     seconds = _time_once(module, loss, base, target)
                     if round_index:
                         times[(name, loss)].append(seconds)
-    print(f"| loss | {args.revision} (ms) | working tree (ms) | ratio |")
-    print("|---|---|---|---|")
+    rows = []
     for loss in LOSS_TYPES:
         before = statistics.median(times[(args.revision, loss)]) * 1000
         after = statistics.median(times[("working tree", loss)]) * 1000
-        print(f"| {loss} | {before:.1f} | {after:.1f} | {after / before:.2f} |")
+        rows.append((loss, f"{before:.1f}", f"{after:.1f}", f"{after / before:.2f}"))
+    print(markdown_table(["loss", f"{args.revision} (ms)", "working tree (ms)", "ratio"], rows))
 
 
 if __name__ == "__main__":
