@@ -13,13 +13,11 @@ import torch
 from megatron_mile.arguments import parse_args
 from megatron_mile.config import ConfigError
 from megatron_mile.training.token_histograms import NUM_BINS, histogram_interval, reduce_histograms
+from tiny_model import mock_data_flags, model_flags
 
-TINY = (
-    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --normalization RMSNorm "
-    "--swiglu --disable-bias-linear --position-embedding-type rope --untie-embeddings-and-output-weights "
-    "--hidden-dropout 0 --attention-dropout 0 --init-method-std 0.25 --lr 1e-3 --mock-data "
-    "--tokenizer-type NullTokenizer --vocab-size 300 --eval-iters 0 --micro-batch-size 2 "
-    "--global-batch-size 8 --seed 7 --no-progress --loss-type mile"
+TINY = model_flags(num_layers=2, hidden_size=32) + mock_data_flags(300) + (
+    "--init-method-std 0.25 --lr 1e-3 --eval-iters 0 --micro-batch-size 2 --global-batch-size 8 --seed 7 "
+    "--no-progress --loss-type mile"
 ).split()
 
 
