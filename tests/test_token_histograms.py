@@ -1,6 +1,7 @@
-"""Entropy and weight histograms over training: binning against numpy.histogram, the interval flag, and the
-TensorBoard events of a DP=2 run checked against the step's own logged scalars (token count, mean entropy,
-weight min / mean / max come from another code path: megatron_mile.loss.reduction)."""
+"""Token entropy and weight histograms over training (megatron_mile.training.token_histograms): binning
+against numpy.histogram, the interval flag, and the TensorBoard events of a DP=2 run checked against the
+step's own logged scalars (token count, mean entropy, weight min / mean / max come from another code path:
+megatron_mile.loss.reduction)."""
 
 from __future__ import annotations
 
