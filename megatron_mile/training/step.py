@@ -1,6 +1,6 @@
 """One optimizer step and one evaluation pass, on megatron-core's pipeline schedules.
 
-The loss of a step is, exactly (mile-loss-facts.md):  L = sum(w * ce) / sum(w)  over every loss-masked
+The loss of a step is, exactly (docs/mile-loss.md):  L = sum(w * ce) / sum(w)  over every loss-masked
 token of the global batch. The schedules run in megatron's per-token-loss mode: each micro-batch's loss
 function returns the UN-normalised sum(w * ce), whose gradients accumulate in DDP's buffers; then
 `finalize_model_grads` divides all gradients once by the global W = sum(w), which it first broadcasts from
