@@ -31,6 +31,11 @@ import timeit
 
 import torch
 
+# None of these imports megatron-core: its import time is measured below.
+from _harness import markdown_table
+
+from megatron_mile import cpu_compat, parallel
+
 
 def _build(args):
     import torch.nn.functional as F
@@ -125,8 +130,6 @@ def _make_step(args, ddp, optimizer, batch):
 
 def _replacement_code_objects():
     """code object -> label for every Python function the layer installs (namespace factories included)."""
-    from megatron_mile import cpu_compat
-
     codes = {}
     seen_namespace = False
     for patch in cpu_compat.PATCHES:
@@ -201,8 +204,6 @@ def _per_call_us(stmt, setup_globals, number=20000):
 
 
 def _per_call_costs():
-    from megatron_mile import cpu_compat
-
     import megatron.core.pipeline_parallel.schedules as schedules
     import megatron.core.tensor_parallel.random as mrandom
 
@@ -269,8 +270,6 @@ def main() -> None:
     import megatron.core  # noqa: F401
 
     t_import = time.perf_counter() - t0
-    from megatron_mile import cpu_compat
-
     t0 = time.perf_counter()
     cpu_compat.enable()
     t_enable = time.perf_counter() - t0
@@ -281,12 +280,8 @@ def main() -> None:
         cpu_compat.enable()
     t_cycle = (time.perf_counter() - t0) / cycles
 
-    from megatron.core import parallel_state
-
-    from megatron_mile import device
-
-    device.initialize_distributed(backend="gloo")
-    parallel_state.initialize_model_parallel(1, 1)
+    parallel.initialize_process_group(backend="gloo")
+    parallel.initialize_model_parallel(1, 1)
 
     ddp, optimizer, batch = _build(args)
     step = _make_step(args, ddp, optimizer, batch)
@@ -357,25 +352,23 @@ def main() -> None:
           f"vocab {args.vocab}, seq {args.seq}, micro-batch {args.micro_batch} x {args.microbatches}, "
           f"dropout {args.dropout}; {n_params / 1e6:.1f} M params; {args.threads} threads")
     print()
-    print("| one-off | time |")
-    print("|---|---|")
-    print(f"| `import megatron.core` | {t_import:.2f} s |")
-    print(f"| first `enable()` (megatron imported; {len(cpu_compat.PATCHES)} patches) | {t_enable * 1e3:.2f} ms |")
-    print(f"| `disable()` + `enable()` | {t_cycle * 1e3:.3f} ms |")
+    print(markdown_table(["one-off", "time"], [
+        ("`import megatron.core`", f"{t_import:.2f} s"),
+        (f"first `enable()` (megatron imported; {len(cpu_compat.PATCHES)} patches)", f"{t_enable * 1e3:.2f} ms"),
+        ("`disable()` + `enable()`", f"{t_cycle * 1e3:.3f} ms"),
+    ]))
     print()
-    print("| layer entry point | calls / step | extra us / call | us / step |")
-    print("|---|---|---|---|")
-    for label, count, extra in layer_rows:
-        print(f"| {label} | {count} | {extra:.2f} | {count * extra:.1f} |")
-    print(f"| **total** | {sum(c for _, c, _ in layer_rows)} | | **{layer_total_us:.1f}** "
-          f"(= {layer_total_us / 1e6 / step_s:.2e} of a step) |")
+    layer_table = [(label, count, f"{extra:.2f}", f"{count * extra:.1f}") for label, count, extra in layer_rows]
+    layer_table.append(("**total**", sum(c for _, c, _ in layer_rows), "",
+                        f"**{layer_total_us:.1f}** (= {layer_total_us / 1e6 / step_s:.2e} of a step)"))
+    print(markdown_table(["layer entry point", "calls / step", "extra us / call", "us / step"], layer_table))
     print()
     # The machine is shared: the minimum over rounds is the least disturbed measurement of each arm.
-    print("| training step, interleaved rounds | median | ratio | min | ratio |")
-    print("|---|---|---|---|---|")
-    print(f"| layer enabled | {step_s * 1e3:.0f} ms | 1.000 | {min(plain) * 1e3:.0f} ms | 1.000 |")
-    print(f"| + TorchFunctionMode mapping device='cuda' (the avoided alternative) | {mode_s * 1e3:.0f} ms | "
-          f"{mode_s / step_s:.3f} | {min(with_mode) * 1e3:.0f} ms | {min(with_mode) / min(plain):.3f} |")
+    print(markdown_table(["training step, interleaved rounds", "median", "ratio", "min", "ratio"], [
+        ("layer enabled", f"{step_s * 1e3:.0f} ms", "1.000", f"{min(plain) * 1e3:.0f} ms", "1.000"),
+        ("+ TorchFunctionMode mapping device='cuda' (the avoided alternative)", f"{mode_s * 1e3:.0f} ms",
+         f"{mode_s / step_s:.3f}", f"{min(with_mode) * 1e3:.0f} ms", f"{min(with_mode) / min(plain):.3f}"),
+    ]))
     print()
     print(f"function mode: {mode_calls} torch calls intercepted per step, "
           f"{mode_on_us - mode_off_us:.2f} us extra per interception (torch.add on 4 elements: "

@@ -22,41 +22,27 @@ head + loss's own working memory, gradients of hidden and W included) and as the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
+
+import torch
+from _harness import call_peak_memory, emit_result, markdown_table, run_worker
+
+from megatron_mile.loss import LossSpec, vocab_parallel_weighted_cross_entropy
+from megatron_mile.loss.fused_linear_cross_entropy import fused_linear_cross_entropy
+from megatron_mile.testing.distributed import run_distributed
+from megatron_mile.vocab import padded_vocab_size, vocab_shard_range
 
 SEQ, BATCH, HIDDEN, VOCAB = 2048, 8, 512, 32000
 METHODS = ["unfused", "fused"]
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _make_inputs(dtype_name: str):
     """hidden [s, b, h] (same on every rank), this rank's W shard [V/tp, h], target, loss mask."""
-    import torch
     from megatron.core import parallel_state
-
-    from megatron_mile.vocab import padded_vocab_size, vocab_shard_range
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -75,9 +61,6 @@ def _step(method: str, hidden, weight, target, loss_mask) -> float:
     """One forward+backward; fresh leaves so that each call allocates its own gradients. Returns the loss."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-
-    from megatron_mile.loss import LossSpec, vocab_parallel_weighted_cross_entropy
-    from megatron_mile.loss.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     spec = LossSpec("mile", 1.0, 1.0)
     h = hidden.detach().requires_grad_()
@@ -102,8 +85,6 @@ def _step(method: str, hidden, weight, target, loss_mask) -> float:
 
 def time_methods(methods, dtype_name, rounds):
     """Worker body: median seconds per forward+backward of each method, interleaved rounds."""
-    import torch
-
     inputs = _make_inputs(dtype_name)
     times = {m: [] for m in methods}
     losses = {}
@@ -124,21 +105,12 @@ def time_methods(methods, dtype_name, rounds):
 
 def measure_memory(method, dtype_name):
     """Worker body: (call peak above pre-call RSS, whole-process peak) of one forward+backward."""
-    import gc
-
     inputs = _make_inputs(dtype_name)
     gc.collect()
-    process_peak_so_far = _peak_rss_bytes()
-    _reset_peak_rss()
-    before = _rss_bytes()
-    _step(method, *inputs)
-    peak = _peak_rss_bytes()
-    return {"call_peak": peak - before, "process_peak": max(peak, process_peak_so_far)}
+    return call_peak_memory(lambda: _step(method, *inputs))
 
 
 def _worker(args) -> None:
-    from megatron_mile.testing.distributed import run_distributed
-
     if args.job == "time":
         per_rank = run_distributed(time_methods, args.tp, METHODS, args.dtype, args.rounds, tensor_model_parallel_size=args.tp)
         result = {
@@ -149,13 +121,7 @@ def _worker(args) -> None:
     else:
         per_rank = run_distributed(measure_memory, args.tp, args.method, args.dtype, tensor_model_parallel_size=args.tp)
         result = {k: max(r[k] for r in per_rank) for k in per_rank[0]}
-    print(json.dumps(result))
-
-
-def _run_worker(*worker_args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", *map(str, worker_args)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    emit_result(result)
 
 
 def main() -> None:
@@ -182,9 +148,9 @@ def main() -> None:
     rows = []
     for tp in tps:
         for dtype in dtypes:
-            timing = _run_worker("time", "-", tp, dtype, args.rounds)
+            timing = run_worker(__file__, "time", "-", tp, dtype, args.rounds)
             for method in METHODS:
-                mem = _run_worker("memory", method, tp, dtype, 0)
+                mem = run_worker(__file__, "memory", method, tp, dtype, 0)
                 rows.append(dict(tp=tp, dtype=dtype, method=method, seconds=timing["seconds"][method],
                                  min_seconds=timing["min_seconds"][method],
                                  loss=timing["loss"][method], **mem))
@@ -197,19 +163,17 @@ def main() -> None:
 
 def _markdown(rows) -> str:
     mib = 1024**2
-    lines = [
-        "| TP | dtype | method | fwd+bwd s (median) | min s | median vs unfused | LM head + loss peak MiB | memory: unfused / fused | process peak MiB | loss value |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
     base = {(r["tp"], r["dtype"]): r for r in rows if r["method"] == "unfused"}
+    lines = []
     for r in rows:
         b = base[(r["tp"], r["dtype"])]
-        lines.append(
-            f"| {r['tp']} | {r['dtype']} | {r['method']} | {r['seconds']:.2f} | {r['min_seconds']:.2f} | {r['seconds'] / b['seconds']:.2f}x | "
-            f"{r['call_peak'] / mib:.0f} | {b['call_peak'] / max(r['call_peak'], 1):.1f}x | "
-            f"{r['process_peak'] / mib:.0f} | {r['loss']:.2f} |"
-        )
-    return "\n".join(lines)
+        lines.append((r["tp"], r["dtype"], r["method"], f"{r['seconds']:.2f}", f"{r['min_seconds']:.2f}",
+                      f"{r['seconds'] / b['seconds']:.2f}x", f"{r['call_peak'] / mib:.0f}",
+                      f"{b['call_peak'] / max(r['call_peak'], 1):.1f}x", f"{r['process_peak'] / mib:.0f}",
+                      f"{r['loss']:.2f}"))
+    return markdown_table(["TP", "dtype", "method", "fwd+bwd s (median)", "min s", "median vs unfused",
+                           "LM head + loss peak MiB", "memory: unfused / fused", "process peak MiB", "loss value"],
+                          lines)
 
 
 if __name__ == "__main__":

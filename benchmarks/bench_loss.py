@@ -21,12 +21,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
+
+import torch
+from _harness import call_peak_memory, emit_result, markdown_table, run_worker
+
+from megatron_mile.loss import (
+    LossSpec,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_focal,
+    vocab_parallel_mile,
+    vocab_parallel_weighted_cross_entropy,
+)
+from megatron_mile.loss.reference import naive_mile_loss
+from megatron_mile.testing.distributed import run_distributed
+from megatron_mile.vocab import padded_vocab_size, vocab_shard_range
 
 TOKENS_SEQ, TOKENS_BATCH = 1024, 4  # 4096 tokens
 METHODS = ["megatron_ce", "ce", "mile", "focal", "naive_mile", "ce_inplace", "mile_inplace"]
@@ -35,31 +46,8 @@ METHODS = ["megatron_ce", "ce", "mile", "focal", "naive_mile", "ce_inplace", "mi
 FP32_ONLY = ("ce_inplace", "mile_inplace")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    """VmHWM: the high-water mark of this process's resident memory."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS, so the next peak is the call's."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _make_inputs(vocab: int, dtype_name: str):
-    import torch
     from megatron.core import parallel_state
-
-    from megatron_mile.vocab import padded_vocab_size, vocab_shard_range
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -78,18 +66,9 @@ def _step(method: str, leaf, target, vocab: int) -> None:
     in-place cross-entropy would make autograd copy the gradient on accumulation (it is the leaf's own
     tensor), a cost no model pays; through a view every method's gradient lands in .grad without a copy.
     """
-    logits = leaf.view_as(leaf)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatron_ce
 
-    from megatron_mile.loss import (
-        LossSpec,
-        vocab_parallel_cross_entropy,
-        vocab_parallel_focal,
-        vocab_parallel_mile,
-        vocab_parallel_weighted_cross_entropy,
-    )
-    from megatron_mile.loss.reference import naive_mile_loss
-
+    logits = leaf.view_as(leaf)
     if method == "megatron_ce":
         loss = megatron_ce(logits, target).sum()
     elif method == "ce":
@@ -114,8 +93,6 @@ def _step(method: str, leaf, target, vocab: int) -> None:
 
 def time_methods(methods, vocab, dtype_name, rounds):
     """Worker body: median seconds per forward+backward for each method (interleaved rounds)."""
-    import torch
-
     shard, target, vocab = _make_inputs(vocab, dtype_name)
     times = {m: [] for m in methods}
     for round_index in range(rounds + 1):  # round 0 warms up
@@ -136,20 +113,11 @@ def measure_memory(method, vocab, dtype_name):
     shard, target, vocab = _make_inputs(vocab, dtype_name)
     logits = shard.clone().requires_grad_()
     del shard
-    process_peak_so_far = _peak_rss_bytes()
-    _reset_peak_rss()
-    before = _rss_bytes()
-    _step(method, logits, target, vocab)
-    peak = _peak_rss_bytes()
-    return {"process_peak": max(peak, process_peak_so_far), "call_peak": peak - before}
+    return call_peak_memory(lambda: _step(method, logits, target, vocab))
 
 
 def _worker(args) -> None:
     """Run in a fresh process (group): one timing or memory job, result as JSON on the last stdout line."""
-    import torch
-
-    from megatron_mile.testing.distributed import run_distributed
-
     torch.set_num_threads(2 if args.tp == 1 else 1)
     methods = [m for m in args.methods.split(",") if not (m == "naive_mile" and args.tp > 1)]
     if args.job == "time":
@@ -162,13 +130,7 @@ def _worker(args) -> None:
             measure_memory, args.tp, methods[0], args.vocab, args.dtype, tensor_model_parallel_size=args.tp
         )
         result = {k: max(r[k] for r in per_rank) for k in per_rank[0]}
-    print(json.dumps(result))
-
-
-def _run_worker(*worker_args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", *map(str, worker_args)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    emit_result(result)
 
 
 def main() -> None:
@@ -204,9 +166,9 @@ def main() -> None:
             for dtype in dtypes:
                 methods = [m for m in METHODS if not (m == "naive_mile" and tp > 1)
                            and not (m in FP32_ONLY and dtype != "float32")]
-                times = _run_worker("time", ",".join(methods), vocab, tp, dtype, args.rounds)
+                times = run_worker(__file__, "time", ",".join(methods), vocab, tp, dtype, args.rounds)
                 for method in methods:
-                    mem = _run_worker("memory", method, vocab, tp, dtype, 0)
+                    mem = run_worker(__file__, "memory", method, vocab, tp, dtype, 0)
                     rows.append(dict(vocab=vocab, tp=tp, dtype=dtype, method=method, seconds=times[method], **mem))
                     print(json.dumps(rows[-1]), file=sys.stderr)
     if args.json:
@@ -217,19 +179,15 @@ def main() -> None:
 
 def _markdown(rows) -> str:
     gib = 1024**3
-    lines = [
-        "| vocab | TP | logits | method | fwd+bwd s | x megatron CE | process peak GiB | loss peak GiB | x megatron CE |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
     base = {(r["vocab"], r["tp"], r["dtype"]): r for r in rows if r["method"] == "megatron_ce"}
+    lines = []
     for r in rows:
         b = base[(r["vocab"], r["tp"], r["dtype"])]
-        lines.append(
-            f"| {r['vocab']} | {r['tp']} | {r['dtype']} | {r['method']} | {r['seconds']:.3f} | "
-            f"{r['seconds'] / b['seconds']:.2f} | {r['process_peak'] / gib:.2f} | {r['call_peak'] / gib:.2f} | "
-            f"{r['call_peak'] / max(b['call_peak'], 1):.2f} |"
-        )
-    return "\n".join(lines)
+        lines.append((r["vocab"], r["tp"], r["dtype"], r["method"], f"{r['seconds']:.3f}",
+                      f"{r['seconds'] / b['seconds']:.2f}", f"{r['process_peak'] / gib:.2f}",
+                      f"{r['call_peak'] / gib:.2f}", f"{r['call_peak'] / max(b['call_peak'], 1):.2f}"))
+    return markdown_table(["vocab", "TP", "logits", "method", "fwd+bwd s", "x megatron CE", "process peak GiB",
+                           "loss peak GiB", "x megatron CE"], lines)
 
 
 if __name__ == "__main__":

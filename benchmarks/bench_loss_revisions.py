@@ -19,6 +19,11 @@ import sys
 import tempfile
 import time
 
+import torch
+from _harness import markdown_table
+
+import megatron_mile.loss as current
+
 LOSS_PACKAGE = "megatron_mile/loss"
 TOKENS_SEQ, TOKENS_BATCH, VOCAB = 1024, 4, 32000
 LOSS_TYPES = ("cross_entropy", "mile")
@@ -86,13 +91,9 @@ def _time_once(loss_call, loss_type, base, target) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("revision", help="git revision whose loss file is compared with the working tree's")
+    parser.add_argument("revision", help="git revision whose loss package is compared with the working tree's")
     parser.add_argument("--rounds", type=int, default=11, help="measured rounds (one more warms up)")
     args = parser.parse_args()
-
-    import torch
-
-    import megatron_mile.loss as current
 
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
@@ -109,12 +110,12 @@ def main() -> None:
                     seconds = _time_once(loss_call, loss, base, target)
                     if round_index:
                         times[(name, loss)].append(seconds)
-    print(f"| loss | {args.revision} (ms) | working tree (ms) | ratio |")
-    print("|---|---|---|---|")
+    rows = []
     for loss in LOSS_TYPES:
         before = statistics.median(times[(args.revision, loss)]) * 1000
         after = statistics.median(times[("working tree", loss)]) * 1000
-        print(f"| {loss} | {before:.1f} | {after:.1f} | {after / before:.2f} |")
+        rows.append((loss, f"{before:.1f}", f"{after:.1f}", f"{after / before:.2f}"))
+    print(markdown_table(["loss", f"{args.revision} (ms)", "working tree (ms)", "ratio"], rows))
 
 
 if __name__ == "__main__":

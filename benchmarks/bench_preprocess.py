@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from _harness import markdown_table
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "data", "sample", "train.jsonl.zst")
 TOKENIZER = os.path.join(REPO, "data", "sample", "tokenizer.json")
@@ -137,12 +139,12 @@ def main() -> int:
                 t = times[name]
                 rows.append((workers, name, min(t), statistics.median(t)))
         print()
-        print("| workers | tool | best wall (s) | median wall (s) | MB/s (best) | speed-up vs baseline (best) |")
-        print("|---:|---|---:|---:|---:|---:|")
         base = {w: b for w, n, b, _ in rows if n.startswith("Megatron")}
-        for workers, name, best, median in rows:
-            speedup = f"{base[workers] / best:.2f}x" if workers in base else "-"
-            print(f"| {workers} | {name} | {best:.2f} | {median:.2f} | {size_mb / best:.1f} | {speedup} |")
+        table = [(workers, name, f"{best:.2f}", f"{median:.2f}", f"{size_mb / best:.1f}",
+                  f"{base[workers] / best:.2f}x" if workers in base else "-")
+                 for workers, name, best, median in rows]
+        print(markdown_table(["workers", "tool", "best wall (s)", "median wall (s)", "MB/s (best)",
+                              "speed-up vs baseline (best)"], table, align="rlrrrr"))
         if not args.no_baseline:
             print("\noutputs: byte-identical .bin/.idx across all tools")
     finally:

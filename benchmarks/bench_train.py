@@ -33,10 +33,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
-import subprocess
 import sys
 import time
+
+import torch
+from _harness import emit_result, markdown_table, run_worker
+
+from megatron_mile.arguments import parse_args
+from megatron_mile.testing.distributed import run_distributed
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ, MBS = 4, 256, 4, 688, 32000, 256, 4
 VARIANTS = [
@@ -61,7 +67,6 @@ def _our_flags(loss: str, tp: int, steps: int, fused: bool = False):
 
 def run_ours(flags, world_size):
     """Worker body: per-step seconds of pretrain()."""
-    from megatron_mile.arguments import parse_args
     from megatron_mile.training.loop import pretrain
 
     result = pretrain(parse_args(flags, world_size=world_size))
@@ -70,7 +75,6 @@ def run_ours(flags, world_size):
 
 def build_megatron_bare():
     """megatron-core GPTModel + DDP + optimizer (its own cross-entropy), and a function running one step."""
-    import torch
     import torch.nn.functional as F
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -137,7 +141,6 @@ def run_paired(flags, steps):
     its for-loop-Adam twin steps the same model with the fused flag off for that step (the gain of the
     fused kernel). The order rotates every turn so no side always runs right after the same neighbour.
     """
-    from megatron_mile.arguments import parse_args
     from megatron_mile.training.optimizer import torch_adams
     from megatron_mile.training.setup import setup_training
     from megatron_mile.training.step import train_step
@@ -180,7 +183,6 @@ def run_paired_loss(flags, world_size, steps):
     exactly when pretrain() would (always for MiLe; for cross-entropy only on logging steps, never here).
     The order alternates every turn; every rank follows the same order, as the collectives require.
     """
-    from megatron_mile.arguments import parse_args
     from megatron_mile.loss import LossSpec
     from megatron_mile.model import set_loss_spec
     from megatron_mile.training.setup import setup_training
@@ -208,7 +210,6 @@ def run_paired_loss(flags, world_size, steps):
 def build_hf_llama(fused_adam: bool = False):
     """transformers' LlamaForCausalLM + torch.optim.Adam (fused kernel if asked), and a function running one
     step."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -242,10 +243,6 @@ def run_hf_llama(steps, fused_adam=False):
 
 
 def _worker(variant: str, steps: int) -> list:
-    import torch
-
-    from megatron_mile.testing.distributed import run_distributed
-
     if variant in ("hf_llama", "hf_llama_fused_adam"):
         torch.set_num_threads(2)
         return run_hf_llama(steps, fused_adam=variant == "hf_llama_fused_adam")
@@ -295,7 +292,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.steps)))
+        emit_result(_worker(args.worker, args.steps))
         return
     if args.paired:
         _main_paired(args)
@@ -308,17 +305,11 @@ def main() -> None:
     for round_index in range(args.rounds):
         order = variants if round_index % 2 == 0 else list(reversed(variants))
         for variant in order:
-            out = subprocess.run(
-                [sys.executable, __file__, "--worker", variant, "--steps", str(args.steps)],
-                check=True, capture_output=True, text=True,
-            )
-            steps = json.loads(out.stdout.strip().splitlines()[-1])[args.warmup:]
+            steps = run_worker(__file__, variant, "--steps", args.steps)[args.warmup:]
             times[variant] += steps
             print(f"round {round_index} {variant}: median {statistics.median(steps):.3f} s", file=sys.stderr)
     median = {v: statistics.median(t) for v, t in times.items()}
     tokens = MBS * SEQ
-    print("| variant | median step (s) | tokens/s | ratio |")
-    print("|---|---|---|---|")
     ratios = {
         "ours_mile_tp1": ("ours_ce_tp1", "MiLe / CE, TP=1"),
         "ours_mile_tp2": ("ours_ce_tp2", "MiLe / CE, TP=2"),
@@ -328,12 +319,14 @@ def main() -> None:
         "ours_ce_tp1_fused": ("hf_llama", "ours CE fused / transformers"),
         "hf_llama_fused_adam": ("hf_llama", "transformers, fused / for-loop Adam"),
     }
+    rows = []
     for v in variants:
         ratio = ""
         if v in ratios and ratios[v][0] in median:
             base, label = ratios[v]
             ratio = f"{median[v] / median[base]:.3f} ({label})"
-        print(f"| {v} | {median[v]:.3f} | {tokens / median[v]:.0f} | {ratio} |")
+        rows.append((v, f"{median[v]:.3f}", f"{tokens / median[v]:.0f}", ratio))
+    print(markdown_table(["variant", "median step (s)", "tokens/s", "ratio"], rows))
     for hf in ("hf_llama", "hf_llama_fused_adam"):
         if "ours_ce_tp1" in median and hf in median:
             print(f"\nours CE TP=1 / {hf}: {median['ours_ce_tp1'] / median[hf]:.3f}")
@@ -343,11 +336,7 @@ def _main_paired(args) -> None:
     names = PAIRED_SIDES
     turns = []
     for round_index in range(args.rounds):
-        out = subprocess.run(
-            [sys.executable, __file__, "--worker", "paired_ce_tp1", "--steps", str(args.steps)],
-            check=True, capture_output=True, text=True,
-        )
-        measured = [tuple(t) for t in json.loads(out.stdout.strip().splitlines()[-1])[args.warmup:]]
+        measured = [tuple(t) for t in run_worker(__file__, "paired_ce_tp1", "--steps", args.steps)[args.warmup:]]
         turns += measured
         medians = [statistics.median(t[i] for t in measured) for i in range(len(names))]
         print(f"round {round_index}: " + ", ".join(f"{n} {m:.3f} s" for n, m in zip(names, medians))
@@ -355,11 +344,9 @@ def _main_paired(args) -> None:
                   f"{n} {statistics.median(t[0] / t[i] for t in measured):.3f}" for i, n in enumerate(names) if i
               ), file=sys.stderr)
     tokens = MBS * SEQ
-    print("| variant | median step (s) | tokens/s |")
-    print("|---|---|---|")
-    for i, name in enumerate(names):
-        median = statistics.median(t[i] for t in turns)
-        print(f"| {name} | {median:.3f} | {tokens / median:.0f} |")
+    medians = [statistics.median(t[i] for t in turns) for i in range(len(names))]
+    print(markdown_table(["variant", "median step (s)", "tokens/s"],
+                         [(name, f"{median:.3f}", f"{tokens / median:.0f}") for name, median in zip(names, medians)]))
     print()
     ratios = {}
     for other in range(1, len(names)):
@@ -377,18 +364,12 @@ def _main_paired(args) -> None:
 
 
 def _main_paired_loss(args) -> None:
-    results = {}
-    print("| TP | cross-entropy step (s) | MiLe step (s) | MiLe / CE: median of per-turn ratios | 95% interval "
-          "of the median | quartiles | ratio of medians |")
-    print("|---|---|---|---|---|---|---|")
+    results, rows = {}, []
     for tp in args.paired_loss:
         turns = []
         for round_index in range(args.rounds):
-            out = subprocess.run(
-                [sys.executable, __file__, "--worker", f"paired_loss_tp{tp}", "--steps", str(args.steps)],
-                check=True, capture_output=True, text=True,
-            )
-            measured = [tuple(t) for t in json.loads(out.stdout.strip().splitlines()[-1])[args.warmup:]]
+            measured = [tuple(t) for t in run_worker(__file__, f"paired_loss_tp{tp}", "--steps", args.steps)
+                        [args.warmup:]]
             turns += measured
             print(f"TP {tp} round {round_index}: cross-entropy {statistics.median(t[0] for t in measured):.3f} s, "
                   f"MiLe {statistics.median(t[1] for t in measured):.3f} s; median MiLe / CE "
@@ -397,9 +378,11 @@ def _main_paired_loss(args) -> None:
         low, high = _bootstrap_median_interval(ratios)
         quartiles = statistics.quantiles(ratios, n=4)
         ce, mile = statistics.median(t[0] for t in turns), statistics.median(t[1] for t in turns)
-        print(f"| {tp} | {ce:.3f} | {mile:.3f} | {statistics.median(ratios):.3f} ({len(turns)} turns) | "
-              f"{low:.3f} - {high:.3f} | {quartiles[0]:.3f} - {quartiles[2]:.3f} | {mile / ce:.3f} |")
+        rows.append((tp, f"{ce:.3f}", f"{mile:.3f}", f"{statistics.median(ratios):.3f} ({len(turns)} turns)",
+                     f"{low:.3f} - {high:.3f}", f"{quartiles[0]:.3f} - {quartiles[2]:.3f}", f"{mile / ce:.3f}"))
         results[tp] = {"seconds": turns, "ratios": ratios}
+    print(markdown_table(["TP", "cross-entropy step (s)", "MiLe step (s)", "MiLe / CE: median of per-turn ratios",
+                          "95% interval of the median", "quartiles", "ratio of medians"], rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f)
@@ -407,8 +390,6 @@ def _main_paired_loss(args) -> None:
 
 def _bootstrap_median_interval(values, resamples: int = 4000, seed: int = 0):
     """95% percentile-bootstrap interval of the median of `values` (resampled with replacement)."""
-    import random
-
     rng = random.Random(seed)
     medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]

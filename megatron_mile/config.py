@@ -55,7 +55,7 @@ def _range_problems(config: "RunConfig") -> List[str]:
     return problems
 
 
-def flag(default, help_override: Optional[str] = None, **argparse_kwargs):
+def flag(default, **argparse_kwargs):
     """A dataclass field with extra argparse settings (choices, nargs, alias flag names)."""
     return field(default=default, metadata=dict(argparse_kwargs))
 
@@ -446,8 +446,3 @@ class RunConfig:
             raise ConfigError(
                 "invalid configuration:\n" + "\n".join(f"  - {problem}" for problem in problems)
             )
-
-
-def section_fields(section_cls) -> list:
-    """The dataclass fields of one config section, in declaration order."""
-    return list(fields(section_cls))

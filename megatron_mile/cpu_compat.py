@@ -2,8 +2,8 @@
 
 megatron-core 0.16.1 assumes CUDA in many places (model build, buffers, RNG, pipeline schedules, optimizer).
 `enable()` neutralises those assumptions for the whole process, before any model is built;
-`megatron_mile.device` calls it only when no GPU is visible, and `enable()` refuses to run where CUDA is
-available, so nothing here ever touches the GPU path.
+`megatron_mile.device.prepare_backend` calls it only when no GPU is visible, and `enable()` refuses to run
+where CUDA is available, so nothing here ever touches the GPU path.
 
 Design: every problem gets the narrowest mechanism that solves it, so that code outside megatron-core and
 the hot path of a training step pay (almost) nothing:
@@ -22,7 +22,12 @@ the hot path of a training step pay (almost) nothing:
   fork and restore, and the tensor-parallel state differs across TP ranks as megatron seeds it.
 
 Every patch is a `Patch` in `PATCHES` (owner, attribute, replacement, why + megatron call site); `disable()`
-restores the originals, which the tests and the benchmark use.
+restores the originals, which the tests and the benchmark use. The table was checked against the megatron-core
+releases in `CHECKED_MEGATRON_CORE_VERSIONS` (0.16.1). Every target must already exist: `enable()` refuses,
+before patching anything, a table entry whose attribute its owner lacks (`PatchTargetMissing`, naming
+module.attribute and the installed megatron-core), since a renamed megatron function would otherwise get a
+replacement set beside it that nothing calls, and the CUDA path it was meant to neutralise would fail later,
+far from the cause.
 
 Semantics that differ from a GPU, by construction:
 * one generator serves as both the CPU RNG and megatron's "CUDA" default stream, so CPU random draws made
@@ -49,6 +54,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import torch
+
+# megatron-core releases whose call sites the patch table below was checked against (module docstring).
+CHECKED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
 
 _CPU = torch.device("cpu")
 _lock = threading.Lock()
@@ -249,6 +257,10 @@ _CUDA_LITERAL_MODULES = {
 # ----------------------------------------------------------------------------------------------------------
 
 
+class PatchTargetMissing(RuntimeError):
+    """A patch targets an attribute its owner does not have (megatron-core or torch renamed or removed it)."""
+
+
 @dataclass(frozen=True)
 class Patch:
     """One attribute replaced by enable(): `owner.name = replacement` (owner given as a dotted path)."""
@@ -364,6 +376,24 @@ def _resolve(owner: str) -> Any:
     return importlib.import_module(owner)
 
 
+def _megatron_core_version() -> str:
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def _refuse_missing_targets(patches: List[Patch], owners: List[Any]) -> None:
+    """Raise PatchTargetMissing naming every `owner.name` that does not exist (inherited attributes count)."""
+    missing = [f"{patch.owner}.{patch.name}" for patch, owner in zip(patches, owners) if not hasattr(owner, patch.name)]
+    if missing:
+        raise PatchTargetMissing(
+            f"megatron_mile.cpu_compat cannot patch {', '.join(missing)}: not found with megatron-core "
+            f"{_megatron_core_version()} and torch {torch.__version__} (the patch table was checked against "
+            f"megatron-core {', '.join(CHECKED_MEGATRON_CORE_VERSIONS)}). The attribute was renamed or removed: "
+            "find its new name at the call site given in the patch's `why`, or install a checked release"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------
@@ -377,7 +407,8 @@ def is_enabled() -> bool:
 def enable() -> None:
     """Activate the layer for this process (idempotent). Call before any megatron model is built.
 
-    Raises RuntimeError where CUDA is available: on a GPU the real CUDA paths must run untouched.
+    Raises RuntimeError where CUDA is available: on a GPU the real CUDA paths must run untouched; and
+    PatchTargetMissing (a RuntimeError) when a patched attribute does not exist, with nothing patched.
     """
     global _enabled
     with _lock:
@@ -386,15 +417,17 @@ def enable() -> None:
         if torch.cuda.is_available():
             raise RuntimeError(
                 "megatron_mile.cpu_compat is for machines without a GPU, but CUDA is available here; "
-                "use megatron_mile.device.initialize_distributed(), which enables it only on CPU"
+                "use megatron_mile.parallel.initialize_process_group(), which enables it only on CPU"
             )
         # Imports megatron.core (and with it every module patched below) if the caller has not yet.
         import megatron.core  # noqa: F401
 
-        PATCHES[:] = _patches(_make_cpu_torch_namespace())
+        table = _patches(_make_cpu_torch_namespace())
+        owners = [_resolve(patch.owner) for patch in table]
+        _refuse_missing_targets(table, owners)
+        PATCHES[:] = table
         try:
-            for patch in PATCHES:
-                owner = _resolve(patch.owner)
+            for patch, owner in zip(PATCHES, owners):
                 # For a class, remember only what it defines itself: an inherited method is restored by
                 # deleting the override, not by pinning the inherited one onto the subclass.
                 if isinstance(owner, type) and patch.name not in owner.__dict__:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_training import LOSS_FLAGS, TINY_LLAMA
+from megatron_mile.loss import reference_weighted_cross_entropy
+from tiny_model import LOSS_FLAGS, TINY_LLAMA, build_tiny_model, tiny_config
 
 VOCAB = 300
 
@@ -31,14 +32,11 @@ def _forward_backward(argv):
     """Build the model as training does (Float16Module with --bf16), run one micro-batch through the
     training step's loss function, backpropagate sum(w * ce) / sum(w); return packed output, the logits the
     loss saw (unfused only) and the parameter gradients in fp32."""
-    from megatron_mile.arguments import parse_args
-    from megatron_mile.model import build_model, request_entropy
-    from megatron_mile.training.initialize import set_random_seeds
+    from megatron_mile.model import request_entropy
     from megatron_mile.training.step import LossCollector
 
-    config = parse_args(argv, world_size=1)
-    set_random_seeds(config.training.seed)
-    (chunk,) = build_model(config, VOCAB)
+    config = tiny_config(argv)
+    (chunk,) = build_tiny_model(config, VOCAB)
     model = chunk
     if config.optimizer.bf16:
         from megatron.core.transformer.module import Float16Module
@@ -68,7 +66,6 @@ def compare_bf16_with_fp32(loss_flags, fused):
     """Worker body: fp32 unfused model vs bf16 model (unfused or fused) from the same seed, at init std 0.02
     (logits of order 1, as in real runs; TINY_LLAMA's 0.25 gives logits of ~30 whose bf16 rounding alone
     is 0.1)."""
-    from megatron_mile.loss import reference_weighted_cross_entropy
     from megatron_mile.model import CE, ENTROPY, WEIGHT
 
     base = TINY_LLAMA + loss_flags + ["--init-method-std", "0.02"]

@@ -18,10 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from megatron.core.utils import unwrap_model
 
 from megatron_mile import checkpointing
+from megatron_mile.arguments import config_from_dict, config_to_dict, parse_args
 from megatron_mile.checkpointing import save as checkpoint_save
 from megatron_mile.checkpointing import torch_dist
+from tiny_model import build_tiny_model, mock_data_flags, model_flags, tiny_config
 
 VOCAB = 100
 SEQ = 16
@@ -35,29 +38,14 @@ BATCH = 2
 
 def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=2, hidden_size=64, bf16=False,
                 disable_bias_linear=False):
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_mile.config import RunConfig
-
-    config = RunConfig()
-    m = config.model
-    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = num_layers, hidden_size, 4, SEQ
+    """A small GPT (LayerNorm, GeLU) at this worker's layout, trained with a cosine schedule."""
+    flags = model_flags(num_layers, hidden_size, seq_length=SEQ, llama=False, untie_embeddings=False,
+                        dropout=dropout) + mock_data_flags(VOCAB)
     # 100 tokens pad to 128 rows at TP 1 and 2 alike, so layouts can exchange checkpoints.
-    m.make_vocab_size_divisible_by = 64
-    m.hidden_dropout = m.attention_dropout = dropout
-    m.disable_bias_linear = disable_bias_linear
-    p = config.parallel
-    p.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
-    p.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
-    p.use_distributed_optimizer = distributed_optimizer
-    o = config.optimizer
-    o.lr, o.lr_warmup_iters, o.lr_decay_style, o.weight_decay = 1e-2, 2, "cosine", 0.1
-    o.bf16 = bf16
-    config.data.mock_data, config.data.tokenizer_type, config.data.vocab_size = True, "NullTokenizer", VOCAB
-    config.training.seed, config.training.train_iters = seed, 10
-    config.finalize(dist.get_world_size())
-    return config
+    flags += ["--make-vocab-size-divisible-by", "64", "--lr", "1e-2", "--lr-warmup-iters", "2",
+              "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--seed", str(seed), "--train-iters", "10"]
+    flags += ["--disable-bias-linear"] * disable_bias_linear + ["--use-distributed-optimizer"] * distributed_optimizer
+    return tiny_config(flags + ["--bf16"] * bf16)
 
 
 def build(config):
@@ -65,12 +53,10 @@ def build(config):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.utils import get_model_config
 
-    from megatron_mile.model import build_model
     from megatron_mile.training.initialize import set_random_seeds
     from megatron_mile.training.optimizer import build_optimizer, wrap_for_training
 
-    set_random_seeds(config.training.seed)
-    chunks = build_model(config, VOCAB)
+    chunks = build_tiny_model(config, VOCAB)
     set_random_seeds(config.training.seed)
     model = wrap_for_training(config, chunks)
     optimizer, scheduler = build_optimizer(config, model)
@@ -92,10 +78,7 @@ def batch(step):
 
 def _forward_step(losses, data_iterator, model):
     data = next(data_iterator)
-    unwrapped = model
-    while hasattr(unwrapped, "module"):
-        unwrapped = unwrapped.module
-    labels = data["labels"] if unwrapped.post_process else None
+    labels = data["labels"] if unwrap_model(model).post_process else None
     output = model(data["tokens"], data["position_ids"], None, labels=labels)
 
     def loss_func(output_tensor):
@@ -143,9 +126,7 @@ def run_step(model, optimizer, scheduler, step, train=True):
 def full_params(model):
     """{name: this rank's tensor} of the unwrapped chunks."""
     out = {}
-    for index, chunk in enumerate(model):
-        while hasattr(chunk, "module"):
-            chunk = chunk.module
+    for index, chunk in enumerate(unwrap_model(model)):
         for name, param in chunk.named_parameters():
             out[f"{index}.{name}"] = param.detach().clone()
     return out
@@ -205,8 +186,6 @@ def assert_same_rng(a, b):
 
 
 def worker_resume_exact(directory, distributed_optimizer, bf16=False):
-    from megatron_mile.arguments import config_to_dict
-
     config = make_config(distributed_optimizer=distributed_optimizer, bf16=bf16)
     config_dict = config_to_dict(config)
     model, optimizer, scheduler = build(config)
@@ -273,8 +252,6 @@ def _crash(tmp):
 
 
 def worker_interrupted_save(directory):
-    from megatron_mile.arguments import config_to_dict
-
     config = make_config(dropout=0.0)
     config_dict = config_to_dict(config)
     model, optimizer, scheduler = build(config)
@@ -319,8 +296,6 @@ def test_interrupted_save_keeps_previous_checkpoint(dist_pool, tmp_path):
 def worker_nan_refused(directory):
     import torch.distributed as dist
 
-    from megatron_mile.arguments import config_to_dict
-
     config = make_config()
     model, optimizer, scheduler = build(config)
     if dist.get_rank() == 1:  # only one rank holds the bad value; both must refuse
@@ -346,8 +321,6 @@ def test_nan_weights_are_never_saved(dist_pool, tmp_path):
 
 def worker_save_reference(directory):
     """TP 1: train 2 steps, save, report the eval loss of batch 9 and the loss of one more training step."""
-    from megatron_mile.arguments import config_to_dict
-
     config = make_config(dropout=0.0)
     model, optimizer, scheduler = build(config)
     fresh_eval = run_step(model, optimizer, scheduler, 9, train=False)
@@ -361,8 +334,6 @@ def worker_save_reference(directory):
 
 
 def worker_load_other_layout(directory):
-    from megatron_mile.arguments import config_to_dict
-
     config = make_config(dropout=0.0)
     model, optimizer, scheduler = build(config)
     fresh_eval = run_step(model, optimizer, scheduler, 9, train=False)
@@ -398,8 +369,6 @@ def test_checkpoint_loads_at_another_layout(dist_pool, tp1_checkpoint, layout):
 
 
 def worker_distributed_optimizer_save(directory):
-    from megatron_mile.arguments import config_to_dict
-
     config = make_config(dropout=0.0, distributed_optimizer=True)
     model, optimizer, scheduler = build(config)
     run_step(model, optimizer, scheduler, 1)
@@ -408,8 +377,6 @@ def worker_distributed_optimizer_save(directory):
 
 
 def worker_distributed_optimizer_load(directory, distributed_optimizer):
-    from megatron_mile.arguments import config_to_dict
-
     config = make_config(dropout=0.0, distributed_optimizer=distributed_optimizer)
     model, optimizer, scheduler = build(config)
     with pytest.raises(ValueError) as raised:
@@ -436,8 +403,6 @@ def test_distributed_optimizer_state_needs_saved_layout(dist_pool, tmp_path):
 
 
 def worker_mismatch_and_tools(directory):
-    from megatron_mile.arguments import config_from_dict, config_to_dict
-
     config = make_config()
     config_dict = config_to_dict(config)
     model, optimizer, scheduler = build(config)
@@ -470,8 +435,6 @@ def test_mismatching_model_and_weights_only_load(dist_pool, tmp_path):
 
 
 def worker_tampered_metadata(directory):
-    from megatron_mile.arguments import config_to_dict
-
     config = make_config()
     model, optimizer, scheduler = build(config)
     with pytest.raises(ValueError) as raised:
@@ -548,15 +511,12 @@ def test_checkpoints_without_latest_file(tmp_path):
 # Through the training loop
 # ----------------------------------------------------------------------------------------------------------
 
-LOOP_ARGS = (
-    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 --hidden-dropout 0.1 "
-    "--mock-data --tokenizer-type NullTokenizer --vocab-size 100 --eval-iters 0 --micro-batch-size 2 "
-    "--global-batch-size 4 --log-interval 100 --no-progress --lr 1e-3 --train-iters 4 --seed 3"
-).split()
+LOOP_ARGS = model_flags(2, 64, seq_length=SEQ, llama=False, untie_embeddings=False, dropout=0.1) + mock_data_flags(
+    VOCAB) + ("--eval-iters 0 --micro-batch-size 2 --global-batch-size 4 --log-interval 100 --no-progress --lr 1e-3 "
+              "--train-iters 4 --seed 3").split()
 
 
 def worker_pretrain(extra, world_size):
-    from megatron_mile.arguments import parse_args
     from megatron_mile.training.loop import pretrain
 
     result = pretrain(parse_args(LOOP_ARGS + extra, world_size=world_size))

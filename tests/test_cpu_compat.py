@@ -217,6 +217,7 @@ def body_train_ddp(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
+    from megatron.core.utils import unwrap_model
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     model, config = _build_gpt(bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -261,7 +262,7 @@ def body_train_ddp(
         ok, grad_norm, _ = optimizer.step()
         assert ok, "optimizer step reported failure"
         history.append({"losses": [d["loss"].item() for d in losses], "grad_norm": grad_norm})
-    inner = ddp_model.module.module if bf16 else ddp_model.module
+    inner = unwrap_model(ddp_model)  # DDP, and Float16Module with bf16
     return {
         "history": history,
         "params": _local_tensors(inner, "data"),
@@ -404,6 +405,37 @@ def test_enable_refuses_where_cuda_is_available(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA is available"):
         cpu_compat.enable()
     assert not cpu_compat.is_enabled()
+
+
+def test_enable_refuses_a_patch_target_that_does_not_exist(monkeypatch):
+    """A renamed megatron function must stop enable() with its name, not get a useless patch set beside it."""
+    import megatron.core.tensor_parallel.random as mrandom
+    from megatron.core import package_info
+
+    from megatron_mile import cpu_compat
+
+    was_enabled = cpu_compat.is_enabled()
+    cpu_compat.disable()
+    original_current_device = torch.cuda.current_device
+    table = cpu_compat._patches
+    renamed = cpu_compat.Patch("megatron.core.tensor_parallel.random", "_get_cuda_rng_state_renamed",
+                               lambda *args, **kwargs: None, "a target megatron-core does not have")
+    monkeypatch.setattr(cpu_compat, "_patches", lambda cpu_torch: table(cpu_torch) + [renamed])
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            cpu_compat.enable()
+        message = str(refused.value)
+        assert "megatron.core.tensor_parallel.random._get_cuda_rng_state_renamed" in message
+        assert package_info.__version__ in message
+        # Refused before anything was patched: no stray attribute, the real entry points untouched.
+        assert not cpu_compat.is_enabled()
+        assert not hasattr(mrandom, "_get_cuda_rng_state_renamed")
+        assert torch.cuda.current_device is original_current_device
+    finally:
+        cpu_compat.disable()  # where the refusal failed, the table was applied: undo it
+        monkeypatch.undo()
+        if was_enabled:
+            cpu_compat.enable()
 
 
 def test_enable_is_idempotent_and_disable_restores(pool1):

@@ -23,7 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from megatron_mile.arguments import config_from_dict, parse_args
+from megatron_mile.data.tokenizers import build_tokenizer
+from megatron_mile.vocab import padded_vocab_size
 from test_evaluation_token_buckets import read_documents, reference_buckets, write_dataset
+from tiny_model import model_flags
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 100
@@ -65,7 +69,6 @@ def corpus(tmp_path_factory):
 
 def train_checkpoint(argv):
     """Worker body: a 3-step MiLe run that saves its checkpoint."""
-    from megatron_mile.arguments import parse_args
     from megatron_mile.training.loop import pretrain
 
     return pretrain(parse_args(argv, world_size=1)).checkpoint
@@ -77,12 +80,10 @@ def checkpoint(corpus, dist_pool):
     data = []
     for prefix in corpus["prefixes"].values():
         data += ["0.5", prefix]
-    argv = (
-        "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --normalization RMSNorm "
-        "--swiglu --disable-bias-linear --position-embedding-type rope --untie-embeddings-and-output-weights "
-        "--hidden-dropout 0 --attention-dropout 0 --init-method-std 0.25 --lr 1e-2 --micro-batch-size 2 "
-        "--global-batch-size 4 --train-iters 3 --eval-iters 0 --log-interval 10 --no-progress --seed 5 "
-        "--loss-type mile --split 80,20,0 --tokenizer-type HuggingFaceTokenizer"
+    argv = model_flags(num_layers=2, hidden_size=32, seq_length=16) + (
+        "--init-method-std 0.25 --lr 1e-2 --micro-batch-size 2 --global-batch-size 4 --train-iters 3 "
+        "--eval-iters 0 --log-interval 10 --no-progress --seed 5 --loss-type mile --split 80,20,0 "
+        "--tokenizer-type HuggingFaceTokenizer"
     ).split() + ["--tokenizer-model", str(root / "tokenizer.json"), "--data-path", *data,
                  "--data-cache-path", str(root / "cache"), "--save", str(root / "ckpt")]
     dist_pool(1).run(train_checkpoint, argv)
@@ -111,8 +112,6 @@ def reference_evaluation(checkpoint_dir, train_prefixes, valid_prefixes, split, 
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from megatron_mile.arguments import config_from_dict
-    from megatron_mile.data.tokenizers import build_tokenizer
     from megatron_mile.model import build_model
     from megatron_mile import checkpointing
 
@@ -268,7 +267,6 @@ def test_evaluation_pads_the_vocabulary_like_the_checkpoint_at_any_tp(checkpoint
     # 100 tokens were padded to 128 rows at TP=1; at TP=2 the default multiple would pad to 256.
     from megatron_mile.evaluation.cli import BucketEvalConfig, EvaluationError, run_config_for
     from megatron_mile.checkpointing import read_checkpoint_metadata
-    from megatron_mile.vocab import padded_vocab_size
 
     metadata = read_checkpoint_metadata(checkpoint)
     assert metadata["vocab"] == {"padded": 128, "real": VOCAB}

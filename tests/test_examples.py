@@ -22,7 +22,7 @@ from megatron_mile.planning.recipes import LLAMA, RECIPES
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
-# The paper's table (docs: mile-loss-facts): layers, hidden, heads, FFN, seq, global batch, steps, warmup.
+# The paper's table (docs/mile-loss.md): layers, hidden, heads, FFN, seq, global batch, steps, warmup.
 PAPER = {
     "468m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096, seq_length=1024,
                  global_batch_size=1024, train_iters=100_000, lr_warmup_iters=1000),

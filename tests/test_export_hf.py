@@ -21,6 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_mile.arguments import config_to_dict
+from megatron_mile.config import DataConfig, ModelConfig, RunConfig
+from megatron_mile.data.tokenizers import HuggingFaceTokenizer
+from megatron_mile.export.cli import export_main
+from megatron_mile.export.hf_llama import ExportError, to_hf_state_dict
+from megatron_mile.export.hf_tokenizer import prepare_tokenizer, write_tokenizer_files
+from tiny_model import build_tiny_model, model_flags, tiny_config
+
 # Nothing may be downloaded: huggingface_hub reads these when it is imported (by transformers below).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -36,31 +44,18 @@ TASKS = REPO / "examples" / "lm_eval_tasks"
 
 
 def make_config(group_query_attention=True, tied=False):
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_mile.config import RunConfig
-
-    config = RunConfig()
-    m = config.model
-    m.num_layers, m.hidden_size, m.ffn_hidden_size, m.seq_length = 4, 64, 96, SEQ
-    m.max_position_embeddings = 128  # the longest lm-eval request fits: no truncated contexts to mirror
-    m.num_attention_heads = 4
-    m.group_query_attention, m.num_query_groups = group_query_attention, 2  # 2 query heads per KV head
-    m.normalization, m.swiglu, m.disable_bias_linear = "RMSNorm", True, True
-    m.position_embedding_type, m.untie_embeddings_and_output_weights = "rope", not tied
-    m.rotary_base = 1000  # not Llama's default 10000: a dropped rope_theta changes the logits
-    m.hidden_dropout = m.attention_dropout = 0.0
-    # 8192 tokens pad to 8200 rows at TP 2 (multiple of 2 * 100): the export must drop the 8 padded rows.
-    m.make_vocab_size_divisible_by = 100
-    p = config.parallel
-    p.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
-    p.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
-    d = config.data
-    d.tokenizer_type, d.tokenizer_model = "HuggingFaceTokenizer", str(TOKENIZER)
-    config.training.seed = 11
-    config.finalize(dist.get_world_size())
-    return config
+    """A 4-layer LLaMA (GQA: 2 query heads per KV head) on the sample tokenizer, at this worker's layout."""
+    flags = model_flags(num_layers=4, hidden_size=64, seq_length=SEQ, untie_embeddings=not tied) + [
+        "--ffn-hidden-size", "96",
+        "--max-position-embeddings", "128",  # the longest lm-eval request fits: no truncated contexts to mirror
+        "--rotary-base", "1000",  # not Llama's default 10000: a dropped rope_theta changes the logits
+        # 8192 tokens pad to 8200 rows at TP 2 (multiple of 2 * 100): the export must drop the 8 padded rows.
+        "--make-vocab-size-divisible-by", "100",
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(TOKENIZER), "--seed", "11",
+    ]
+    if group_query_attention:
+        flags += ["--group-query-attention", "--num-query-groups", "2"]
+    return tiny_config(flags, validate=False)  # a model to save and export: no training data to name
 
 
 def tokens():
@@ -112,14 +107,10 @@ def layout_logits(chunks, input_ids):
 
 def worker_save(directory, group_query_attention=True, tied=False):
     """Build the model at this worker's layout, give its norms distinct values, save it, return its logits."""
-    from megatron_mile.arguments import config_to_dict
-    from megatron_mile.model import build_model
     from megatron_mile import checkpointing
-    from megatron_mile.training.initialize import set_random_seeds
 
     config = make_config(group_query_attention, tied)
-    set_random_seeds(config.training.seed)
-    chunks = build_model(config, VOCAB)
+    chunks = build_tiny_model(config, VOCAB)
     _perturb_norms(chunks)
     checkpointing.save_checkpoint(directory, ITERATION, chunks, None, None, 0, config_to_dict(config))
     return layout_logits(chunks, tokens())
@@ -188,7 +179,7 @@ def test_hf_logits_match_ours(exported, dist_pool):
 
 def worker_export(directory, output):
     """The export called in a process that already has a group and TP=1/PP=1 state (they are reused)."""
-    from megatron_mile.export.hf_llama import export_checkpoint
+    from megatron_mile.export.hf_directory import export_checkpoint
 
     export_checkpoint(directory, output)
 
@@ -219,8 +210,6 @@ def test_exported_files_get_the_umask_mode(exported):
 def test_exported_tokenizer_encodes_like_the_runs(exported):
     from transformers import AutoTokenizer
 
-    from megatron_mile.data.tokenizers import HuggingFaceTokenizer
-
     _, output, _ = exported
     theirs = AutoTokenizer.from_pretrained(output)
     ours = HuggingFaceTokenizer(str(TOKENIZER))
@@ -247,7 +236,6 @@ def worker_reference_loglikelihoods(directory, pairs, texts):
       being those of tokenize(context + continuation) after tokenize(context)'s (lm-eval's split);
     - per text: the rolling log-likelihood of all its tokens after the end-of-document token.
     """
-    from megatron_mile.data.tokenizers import HuggingFaceTokenizer
     from megatron_mile.export import checkpoint
 
     tokenizer = HuggingFaceTokenizer(str(TOKENIZER))
@@ -322,8 +310,6 @@ def test_lm_eval_runs_offline_on_the_export(exported, dist_pool, tmp_path):
 
 def fake_checkpoint(directory, llama=True, iteration=3):
     """A save directory whose checkpoint holds only its description (enough for every check before loading)."""
-    from megatron_mile.arguments import config_to_dict
-    from megatron_mile.config import RunConfig
     from megatron_mile import checkpointing
 
     config = RunConfig()
@@ -342,8 +328,6 @@ def fake_checkpoint(directory, llama=True, iteration=3):
 
 
 def export_fails(capsys, *args):
-    from megatron_mile.export.cli import export_main
-
     assert export_main([str(a) for a in args]) == 1
     return capsys.readouterr().err
 
@@ -397,9 +381,6 @@ def test_output_and_tokenizer_problems(tmp_path, capsys):
 
 
 def test_unknown_weights_are_refused():
-    from megatron_mile.config import ModelConfig
-    from megatron_mile.export.hf_llama import ExportError, to_hf_state_dict
-
     model = ModelConfig(num_layers=0, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2, swiglu=True,
                         untie_embeddings_and_output_weights=True)
     params = {"embedding.word_embeddings.weight": torch.zeros(12, 8), "output_layer.weight": torch.zeros(12, 8),
@@ -412,9 +393,6 @@ def test_unknown_weights_are_refused():
 
 
 def test_null_tokenizer_runs_export_no_tokenizer_files(tmp_path):
-    from megatron_mile.config import DataConfig
-    from megatron_mile.export.hf_tokenizer import prepare_tokenizer, write_tokenizer_files
-
     prepared = prepare_tokenizer(DataConfig(tokenizer_type="NullTokenizer", vocab_size=99), None, 100)
     assert prepared.tokenizer is None and prepared.eos_token_id is None and "--tokenizer" in prepared.note
     write_tokenizer_files(tmp_path, prepared, 128)
@@ -423,7 +401,7 @@ def test_null_tokenizer_runs_export_no_tokenizer_files(tmp_path):
 
 def test_overwrite_replaces_the_whole_directory(tmp_path):
     from megatron_mile.atomic_io import replace_directory
-    from megatron_mile.export.hf_llama import prepare_output
+    from megatron_mile.export.hf_directory import prepare_output
 
     output, new = tmp_path / "hf", tmp_path / ".hf.tmp-1"
     output.mkdir()

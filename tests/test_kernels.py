@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ from megatron_mile import kernels
 from megatron_mile.arguments import parse_args
 from megatron_mile.config import ConfigError
 from megatron_mile.kernels import KernelSupport
-from test_training import LOSS_FLAGS, REPO, TINY_LLAMA
+from tiny_model import LOSS_FLAGS, TINY_LLAMA, build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 NO_GPU = KernelSupport()
 BARE_H100 = KernelSupport(compute_capability=(9, 0))  # a GPU without Transformer Engine or apex
@@ -231,13 +234,11 @@ def torchrun_history(argv, nproc=1, timeout=600):
 
 def build_and_step_te_model(argv):
     """Worker body: build the model with Transformer Engine layers, run one forward/backward, report."""
-    from megatron_mile.model import build_model
-    from megatron_mile.training.initialize import initialize_parallel, set_random_seeds
+    from megatron_mile.training.initialize import initialize_parallel
 
     config = parse_args(argv, world_size=1, gpu_available=True)
     initialize_parallel(config)
-    set_random_seeds(config.training.seed)
-    (chunk,) = build_model(config, 300)
+    (chunk,) = build_tiny_model(config, 300)
     layer = chunk.decoder.layers[0]
     tokens = torch.randint(0, 300, (2, config.model.seq_length), device="cuda")
     positions = torch.arange(config.model.seq_length, device="cuda").expand(2, -1)

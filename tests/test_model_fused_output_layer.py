@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from megatron_mile.arguments import parse_args
-from test_training import LOSS_FLAGS, TINY_LLAMA
+from megatron_mile.loss import reference_weighted_cross_entropy
+from tiny_model import LOSS_FLAGS, TINY_LLAMA, build_tiny_model
 
 GAMMAS = {"cross_entropy": 0.0, "focal": 2.0, "mile": 1.0}
 
@@ -25,7 +26,7 @@ def fused_head_vs_full_vocabulary(loss_type: str, sequence_parallel: bool) -> di
     full logits = hidden @ W^T; returns the largest differences of values and gradients."""
     from megatron.core import parallel_state
 
-    from megatron_mile.loss import LossSpec, reference_weighted_cross_entropy
+    from megatron_mile.loss import LossSpec
     from megatron_mile.model.fused_output_layer import fused_language_model_loss
     from megatron_mile.model import CE, ENTROPY, WEIGHT
 
@@ -85,12 +86,10 @@ def fused_head_backward_outcomes():
     raise (the fused head computed its gradients in forward for sum(loss_mask * w * ce) only)."""
     import torch
 
-    from megatron_mile.model import CE, WEIGHT, build_model
-    from megatron_mile.training.initialize import set_random_seeds
+    from megatron_mile.model import CE, WEIGHT
 
     config = parse_args(TINY_LLAMA + LOSS_FLAGS["mile"] + ["--fused-lm-head"], world_size=1)
-    set_random_seeds(7)
-    (model,) = build_model(config, 300)
+    (model,) = build_tiny_model(config, 300)  # seeded with TINY_LLAMA's --seed 7
     tokens = torch.randint(0, 300, (2, 32))
     positions = torch.arange(32).expand(2, -1)
     mask = (torch.arange(32) % 3 != 0).float().expand(2, -1)

@@ -16,23 +16,9 @@ import torch
 
 from megatron_mile.arguments import parse_args
 from megatron_mile.config import ConfigError
+from tiny_model import LOSS_FLAGS, TINY_LLAMA
 
 REPO = Path(__file__).resolve().parents[1]
-
-TINY_LLAMA = (
-    "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --normalization RMSNorm "
-    "--swiglu --disable-bias-linear --position-embedding-type rope --untie-embeddings-and-output-weights "
-    "--hidden-dropout 0 --attention-dropout 0 --init-method-std 0.25 --lr 1e-3 --lr-warmup-iters 1 "
-    "--lr-decay-style cosine --clip-grad 1.0 --weight-decay 0.1 --adam-beta2 0.95 "
-    "--mock-data --tokenizer-type NullTokenizer --vocab-size 300 --log-interval 100 --eval-iters 0 "
-    "--micro-batch-size 2 --global-batch-size 8 --train-iters 3 --seed 7 --no-progress"
-).split()
-
-LOSS_FLAGS = {
-    "cross_entropy": ["--loss-type", "cross_entropy"],
-    "focal": ["--loss-type", "focal", "--focal-gamma", "2.0"],
-    "mile": ["--loss-type", "mile", "--mile-gamma", "1.0", "--mile-sigma", "1.0"],
-}
 
 LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],

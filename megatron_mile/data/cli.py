@@ -11,6 +11,11 @@ import json
 import sys
 from typing import List, Optional
 
+from megatron_mile.data.merge import find_prefixes, merge_datasets
+from megatron_mile.data.pile import BlendError, blend_data_path, discover_domain_prefixes, load_weights
+from megatron_mile.data.preprocess import PreprocessConfig, run_preprocess
+from megatron_mile.data.readers import iter_texts, resolve_inputs
+from megatron_mile.data.tokenizer_training import save_tokenizer, train_byte_level_bpe
 from megatron_mile.data.tokenizers import add_tokenizer_args, tokenizer_kwargs_from_args
 
 
@@ -56,8 +61,6 @@ def preprocess_parser() -> argparse.ArgumentParser:
 
 
 def preprocess_main(argv: Optional[List[str]] = None) -> int:
-    from megatron_mile.data.preprocess import PreprocessConfig, run_preprocess
-
     args = preprocess_parser().parse_args(argv)
     if args.tokenizer_type is None:
         return _fail("--tokenizer-type is required")
@@ -91,8 +94,6 @@ def merge_parser() -> argparse.ArgumentParser:
 
 
 def merge_main(argv: Optional[List[str]] = None) -> int:
-    from megatron_mile.data.merge import find_prefixes, merge_datasets
-
     args = merge_parser().parse_args(argv)
     try:
         prefixes = find_prefixes(args.input, args.prefixes)
@@ -125,8 +126,6 @@ def pile_blend_parser() -> argparse.ArgumentParser:
 
 
 def pile_blend_main(argv: Optional[List[str]] = None) -> int:
-    from megatron_mile.data.pile import BlendError, blend_data_path, discover_domain_prefixes, load_weights
-
     args = pile_blend_parser().parse_args(argv)
     try:
         weights = load_weights(args.weights)
@@ -163,9 +162,6 @@ def train_tokenizer_parser() -> argparse.ArgumentParser:
 
 
 def train_tokenizer_main(argv: Optional[List[str]] = None) -> int:
-    from megatron_mile.data.readers import iter_texts, resolve_inputs
-    from megatron_mile.data.tokenizer_training import save_tokenizer, train_byte_level_bpe
-
     args = train_tokenizer_parser().parse_args(argv)
     try:
         resolve_inputs(args.input)

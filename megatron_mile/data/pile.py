@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Dict, List, Mapping, Optional
 
 from megatron_mile.data.indexed_writer import dataset_exists
+from megatron_mile.data.preprocess import dataset_prefix, sanitize_domain
 
 DEFAULT_WEIGHTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pile_sampling_weights.json")
 
@@ -84,8 +86,6 @@ def blend_data_path(domain_prefixes: Mapping[str, str], weights: Optional[Mappin
 def domain_prefixes_from_preprocess(output_prefix: str, domains, key: str = "text",
                                     split_sentences: bool = False) -> Dict[str, str]:
     """Domain -> dataset prefix as ``tools/preprocess_data.py --split-by-domain`` names them."""
-    from megatron_mile.data.preprocess import dataset_prefix
-
     return {d: dataset_prefix(output_prefix, key, split_sentences, d) for d in domains}
 
 
@@ -103,10 +103,6 @@ def domain_of_prefix(prefix: str, domains=None) -> str:
     (default: the domains of the shipped Pile weights). The longest matching domain wins, so a domain whose
     file-name form ends another's is never mistaken for it.
     """
-    import re
-
-    from megatron_mile.data.preprocess import sanitize_domain
-
     name = os.path.basename(prefix.rstrip("/"))
     candidates = []
     for domain in domains if domains is not None else load_weights():

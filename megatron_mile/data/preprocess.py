@@ -42,7 +42,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_mile.data.indexed_writer import IndexedDatasetWriter, dtype_for_vocab
-from megatron_mile.data.readers import iter_lines, parse_line, pile_set_name, resolve_inputs
+from megatron_mile.data.readers import iter_lines, iter_texts, parse_line, pile_set_name, resolve_inputs
 from megatron_mile.data.tokenizers import build_tokenizer
 
 # Bad-input categories, as reported in the summary.
@@ -150,7 +150,7 @@ def _init_worker(tokenizer_kwargs: dict, options: dict, punkt_params) -> None:
     _W["tokenizer"] = build_tokenizer(**tokenizer_kwargs)
     _W["dtype"] = dtype_for_vocab(_W["tokenizer"].vocab_size)
     if punkt_params is not None:
-        from megatron_mile.data.sentences import make_splitter
+        from megatron_mile.data.sentences import make_splitter  # nltk: only when sentences are split
 
         _W["splitter"] = make_splitter(punkt_params, options["keep_newlines"])
     else:
@@ -278,7 +278,7 @@ def _is_text(value) -> bool:
 
 
 def splitter_split(splitter, text: str) -> List[str]:
-    from megatron_mile.data.sentences import split_sentences
+    from megatron_mile.data.sentences import split_sentences  # nltk: only when sentences are split
 
     return split_sentences(splitter, text)
 
@@ -345,8 +345,7 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
 
 def _prepare_punkt(config: PreprocessConfig, files: List[str], result: PreprocessResult, log):
     """Punkt parameters for sentence splitting: loaded from --punkt-dir, or trained on the input."""
-    from megatron_mile.data import sentences
-    from megatron_mile.data.readers import iter_texts
+    from megatron_mile.data import sentences  # nltk: imported only when sentences are split
 
     if config.punkt_dir is not None:
         params = sentences.load_punkt(config.punkt_dir, config.lang)

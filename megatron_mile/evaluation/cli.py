@@ -22,8 +22,24 @@ import time
 from dataclasses import dataclass, fields
 from typing import List, Optional
 
+import torch.distributed as dist
+from megatron.core.transformer.module import Float16Module
+
+from megatron_mile import checkpointing, device, parallel
+from megatron_mile.arguments import add_dataclass_arguments, config_from_dict, config_to_dict
 from megatron_mile.config import ConfigError, flag
-from megatron_mile.evaluation.token_buckets import DEFAULT_FRACTIONS
+from megatron_mile.evaluation import datasets as eval_data
+from megatron_mile.evaluation.bucket_perplexity import evaluate_bucket_sums, summarise
+from megatron_mile.evaluation.report import format_report, write_strict_json
+from megatron_mile.evaluation.token_buckets import (
+    DEFAULT_FRACTIONS,
+    build_buckets,
+    count_tokens_distributed,
+    validate_fractions,
+)
+from megatron_mile.model import build_model
+from megatron_mile.training import data as run_data
+from megatron_mile.training.initialize import initialize_parallel, set_random_seeds
 
 PROG = "eval_token_buckets.py"
 
@@ -68,8 +84,6 @@ class BucketEvalConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_mile.arguments import add_dataclass_arguments
-
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Perplexity per token-frequency bucket (high / medium / low: the tokens covering the first "
@@ -102,8 +116,6 @@ def run_config_for(eval_config: BucketEvalConfig, saved_config: dict, saved_voca
     The vocabulary is padded to the checkpoint's row count at the new TP size (choosing
     --make-vocab-size-divisible-by = padded rows / TP), so a checkpoint loads at any TP that divides it.
     """
-    from megatron_mile.arguments import config_from_dict
-
     config = config_from_dict(saved_config)
     p, t, d, m = config.parallel, config.training, config.data, config.model
     tp, pp = eval_config.tensor_model_parallel_size, eval_config.pipeline_model_parallel_size
@@ -146,8 +158,6 @@ def run_config_for(eval_config: BucketEvalConfig, saved_config: dict, saved_voca
 
 def _checkpoint_metadata(eval_config: BucketEvalConfig) -> dict:
     """mile_checkpoint.json of the checkpoint to evaluate. No collectives."""
-    from megatron_mile import checkpointing
-
     if not os.path.isdir(eval_config.load):
         raise EvaluationError(
             f"checkpoint directory {eval_config.load} does not exist: pass the directory the training run saved "
@@ -158,8 +168,6 @@ def _checkpoint_metadata(eval_config: BucketEvalConfig) -> dict:
 
 def _checked_tokenizer(config, saved_vocab: dict):
     """The run's tokenizer, refused when its vocabulary is not the checkpoint's. No collectives."""
-    from megatron_mile.training import data as run_data
-
     tokenizer = run_data.build_run_tokenizer(config)
     saved_real = saved_vocab.get("real")
     if saved_real is not None and tokenizer.vocab_size != saved_real:
@@ -176,12 +184,6 @@ def _load_model(eval_config: BucketEvalConfig, config, vocab_size: int):
 
     Collectives: those of checkpointing.load_model_weights.
     """
-    from megatron.core.transformer.module import Float16Module
-
-    from megatron_mile.arguments import config_to_dict
-    from megatron_mile.model import build_model
-    from megatron_mile import checkpointing
-
     chunks = build_model(config, vocab_size)
     iteration = checkpointing.load_model_weights(eval_config.load, chunks, eval_config.iteration,
                                                  config_dict=config_to_dict(config))
@@ -198,13 +200,6 @@ def evaluate(eval_config: BucketEvalConfig) -> dict:
     dataset index builds (barriers); the checkpoint load (megatron's dist_checkpointing.load);
     evaluate_bucket_sums (forward-only schedules, DP all-reduce, broadcast).
     """
-    from megatron_mile import device
-    from megatron_mile.evaluation import datasets as eval_data
-    from megatron_mile.evaluation.bucket_perplexity import evaluate_bucket_sums, summarise
-    from megatron_mile.evaluation.token_buckets import build_buckets, count_tokens_distributed, validate_fractions
-    from megatron_mile.training import data as run_data
-    from megatron_mile.training.initialize import initialize_parallel, set_random_seeds
-
     start = time.time()
     fractions = validate_fractions(eval_config.bucket_fractions)
     metadata = _checkpoint_metadata(eval_config)
@@ -261,11 +256,6 @@ def evaluate(eval_config: BucketEvalConfig) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse flags, evaluate, print the table and write the JSON on the last rank; return the exit code."""
-    import torch.distributed as dist
-
-    from megatron_mile.evaluation.report import format_report, write_strict_json
-    from megatron_mile.training.cli import shutdown_distributed
-
     rank = int(os.environ.get("RANK", "0"))
     last = rank == int(os.environ.get("WORLD_SIZE", "1")) - 1
     # A caller that set up the process group itself (a test's worker pool) keeps it afterwards.
@@ -295,5 +285,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     finally:
         if owns_process_group:
-            shutdown_distributed()
+            parallel.shutdown()
     return 0

@@ -1,7 +1,7 @@
 """Token-frequency buckets of the MiLe paper: count how often each token id occurs, rank, split by coverage.
 
 The paper groups the vocabulary by training-corpus frequency so that the high / medium / low buckets cover
-80% / 15% / 5% of all token occurrences, and reports perplexity per bucket (mile-loss-facts.md). Here:
+80% / 15% / 5% of all token occurrences, and reports perplexity per bucket (docs/mile-loss.md). Here:
 
 - Counting reads megatron-core's IndexedDataset (.bin/.idx) directly: the tokens of a contiguous range of
   sequences are one contiguous slice of the memory-mapped .bin file, so a whole corpus is counted with

@@ -1,8 +1,9 @@
 """Export of trained checkpoints to other formats (Hugging Face LlamaForCausalLM).
 
 - `checkpoint`: load a checkpoint saved at any TP/PP layout into one process, as full (TP=1) tensors;
-- `hf_llama`: map those tensors and the run's settings to a LlamaForCausalLM directory;
+- `hf_llama`: map those tensors and the run's settings to a LlamaForCausalLM state dict and config;
 - `hf_tokenizer`: the tokenizer files of that directory, from the tokenizer the run used;
+- `hf_directory`: the whole export (`export_checkpoint`), written into a temp directory and renamed;
 - `cli`: the `tools/export_hf.py` command line.
 
 Nothing here imports transformers: the directory is written with safetensors and plain JSON, so any

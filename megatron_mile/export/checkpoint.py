@@ -13,16 +13,17 @@ load holds one copy of the weights in the checkpoint's dtype; an export converts
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 import torch
 
+from megatron_mile import checkpointing, parallel
 from megatron_mile.arguments import config_from_dict, config_to_dict
 from megatron_mile.config import RunConfig
-from megatron_mile import checkpointing
+from megatron_mile.model import build_model_chunk, transformer_config
+from megatron_mile.training.initialize import set_random_seeds
 
 
 @dataclass
@@ -66,46 +67,12 @@ def single_process_config(saved: RunConfig, padded_vocab_size: int) -> RunConfig
     return config
 
 
-@contextlib.contextmanager
-def _single_process_parallel_state() -> Iterator[None]:
-    """A process group and megatron's parallel state at TP=1/PP=1 for the duration of a load.
-
-    Reuses what the caller already set up (e.g. a test worker at TP=1/PP=1) and tears down only what it
-    created. Collectives: group creation (one process: nothing to wait for).
-    """
-    import torch.distributed as dist  # noqa: PLC0415
-    from megatron.core import parallel_state  # noqa: PLC0415
-
-    from megatron_mile import device  # noqa: PLC0415
-
-    created_group = not dist.is_initialized()
-    if created_group:
-        device.initialize_single_process()
-    created_state = not parallel_state.model_parallel_is_initialized()
-    try:
-        if created_state:
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-        elif (parallel_state.get_tensor_model_parallel_world_size(),
-              parallel_state.get_pipeline_model_parallel_world_size()) != (1, 1):
-            raise RuntimeError("loading a full checkpoint needs megatron's parallel state at TP=1/PP=1 (or none "
-                               "set up); this process uses another layout")
-        yield
-    finally:
-        if created_state and parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        if created_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def load_single_process_model(load_dir, metadata: dict):
     """The checkpoint's model built at TP=1/PP=1 in this process, its weights loaded (a MileGPTModel).
 
     Needs megatron's parallel state at TP=1/PP=1 (set up by the caller, as load_full_checkpoint does).
     `metadata` is read_metadata(load_dir, iteration): it names the iteration that is loaded.
     """
-    from megatron_mile.model import build_model_chunk, transformer_config  # noqa: PLC0415
-    from megatron_mile.training.initialize import set_random_seeds  # noqa: PLC0415
-
     real, padded = _vocab_sizes(load_dir, metadata)
     config = single_process_config(config_from_dict(metadata["config"]), padded)
     set_random_seeds(config.training.seed)
@@ -137,7 +104,7 @@ def load_full_checkpoint(load_dir, iteration: Optional[int] = None, metadata: Op
     if metadata is None:
         metadata = read_metadata(load_dir, iteration)
     real, padded = _vocab_sizes(load_dir, metadata)
-    with _single_process_parallel_state():
+    with parallel.single_process_parallel_state():
         model = load_single_process_model(load_dir, metadata)
         params = {name: param.detach().to("cpu") for name, param in model.named_parameters()}
     return FullCheckpoint(config=config_from_dict(metadata["config"]), iteration=int(metadata["iteration"]),

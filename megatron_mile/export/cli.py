@@ -30,7 +30,8 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: Optional[List[str]] = None) -> int:
     args = export_parser().parse_args(argv)
-    from megatron_mile.export.hf_llama import export_checkpoint  # noqa: PLC0415 - after --help
+    # After --help and flag errors: the export imports megatron-core (seconds).
+    from megatron_mile.export.hf_directory import export_checkpoint  # noqa: PLC0415
 
     try:
         export_checkpoint(args.load, args.output, iteration=args.iteration, tokenizer=args.tokenizer,

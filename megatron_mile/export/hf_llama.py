@@ -1,4 +1,4 @@
-"""Megatron LLaMA weights -> a Hugging Face LlamaForCausalLM directory (config.json, model.safetensors).
+"""Megatron LLaMA weights and settings -> a Hugging Face LlamaForCausalLM state dict and config.json.
 
 Layout differences handled here (single-process megatron names of megatron_mile.model's local layer spec):
 
@@ -15,25 +15,20 @@ Layout differences handled here (single-process megatron names of megatron_mile.
   log-likelihood an evaluation computes would differ from the trained model's.
 - tied embeddings: written as a separate lm_head copy (tie_word_embeddings stays false).
 
-Only safetensors is needed to write the directory; transformers is not imported.
+Pure mapping, no files: megatron_mile.export.hf_directory writes the directory; transformers is not imported.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from megatron_mile.atomic_io import atomic_directory, write_json_atomic
 from megatron_mile.config import ModelConfig
 
 
 class ExportError(ValueError):
     """The checkpoint cannot be exported as asked; the message says why and what to do."""
-
-
-INSTALL_HINT = "pip install -e .[eval]  (or: pip install safetensors transformers)"
 
 
 def check_llama_architecture(model: ModelConfig) -> None:
@@ -153,66 +148,3 @@ def to_hf_state_dict(megatron_params: Mapping[str, torch.Tensor], model: ModelCo
         raise ExportError(f"the checkpoint holds weights a Llama has no place for: {sorted(params)[:8]}"
                           f"{' ...' if len(params) > 8 else ''}")
     return out
-
-
-def _safetensors_writer():
-    try:
-        from safetensors.torch import save_file  # noqa: PLC0415
-    except ImportError as error:
-        raise ImportError(f"exporting needs the safetensors package: {INSTALL_HINT}") from error
-    return save_file
-
-
-def save_safetensors(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
-    # transformers refuses safetensors files whose metadata does not name their framework.
-    _safetensors_writer()(state_dict, str(path), metadata={"format": "pt"})
-
-
-def prepare_output(output: Path, overwrite: bool) -> None:
-    """Refuse to replace a non-empty output directory unless asked (checked before any work is done)."""
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"--output {output} is a file; give a directory path")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"--output {output} exists and is not empty: choose another path or pass --overwrite")
-
-
-def export_checkpoint(load_dir, output, iteration: Optional[int] = None, tokenizer: Optional[str] = None,
-                      overwrite: bool = False, log=print) -> Path:
-    """Export the latest checkpoint of `load_dir` (or `iteration`) to a LlamaForCausalLM directory `output`.
-
-    The model settings come from the run's config saved with the checkpoint; the checkpoint may have any
-    TP/PP layout (it is loaded in this one process). Files are written into a temp directory beside
-    `output`, which is renamed when complete. Raises ExportError, FileNotFoundError or ValueError naming
-    the problem, before anything is written when the input is unusable.
-    """
-    from megatron_mile.arguments import config_from_dict  # noqa: PLC0415
-    from megatron_mile.export import checkpoint  # noqa: PLC0415
-    from megatron_mile.export.hf_tokenizer import prepare_tokenizer, write_tokenizer_files  # noqa: PLC0415
-
-    output = Path(output)
-    metadata = checkpoint.read_metadata(load_dir, iteration)
-    saved = config_from_dict(metadata["config"])
-    model = saved.model
-    check_llama_architecture(model)
-    prepare_output(output, overwrite)
-    real_vocab_size = int(metadata.get("vocab", {}).get("real", -1))
-    to_export = prepare_tokenizer(saved.data, tokenizer, real_vocab_size)
-    _safetensors_writer()  # a missing package fails now, not after minutes of loading
-
-    full = checkpoint.load_full_checkpoint(load_dir, metadata=metadata)
-    state_dict = to_hf_state_dict(full.params, model, full.real_vocab_size)
-    del full.params
-    dtype = state_dict["lm_head.weight"].dtype
-
-    # `output` is never seen half-written: a crash leaves the old directory or the new one.
-    with atomic_directory(output) as tmp:
-        write_tokenizer_files(tmp, to_export, model.max_position_embeddings)
-        write_json_atomic(tmp / "config.json", hf_config(model, full.real_vocab_size, dtype, to_export.eos_token_id),
-                          indent=2, sort_keys=True)
-        save_safetensors(state_dict, tmp / "model.safetensors")
-    groups = _query_groups(model)
-    log(f"exported {load_dir} iteration {full.iteration} ({model.num_layers} layers, hidden {model.hidden_size}, "
-        f"{model.num_attention_heads} heads / {groups} KV heads, vocabulary {full.real_vocab_size} of "
-        f"{full.padded_vocab_size} padded rows, {dtype}) to {output}")
-    log(f"  {to_export.note}")
-    return output

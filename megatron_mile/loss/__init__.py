@@ -22,6 +22,7 @@ from megatron_mile.loss.spec import (
     register_weighting,
 )
 from megatron_mile.loss.vocab_parallel import (
+    CHUNK_ELEMENTS,
     vocab_parallel_cross_entropy,
     vocab_parallel_focal,
     vocab_parallel_mile,
@@ -29,6 +30,7 @@ from megatron_mile.loss.vocab_parallel import (
 )
 
 __all__ = [
+    "CHUNK_ELEMENTS",
     "CROSS_ENTROPY",
     "DEFAULT_IGNORE_INDEX",
     "LOSS_TYPES",

@@ -1,6 +1,6 @@
 """From per-token (ce, weight) to the training loss, exactly and independently of how a batch is split.
 
-mile-loss-facts.md fixes the loss of one optimizer step as
+docs/mile-loss.md fixes the loss of one optimizer step as
 
     L = sum_t(w_t * ce_t) / sum_t(w_t)      over every loss-masked token of the GLOBAL batch
 

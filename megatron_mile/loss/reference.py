@@ -56,7 +56,7 @@ def reference_weighted_cross_entropy(
 def reference_global_loss(
     ce: torch.Tensor, weight: torch.Tensor, loss_mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """L = sum(w * ce) / sum(w) over the loss-masked tokens of one global batch (mile-loss-facts.md)."""
+    """L = sum(w * ce) / sum(w) over the loss-masked tokens of one global batch (docs/mile-loss.md)."""
     mask = torch.ones_like(ce) if loss_mask is None else loss_mask.float()
     return (mask * weight * ce).sum() / (mask * weight).sum()
 

@@ -29,7 +29,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 from megatron.core.utils import unwrap_model
 
-from megatron_mile import device, kernels
+from megatron_mile import device, kernels, parallel
 from megatron_mile.config import RunConfig
 from megatron_mile.loss import LossSpec, vocab_parallel_weighted_cross_entropy
 from megatron_mile.model.fused_output_layer import fused_language_model_loss
@@ -153,7 +153,9 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=_virtual_pipeline_size(config),
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(
+            m.num_layers, p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
+        ),
         sequence_parallel=p.sequence_parallel,
         bf16=o.bf16,
         params_dtype=dtype,
@@ -174,13 +176,6 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         # un-normalised sums and the gradients are divided once by the global weight total.
         calculate_per_token_loss=True,
     )
-
-
-def _virtual_pipeline_size(config: RunConfig) -> Optional[int]:
-    per_stage = config.parallel.num_layers_per_virtual_pipeline_stage
-    if per_stage is None:
-        return None
-    return config.model.num_layers // (config.parallel.pipeline_model_parallel_size * per_stage)
 
 
 def build_model_chunk(
@@ -226,7 +221,7 @@ def transformer_layer_spec(config: RunConfig):
 def build_model(config: RunConfig, real_vocab_size: int) -> list:
     """The model chunks this rank holds (one, or several with a virtual pipeline), on the compute device."""
     tf_config = transformer_config(config)
-    vp_size = _virtual_pipeline_size(config)
+    vp_size = tf_config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp_size or 1):
         stage = vp_stage if vp_size else None

@@ -30,6 +30,11 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Dict
 
+import torch
+
+from megatron_mile import parallel
+from megatron_mile.arguments import parse_args
+
 # Fixed (not dynamic) mmap threshold: see the module docstring.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "MALLOC_TRIM_THRESHOLD_": str(64 * 1024)}
 
@@ -87,20 +92,14 @@ def run_flags(spec: MeasureSpec) -> list:
 
 def measure(spec: MeasureSpec) -> Dict[str, int]:
     """Bytes held / peaked by one forward + backward (see the module docstring). Run in a fresh process."""
-    import torch
+    # megatron-core and the model are imported in the measuring process only: the caller of
+    # measure_in_subprocess needs neither.
+    from megatron.core import tensor_parallel
 
-    torch.manual_seed(0)
-    from megatron.core import parallel_state
-
-    from megatron_mile import device
-    from megatron_mile.arguments import parse_args
     from megatron_mile.model import build_model
 
-    device.initialize_distributed(backend="gloo")
-    parallel_state.initialize_model_parallel(1, 1)
-    try:
-        from megatron.core import tensor_parallel
-
+    torch.manual_seed(0)
+    with parallel.single_process_parallel_state():
         tensor_parallel.model_parallel_cuda_manual_seed(0)
         config = parse_args(run_flags(spec), world_size=1)
         model = build_model(config, spec.vocab_size)[0]
@@ -140,8 +139,6 @@ def measure(spec: MeasureSpec) -> Dict[str, int]:
             "backward_peak": backward_hwm - base,
             "base": base,
         }
-    finally:
-        parallel_state.destroy_model_parallel()
 
 
 def measure_in_subprocess(spec: MeasureSpec, timeout_s: float = 300.0) -> Dict[str, int]:
@@ -160,8 +157,6 @@ def measure_in_subprocess(spec: MeasureSpec, timeout_s: float = 300.0) -> Dict[s
 
 
 if __name__ == "__main__":
-    import torch
-
     torch.set_num_threads(2)
     result = measure(MeasureSpec(**json.loads(sys.argv[1])))
     print(json.dumps(result))

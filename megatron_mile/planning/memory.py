@@ -20,19 +20,22 @@ Everything is counted from the model shape and the parallel layout:
   Pipeline parallelism: with 1F1B the first stage holds min(PP, micro-batches) micro-batches in flight,
   the interleaved schedule (1 + (PP - 1) / (PP * v)) times that (Korthikanti et al., section 4.2.3).
 - logits and loss: the last stage keeps [s, b, V/tp] logits in the compute dtype; the loss
-  (megatron_mile.loss.vocab_parallel) keeps only per-token vectors and 4 MiB fp32 chunk buffers in
-  forward (two; one for fp32 logits, whose exp it keeps in place); backward writes the logits' gradient
-  into a new tensor of the logits' dtype, or into the logits themselves when they are fp32 (the model's
-  loss hook opts in).
+  (megatron_mile.loss.vocab_parallel) keeps only per-token vectors and fp32 chunk buffers of CHUNK_ELEMENTS
+  floats (4 MiB) in forward (two; one for fp32 logits, whose exp it keeps in place); backward writes the
+  logits' gradient into a new tensor of the logits' dtype, or into the logits themselves when they are
+  fp32 (the model's loss hook opts in).
 - FLOPs: 6 * (matmul parameters) * tokens + 12 * layers * hidden * seq * tokens (attention scores and
   values, counted over the full s x s square as Megatron-LM does), and the time per step at a given MFU.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
+
+from megatron_mile.loss import CHUNK_ELEMENTS
+from megatron_mile.parallel import virtual_pipeline_size
+from megatron_mile.vocab import padded_vocab_size
 
 # Peak dense bf16 tensor throughput, TFLOP/s per GPU (vendor data sheets, without sparsity).
 GPU_PEAK_TFLOPS: Dict[str, float] = {"H100": 989.0, "A100": 312.0, "H200": 989.0}
@@ -42,8 +45,6 @@ GPU_MEMORY_GB: Dict[str, float] = {"H100": 80.0, "A100": 80.0, "H200": 141.0}
 # fragmentation. A few GB in practice; we reserve this much when saying whether a plan fits.
 GPU_RESERVED_BYTES = 4 * 10**9
 
-# Bytes of one of the loss's fp32 chunk buffers (vocab_parallel.CHUNK_ELEMENTS floats).
-LOSS_CHUNK_BYTES = (1 << 20) * 4
 # Per token, the loss keeps: log-sum-exp and max (fp32), owned-target index (int64), flags (bool), the
 # packed [ce, weight, entropy] output and statistics (fp32): a generous round figure, O(tokens) only.
 LOSS_BYTES_PER_TOKEN = 64
@@ -119,9 +120,8 @@ class Layout:
 
 
 def padded_vocab(shape: ModelShape, tp: int) -> int:
-    """Megatron's padded vocabulary (same rule as megatron_mile.vocab.padded_vocab_size)."""
-    multiple = shape.make_vocab_size_divisible_by * tp
-    return -(-shape.vocab_size // multiple) * multiple
+    """Megatron's padded vocabulary of this shape at TP size `tp` (megatron_mile.vocab.padded_vocab_size)."""
+    return padded_vocab_size(shape.vocab_size, tp, shape.make_vocab_size_divisible_by)
 
 
 def check(shape: ModelShape, layout: Layout) -> None:
@@ -288,7 +288,7 @@ def stage_activation_bytes(shape: ModelShape, layout: Layout, stage: int) -> flo
         if layout.layers_per_virtual_stage is not None and pp > 1:
             # Interleaved 1F1B with v model chunks per rank: its longer warm-up keeps
             # pp * (1 + (pp - 1) / (pp * v)) micro-batches' worth of the rank's layers.
-            v = layers // layout.layers_per_virtual_stage
+            v = virtual_pipeline_size(shape.num_layers, pp, layout.layers_per_virtual_stage)
             in_flight = pp * (1 + (pp - 1) / (pp * v))
     else:
         # Stage k of 1F1B holds pp - k micro-batches; the last stage one.
@@ -335,7 +335,7 @@ def logits_and_loss_bytes(shape: ModelShape, layout: Layout) -> Dict[str, float]
     # The loss forward's fp32 chunk buffers hold min(CHUNK_ELEMENTS // v, tokens) rows each and are freed
     # before backward allocates anything, so only what they exceed the backward's allocations by counts.
     # Two of them; one with fp32 logits, whose exp(z - m) the loss writes over the logits themselves.
-    chunk_rows = min(max(1, (LOSS_CHUNK_BYTES // 4) // vocab_shard), tokens)
+    chunk_rows = min(max(1, CHUNK_ELEMENTS // vocab_shard), tokens)
     chunk_buffers = (1.0 if e == 4 else 2.0) * chunk_rows * vocab_shard * 4
     return {
         "logits": float(logits),

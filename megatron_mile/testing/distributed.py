@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed import distributed_c10d
+
+from megatron_mile import parallel
 
 # Seconds a single call may take before the pool is declared hung and killed.
 DEFAULT_CALL_TIMEOUT_S = 300.0
@@ -28,13 +32,6 @@ STRAGGLER_TIMEOUT_S = 60.0
 # gloo's collective timeout in pool workers: a peer that died or raised must not block a test for the
 # default 10-30 minutes.
 WORKER_COLLECTIVE_TIMEOUT_MINUTES = 2.0
-
-
-def find_free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -58,8 +55,6 @@ def _record_new_groups() -> list:
     state anew; without this it accumulated thousands of threads and the machine's load average ran into
     the thousands.
     """
-    import torch.distributed as dist
-
     created: list = []
     create = dist.new_group
 
@@ -74,10 +69,6 @@ def _record_new_groups() -> list:
 
 def _destroy_groups(groups: list) -> None:
     """Destroy the recorded groups this rank belongs to (purely local for subgroups), then forget them."""
-    import torch.distributed as dist
-
-    from torch.distributed import distributed_c10d
-
     for group in groups:
         # Skip non-members and groups something else (megatron, a test body) destroyed already.
         if group is not None and group in distributed_c10d._world.pg_map:
@@ -87,8 +78,6 @@ def _destroy_groups(groups: list) -> None:
 
 def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads: int) -> None:
     """Body of one pool process: set up gloo once, then run tasks until told to stop."""
-    import torch
-
     # Each worker gets its share of the cores; oversubscription makes gloo tests crawl.
     torch.set_num_threads(threads)
     os.environ.update(
@@ -98,11 +87,7 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads:
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
-    from megatron_mile import device
-
-    device.initialize_distributed(backend="gloo", timeout_minutes=WORKER_COLLECTIVE_TIMEOUT_MINUTES)
-    from megatron.core import parallel_state
-
+    parallel.initialize_process_group(backend="gloo", timeout_minutes=WORKER_COLLECTIVE_TIMEOUT_MINUTES)
     created_groups = _record_new_groups()
     try:
         while True:
@@ -111,7 +96,7 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads:
                 break
             fn, args, kwargs, layout = task
             try:
-                parallel_state.initialize_model_parallel(
+                parallel.initialize_model_parallel(
                     tensor_model_parallel_size=layout.tensor_model_parallel_size,
                     pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
                     virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
@@ -121,13 +106,10 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads:
             except BaseException:  # noqa: BLE001 - the traceback is the report
                 results.put((rank, False, traceback.format_exc()))
             finally:
-                parallel_state.destroy_model_parallel()
+                parallel.destroy_model_parallel()
                 _destroy_groups(created_groups)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        parallel.shutdown()
 
 
 class DistributedPool:
@@ -145,7 +127,7 @@ class DistributedPool:
         self.world_size = world_size
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
         ctx = mp.get_context("spawn")
-        port = find_free_port()
+        port = parallel.find_free_port()
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._procs = [

@@ -10,13 +10,13 @@ import os
 import sys
 from typing import List, Optional
 
-from megatron_mile import device
+from megatron_mile import device, parallel
+from megatron_mile.arguments import parse_args
 from megatron_mile.config import ConfigError
+from megatron_mile.training.loop import TrainingStopped, pretrain
 
 
 def main(argv: Optional[List[str]] = None, model_provider=None, dataset_provider=None) -> int:
-    from megatron_mile.arguments import parse_args
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         config = parse_args(argv, world_size=world_size, gpu_available=device.gpu_available())
@@ -25,23 +25,11 @@ def main(argv: Optional[List[str]] = None, model_provider=None, dataset_provider
             print(f"pretrain_gpt_mile.py: error: {error}", file=sys.stderr)
         return 2
 
-    from megatron_mile.training.loop import TrainingStopped, pretrain
-
     try:
         pretrain(config, model_provider=model_provider, dataset_provider=dataset_provider)
     except (TrainingStopped, FileNotFoundError, ValueError) as error:
         print(f"pretrain_gpt_mile.py: error (rank {os.environ.get('RANK', '0')}): {error}", file=sys.stderr)
         return 1
     finally:
-        shutdown_distributed()
+        parallel.shutdown()
     return 0
-
-
-def shutdown_distributed() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()

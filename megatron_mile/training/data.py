@@ -20,14 +20,13 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_mile.config import RunConfig
+from megatron_mile.data.tokenizers import build_tokenizer
 
 T = TypeVar("T")
 
 
 def build_run_tokenizer(config: RunConfig):
     """The tokenizer named by the run's tokenizer flags (megatron_mile.data.tokenizers)."""
-    from megatron_mile.data.tokenizers import build_tokenizer
-
     d = config.data
     tokenizer = build_tokenizer(
         d.tokenizer_type,
@@ -164,14 +163,3 @@ def micro_batch_iterator(dataset, config: RunConfig, consumed_samples: int, cycl
         if not cycle or not produced:
             return
         consumed_samples = 0
-
-
-def first_or_last_stage_needs_data() -> bool:
-    """Only the first pipeline stage (tokens) and the last (labels, loss mask) read batches."""
-    return parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
-
-
-def to_device(batch: Optional[dict], device) -> Optional[dict]:
-    if batch is None:
-        return None
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,5 +1,5 @@
-"""Process setup for a run: the process group (through megatron_mile.device), megatron's parallel state and
-random seeds, in that order, before any model is built."""
+"""Process setup for a run: the process group and megatron's parallel state (through megatron_mile.parallel)
+and random seeds, in that order, before any model is built."""
 
 from __future__ import annotations
 
@@ -10,30 +10,25 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_mile import device
+from megatron_mile import parallel
 from megatron_mile.config import RunConfig
 
 
 def initialize_parallel(config: RunConfig) -> None:
-    """Create the process group and megatron's TP/PP/DP groups for `config` (idempotent for the group).
+    """Create the process group and megatron's TP/PP/DP groups for `config` (idempotent for the group;
+    a parallel state set up before is replaced).
 
     Collectives: those of torch.distributed.init_process_group and initialize_model_parallel (group
     creation on all ranks).
     """
-    device.initialize_distributed(backend=config.parallel.distributed_backend)
     p = config.parallel
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    vp_per_stage = p.num_layers_per_virtual_pipeline_stage
-    vp_size = (
-        None
-        if vp_per_stage is None
-        else config.model.num_layers // (p.pipeline_model_parallel_size * vp_per_stage)
-    )
-    parallel_state.initialize_model_parallel(
+    parallel.initialize_process_group(backend=p.distributed_backend)
+    parallel.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=vp_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(
+            config.model.num_layers, p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
+        ),
     )
 
 

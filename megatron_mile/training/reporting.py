@@ -107,10 +107,6 @@ class TensorBoardWriter:
             if value is not None:
                 self.writer.add_scalar(name, value, iteration)
 
-    def histogram(self, iteration: int, name: str, values) -> None:
-        if self.writer is not None and values is not None and len(values):
-            self.writer.add_histogram(name, values, iteration)
-
     def histogram_raw(self, iteration: int, name: str, histogram) -> None:
         """A histogram already binned (megatron_mile.training.token_histograms.Histogram); empty ones are skipped."""
         if self.writer is None or not histogram.num:

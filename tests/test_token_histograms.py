@@ -1,6 +1,7 @@
-"""Entropy and weight histograms over training: binning against numpy.histogram, the interval flag, and the
-TensorBoard events of a DP=2 run checked against the step's own logged scalars (token count, mean entropy,
-weight min / mean / max come from another code path: megatron_mile.loss.reduction)."""
+"""Token entropy and weight histograms over training (megatron_mile.training.token_histograms): binning
+against numpy.histogram, the interval flag, and the TensorBoard events of a DP=2 run checked against the
+step's own logged scalars (token count, mean entropy, weight min / mean / max come from another code path:
+megatron_mile.loss.reduction)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,11 @@ import torch
 from megatron_mile.arguments import parse_args
 from megatron_mile.config import ConfigError
 from megatron_mile.training.token_histograms import NUM_BINS, histogram_interval, reduce_histograms
+from tiny_model import mock_data_flags, model_flags
 
-TINY = (
-    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --normalization RMSNorm "
-    "--swiglu --disable-bias-linear --position-embedding-type rope --untie-embeddings-and-output-weights "
-    "--hidden-dropout 0 --attention-dropout 0 --init-method-std 0.25 --lr 1e-3 --mock-data "
-    "--tokenizer-type NullTokenizer --vocab-size 300 --eval-iters 0 --micro-batch-size 2 "
-    "--global-batch-size 8 --seed 7 --no-progress --loss-type mile"
+TINY = model_flags(num_layers=2, hidden_size=32) + mock_data_flags(300) + (
+    "--init-method-std 0.25 --lr 1e-3 --eval-iters 0 --micro-batch-size 2 --global-batch-size 8 --seed 7 "
+    "--no-progress --loss-type mile"
 ).split()
 
 
