@@ -7,6 +7,7 @@ Runs pretrain() in spawned gloo processes (tests/conftest.py: dist_pool) on mega
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -225,6 +226,19 @@ def test_entry_script_exits_2_with_one_message_on_bad_flags():
     assert proc.returncode == 2
     assert "--focal-gamma needs --loss-type focal" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_every_rank_that_stops_on_bad_flags_prints_its_reason(rank):
+    # torchrun may kill rank 0 as soon as another rank exits: each rank must leave the reason itself.
+    env = {k: v for k, v in os.environ.items()}
+    env.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_gpt_mile.py"), *TINY_LLAMA, "--focal-gamma", "3"],
+        capture_output=True, text=True, cwd=REPO, timeout=120, env=env,
+    )
+    assert proc.returncode == 2
+    assert f"error (rank {rank}):" in proc.stderr and "--focal-gamma needs --loss-type focal" in proc.stderr
 
 
 def test_entry_script_rejects_unknown_flags():
