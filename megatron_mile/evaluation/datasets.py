@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_mile.config import RunConfig
-from megatron_mile.data import splits
+from megatron_mile.data import index_cache, splits
 from megatron_mile.data.pile import domain_of_prefix
 from megatron_mile.evaluation.token_buckets import SequenceRange, num_sequences, split_sequence_range
 from megatron_mile.training import data as run_data
@@ -108,6 +108,7 @@ def build_validation_datasets(config: RunConfig, tokenizer, domains: List[EvalDo
         dataset_config = run_data.gpt_dataset_config(config, tokenizer, ([seq_range.prefix], None), split=domain.split)
 
         def build(seq_range=seq_range, dataset_config=dataset_config):
+            index_cache.check_index_caches([seq_range.prefix], config.data.data_cache_path)
             low_level = GPTDataset.build_low_level_dataset(seq_range.prefix, dataset_config)
             indices = np.arange(seq_range.begin, seq_range.end, dtype=np.int32)
             # num_samples=None: exactly one epoch over the range, every token once.

@@ -19,7 +19,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_mile.config import RunConfig
-from megatron_mile.data import splits
+from megatron_mile.data import index_cache, splits
 from megatron_mile.data.indexed_reader import check_indexed_dataset
 from megatron_mile.training.initialize import print_rank_0
 
@@ -94,10 +94,11 @@ def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
     Before megatron builds anything, every rank alike checks (so that a refusal never leaves another rank
     waiting in a barrier): each dataset's .bin/.idx (check_dataset_files), that no split the run samples
     from is empty (data.splits: train always, validation when num_eval_samples > 0; the test split is
-    never built).
+    never built), and, just before megatron opens them, that the index caches are plain arrays
+    (data.index_cache).
 
     Raises:
-        FileNotFoundError, IndexedDatasetError, DataSplitError: naming the file or flag.
+        FileNotFoundError, IndexedDatasetError, DataSplitError, IndexCacheError: naming the file or flag.
 
     Collectives: barriers on the world group.
     """
@@ -121,6 +122,7 @@ def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
                      "by later runs with the same data, split, seed and sequence length) ...")
 
     def build():
+        index_cache.check_index_caches(prefixes, d.data_cache_path)
         return BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, dataset_config).build()
 
     train, valid, _ = build_on_rank0_first(build)
