@@ -15,7 +15,7 @@ from megatron_mile.evaluation import datasets as eval_data
 from megatron_mile.training import data as run_data
 
 
-class _CreatesFile:
+class CreatesFileWhenUnpickled:
     """Unpickling this calls open(path, "w"): the file appearing proves the pickle was loaded."""
 
     def __init__(self, path):
@@ -28,7 +28,7 @@ class _CreatesFile:
 def _poison(cache_files, marker):
     for path in cache_files:
         with open(path, "wb") as f:
-            pickle.dump(_CreatesFile(marker), f)
+            pickle.dump(CreatesFileWhenUnpickled(marker), f)
 
 
 def _cache_files(directory):
@@ -77,7 +77,7 @@ def test_npy_files_are_judged_by_their_header_alone(tmp_path):
     np.save(plain, np.arange(10, dtype=np.int32))
     check_plain_npy(str(plain))
     objects = tmp_path / "objects.npy"
-    np.save(objects, np.array([_CreatesFile(tmp_path / "marker"), 1], dtype=object), allow_pickle=True)
+    np.save(objects, np.array([CreatesFileWhenUnpickled(tmp_path / "marker"), 1], dtype=object), allow_pickle=True)
     with pytest.raises(IndexCacheError, match="objects.npy holds Python objects"):
         check_plain_npy(str(objects))
     assert not (tmp_path / "marker").exists()
