@@ -116,7 +116,7 @@ def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
     sizes = [t.train_iters * t.global_batch_size, num_eval_samples, 0]
     dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
     if prefixes:
-        cache = d.data_cache_path or "{prefix}/cache beside each dataset"
+        cache = d.data_cache_path or "<prefix>/cache/ beside each dataset"
         print_rank_0(f" building the {' and '.join(splits.SPLIT_NAMES[i] for i in needed)} sample indices of "
                      f"{len(prefixes)} dataset(s) ({sizes[0]:,} training samples; cached in {cache}, reused "
                      "by later runs with the same data, split, seed and sequence length) ...")
