@@ -100,7 +100,8 @@ def test_a_small_dataset_trains_with_the_default_split(tmp_path, capsys):
     prefix = write_dataset(str(tmp_path / "small_text_document"), 300)
     train, valid = build_run_datasets(_config(tmp_path, [prefix], "--eval-iters", "1"))
     assert len(train) >= 6 and len(valid) >= 2
-    assert "building the training and validation sample indices of 1 dataset(s)" in capsys.readouterr().out
+    assert "checking 1 dataset(s), then building their training and validation sample indices" in \
+        capsys.readouterr().out
 
 
 def test_an_empty_validation_split_is_refused_before_anything_is_built(tmp_path):

@@ -78,7 +78,7 @@ class PreprocessConfig:
     workers: int = 1
     """Encoding processes; 1 encodes in this process."""
     log_interval: int = 1000
-    """Print progress every this many documents."""
+    """Print progress every this many documents, at most every preprocess_report.PROGRESS_MIN_SECONDS."""
     pile_domains: Optional[Sequence[str]] = None
     """Keep only documents whose meta.pile_set_name is one of these."""
     split_by_domain: bool = False

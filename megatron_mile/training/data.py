@@ -104,22 +104,22 @@ def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
     """
     d, t = config.data, config.training
     needed = [splits.TRAIN, splits.VALID] if num_eval_samples > 0 else [splits.TRAIN]
+    sizes = [t.train_iters * t.global_batch_size, num_eval_samples, 0]
     prefixes: List[str] = []
     blend = None
     if d.data_path:
         prefixes, weights = splits.parse_blend(d.data_path)
+        cache = d.data_cache_path or "<prefix>/cache/ beside each dataset"
+        print_rank_0(f" checking {len(prefixes)} dataset(s), then building their "
+                     f"{' and '.join(splits.SPLIT_NAMES[i] for i in needed)} sample indices ({sizes[0]:,} training "
+                     f"samples; cached in {cache}, reused by later runs with the same data, split, seed and "
+                     "sequence length) ...")
         sequences = check_dataset_files(prefixes)
         splits.check_splits_not_empty(d.split, dict(zip(prefixes, sequences)), needed)
         blend = (prefixes, weights)
     dataset_config = gpt_dataset_config(config, tokenizer, blend)
     dataset_config.split_matrix = splits.only_splits(dataset_config.split_matrix, needed)
-    sizes = [t.train_iters * t.global_batch_size, num_eval_samples, 0]
     dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
-    if prefixes:
-        cache = d.data_cache_path or "<prefix>/cache/ beside each dataset"
-        print_rank_0(f" building the {' and '.join(splits.SPLIT_NAMES[i] for i in needed)} sample indices of "
-                     f"{len(prefixes)} dataset(s) ({sizes[0]:,} training samples; cached in {cache}, reused "
-                     "by later runs with the same data, split, seed and sequence length) ...")
 
     def build():
         index_cache.check_index_caches(prefixes, d.data_cache_path)
