@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 from megatron_mile import kernels
+from megatron_mile.data.splits import data_flag_problems
 from megatron_mile.loss.spec import LOSS_TYPES
 
 
@@ -422,6 +423,7 @@ class RunConfig:
             bool(d.mock_data) != bool(d.data_path),
             "give exactly one of --data-path (prepared .bin/.idx prefixes) or --mock-data",
         )
+        problems.extend(data_flag_problems(d.data_path, d.split, t.eval_iters))
         need(d.tokenizer_type is not None, "--tokenizer-type is required (NullTokenizer with --vocab-size for --mock-data)")
         if d.tokenizer_type == "NullTokenizer":
             need(d.vocab_size is not None and d.vocab_size >= 2, "NullTokenizer needs --vocab-size >= 2")

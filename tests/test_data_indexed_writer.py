@@ -7,7 +7,8 @@ import pytest
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 from megatron_mile.data.cli import merge_main
-from megatron_mile.data.indexed_writer import IndexedDatasetWriter, dtype_for_vocab, read_index
+from megatron_mile.data.indexed_reader import read_index
+from megatron_mile.data.indexed_writer import IndexedDatasetWriter, dtype_for_vocab
 
 
 def _random_documents(rng, n_docs, vocab, sentences=False):

@@ -288,3 +288,34 @@ def test_the_tool_exits_non_zero_with_a_message_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "eval_token_buckets.py")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "--load <checkpoint directory> is required" in proc.stderr
+
+
+def test_damaged_data_and_pickled_index_caches_stop_the_evaluation(dist_pool, corpus, checkpoint, tmp_path):
+    """Datasets and caches handed to the tool are data: a pickled cache is refused unopened, a truncated .bin
+    is named, each in one line with exit code 1."""
+    import pickle
+
+    from test_data_index_cache import CreatesFileWhenUnpickled
+
+    held = str(tmp_path / "held_Github_text_document")
+    for ext in (".bin", ".idx"):
+        shutil.copy(corpus["held_out"] + ext, held + ext)
+    cache = tmp_path / "cache"
+    argv = ["--load", checkpoint, "--valid-data-path", held, "--data-cache-path", str(cache)]
+    code, _, err = dist_pool(1).run(run_main, argv)[0]
+    assert code == 0, err
+    marker = tmp_path / "code_ran"
+    poisoned = sorted(cache.glob("*.npy"))
+    assert poisoned
+    for path in poisoned:
+        path.write_bytes(pickle.dumps(CreatesFileWhenUnpickled(marker)))
+    code, _, err = dist_pool(1).run(run_main, argv)[0]
+    assert code == 1 and not marker.exists()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(r"dataset index cache .*\.npy is not a \.npy array file", err), err
+
+    with open(held + ".bin", "r+b") as f:
+        f.truncate(10)
+    code, _, err = dist_pool(1).run(run_main, argv)[0]
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{held}.bin: truncated" in err

@@ -54,7 +54,8 @@ def preprocess_parser() -> argparse.ArgumentParser:
     group.add_argument("--output-prefix", type=str, required=True, help="Path of the outputs without suffix.")
     group = parser.add_argument_group(title="runtime")
     group.add_argument("--workers", type=int, default=1, help="Encoding processes (default 1).")
-    group.add_argument("--log-interval", type=int, default=1000, help="Documents between progress lines.")
+    group.add_argument("--log-interval", type=int, default=1000,
+                       help="Documents between progress lines (which also come at most every 5 s).")
     group.add_argument("--strict", action="store_true",
                        help="Fail (non-zero exit, no output) on the first bad input line instead of skipping it.")
     return parser

@@ -1,13 +1,11 @@
-"""Write (and read the index of) Megatron's indexed dataset with numpy alone, atomically.
+"""Write Megatron's indexed dataset with numpy alone, atomically (indexed_reader.py reads and validates it).
 
 megatron.core.datasets.indexed_dataset imports torch, which costs seconds per process; the preprocessing
 tool writes the same bytes with numpy instead, and tests/test_data_indexed_writer.py checks byte-identity
 against megatron-core's IndexedDatasetBuilder.
 
-On-disk format (``{prefix}.bin`` holds the tokens back to back; ``{prefix}.idx``):
-
-    magic b"MMIDIDX\\x00\\x00" | version <Q = 1 | dtype code <B | sequence count <Q | document-index length <Q
-    | int32 sequence lengths | int64 byte offset of each sequence | int64 document index (starts at 0)
+On-disk format: ``{prefix}.bin`` holds the tokens back to back; ``{prefix}.idx`` is laid out as
+indexed_reader.py describes.
 
 Atomicity (megatron_mile.atomic_io): both files are written under temporary names beside the target and
 each is renamed after it is flushed to disk, ``.bin`` first and ``.idx`` last, after removing any old
@@ -24,13 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_mile.atomic_io import AtomicFile
-
-INDEX_MAGIC = b"MMIDIDX\x00\x00"
-INDEX_VERSION = 1
-# Megatron's DType codes.
-DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
-               np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
-CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+from megatron_mile.data.indexed_reader import DTYPE_CODES, INDEX_MAGIC, INDEX_VERSION, check_indexed_dataset
 
 
 def dtype_for_vocab(vocab_size: Optional[int]) -> np.dtype:
@@ -95,8 +87,13 @@ class IndexedDatasetWriter:
                        np.asarray([len(lengths)]))
 
     def append_dataset(self, prefix: str) -> None:
-        """Append every document of the existing dataset ``prefix`` (same dtype required)."""
-        dtype, lengths, _, doc_index = read_index(prefix)
+        """Append every document of the existing dataset ``prefix`` (same dtype required).
+
+        Raises:
+            IndexedDatasetError: ``prefix`` is not a valid dataset (indexed_reader.check_indexed_dataset).
+            ValueError: its dtype differs from the output's.
+        """
+        dtype, lengths, _, doc_index = check_indexed_dataset(prefix)
         if dtype != self.dtype:
             raise ValueError(f"{prefix}: dtype {dtype} differs from the output's {self.dtype}; "
                              "datasets tokenized with different vocabulary sizes cannot be merged")
@@ -144,30 +141,6 @@ class IndexedDatasetWriter:
             if pending is not None:
                 pending.discard()
         self._done = True
-
-
-def read_index(prefix: str) -> Tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
-    """Read ``{prefix}.idx``: (token dtype, sequence lengths, byte offsets, document index).
-
-    Raises:
-        ValueError: the file is not a Megatron index (wrong magic or version), or is truncated.
-    """
-    path = prefix + ".idx"
-    with open(path, "rb") as f:
-        header = f.read(len(INDEX_MAGIC) + 8 + 1 + 8 + 8)
-        if len(header) < 34 or header[:9] != INDEX_MAGIC:
-            raise ValueError(f"{path!r} is not a Megatron indexed-dataset index (bad magic)")
-        (version,) = struct.unpack("<Q", header[9:17])
-        if version != INDEX_VERSION:
-            raise ValueError(f"{path!r}: index version {version}, expected {INDEX_VERSION}")
-        dtype = CODE_DTYPES[header[17]]
-        n_seq, n_doc = struct.unpack("<QQ", header[18:34])
-        lengths = np.fromfile(f, dtype="<i4", count=n_seq)
-        pointers = np.fromfile(f, dtype="<i8", count=n_seq)
-        doc_index = np.fromfile(f, dtype="<i8", count=n_doc)
-    if lengths.size != n_seq or pointers.size != n_seq or doc_index.size != n_doc:
-        raise ValueError(f"{path!r} is truncated")
-    return dtype, lengths, pointers, doc_index
 
 
 def dataset_exists(prefix: str) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence
 
-from megatron_mile.data.indexed_writer import IndexedDatasetWriter, read_index
+from megatron_mile.data.indexed_reader import IndexedDatasetError, check_indexed_dataset
+from megatron_mile.data.indexed_writer import IndexedDatasetWriter
 
 
 class MergeError(ValueError):
@@ -50,13 +51,24 @@ def find_prefixes(directory: str, names: Optional[Sequence[str]] = None) -> List
 
 
 def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedDatasetWriter:
-    """Write the concatenation of ``prefixes`` to ``output_prefix``; returns the finalized writer."""
+    """Write the concatenation of ``prefixes`` to ``output_prefix``; returns the finalized writer.
+
+    Every input is validated (indexed_reader.check_indexed_dataset) before anything is written.
+
+    Raises:
+        MergeError: no input, the output is an input, an input is damaged, or the dtypes differ.
+    """
     if not prefixes:
         raise MergeError("nothing to merge")
     out_abs = os.path.abspath(output_prefix)
     if any(os.path.abspath(p) == out_abs for p in prefixes):
         raise MergeError(f"--output-prefix {output_prefix!r} is one of the inputs; choose another name")
-    dtype = read_index(prefixes[0])[0]
+    try:
+        # One at a time: each validated index holds a memory map (and a file descriptor) while referenced.
+        dtypes = [check_indexed_dataset(prefix).dtype for prefix in prefixes]
+    except IndexedDatasetError as err:
+        raise MergeError(str(err)) from err
+    dtype = dtypes[0]
     with IndexedDatasetWriter(output_prefix, dtype) as writer:
         for prefix in prefixes:
             try:

@@ -14,8 +14,11 @@ Where it differs, on purpose:
   skipped (it gets no document-index entry), counted, and reported with its line number; ``strict`` makes
   any of them fatal. Empty texts are reported too but still get their (empty) document-index entry, as
   Megatron-LM writes them, so that clean corpora stay byte-identical.
+- Every token id is checked against the tokenizer's vocabulary (a tokenizer file can number a token past
+  its own size): such an id stops the run with the tokenizer file and the id named.
 - Pile helpers: keep only some ``meta.pile_set_name`` domains, or write one dataset per domain.
-- Outputs appear only complete (temporary names, renamed at the end).
+- Outputs appear only complete (temporary names, renamed at the end); Ctrl-C, SIGTERM or even SIGKILL of
+  the tool ends its workers too (worker_pool.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import os
 # that oversubscribes the CPU, and after fork() it prints a warning. Parallelism here is the worker pool.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import collections
 import itertools
 import multiprocessing
 import re
@@ -34,30 +36,21 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_mile.data.indexed_writer import IndexedDatasetWriter, dtype_for_vocab
-from megatron_mile.data.readers import iter_lines, iter_texts, parse_line, pile_set_name, resolve_inputs
+from megatron_mile.data.preprocess_report import (
+    BAD_INPUT_REASONS,
+    EXAMPLES_PER_REASON,
+    ProgressLog,
+    summary_lines,
+)
+from megatron_mile.data.readers import InputProgress, iter_lines, iter_texts, parse_line, pile_set_name, resolve_inputs
 from megatron_mile.data.tokenizers import build_tokenizer
-
-# Bad-input categories, as reported in the summary.
-BAD_INPUT_REASONS = {
-    "invalid_utf8": "line is not valid UTF-8",
-    "malformed_json": "line is not valid JSON",
-    "not_an_object": "JSON value is not an object",
-    "missing_key": "a --json-keys key is missing or not a string (or list of strings)",
-    "missing_domain": "meta.pile_set_name is missing",
-    "untokenizable": "the tokenizer rejected the text",
-    "empty_text": "text is empty (kept as an empty document, as Megatron-LM does)",
-}
-# Reasons for which the document is still written (as an empty document).
-_KEPT_REASONS = {"empty_text"}
-_EXAMPLES_PER_REASON = 5
+from megatron_mile.data.worker_pool import WorkerDied, WorkerPool
 
 
 class PreprocessError(RuntimeError):
@@ -85,7 +78,7 @@ class PreprocessConfig:
     workers: int = 1
     """Encoding processes; 1 encodes in this process."""
     log_interval: int = 1000
-    """Print progress every this many documents."""
+    """Print progress every this many documents, at most every preprocess_report.PROGRESS_MIN_SECONDS."""
     pile_domains: Optional[Sequence[str]] = None
     """Keep only documents whose meta.pile_set_name is one of these."""
     split_by_domain: bool = False
@@ -149,17 +142,43 @@ def _init_worker(tokenizer_kwargs: dict, options: dict, punkt_params) -> None:
     _W.update(options)
     _W["tokenizer"] = build_tokenizer(**tokenizer_kwargs)
     _W["dtype"] = dtype_for_vocab(_W["tokenizer"].vocab_size)
+    _W["tokenizer_source"] = tokenizer_source(tokenizer_kwargs)
     if punkt_params is not None:
         from megatron_mile.data.sentences import make_splitter  # nltk: only when sentences are split
 
         _W["splitter"] = make_splitter(punkt_params, options["keep_newlines"])
     else:
         _W["splitter"] = None
-    if options.get("ignore_sigint"):
-        # The parent handles Ctrl-C and SIGTERM and stops the workers itself; a forked worker must neither
-        # react to Ctrl-C on its own nor inherit the parent's SIGTERM handler.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def tokenizer_source(tokenizer_kwargs: dict) -> str:
+    """The tokenizer file (or flags) a tokenizer was built from, for messages."""
+    path = tokenizer_kwargs.get("tokenizer_model") or tokenizer_kwargs.get("vocab_file")
+    if path:
+        return str(path)
+    return f"{tokenizer_kwargs.get('tokenizer_type')} (--vocab-size {tokenizer_kwargs.get('vocab_size')})"
+
+
+def _checked_ids(ids: np.ndarray) -> np.ndarray:
+    """int64 token ids -> the dataset dtype, refusing any id outside the tokenizer's vocabulary.
+
+    Why: a tokenizer file can map a token to an id at or past its own size (a gap in the vocabulary, an
+    added token numbered beyond it). Such an id would embed past the model's vocabulary, or not fit the
+    dtype chosen from the vocabulary size. One vectorised min/max per batch.
+    """
+    vocab_size = _W["tokenizer"].vocab_size
+    if ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        bad = int(ids[(ids >= vocab_size) | (ids < 0)][0])
+        dtype = _W["dtype"]
+        fits = bad <= np.iinfo(dtype).max and bad >= 0
+        raise PreprocessError(
+            f"the tokenizer {_W['tokenizer_source']} produced token id {bad}, outside its vocabulary of "
+            f"{vocab_size:,} entries (ids 0..{vocab_size - 1:,})"
+            + ("" if fits else f", which the dataset's {dtype.name} tokens cannot even store")
+            + (": the text holds ids past --vocab-size; raise --vocab-size or fix the input"
+               if _W["tokenizer_source"].startswith("NullTokenizer") else
+               ": the tokenizer file numbers a token past its own size; fix or re-train the tokenizer"))
+    return ids.astype(_W["dtype"])
 
 
 def _tokenize_all(texts: List[str]) -> Tuple[List[Optional[List[int]]], bool]:
@@ -260,14 +279,13 @@ def _encode_batch(work: Tuple[int, str, List[Tuple[int, bytes]]]):
             lengths.extend(doc_lengths)
             counts.append(len(doc_lengths))
 
-    dtype = _W["dtype"]
     groups = {}
     for group, per_key in acc.items():
         groups[group] = {}
         for key, (tokens, lengths, counts) in per_key.items():
-            # chain.from_iterable walks the nested lists in C; ids are < 2**31 and non-negative.
-            flat = np.fromiter(itertools.chain.from_iterable(tokens), dtype=dtype, count=sum(lengths))
-            groups[group][key] = (flat, np.asarray(lengths, np.int32), np.asarray(counts, np.int64))
+            # chain.from_iterable walks the nested lists in C; int64 holds any id, checked before narrowing.
+            flat = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int64, count=sum(lengths))
+            groups[group][key] = (_checked_ids(flat), np.asarray(lengths, np.int32), np.asarray(counts, np.int64))
     stats = {"bytes": n_bytes, "lines": n_lines, "filtered": filtered, "bad": bad}
     return batch_id, groups, stats
 
@@ -287,12 +305,13 @@ def splitter_split(splitter, text: str) -> List[str]:
 # Parent side.
 
 
-def _batches(files: List[str], batch_lines: int, batch_bytes: int) -> Iterator[Tuple[int, str, list]]:
+def _batches(files: List[str], batch_lines: int, batch_bytes: int,
+             progress: Optional[InputProgress] = None) -> Iterator[Tuple[int, str, list]]:
     batch_id = 0
     for path in files:
         lines: List[Tuple[int, bytes]] = []
         size = 0
-        for line_number, raw in iter_lines(path):
+        for line_number, raw in iter_lines(path, progress):
             lines.append((line_number, raw))
             size += len(raw)
             if len(lines) >= batch_lines or size >= batch_bytes:
@@ -302,45 +321,6 @@ def _batches(files: List[str], batch_lines: int, batch_bytes: int) -> Iterator[T
         if lines:
             yield batch_id, path, lines
             batch_id += 1
-
-
-def _ordered_results(pool: ProcessPoolExecutor, work: Iterator, workers: int) -> Iterator:
-    """Results of ``_encode_batch`` over ``work`` in input order, with at most ``2 * workers`` batches in
-    flight, so memory stays bounded however large the input is.
-
-    A concurrent.futures pool is used rather than multiprocessing.Pool because a worker that dies (killed
-    for memory, a crash in native code) breaks it with an error; multiprocessing.Pool would replace the
-    worker, lose its batch, and wait for it forever.
-    """
-    in_flight: collections.deque = collections.deque()
-    work = iter(work)
-    exhausted = False
-    while True:
-        while not exhausted and len(in_flight) < 2 * workers:
-            item = next(work, None)
-            if item is None:
-                exhausted = True
-            else:
-                in_flight.append(pool.submit(_encode_batch, item))
-        if not in_flight:
-            return
-        try:
-            yield in_flight.popleft().result()
-        except BrokenProcessPool:
-            raise PreprocessError("a worker process died (killed for memory, or crashed); rerun with fewer "
-                                  "--workers or check the system log") from None
-
-
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Cancel pending batches and end the workers now instead of letting them finish their batches."""
-    # The executor forgets its processes on shutdown: take them first (a private attribute, so guarded).
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=5)
 
 
 def _prepare_punkt(config: PreprocessConfig, files: List[str], result: PreprocessResult, log):
@@ -364,17 +344,16 @@ def _prepare_punkt(config: PreprocessConfig, files: List[str], result: Preproces
     return params
 
 
-def _format_rate(n: int, n_bytes: int, seconds: float) -> str:
-    seconds = max(seconds, 1e-9)
-    return f"{n / seconds:,.0f} docs/s, {n_bytes / seconds / 2**20:.2f} MB/s"
-
-
 def run_preprocess(config: PreprocessConfig, log=print, progress=None) -> PreprocessResult:
     """Run one preprocessing job; returns its statistics.
 
+    ``log`` gets the start-up and summary lines, ``progress`` the progress lines (default: stderr).
+
     Raises:
-        PreprocessError: no input documents, nothing left to write, or (strict) bad input.
+        PreprocessError: no input documents, nothing left to write, (strict) bad input, a token id outside
+            the tokenizer's vocabulary, or a worker process that died.
         InputError / TokenizerError: unreadable input or unusable tokenizer flags.
+        KeyboardInterrupt: Ctrl-C or SIGTERM; the workers are ended and no output is left behind.
     """
     if progress is None:
         progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -389,9 +368,10 @@ def run_preprocess(config: PreprocessConfig, log=print, progress=None) -> Prepro
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     if config.append_eod and tokenizer.eod is None:
         raise PreprocessError("--append-eod: the tokenizer has no end-of-document token")
-    log(f"Input: {len(files)} file(s); tokenizer {config.tokenizer.get('tokenizer_type')} "
-        f"(vocab {tokenizer.vocab_size:,}, EOD {tokenizer.eod}, tokens stored as {dtype.name}); "
-        f"{config.workers} worker(s)")
+    input_progress = InputProgress(files)
+    log(f"Input: {len(files)} file(s), {input_progress.total_bytes / 2**20:,.1f} MB on disk; tokenizer "
+        f"{config.tokenizer.get('tokenizer_type')} (vocab {tokenizer.vocab_size:,}, EOD {tokenizer.eod}, tokens "
+        f"stored as {dtype.name}); {config.workers} worker(s)")
     punkt_params = _prepare_punkt(config, files, result, log) if config.split_sentences else None
 
     options = {
@@ -400,7 +380,6 @@ def run_preprocess(config: PreprocessConfig, log=print, progress=None) -> Prepro
         "split_by_domain": config.split_by_domain,
         "append_eod": config.append_eod,
         "keep_newlines": config.keep_newlines,
-        "ignore_sigint": config.workers > 1,
     }
     writers: Dict[Tuple[Optional[str], str], IndexedDatasetWriter] = {}
     pool = None
@@ -417,29 +396,16 @@ def run_preprocess(config: PreprocessConfig, log=print, progress=None) -> Prepro
         except ValueError:  # not the main thread of the interpreter
             in_main_thread = False
     try:
-        work = _batches(files, config.batch_lines, config.batch_bytes)
+        work = _batches(files, config.batch_lines, config.batch_bytes, input_progress)
         if config.workers == 1:
             _init_worker(config.tokenizer, options, punkt_params)
             results = map(_encode_batch, work)
         else:
-            pool = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("fork"),
-                                       initializer=_init_worker,
-                                       initargs=(config.tokenizer, options, punkt_params))
-            results = _ordered_results(pool, work, config.workers)
-
-        next_log = config.log_interval
-        proc_start = time.time()
+            pool = WorkerPool(config.workers, _init_worker, (config.tokenizer, options, punkt_params))
+            results = pool.ordered_map(_encode_batch, work)
+        progress_log = ProgressLog(progress, config.log_interval, input_progress)
         for _, groups, stats in results:
-            result.bytes += stats["bytes"]
-            result.lines += stats["lines"]
-            result.filtered += stats["filtered"]
-            for reason, where in stats["bad"]:
-                result.bad[reason] += 1
-                if len(result.bad_examples[reason]) < _EXAMPLES_PER_REASON:
-                    result.bad_examples[reason].append(where)
-            if config.strict and stats["bad"]:
-                reason, where = stats["bad"][0]
-                raise PreprocessError(f"--strict: bad input at {where}: {BAD_INPUT_REASONS[reason]}")
+            _count_input(result, stats, config.strict)
             for group, per_key in groups.items():
                 for key, (tokens, lengths, counts) in per_key.items():
                     writer = writers.get((group, key))
@@ -450,11 +416,7 @@ def run_preprocess(config: PreprocessConfig, log=print, progress=None) -> Prepro
                 n_docs = int(next(iter(per_key.values()))[2].size)
                 result.documents += n_docs
                 result.domain_documents[group] += n_docs
-            if result.documents >= next_log:
-                progress(f"Processed {result.documents:,} documents "
-                         f"({_format_rate(result.documents, result.bytes, time.time() - proc_start)})")
-                while next_log <= result.documents:
-                    next_log += config.log_interval
+            progress_log.update(result.documents, result.bytes)
 
         if result.lines == 0:
             raise PreprocessError(f"--input {config.input!r} holds no documents (no non-blank lines)")
@@ -469,17 +431,19 @@ def run_preprocess(config: PreprocessConfig, log=print, progress=None) -> Prepro
             result.outputs[f"{group or ''}/{key}"] = writer.prefix
             result.tokens += writer.num_tokens
             result.sequences += writer.num_sequences
-    except BaseException:
+    except BaseException as error:
+        if pool is not None:
+            pool.stop()
+            pool = None
         for writer in writers.values():
             writer.abort()
-        if pool is not None:
-            _stop_pool(pool)
-            pool = None
         _report(result, config, log, start, failed=True)
+        if isinstance(error, WorkerDied):
+            raise PreprocessError(f"{error}; rerun with fewer --workers or check the system log") from None
         raise
     finally:
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.close()
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_term)
     result.seconds = time.time() - start
@@ -487,24 +451,21 @@ def run_preprocess(config: PreprocessConfig, log=print, progress=None) -> Prepro
     return result
 
 
+def _count_input(result: PreprocessResult, stats: dict, strict: bool) -> None:
+    """Add one batch's input statistics to the result; with ``strict`` the first bad line is fatal."""
+    result.bytes += stats["bytes"]
+    result.lines += stats["lines"]
+    result.filtered += stats["filtered"]
+    for reason, where in stats["bad"]:
+        result.bad[reason] += 1
+        if len(result.bad_examples[reason]) < EXAMPLES_PER_REASON:
+            result.bad_examples[reason].append(where)
+    if strict and stats["bad"]:
+        reason, where = stats["bad"][0]
+        raise PreprocessError(f"--strict: bad input at {where}: {BAD_INPUT_REASONS[reason]}")
+
+
 def _report(result: PreprocessResult, config: PreprocessConfig, log, start: float, failed: bool = False) -> None:
-    elapsed = time.time() - start
-    if failed:
-        log(f"FAILED after {elapsed:.1f} s; no output dataset was written (temporary files removed)")
-    else:
-        log(f"Done in {elapsed:.1f} s: {result.documents:,} documents, {result.sequences:,} sequences, "
-            f"{result.tokens:,} tokens from {result.bytes / 2**20:.2f} MB "
-            f"({_format_rate(result.documents, result.bytes, elapsed)})")
-        for name, prefix in sorted(result.outputs.items()):
-            log(f"  wrote {prefix}.bin/.idx")
-        if config.split_by_domain or config.pile_domains:
-            for domain, n in sorted(result.domain_documents.items(), key=lambda kv: str(kv[0])):
-                if domain is not None:
-                    log(f"  {domain}: {n:,} documents")
-    if result.filtered:
-        log(f"Filtered out by --pile-domains: {result.filtered:,} documents")
-    for reason, n in sorted(result.bad.items()):
-        kept = " (kept as empty documents)" if reason in _KEPT_REASONS else " (skipped)"
-        examples = ", ".join(result.bad_examples[reason])
-        more = " ..." if n > len(result.bad_examples[reason]) else ""
-        log(f"Bad input: {n:,} x {BAD_INPUT_REASONS[reason]}{kept}; first at {examples}{more}")
+    show_domains = bool(config.split_by_domain or config.pile_domains)
+    for line in summary_lines(result, time.time() - start, show_domains, failed, config.strict):
+        log(line)

@@ -49,12 +49,8 @@ def resolve_inputs(spec: str) -> List[str]:
     raise InputError(f"--input {spec!r}: no such file or directory")
 
 
-def open_binary(path: str) -> io.BufferedIOBase:
-    """Open ``path`` for reading bytes, decompressing ``.zst``/``.gz`` on the fly.
-
-    Raises:
-        InputError: the file cannot be opened, or zstandard is needed but not installed.
-    """
+def _open(path: str) -> Tuple[io.BufferedIOBase, io.BufferedIOBase]:
+    """(decompressed byte stream, the file on disk it reads from); closing the first closes both."""
     try:
         if path.endswith(".zst"):
             try:
@@ -66,23 +62,56 @@ def open_binary(path: str) -> io.BufferedIOBase:
             # compressed with --long (window above zstandard's default limit).
             reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(raw, read_size=1 << 20,
                                                                                      closefd=True)
-            return io.BufferedReader(reader, buffer_size=1 << 20)
+            return io.BufferedReader(reader, buffer_size=1 << 20), raw
         if path.endswith(".gz"):
-            return gzip.open(path, "rb")
-        return open(path, "rb", buffering=1 << 20)
+            raw = open(path, "rb")
+            return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+        plain = open(path, "rb", buffering=1 << 20)
+        return plain, plain
     except InputError:
         raise
     except OSError as err:
         raise InputError(f"cannot open {path!r}: {err.strerror or err}") from err
 
 
-def iter_lines(path: str) -> Iterator[Tuple[int, bytes]]:
-    """Yield ``(line_number, raw_line)`` from one file, 1-based, newline kept.
+def open_binary(path: str) -> io.BufferedIOBase:
+    """Open ``path`` for reading bytes, decompressing ``.zst``/``.gz`` on the fly.
+
+    Raises:
+        InputError: the file cannot be opened, or zstandard is needed but not installed.
+    """
+    return _open(path)[0]
+
+
+class InputProgress:
+    """How far reading has got through a list of input files, in on-disk bytes (compressed bytes for
+    .zst/.gz), so that progress and an ETA can be given without knowing the decompressed size."""
+
+    def __init__(self, files: List[str]) -> None:
+        self.total_bytes = sum(os.path.getsize(f) for f in files)
+        self._finished_bytes = 0
+        self._current = None  # the on-disk file being read
+
+    def bytes_read(self) -> int:
+        """On-disk bytes consumed so far (up to the decompressor's read-ahead)."""
+        current = self._current
+        position = current.tell() if current is not None and not current.closed else 0
+        return min(self.total_bytes, self._finished_bytes + position)
+
+    def fraction(self) -> float:
+        return self.bytes_read() / self.total_bytes if self.total_bytes else 1.0
+
+
+def iter_lines(path: str, progress: Optional[InputProgress] = None) -> Iterator[Tuple[int, bytes]]:
+    """Yield ``(line_number, raw_line)`` from one file, 1-based, newline kept; ``progress`` (if given)
+    follows the on-disk position.
 
     Raises:
         InputError: the file cannot be opened or is not valid compressed data.
     """
-    f = open_binary(path)
+    f, raw = _open(path)
+    if progress is not None:
+        progress._current = raw
     line_number = 0
     try:
         for line_number, line in enumerate(f, start=1):
@@ -95,6 +124,10 @@ def iter_lines(path: str) -> Iterator[Tuple[int, bytes]]:
         raise
     finally:
         f.close()
+        raw.close()
+        if progress is not None:
+            progress._current = None
+            progress._finished_bytes += os.path.getsize(path)
 
 
 @dataclass

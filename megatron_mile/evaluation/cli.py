@@ -39,7 +39,7 @@ from megatron_mile.evaluation.token_buckets import (
 )
 from megatron_mile.model import build_model
 from megatron_mile.training import data as run_data
-from megatron_mile.training.initialize import initialize_parallel, set_random_seeds
+from megatron_mile.training.initialize import initialize_parallel, print_rank_0, set_random_seeds
 
 PROG = "eval_token_buckets.py"
 
@@ -220,11 +220,14 @@ def evaluate(eval_config: BucketEvalConfig) -> dict:
     # Buckets from the training split; the validation ranges are counted too, to catch foreign token ids
     # before any model work.
     train_ranges = eval_data.training_ranges(train_prefixes, config.data.split)
+    print_rank_0(f" counting token frequencies over {sum(r.end - r.begin for r in train_ranges):,} training "
+                 f"sequences of {len(train_ranges)} dataset(s) ...")
     buckets = build_buckets(count_tokens_distributed(train_ranges, tokenizer.vocab_size), fractions)
     domains = eval_data.validation_domains(valid_prefixes, None if held_out else config.data.split)
     count_tokens_distributed([d.sequences for d in domains], tokenizer.vocab_size)
 
     chunks, iteration = _load_model(eval_config, config, tokenizer.vocab_size)
+    print_rank_0(f" building the sample indices of {len(domains)} validation domain(s) ...")
     eval_data.build_validation_datasets(config, tokenizer, domains)
     sums = evaluate_bucket_sums(
         chunks, [d.dataset for d in domains], buckets.bucket_of_token, len(buckets.names),

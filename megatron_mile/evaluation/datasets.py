@@ -20,11 +20,12 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_mile.config import RunConfig
+from megatron_mile.data import index_cache, splits
 from megatron_mile.data.pile import domain_of_prefix
 from megatron_mile.evaluation.token_buckets import SequenceRange, num_sequences, split_sequence_range
 from megatron_mile.training import data as run_data
 
-TRAIN_SPLIT, VALID_SPLIT = 0, 1
+TRAIN_SPLIT, VALID_SPLIT = splits.TRAIN, splits.VALID
 # The split string that makes a whole dataset its validation split (megatron's builder selects all of it).
 _WHOLE_AS_VALIDATION = "0,1,0"
 
@@ -45,24 +46,13 @@ class EvalDomain:
 
 def prefixes_of(data_path: Sequence[str]) -> List[str]:
     """The dataset prefixes of a --data-path list, with or without blend weights ('w1 p1 w2 p2 ...')."""
-    from megatron.core.datasets.utils import get_blend_from_list
-
-    prefixes, _ = get_blend_from_list(list(data_path))
-    return list(prefixes)
-
-
-def _split_matrix(split: str):
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-
-    return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    prefixes, _ = splits.parse_blend(list(data_path))
+    return prefixes
 
 
 def training_ranges(prefixes: Sequence[str], split: str) -> List[SequenceRange]:
     """The training split's sequences of every prefix (what the buckets are counted on). No collectives."""
-    matrix = _split_matrix(split)
+    matrix = splits.split_matrix(split)
     return [split_sequence_range(p, num_sequences(p), matrix, TRAIN_SPLIT) for p in prefixes]
 
 
@@ -85,7 +75,7 @@ def validation_domains(prefixes: Sequence[str], split: Optional[str]) -> List[Ev
     domains = []
     for name, prefix in zip(domain_names(prefixes), prefixes):
         used_split = split if split is not None else _WHOLE_AS_VALIDATION
-        seq_range = split_sequence_range(prefix, num_sequences(prefix), _split_matrix(used_split), VALID_SPLIT)
+        seq_range = split_sequence_range(prefix, num_sequences(prefix), splits.split_matrix(used_split), VALID_SPLIT)
         domains.append(EvalDomain(name, seq_range, used_split))
     return domains
 
@@ -118,6 +108,7 @@ def build_validation_datasets(config: RunConfig, tokenizer, domains: List[EvalDo
         dataset_config = run_data.gpt_dataset_config(config, tokenizer, ([seq_range.prefix], None), split=domain.split)
 
         def build(seq_range=seq_range, dataset_config=dataset_config):
+            index_cache.check_index_caches([seq_range.prefix], config.data.data_cache_path)
             low_level = GPTDataset.build_low_level_dataset(seq_range.prefix, dataset_config)
             indices = np.arange(seq_range.begin, seq_range.end, dtype=np.int32)
             # num_samples=None: exactly one epoch over the range, every token once.

@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_mile.data.splits import split_range
+
 BUCKET_NAMES = ("high", "medium", "low")
 DEFAULT_FRACTIONS = (0.80, 0.15, 0.05)
 
@@ -45,15 +47,11 @@ class SequenceRange:
 def split_sequence_range(prefix: str, num_sequences: int, split_matrix, split_index: int) -> SequenceRange:
     """The sequences of one split of a dataset, exactly as megatron-core's dataset builder selects them.
 
-    `split_matrix` is GPTDatasetConfig.split_matrix ([(begin, end) fractions or None] per split). Megatron
-    rounds each boundary fraction times the number of sequences (BlendedMegatronDatasetBuilder), so the
-    training and validation ranges here are the ones training used.
+    `split_matrix` is GPTDatasetConfig.split_matrix ([(begin, end) fractions or None] per split); the
+    rounding is megatron_mile.data.splits.split_range, so the training and validation ranges here are the
+    ones training used.
     """
-    bounds = split_matrix[split_index]
-    if bounds is None:
-        return SequenceRange(prefix, 0, 0)
-    begin = int(round(bounds[0] * float(num_sequences)))
-    end = int(round(bounds[1] * float(num_sequences)))
+    begin, end = split_range(num_sequences, split_matrix, split_index)
     return SequenceRange(prefix, begin, end)
 
 

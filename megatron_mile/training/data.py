@@ -9,7 +9,7 @@ uninterrupted run would have seen, whatever the DP size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, List, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -17,10 +17,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_mile.config import RunConfig
 from megatron_mile.data.tokenizers import build_tokenizer
+from megatron_mile.data import index_cache, splits
+from megatron_mile.data.indexed_reader import check_indexed_dataset
+from megatron_mile.training.initialize import print_rank_0
 
 T = TypeVar("T")
 
@@ -86,34 +88,54 @@ def build_on_rank0_first(build: Callable[[], T]) -> T:
 
 
 def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
-    """(train, validation) datasets sized for the whole run. Collectives: barriers on the world group."""
+    """(train, validation) datasets sized for the whole run; validation is None without evaluation.
+
+    Before megatron builds anything, every rank alike checks (so that a refusal never leaves another rank
+    waiting in a barrier): each dataset's .bin/.idx (check_dataset_files), that no split the run samples
+    from is empty (data.splits: train always, validation when num_eval_samples > 0; the test split is
+    never built), and, just before megatron opens them, that the index caches are plain arrays
+    (data.index_cache).
+
+    Raises:
+        FileNotFoundError, IndexedDatasetError, DataSplitError, IndexCacheError: naming the file or flag.
+
+    Collectives: barriers on the world group.
+    """
     d, t = config.data, config.training
-    if d.data_path:
-        weights_and_paths = list(d.data_path)
-        blend = get_blend_from_list(weights_and_paths)
-        check_dataset_files(blend[0])
-    else:
-        blend = None
-    dataset_config = gpt_dataset_config(config, tokenizer, blend)
+    needed = [splits.TRAIN, splits.VALID] if num_eval_samples > 0 else [splits.TRAIN]
     sizes = [t.train_iters * t.global_batch_size, num_eval_samples, 0]
+    prefixes: List[str] = []
+    blend = None
+    if d.data_path:
+        prefixes, weights = splits.parse_blend(d.data_path)
+        cache = d.data_cache_path or "<prefix>/cache/ beside each dataset"
+        print_rank_0(f" checking {len(prefixes)} dataset(s), then building their "
+                     f"{' and '.join(splits.SPLIT_NAMES[i] for i in needed)} sample indices ({sizes[0]:,} training "
+                     f"samples; cached in {cache}, reused by later runs with the same data, split, seed and "
+                     "sequence length) ...")
+        sequences = check_dataset_files(prefixes)
+        splits.check_splits_not_empty(d.split, dict(zip(prefixes, sequences)), needed)
+        blend = (prefixes, weights)
+    dataset_config = gpt_dataset_config(config, tokenizer, blend)
+    dataset_config.split_matrix = splits.only_splits(dataset_config.split_matrix, needed)
     dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
-    train, valid, _ = build_on_rank0_first(
-        lambda: BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, dataset_config).build()
-    )
+
+    def build():
+        index_cache.check_index_caches(prefixes, d.data_cache_path)
+        return BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, dataset_config).build()
+
+    train, valid, _ = build_on_rank0_first(build)
     return train, valid
 
 
-def check_dataset_files(prefixes, flag: str = "--data-path") -> None:
-    """Raise FileNotFoundError naming `flag` when a dataset prefix lacks its .bin or .idx. No collectives."""
-    import os
+def check_dataset_files(prefixes, flag: str = "--data-path") -> List[int]:
+    """Validate each dataset prefix's .bin/.idx pair; return the number of sequences of each. No collectives.
 
-    for prefix in prefixes:
-        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
-        if missing:
-            raise FileNotFoundError(
-                f"{flag} prefix {prefix!r} has no {' / '.join(prefix + e for e in missing)}: give the "
-                "prefix that tools/preprocess_data.py printed (without .bin/.idx)"
-            )
+    Raises:
+        FileNotFoundError: a prefix lacks its .bin or .idx (the message names `flag`).
+        IndexedDatasetError: a damaged or mismatched pair (data.indexed_reader; the message names the file).
+    """
+    return [check_indexed_dataset(prefix, flag).num_sequences for prefix in prefixes]
 
 
 @dataclass
