@@ -102,7 +102,7 @@ def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
     Collectives: barriers on the world group.
     """
     d, t = config.data, config.training
-    needed = [splits.TRAIN, splits.VALID] if num_eval_samples > 0 else [splits.TRAIN]
+    needed = _needed_splits(num_eval_samples)
     sizes = [t.train_iters * t.global_batch_size, num_eval_samples, 0]
     prefixes: List[str] = []
     blend = None
@@ -113,8 +113,7 @@ def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
                      f"{' and '.join(splits.SPLIT_NAMES[i] for i in needed)} sample indices ({sizes[0]:,} training "
                      f"samples; cached in {cache}, reused by later runs with the same data, split, seed and "
                      "sequence length) ...")
-        sequences = check_dataset_files(prefixes)
-        splits.check_splits_not_empty(d.split, dict(zip(prefixes, sequences)), needed)
+        check_data(config, num_eval_samples)
         blend = (prefixes, weights)
     dataset_config = gpt_dataset_config(config, tokenizer, blend)
     dataset_config.split_matrix = splits.only_splits(dataset_config.split_matrix, needed)
@@ -126,6 +125,24 @@ def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
 
     train, valid, _ = build_on_rank0_first(build)
     return train, valid
+
+
+def _needed_splits(num_eval_samples: int) -> list:
+    """The splits a run samples from: training always, validation when it evaluates."""
+    return [splits.TRAIN, splits.VALID] if num_eval_samples > 0 else [splits.TRAIN]
+
+
+def check_data(config: RunConfig, num_eval_samples: int) -> None:
+    """Validate the --data-path datasets (their .bin/.idx pairs) and that no split the run samples from is
+    empty. Cheap (memory-mapped, vectorised): the set-up runs it before any model work, build_datasets again.
+
+    Raises FileNotFoundError, IndexedDatasetError or DataSplitError naming the file or flag. No collectives.
+    """
+    if not config.data.data_path:
+        return
+    prefixes, _ = splits.parse_blend(config.data.data_path)
+    sequences = check_dataset_files(prefixes)
+    splits.check_splits_not_empty(config.data.split, dict(zip(prefixes, sequences)), _needed_splits(num_eval_samples))
 
 
 def check_dataset_files(prefixes, flag: str = "--data-path") -> List[int]:

@@ -72,6 +72,10 @@ def setup_training(config: RunConfig, model_provider=None, dataset_provider=None
     initialize_parallel(config)
     set_random_seeds(t.seed)
     tokenizer = run_data.build_run_tokenizer(config)
+    eval_samples = t.eval_iters * t.global_batch_size * max(1, math.ceil(t.train_iters / t.eval_interval) + 1)
+    eval_samples = eval_samples if t.eval_iters > 0 else 0
+    # The data is checked before any model work: a damaged dataset or an empty split stops the run now.
+    run_data.check_data(config, eval_samples)
     chunks = model_provider(config, tokenizer.vocab_size)
     set_random_seeds(t.seed)  # model building re-seeded per layer; restart the runtime streams
     model = wrap_for_training(config, chunks)
@@ -83,8 +87,7 @@ def setup_training(config: RunConfig, model_provider=None, dataset_provider=None
         iteration, consumed_samples = checkpointing.load_checkpoint(t.load, model, optimizer, scheduler, config_dict)
 
     num_micro = num_micro_batches(config)
-    eval_samples = t.eval_iters * t.global_batch_size * max(1, math.ceil(t.train_iters / t.eval_interval) + 1)
-    train_ds, valid_ds = dataset_provider(config, tokenizer, eval_samples if t.eval_iters > 0 else 0)
+    train_ds, valid_ds = dataset_provider(config, tokenizer, eval_samples)
     train_iterators = _data_iterators(config, model, train_ds, consumed_samples, cycle=False)
     valid_iterators = _data_iterators(config, model, valid_ds, 0, cycle=True) if t.eval_iters > 0 and valid_ds else None
 
