@@ -69,13 +69,14 @@ def _step(method: str, hidden, weight, target, loss_mask) -> float:
     if method == "unfused":
         replicated = copy_to_tensor_model_parallel_region(h) if tp > 1 else h
         logits = replicated.matmul(w.t())  # [s, b, v/tp]
-        ce, wt, _ = vocab_parallel_weighted_cross_entropy(
+        losses = vocab_parallel_weighted_cross_entropy(
             logits, target, spec, VOCAB, ignore_index=None, reuse_logits_for_grad=True
         )
+        ce, wt = losses.loss, losses.weight
         del logits
         loss = (wt * loss_mask * ce).sum()
     elif method == "fused":
-        loss = fused_linear_cross_entropy(h, w, target, loss_mask, spec, VOCAB, ignore_index=None).weighted_ce_sum
+        loss = fused_linear_cross_entropy(h, w, target, loss_mask, spec, VOCAB, ignore_index=None).weighted_loss_sum
     else:
         raise ValueError(method)
     loss.backward()

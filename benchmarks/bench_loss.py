@@ -29,8 +29,8 @@ import torch
 from _harness import call_peak_memory, emit_result, markdown_table, run_worker
 
 from megatron_mile.loss import (
+    CROSS_ENTROPY,
     LossSpec,
-    vocab_parallel_cross_entropy,
     vocab_parallel_focal,
     vocab_parallel_mile,
     vocab_parallel_weighted_cross_entropy,
@@ -72,7 +72,8 @@ def _step(method: str, leaf, target, vocab: int) -> None:
     if method == "megatron_ce":
         loss = megatron_ce(logits, target).sum()
     elif method == "ce":
-        ce, w = vocab_parallel_cross_entropy(logits, target, vocab_size=vocab)
+        losses = vocab_parallel_weighted_cross_entropy(logits, target, CROSS_ENTROPY, vocab)
+        ce, w = losses.loss, losses.weight
         loss = (ce * w).sum()
     elif method == "mile":
         ce, w = vocab_parallel_mile(logits, target, vocab_size=vocab)
@@ -82,7 +83,8 @@ def _step(method: str, leaf, target, vocab: int) -> None:
         loss = (ce * w).sum()
     elif method in FP32_ONLY:
         spec = LossSpec({"ce_inplace": "cross_entropy", "mile_inplace": "mile"}[method], 1.0, 1.0)
-        ce, w, _ = vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab, reuse_logits_for_grad=True)
+        losses = vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab, reuse_logits_for_grad=True)
+        ce, w = losses.loss, losses.weight
         loss = (ce * w).sum()
     elif method == "naive_mile":
         loss = naive_mile_loss(logits[..., :vocab], target)

@@ -31,7 +31,8 @@ _AT_LEAST_ONE = (
     "global_batch_size", "train_iters", "lr_decay_iters", "exit_interval", "log_interval", "eval_interval",
     "max_skipped_iterations",
 )
-_AT_LEAST_ZERO = ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad", "eval_iters", "num_workers", "seed")
+_AT_LEAST_ZERO = ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad", "eval_iters", "num_workers", "seed",
+                  "label_smoothing", "z_loss_coeff")
 _POSITIVE = ("norm_epsilon", "init_method_std", "adam_eps")
 
 
@@ -129,7 +130,8 @@ class LossConfig:
     """The training objective. `lm loss` is always logged as plain cross-entropy, whatever is trained."""
 
     loss_type: str = flag("cross_entropy", choices=list(LOSS_TYPES))
-    """cross_entropy, focal (weights (1 - p_target)^gamma) or mile (weights (sigma + entropy)^gamma)."""
+    """cross_entropy, focal (weights (1 - p_target)^gamma), mile (weights (sigma + entropy)^gamma) or dft
+    (weights p_target). docs/loss-internals.md: adding another."""
     mile_gamma: Optional[float] = None
     """MiLe exponent gamma (default 1.0, as in the paper); 0 gives cross-entropy."""
     mile_sigma: Optional[float] = None
@@ -138,6 +140,12 @@ class LossConfig:
     """MiLe variant: tokens whose normalised entropy H / ln(V) is below this get weight 1. Off by default."""
     focal_gamma: Optional[float] = None
     """Focal-loss exponent gamma (default 1.0)."""
+    label_smoothing: float = 0.0
+    """Label smoothing alpha in [0, 1) as megatron-core defines it (1 - alpha on the target, alpha spread over
+    the other tokens); with any --loss-type."""
+    z_loss_coeff: float = 0.0
+    """z-loss coefficient: adds coeff * log(Z)^2 per token (PaLM uses 1e-4), weighted and normalised as the
+    main loss, logged as `z loss`; with any --loss-type."""
 
     @property
     def gamma(self) -> float:
@@ -405,6 +413,7 @@ class RunConfig:
         need(math.isfinite(l.sigma) and l.sigma > 0, f"--mile-sigma must be > 0, got {l.sigma}")
         if l.mile_entropy_threshold is not None:
             need(0 <= l.mile_entropy_threshold <= 1, "--mile-entropy-threshold must lie in [0, 1]")
+        need(l.label_smoothing < 1, f"--label-smoothing must lie in [0, 1), got {l.label_smoothing}")
 
         need(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
         need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "--adam-beta1/2 must lie in [0, 1)")

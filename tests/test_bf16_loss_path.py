@@ -52,7 +52,7 @@ def _forward_backward(argv):
     chunk.compute_language_model_loss = capture
     request_entropy([chunk], True)
     tokens, labels, loss_mask, positions = _batch(config.model.seq_length)
-    packed = model(tokens, positions, None, labels=labels, loss_mask=loss_mask)  # [b, s, 3]
+    packed = model(tokens, positions, None, labels=labels, loss_mask=loss_mask)  # [b, s, 5]
     collector = LossCollector()
     weighted_sum, _, _ = collector.loss_func(loss_mask, packed)
     (weighted_sum / collector.parts[0].sums[1]).backward()

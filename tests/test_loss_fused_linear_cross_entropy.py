@@ -72,9 +72,10 @@ def _unfused(hidden, weight_shard, target, loss_mask, spec, vocab, ignore_index=
     w = weight_shard.detach().clone().requires_grad_()
     replicated = copy_to_tensor_model_parallel_region(h) if tp > 1 else h  # backward: all-reduce SUM
     logits = torch.matmul(replicated, w.t())  # [s, b, v/tp]
-    ce, weight, entropy = vocab_parallel_weighted_cross_entropy(
+    losses = vocab_parallel_weighted_cross_entropy(
         logits, target, spec, vocab, ignore_index, compute_entropy=True
     )
+    ce, weight, entropy = losses.loss, losses.weight, losses.entropy
     total = (weight * loss_mask * ce).sum()
     (total * UPSTREAM).backward()
     return total.detach(), ce.detach(), weight, entropy, h.grad, w.grad
@@ -86,7 +87,7 @@ def _fused(hidden, weight_shard, target, loss_mask, spec, vocab, chunk, **kwargs
     out = fused_linear_cross_entropy(
         h, w, target, loss_mask, spec, vocab, chunk_tokens=chunk, return_entropy=True, **kwargs,
     )
-    (out.weighted_ce_sum * UPSTREAM).backward()
+    (out.weighted_loss_sum * UPSTREAM).backward()
     return out, h.grad, w.grad
 
 
@@ -114,7 +115,7 @@ def check_fp32(loss_type: str) -> int:
             where = f"{spec.describe()} tp={tp} rank={rank} vocab={vocab}/{padded} chunk={chunk} seed={seed}"
             close = dict(rtol=1e-5, atol=1e-5)
             for name, got, unfused, ref in [
-                ("loss", out.weighted_ce_sum.detach(), u_loss, r_loss.detach()),
+                ("loss", out.weighted_loss_sum.detach(), u_loss, r_loss.detach()),
                 ("ce", out.ce, u_ce, r_ce.detach()),
                 ("weight", out.weight, u_w, r_w),
                 ("entropy", out.entropy, u_h, r_h),
@@ -123,7 +124,7 @@ def check_fp32(loss_type: str) -> int:
             ]:
                 torch.testing.assert_close(got, unfused, **close, msg=lambda m: f"{name} vs unfused, {where}: {m}")
                 torch.testing.assert_close(got, ref, **close, msg=lambda m: f"{name} vs reference, {where}: {m}")
-            assert out.weighted_ce_sum.dtype == torch.float32 and out.weighted_ce_sum.dim() == 0, where
+            assert out.weighted_loss_sum.dtype == torch.float32 and out.weighted_loss_sum.dim() == 0, where
             assert not out.ce.requires_grad and not out.weight.requires_grad, where
             assert f_gh.dtype == f_gw.dtype == torch.float32, where
             # Padded rows of W take no part: exactly zero gradient.
@@ -154,7 +155,7 @@ def check_bf16(loss_type: str) -> int:
             out, f_gh, f_gw = _fused(hidden, shard, target, loss_mask, *settings, chunk)
             where = f"bf16 {spec.describe()} tp={tp} rank={rank} vocab={vocab}/{padded} chunk={chunk}"
             assert f_gh.dtype == f_gw.dtype == torch.bfloat16, where
-            torch.testing.assert_close(out.weighted_ce_sum.detach(), u_loss, rtol=1e-4, atol=1e-4, msg=lambda m: f"loss {where}: {m}")
+            torch.testing.assert_close(out.weighted_loss_sum.detach(), u_loss, rtol=1e-4, atol=1e-4, msg=lambda m: f"loss {where}: {m}")
             for name, got, want in [("ce", out.ce, u_ce), ("weight", out.weight, u_w), ("entropy", out.entropy, u_h)]:
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} {where}: {m}")
             for name, got, want in [("grad hidden", f_gh, u_gh), ("grad W", f_gw, u_gw)]:
@@ -216,7 +217,7 @@ def count_collectives(chunk: int, reduce_grad_hidden: bool, grad: bool):
         forward_calls = list(calls)
         calls.clear()
         if grad:
-            out.weighted_ce_sum.backward()
+            out.weighted_loss_sum.backward()
         backward_calls = list(calls)
     finally:
         dist.all_reduce = original
@@ -263,7 +264,7 @@ def check_caller_reduces_grad_hidden() -> None:
     w = weight[start:end].clone().requires_grad_()
     out = fused_linear_cross_entropy(copy_to_tensor_model_parallel_region(h), w, target, loss_mask,
                                      LossSpec("mile", 1.0), vocab_size=50, chunk_tokens=5, reduce_grad_hidden=False)
-    (out.weighted_ce_sum * UPSTREAM).backward()
+    (out.weighted_loss_sum * UPSTREAM).backward()
     torch.testing.assert_close(h.grad, u_gh, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad, u_gw, rtol=1e-5, atol=1e-5)
 
@@ -304,7 +305,7 @@ def test_never_materialises_the_logits(dtype, monkeypatch):
     monkeypatch.setattr("megatron_mile.loss.fused_linear_cross_entropy.GRAD_GROUP_TOKENS", 4 * chunk)  # groups of 4 chunks
     with _Recorder() as rec:
         out = fused_linear_cross_entropy(h, w, target, spec=LossSpec("mile"), chunk_tokens=chunk)
-        out.weighted_ce_sum.backward()
+        out.weighted_loss_sum.backward()
     tokens = seq * batch
     # Largest tensors: the [chunk, V] scratch blocks (bf16: the [group * chunk, V] staging) and the
     # [V, h] / [N, h] accumulators, never [N, V].
@@ -320,7 +321,8 @@ def test_never_materialises_the_logits(dtype, monkeypatch):
     assert group in (1, 4) and rec.matmuls == chunks + 2 * groups, rec.matmuls
     # The unfused path does hold one: the recorder sees it.
     with _Recorder() as rec_unfused:
-        ce, wt, _ = vocab_parallel_weighted_cross_entropy(h @ w.t(), target, LossSpec("mile"))
+        losses = vocab_parallel_weighted_cross_entropy(h @ w.t(), target, LossSpec("mile"))
+        ce, wt = losses.loss, losses.weight
         (ce * wt).sum().backward()
     assert rec_unfused.largest >= tokens * vocab
 
@@ -336,15 +338,15 @@ def test_gradients_only_for_what_needs_them(frozen):
     chunks = 3
     # Per chunk: the projection, plus one matmul for each gradient that is needed.
     assert rec.matmuls == chunks * {"none": 3, "weight": 2, "both": 1}[frozen], rec.matmuls
-    assert out.weighted_ce_sum.requires_grad == bool(grads_wanted)
+    assert out.weighted_loss_sum.requires_grad == bool(grads_wanted)
     with torch.no_grad(), _Recorder() as rec_eval:
         evaluated = fused_linear_cross_entropy(h, w, target, loss_mask, LossSpec("focal", 2.0), vocab_size=50,
                                                chunk_tokens=6)
     assert rec_eval.matmuls == chunks  # evaluation: the projection only
-    assert not evaluated.weighted_ce_sum.requires_grad
-    torch.testing.assert_close(evaluated.weighted_ce_sum, out.weighted_ce_sum.detach(), rtol=0, atol=0)
+    assert not evaluated.weighted_loss_sum.requires_grad
+    torch.testing.assert_close(evaluated.weighted_loss_sum, out.weighted_loss_sum.detach(), rtol=0, atol=0)
     if frozen == "weight":
-        out.weighted_ce_sum.backward()
+        out.weighted_loss_sum.backward()
         assert w.grad is None and h.grad is not None
 
 
@@ -354,7 +356,7 @@ def fused_micro_batch_loss(hidden, weight, target, loss_mask, **kwargs) -> Micro
     out = fused_linear_cross_entropy(hidden, weight, target, loss_mask, **kwargs)
     entropy = out.entropy if out.entropy.numel() else None
     part = reduce_micro_batch(out.ce, out.weight, loss_mask, entropy)
-    return MicroBatchLoss(out.weighted_ce_sum, part.sums, part.weight_min, part.weight_max)
+    return MicroBatchLoss(out.weighted_loss_sum, part.sums, part.weight_min, part.weight_max)
 
 
 def test_micro_batch_loss_equals_reduce_micro_batch_of_the_unfused_path():
@@ -365,13 +367,14 @@ def test_micro_batch_loss_equals_reduce_micro_batch_of_the_unfused_path():
         w = weight.clone().requires_grad_()
         part = fused_micro_batch_loss(h, w, target, loss_mask, spec=spec, vocab_size=50, chunk_tokens=5,
                                       return_entropy=True)
-        part.weighted_ce_sum.backward()
+        part.weighted_loss_sum.backward()
         h2 = hidden.clone().requires_grad_()
         w2 = weight.clone().requires_grad_()
-        ce, wt, ent = vocab_parallel_weighted_cross_entropy(h2 @ w2.t(), target, spec, vocab_size=50, compute_entropy=True)
+        losses = vocab_parallel_weighted_cross_entropy(h2 @ w2.t(), target, spec, vocab_size=50, compute_entropy=True)
+        ce, wt, ent = losses.loss, losses.weight, losses.entropy
         ref = reduce_micro_batch(ce, wt, loss_mask, ent)
-        ref.weighted_ce_sum.backward()
-        torch.testing.assert_close(part.weighted_ce_sum.detach(), ref.weighted_ce_sum.detach(), rtol=1e-6, atol=1e-6)
+        ref.weighted_loss_sum.backward()
+        torch.testing.assert_close(part.weighted_loss_sum.detach(), ref.weighted_loss_sum.detach(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(part.sums, ref.sums, rtol=1e-6, atol=1e-6)
         assert part.sums[4] > 0  # the entropy was computed and summed
         torch.testing.assert_close(part.weight_min, ref.weight_min)
@@ -399,13 +402,13 @@ def test_a_second_backward_raises_instead_of_reusing_consumed_gradients():
     hidden, weight, target, loss_mask = _make_case(7, 64, 64, torch.float32)
     h = hidden.clone().requires_grad_()
     out = fused_linear_cross_entropy(h, weight, target, loss_mask, LossSpec("mile"), chunk_tokens=4)
-    (out.weighted_ce_sum * 2.0).backward(retain_graph=True)
+    (out.weighted_loss_sum * 2.0).backward(retain_graph=True)
     first = h.grad.clone()
     h2 = hidden.clone().requires_grad_()
-    fused_linear_cross_entropy(h2, weight, target, loss_mask, LossSpec("mile"), chunk_tokens=4).weighted_ce_sum.backward()
+    fused_linear_cross_entropy(h2, weight, target, loss_mask, LossSpec("mile"), chunk_tokens=4).weighted_loss_sum.backward()
     torch.testing.assert_close(first, 2.0 * h2.grad)
     with pytest.raises(RuntimeError, match="consumed by the first backward"):
-        out.weighted_ce_sum.backward()
+        out.weighted_loss_sum.backward()
 
 
 @pytest.mark.parametrize(

@@ -67,9 +67,10 @@ def check_against_reference(loss_type: str, dtype_name: str, reuse_logits_for_gr
         untouched = leaf.clone()
         leaf.requires_grad_()
         shard = leaf * 1.0 if reuse_logits_for_grad else leaf
-        ce, weight, entropy = vocab_parallel_weighted_cross_entropy(
+        losses = vocab_parallel_weighted_cross_entropy(
             shard, target, spec, vocab, compute_entropy=True, reuse_logits_for_grad=reuse_logits_for_grad,
         )
+        ce, weight, entropy = losses.loss, losses.weight, losses.entropy
         (upstream * weight * ce).sum().backward()
 
         full = logits.float().requires_grad_()
@@ -194,7 +195,8 @@ def count_collectives(loss_type: str):
     try:
         for name in _COLLECTIVES:
             setattr(dist, name, recorder(name))
-        ce, weight, _ = vocab_parallel_weighted_cross_entropy(shard, target, LossSpec(loss_type))
+        losses = vocab_parallel_weighted_cross_entropy(shard, target, LossSpec(loss_type))
+        ce, weight = losses.loss, losses.weight
         forward_calls = list(calls)
         calls.clear()
         (ce * weight).sum().backward()
@@ -245,11 +247,12 @@ def check_split_invariance(loss_type: str, micro_batches: int) -> dict:
     per_micro = per_rank // micro_batches
     for m in range(micro_batches):
         sl = slice(m * per_micro, (m + 1) * per_micro)
-        ce, w, h = vocab_parallel_weighted_cross_entropy(
+        losses = vocab_parallel_weighted_cross_entropy(
             mine[:, sl], target[:, cols][:, sl], spec, vocab, compute_entropy=True
         )
+        ce, w, h = losses.loss, losses.weight, losses.entropy
         part = reduce_micro_batch(ce, w, loss_mask[:, cols][:, sl], h)
-        part.weighted_ce_sum.backward()  # gradient accumulation of the un-normalised numerators
+        part.weighted_loss_sum.backward()  # gradient accumulation of the un-normalised numerators
         parts.append(part)
     step = all_reduce_step_loss(parts, group=parallel_state.get_data_parallel_group())
     grad = mine.grad / step.weight_sum  # the one division by the global weight total
@@ -308,7 +311,7 @@ def _inputs(vocab=16):
         (lambda x, t: vocab_parallel_mile(x, t, vocab_size=12), "target"),
         (lambda x, t: vocab_parallel_cross_entropy(x, t[:2]), "target shape"),
         (lambda x, t: vocab_parallel_cross_entropy(x, t.float()), "target"),
-        (lambda x, t: vocab_parallel_cross_entropy(x, t, vocab_size=17), "vocab_size"),
+        (lambda x, t: vocab_parallel_weighted_cross_entropy(x, t, vocab_size=17), "vocab_size"),
         (lambda x, t: vocab_parallel_cross_entropy(x.long(), t), "logits"),
         (lambda x, t: vocab_parallel_weighted_cross_entropy(x, t, LossSpec("softmax")), "loss_type"),
     ],
@@ -335,9 +338,10 @@ def test_reuse_logits_for_grad_gives_the_same_gradient_in_place(vocab):
     leaf = logits.clone().requires_grad_()
     produced = leaf * 1.0
     storage = produced.data_ptr()
-    ce2, w2, _ = vocab_parallel_weighted_cross_entropy(
+    losses = vocab_parallel_weighted_cross_entropy(
         produced, target, LossSpec("mile", 1.0, 1.0), vocab, reuse_logits_for_grad=True
     )
+    ce2, w2 = losses.loss, losses.weight
     grads = {}
     produced.register_hook(lambda g: grads.setdefault("g", g))
     (upstream * ce2 * w2).sum().backward()
@@ -359,8 +363,9 @@ def test_reuse_logits_for_grad_leaves_non_contiguous_logits_intact_until_backwar
     produced = leaf.transpose(0, 1) * 1.0  # [s, b, v], strides of the transposed tensor
     assert not produced.is_contiguous()
     before = produced.detach().clone()
-    ce2, w2, _ = vocab_parallel_weighted_cross_entropy(produced, target, LossSpec("mile", 1.0, 1.0), 50,
+    losses = vocab_parallel_weighted_cross_entropy(produced, target, LossSpec("mile", 1.0, 1.0), 50,
                                                   reuse_logits_for_grad=True)
+    ce2, w2 = losses.loss, losses.weight
     assert torch.equal(produced.detach(), before), "forward modified logits it cannot keep exp(z - m) in"
     (upstream * ce2 * w2).sum().backward()
     torch.testing.assert_close(ce2, ce)

@@ -28,7 +28,7 @@ def fused_head_vs_full_vocabulary(loss_type: str, sequence_parallel: bool) -> di
 
     from megatron_mile.loss import LossSpec
     from megatron_mile.model.fused_output_layer import fused_language_model_loss
-    from megatron_mile.model import CE, ENTROPY, WEIGHT
+    from megatron_mile.model import CE, ENTROPY, LOSS, WEIGHT
 
     rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -52,8 +52,8 @@ def fused_head_vs_full_vocabulary(loss_type: str, sequence_parallel: bool) -> di
         output_layer=SimpleNamespace(weight=weight_shard),
         entropy_requested=True, loss_spec=LossSpec(loss_type, GAMMAS[loss_type], 1.0), real_vocab_size=vocab,
     )
-    packed = fused_language_model_loss(model, hidden_in, labels, loss_mask)  # [b, s, 3]
-    (packed[..., WEIGHT] * loss_mask * packed[..., CE]).sum().backward()  # as LossCollector.loss_func
+    packed = fused_language_model_loss(model, hidden_in, labels, loss_mask)  # [b, s, 5]
+    (packed[..., WEIGHT] * loss_mask * packed[..., LOSS]).sum().backward()  # as LossCollector.loss_func
 
     full_hidden = hidden.clone().requires_grad_()
     full_weight = weight.clone().requires_grad_()
@@ -61,7 +61,7 @@ def fused_head_vs_full_vocabulary(loss_type: str, sequence_parallel: bool) -> di
     ce, w, entropy = reference_weighted_cross_entropy(logits, labels.t(), loss_type, GAMMAS[loss_type], 1.0, vocab)
     (w * loss_mask.t() * ce).sum().backward()
     expected_hidden_grad = full_hidden.grad[rank * s // tp:(rank + 1) * s // tp] if sequence_parallel else full_hidden.grad
-    out = packed.detach().transpose(0, 1)  # [s, b, 3]
+    out = packed.detach().transpose(0, 1)  # [s, b, 5]
     return {
         "values": max((out[..., CE] - ce).abs().max().item(), (out[..., WEIGHT] - w).abs().max().item(),
                       (out[..., ENTROPY] - entropy).abs().max().item()),
@@ -83,10 +83,10 @@ def test_fused_head_matches_full_vocabulary_reference_at_tp2(dist_pool, loss_typ
 
 def fused_head_backward_outcomes():
     """Worker body: backpropagate the fused head's packed output through several losses; report which
-    raise (the fused head computed its gradients in forward for sum(loss_mask * w * ce) only)."""
+    raise (the fused head computed its gradients in forward for sum(loss_mask * w * l) only)."""
     import torch
 
-    from megatron_mile.model import CE, WEIGHT
+    from megatron_mile.model import LOSS, WEIGHT
 
     config = parse_args(TINY_LLAMA + LOSS_FLAGS["mile"] + ["--fused-lm-head"], world_size=1)
     (model,) = build_tiny_model(config, 300)  # seeded with TINY_LLAMA's --seed 7
@@ -94,9 +94,9 @@ def fused_head_backward_outcomes():
     positions = torch.arange(32).expand(2, -1)
     mask = (torch.arange(32) % 3 != 0).float().expand(2, -1)
     losses = {
-        "weighted": lambda out: (out[..., WEIGHT] * mask * out[..., CE]).sum(),
-        "unweighted": lambda out: (mask * out[..., CE]).sum(),
-        "other_mask": lambda out: (out[..., WEIGHT] * out[..., CE]).sum(),
+        "weighted": lambda out: (out[..., WEIGHT] * mask * out[..., LOSS]).sum(),
+        "unweighted": lambda out: (mask * out[..., LOSS]).sum(),
+        "other_mask": lambda out: (out[..., WEIGHT] * out[..., LOSS]).sum(),
     }
     outcomes = {}
     for name, loss in losses.items():

@@ -123,6 +123,7 @@ def run_with_nan_at(argv, world_size, bad_steps, poison="loss"):
     finite with a NaN gradient (poison="gradient"), and train. Returns the (loss, skipped, grad norm) history
     or the reason training stopped."""
     from megatron_mile import model as model_module
+    from megatron_mile.model import LOSS
     from megatron_mile.training.loop import TrainingStopped, pretrain
 
     original = model_module.MileGPTModel.compute_language_model_loss
@@ -134,7 +135,10 @@ def run_with_nan_at(argv, world_size, bad_steps, poison="loss"):
         calls["n"] += 1
         step = (calls["n"] - 1) // micro_batches + 1
         if step in bad_steps:
-            out = out * torch.tensor([float("nan"), 1.0, 1.0]) if poison == "loss" else _NanGradient.apply(out)
+            if poison == "loss":  # a NaN in the loss column of the packed per-token output
+                out = out.index_fill(-1, torch.tensor([LOSS]), float("nan"))
+            else:
+                out = _NanGradient.apply(out)
         return out
 
     model_module.MileGPTModel.compute_language_model_loss = poisoned

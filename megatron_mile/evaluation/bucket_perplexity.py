@@ -46,7 +46,8 @@ class BucketSums:
         self.sums = torch.zeros(num_buckets, _NUM_STATS, dtype=torch.float64)
 
     def loss_func(self, loss_mask: torch.Tensor, labels: torch.Tensor, output: torch.Tensor):
-        """output [b, s, 3] (ce, w, H), labels / loss_mask [b, s] -> (sum ce, tokens, {}). No communication."""
+        """output [b, s, 5] (megatron_mile.model.output), labels / loss_mask [b, s] -> (sum ce, tokens, {}).
+        No communication."""
         selected = loss_mask > 0  # [b, s]
         buckets = self.bucket_of_token[labels[selected]]  # [n]
         ce = output[..., CE][selected].double()  # [n]

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mile.loss import shard as shard_steps
-from megatron_mile.loss.shard import DEFAULT_IGNORE_INDEX, VocabShard
+from megatron_mile.loss.shard import DEFAULT_IGNORE_INDEX, TokenLosses, VocabShard
 from megatron_mile.loss.spec import CROSS_ENTROPY, LossSpec
 
 # Bytes of one fp32 [chunk_tokens, V/tp] scratch block. 32 MiB keeps the scratch small next to the model
@@ -90,20 +90,41 @@ def chunk_tokens_for_budget(partition: int, chunk_bytes: int = DEFAULT_CHUNK_BYT
 class FusedLinearCrossEntropyOutput:
     """What one call of fused_linear_cross_entropy returns.
 
-    weighted_ce_sum: sum_t(mask_t * w_t * ce_t), fp32 scalar WITH gradient to hidden and weight.
-    ce, weight, entropy: per token [s, b] fp32, detached, NOT multiplied by the loss mask (as
-        megatron_mile.loss.vocab_parallel_weighted_cross_entropy returns them; ignore_index positions are 0). entropy
-        is an empty tensor unless the weighting needs it or it was asked for (return_entropy).
+    weighted_loss_sum: sum_t(mask_t * w_t * l_t) of the per-token loss l (cross-entropy, with label
+        smoothing and z-loss when the spec has them), fp32 scalar WITH gradient to hidden and weight.
+    losses: the per-token TokenLosses [s, b] fp32, all detached here (the gradient is the scalar's), NOT
+        multiplied by the loss mask (as megatron_mile.loss.vocab_parallel_weighted_cross_entropy returns
+        them; ignore_index positions are 0). Its entropy is an empty tensor unless the weighting needs it or
+        it was asked for (return_entropy).
     """
 
-    weighted_ce_sum: torch.Tensor
-    ce: torch.Tensor
-    weight: torch.Tensor
-    entropy: torch.Tensor
+    weighted_loss_sum: torch.Tensor
+    losses: TokenLosses
+
+    # The per-token fields, for brevity.
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.losses.loss
+
+    @property
+    def ce(self) -> torch.Tensor:
+        return self.losses.ce
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.losses.weight
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        return self.losses.entropy
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return self.losses.z_loss
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum(mask * w * ce) of hidden @ W^T, with grad_hidden / grad_W computed in forward (module docstring).
+    """sum(mask * w * l) of hidden @ W^T, with grad_hidden / grad_W computed in forward (module docstring).
 
     Forward collectives (tp_group): per chunk, all-reduce MAX [c] then all-reduce SUM [k, c].
     Backward collectives: all-reduce SUM of grad_hidden [N, h] fp32 when reduce_grad_hidden and TP > 1.
@@ -132,7 +153,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         owned = shard.owned
         device = hidden.device
         compute_dtype = hidden.dtype
-        need_entropy = spec.needs_entropy or want_entropy
+        layout = shard_steps.StatisticsLayout.of(spec, want_entropy)
         need_grad = grad_hidden_needed or grad_weight_needed
 
         hidden_2d = hidden.reshape(-1, hidden_size)  # [N, h]
@@ -156,9 +177,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if ignored is not None:
             mask_1d = mask_1d.masked_fill(ignored, 0.0)
 
-        ce = torch.empty(num_tokens, dtype=torch.float32, device=device)  # [N]
-        token_weight = torch.empty_like(ce)  # [N]
-        entropy = torch.empty_like(ce) if need_entropy else None  # [N]
+        loss = torch.empty(num_tokens, dtype=torch.float32, device=device)  # [N]
+        ce = torch.empty_like(loss)  # [N]
+        token_weight = torch.empty_like(loss)  # [N]
+        entropy = torch.empty_like(loss) if layout.entropy else None  # [N]
+        z_loss = torch.empty_like(loss) if spec.z_loss_coeff > 0 else None  # [N]
 
         rows = max(1, min(chunk_tokens, num_tokens))
         cols = max(owned, 1)
@@ -210,25 +233,29 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             shard_steps.all_reduce_max(chunk_max, shard)
 
             # --- packed sums and collective 2: SUM ---
-            stats = shard_steps.new_statistics(n, need_entropy, device)  # [k, c]
+            stats = shard_steps.new_statistics(n, layout, device)  # [k, c]
             if owned > 0:
                 z.sub_(chunk_max[:, None])
                 picked = z.gather(1, tgt[:, None]).squeeze(1)
                 shard_steps.put_target_logit(stats, picked, targets_c)
-                shard_steps.exp_sums_(z, e, stats[shard_steps.SUM_EXP],
-                                      stats[shard_steps.SUM_EXP_SHIFTED] if need_entropy else None)
+                shard_steps.exp_sums_(z, e, stats, layout)
             shard_steps.all_reduce_statistics(stats, shard)
-            ce_c, weight_c, entropy_c, _ = shard_steps.token_losses(stats, spec, shard.vocab_size)
-            ce[start:end] = ce_c
-            token_weight[start:end] = weight_c
-            if need_entropy:
-                entropy[start:end] = entropy_c
+            out = shard_steps.token_losses(stats, spec, shard, chunk_max, layout)
+            loss[start:end] = out.loss
+            ce[start:end] = out.ce
+            token_weight[start:end] = out.weight
+            if layout.entropy:
+                entropy[start:end] = out.entropy
+            if z_loss is not None:
+                z_loss[start:end] = out.z_loss
 
             if not need_grad or owned == 0:
                 continue
-            # --- this chunk's logit gradient, in e's storage: mask * w * (softmax - onehot) ---
-            scale = mask_1d[start:end] * weight_c  # [c]
-            shard_steps.softmax_grad_(e, scale / stats[shard_steps.SUM_EXP], scale * here.float(), tgt)
+            # --- this chunk's logit gradient, in e's storage: mask * w * (dl / dz) (megatron_mile.loss.shard) ---
+            scale = mask_1d[start:end] * out.weight  # [c]
+            target_scale, uniform_scale = shard_steps.target_and_uniform_scales(spec, shard.vocab_size, scale, here)
+            prob_scale = scale if out.prob_scale is None else scale * out.prob_scale
+            shard_steps.softmax_grad_(e, prob_scale / stats[shard_steps.SUM_EXP], target_scale, tgt, uniform_scale)
             if not low_precision:
                 if grad_hidden_needed:
                     torch.mm(e, weight_owned, out=grad_hidden_acc[start:end])
@@ -247,9 +274,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 staged_from = end
 
         del z_buf, e_buf
-        shard_steps.zero_ignored_(ignored, ce, token_weight, entropy)
-        # The same arithmetic as reduction.reduce_micro_batch: (w * mask) * ce, summed.
-        weighted_ce_sum = ((token_weight * mask_1d) * ce).sum()
+        shard_steps.zero_ignored_(ignored, loss, ce, token_weight, entropy, z_loss)
+        # The same arithmetic as reduction.reduce_micro_batch: (w * mask) * l, summed.
+        weighted_loss_sum = ((token_weight * mask_1d) * loss).sum()
 
         ctx.grad_hidden = grad_hidden_acc
         ctx.grad_weight = grad_weight_acc
@@ -258,13 +285,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.tp_group = shard.tp_group if shard.tp_size > 1 and reduce_grad_hidden else None
 
         shape = target.shape
-        entropy_out = entropy.view(shape) if entropy is not None else torch.empty(0, device=device)
-        outputs = (weighted_ce_sum, ce.view(shape), token_weight.view(shape), entropy_out)
+        empty = torch.empty(0, device=device)
+        outputs = (weighted_loss_sum, loss.view(shape), token_weight.view(shape),
+                   entropy.view(shape) if entropy is not None else empty, ce.view(shape),
+                   z_loss.view(shape) if z_loss is not None else empty)
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
-    def backward(ctx, grad_sum, _grad_ce, _grad_weight, _grad_entropy):
+    def backward(ctx, grad_sum, *_grad_per_token):
         """Scale the gradients computed in forward by the incoming scalar; all-reduce grad_hidden over TP.
 
         Collective: all-reduce SUM of [N, h] fp32 on the TP group (skipped at TP 1 or with
@@ -326,7 +355,7 @@ def fused_linear_cross_entropy(
     return_entropy: bool = False,
     reduce_grad_hidden: bool = True,
 ) -> FusedLinearCrossEntropyOutput:
-    """Output projection + weighted loss in chunks: sum(mask * w * ce) of logits = hidden @ weight^T.
+    """Output projection + weighted loss in chunks: sum(mask * w * l) of logits = hidden @ weight^T.
 
     Equal (to rounding) to `vocab_parallel_weighted_cross_entropy(hidden @ weight.T, ...)` followed by
     `sum(loss_mask * w * ce)`, but the [s, b, V/tp] logits are never held: see the module docstring.
@@ -370,7 +399,7 @@ def fused_linear_cross_entropy(
     grad_enabled = torch.is_grad_enabled()
     grad_hidden_needed = grad_enabled and hidden.requires_grad
     grad_weight_needed = grad_enabled and weight.requires_grad
-    weighted_ce_sum, ce, token_weight, entropy = _FusedLinearCrossEntropy.apply(
+    weighted_loss_sum, *per_token = _FusedLinearCrossEntropy.apply(
         hidden,
         weight,
         target,
@@ -384,4 +413,4 @@ def fused_linear_cross_entropy(
         grad_weight_needed,
         reduce_grad_hidden,
     )
-    return FusedLinearCrossEntropyOutput(weighted_ce_sum, ce, token_weight, entropy)
+    return FusedLinearCrossEntropyOutput(weighted_loss_sum, TokenLosses(*per_token))

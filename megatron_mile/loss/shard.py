@@ -3,17 +3,25 @@
 Each tensor-parallel rank holds a contiguous slice of the padded vocabulary ([..., V_padded/tp] logits, or
 the [V_padded/tp, h] output-layer rows the fused path multiplies by). Per token, both paths
 (megatron_mile.loss.vocab_parallel on given logits, megatron_mile.loss.fused_linear_cross_entropy on logits
-it computes chunk by chunk) need the same three sums over the WHOLE real vocabulary, shifted by the global
+it computes chunk by chunk) need the same sums over the WHOLE real vocabulary, shifted by the global
 maximum m so that every rank's partial sums add up exactly:
 
     z_t = logit of the target - m           (owned by exactly one rank; zero elsewhere)
     S   = sum_v exp(z_v - m)                 (softmax denominator)
     T   = sum_v exp(z_v - m) * (z_v - m)     (entropy statistic, only when needed)
+    U   = sum_v (z_v - m)                    (label smoothing's mean log-probability, only when needed)
 
-then ce = log S - z_t and H = log S - T / S (the entropy of softmax(z) in nats; derivation in
-docs/mile-loss.md), the weight from the LossSpec, and the logit gradient
-scale * (softmax - onehot(target)). This module holds those steps once; the two paths differ only in where
-the logits come from and when the gradient is formed.
+then ce = log S - z_t, H = log S - T / S (the entropy of softmax(z) in nats; derivation in
+docs/mile-loss.md), log Z = log S + m, mean_v log p_v = U / V - log S, the weight from the LossSpec, the
+per-token loss l = (1 - s) ce - s mean_v log p_v + c (log Z)^2 (s = alpha V / (V - 1): label smoothing as
+megatron-core defines it; c: z-loss), and its logit gradient
+
+    d l / d z_v = (1 + 2 c log Z) p_v - (1 - s) [v == target] - s / V.
+
+This module holds those steps once; the two paths differ only in where the logits come from and when the
+gradient is formed. Logits of -inf (masked vocabulary entries) and the largest finite bf16 values give
+finite statistics: p_v = 0 entries add 0 to S and T (the shifted logits are clamped to the lowest finite
+float before T's product, so 0 * -inf never forms a NaN).
 
 Communication: `all_reduce_max` (MAX of [N] fp32) and `all_reduce_statistics` (one SUM of the packed [k, N]
 fp32) on the tensor-parallel group; nothing else here communicates.
@@ -33,8 +41,12 @@ from megatron_mile.loss.spec import LossSpec, TokenStatistics
 # torch.nn.functional.cross_entropy. Megatron's data pipeline uses a loss mask instead; both work.
 DEFAULT_IGNORE_INDEX = -100
 
-# Rows of the packed per-token statistics (one all-reduce SUM carries them all).
-TARGET_LOGIT, SUM_EXP, SUM_EXP_SHIFTED = 0, 1, 2
+# Rows of the packed per-token statistics (one all-reduce SUM carries them all); the optional rows follow
+# (StatisticsLayout).
+TARGET_LOGIT, SUM_EXP = 0, 1
+
+# z - m is clamped here before T = sum e (z - m): exp of it is 0 and 0 * it is 0, where -inf would give NaN.
+_LOWEST = torch.finfo(torch.float32).min
 
 
 def tp_group_or_default(tp_group):
@@ -134,9 +146,33 @@ def targets_on_shard(target: torch.Tensor, shard: VocabShard, ignore_index: Opti
     return ShardTargets(local, here, ignored)
 
 
-def new_statistics(num_tokens: int, need_entropy: bool, device) -> torch.Tensor:
-    """Zeroed packed statistics [k, N] fp32: rows TARGET_LOGIT, SUM_EXP and (need_entropy) SUM_EXP_SHIFTED."""
-    return torch.zeros((3 if need_entropy else 2, num_tokens), dtype=torch.float32, device=device)
+@dataclass(frozen=True)
+class StatisticsLayout:
+    """Which optional rows the packed [k, N] statistics hold: T (entropy) and U (sum of shifted logits)."""
+
+    entropy: bool
+    logit_sum: bool
+
+    @classmethod
+    def of(cls, spec: LossSpec, want_entropy: bool) -> "StatisticsLayout":
+        return cls(spec.needs_entropy or want_entropy, spec.needs_logit_sum)
+
+    @property
+    def rows(self) -> int:
+        return 2 + int(self.entropy) + int(self.logit_sum)
+
+    @property
+    def entropy_row(self) -> Optional[int]:
+        return 2 if self.entropy else None
+
+    @property
+    def logit_sum_row(self) -> Optional[int]:
+        return 2 + int(self.entropy) if self.logit_sum else None
+
+
+def new_statistics(num_tokens: int, layout: StatisticsLayout, device) -> torch.Tensor:
+    """Zeroed packed statistics [k, N] fp32: rows TARGET_LOGIT, SUM_EXP, then the layout's optional rows."""
+    return torch.zeros((layout.rows, num_tokens), dtype=torch.float32, device=device)
 
 
 def put_target_logit(stats: torch.Tensor, shifted_target_logit: torch.Tensor, targets: ShardTargets) -> None:
@@ -145,18 +181,22 @@ def put_target_logit(stats: torch.Tensor, shifted_target_logit: torch.Tensor, ta
     stats[TARGET_LOGIT].copy_(value)
 
 
-def exp_sums_(shifted: torch.Tensor, exps: torch.Tensor, sum_exp: torch.Tensor,
-              sum_exp_shifted: Optional[torch.Tensor]) -> None:
-    """One chunk's S (and T): exps = exp(shifted); sum_exp = sum exps; sum_exp_shifted = sum exps * shifted.
+def exp_sums_(shifted: torch.Tensor, exps: torch.Tensor, stats: torch.Tensor, layout: StatisticsLayout) -> None:
+    """One chunk's sums: S = sum exp(shifted) and, as the layout asks, T = sum exp(shifted) * shifted and
+    U = sum shifted, into the chunk's columns `stats` [k, n] of the packed statistics.
 
-    shifted [n, v] = z - m, fp32, OVERWRITTEN with exps * shifted when T is asked for; exps [n, v] fp32 output
-    (may be any fp32 storage the caller wants exp(z - m) kept in); sum_exp / sum_exp_shifted [n] outputs.
+    shifted [n, v] = z - m, fp32, OVERWRITTEN (clamped, then exps * shifted) when T is asked for; exps [n, v]
+    fp32 output (any fp32 storage the caller wants exp(z - m) kept in).
     """
+    if layout.logit_sum:
+        torch.sum(shifted, dim=-1, out=stats[layout.logit_sum_row])
+    if layout.entropy:
+        shifted.clamp_(min=_LOWEST)  # -inf (masked entries, overflowed differences) -> finite
     torch.exp(shifted, out=exps)
-    torch.sum(exps, dim=-1, out=sum_exp)
-    if sum_exp_shifted is not None:
+    torch.sum(exps, dim=-1, out=stats[SUM_EXP])
+    if layout.entropy:
         shifted.mul_(exps)  # e * (z - m), in place: the shifted logits are not needed any more
-        torch.sum(shifted, dim=-1, out=sum_exp_shifted)
+        torch.sum(shifted, dim=-1, out=stats[layout.entropy_row])
 
 
 def all_reduce_max(values: torch.Tensor, shard: VocabShard) -> None:
@@ -171,31 +211,78 @@ def all_reduce_statistics(stats: torch.Tensor, shard: VocabShard) -> None:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=shard.tp_group)
 
 
-class TokenLosses(NamedTuple):
-    """Per-token results, fp32. ce carries the gradient (where the path gives one); the rest are detached.
+@dataclass(frozen=True)
+class TokenLosses:
+    """Per-token results, fp32, the shape of the targets.
 
-    entropy is an EMPTY tensor when it was neither needed by the weighting nor asked for.
+    loss: the training loss l (cross-entropy, with label smoothing and z-loss when the spec has them),
+        carrying the gradient (where the path gives one).
+    weight, entropy, ce, z_loss: detached. ce is the plain cross-entropy (equal to loss without smoothing or
+        z-loss); z_loss is c (log Z)^2 (zeros without); entropy is an EMPTY tensor when it was neither needed
+        by the weighting nor asked for.
+    Ignored tokens (ignore_index) are 0 in every field.
     """
 
-    ce: torch.Tensor
+    loss: torch.Tensor
     weight: torch.Tensor
     entropy: torch.Tensor
+    ce: torch.Tensor
+    z_loss: torch.Tensor
 
 
-def token_losses(stats: torch.Tensor, spec: LossSpec, vocab_size: int):
-    """From the all-reduced packed statistics [k, N] to (ce, weight, entropy or None, log S), each [N] fp32.
+class ShardResults(NamedTuple):
+    """token_losses' per-token values [N] fp32 for one call (or chunk), before ignore-masking."""
 
-    ce = log S - z_t, H = log S - T / S (clamped at 0 against rounding), weight = spec.token_weight.
-    log S is shifted by the global max m (the caller adds m back where it needs log Z).
+    loss: torch.Tensor
+    ce: torch.Tensor
+    weight: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    z_loss: Optional[torch.Tensor]
+    log_sum_exp: torch.Tensor  # log S, shifted by the max
+    prob_scale: Optional[torch.Tensor]  # 1 + 2 c log Z: the z-loss's factor on the softmax in the gradient
+
+
+def token_losses(stats: torch.Tensor, spec: LossSpec, shard: "VocabShard", logits_max: torch.Tensor,
+                 layout: StatisticsLayout) -> ShardResults:
+    """From the all-reduced packed statistics [k, N] and the global max m [N] to the per-token values.
+
+    ce = log S - z_t; H = log S - T / S (clamped at 0 against rounding); log Z = log S + m; the loss
+    l = (1 - s) ce - s (U / V - log S) + c (log Z)^2 (module docstring); weight = spec.token_weight of the
+    model's own statistics. No communication.
     """
-    log_sum_exp = torch.log(stats[SUM_EXP])  # [N]
+    sum_exp = stats[SUM_EXP]
+    log_sum_exp = torch.log(sum_exp)  # [N]
     ce = log_sum_exp - stats[TARGET_LOGIT]
     entropy = None
-    if stats.size(0) > SUM_EXP_SHIFTED:
+    if layout.entropy:
         # H = log S - T / S >= 0; clamp the rounding error that can make it a hair negative.
-        entropy = (log_sum_exp - stats[SUM_EXP_SHIFTED] / stats[SUM_EXP]).clamp_(min=0.0)
-    weight = spec.token_weight(TokenStatistics(ce, entropy, vocab_size))
-    return ce, weight, entropy, log_sum_exp
+        entropy = (log_sum_exp - stats[layout.entropy_row] / sum_exp).clamp_(min=0.0)
+    log_z = log_sum_exp + logits_max
+    statistics = TokenStatistics(ce, entropy, shard.vocab_size, log_z=log_z, max_prob=sum_exp.reciprocal())
+    weight = spec.token_weight(statistics)
+    loss = ce
+    if spec.label_smoothing > 0:
+        vocab = shard.vocab_size
+        smoothing = spec.label_smoothing * vocab / (vocab - 1)
+        mean_log_prob = stats[layout.logit_sum_row] / vocab - log_sum_exp
+        loss = (1.0 - smoothing) * ce - smoothing * mean_log_prob
+    z_loss = prob_scale = None
+    if spec.z_loss_coeff > 0:
+        z_loss = spec.z_loss_coeff * log_z.square()
+        loss = loss + z_loss
+        prob_scale = 1.0 + (2.0 * spec.z_loss_coeff) * log_z
+    if loss is ce:
+        loss = ce.clone()  # the differentiable output must not share storage with the detached ce
+    return ShardResults(loss, ce, weight, entropy, z_loss, log_sum_exp, prob_scale)
+
+
+def target_and_uniform_scales(spec: LossSpec, vocab_size: int, scale: torch.Tensor, here: torch.Tensor):
+    """The gradient's per-token terms for an upstream `scale` [N]: (subtracted at the owned target column,
+    subtracted from every real column or None): (1 - s) scale [target here] and s scale / V."""
+    if spec.label_smoothing > 0:
+        smoothing = spec.label_smoothing * vocab_size / (vocab_size - 1)
+        return (1.0 - smoothing) * scale * here.float(), (smoothing / vocab_size) * scale
+    return scale * here.float(), None
 
 
 def zero_ignored_(ignored: Optional[torch.Tensor], *per_token: Optional[torch.Tensor]) -> None:
@@ -209,12 +296,15 @@ def zero_ignored_(ignored: Optional[torch.Tensor], *per_token: Optional[torch.Te
 
 
 def softmax_grad_(exps: torch.Tensor, row_scale: torch.Tensor, target_scale: torch.Tensor,
-                  local_target: torch.Tensor) -> None:
-    """Turn exp(z - m) [n, v] into scale * (softmax - onehot(target)) in place.
+                  local_target: torch.Tensor, uniform_scale: Optional[torch.Tensor] = None) -> None:
+    """Turn exp(z - m) [n, v] into the logit gradient in place: row_scale * exp - target_scale [target]
+    - uniform_scale.
 
-    row_scale [n] multiplies each row (scale / S, which normalises exp into softmax); target_scale [n] is
-    subtracted at each token's target column `local_target` [n] (0 where the target is on another rank).
-    d ce / d z_v = softmax(z)_v - [v == target].
+    row_scale [n] multiplies each row (g (1 + 2 c log Z) / S normalises exp into the scaled softmax);
+    target_scale [n] is subtracted at each token's target column `local_target` [n] (0 where the target is on
+    another rank); uniform_scale [n] (label smoothing) from every column. See the module docstring.
     """
     exps.mul_(row_scale[:, None])
+    if uniform_scale is not None:
+        exps.sub_(uniform_scale[:, None])
     exps[torch.arange(exps.size(0), device=exps.device), local_target] -= target_scale

@@ -35,14 +35,23 @@ import torch
 class TokenStatistics:
     """Per-token statistics of the whole (real) vocabulary, fp32 [N], detached.
 
-    ce: cross-entropy log Z - z_target (nats).
-    entropy: H = -sum_v p_v log p_v (nats), or None when no weighting or caller asked for it.
+    ce: cross-entropy log Z - z_target (nats), without label smoothing or z-loss.
+    entropy: H = -sum_v p_v log p_v (nats), or None when neither the weighting nor the caller asked for it.
+    log_z: log Z = log sum_v exp(z_v), the log-partition function.
+    max_prob: the largest predicted probability, max_v p_v = exp(max_v z_v - log Z).
     vocab_size: the real vocabulary size V (e.g. for the normalised entropy H / ln V).
     """
 
     ce: torch.Tensor
     entropy: Optional[torch.Tensor]
     vocab_size: int
+    log_z: Optional[torch.Tensor] = None
+    max_prob: Optional[torch.Tensor] = None
+
+    @property
+    def p_target(self) -> torch.Tensor:
+        """The predicted probability of the target token, exp(-ce)."""
+        return torch.exp(-self.ce)
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,13 @@ def _mile_weight(stats: TokenStatistics, spec: "LossSpec") -> torch.Tensor:
     return weight
 
 
+@register_weighting("dft", needs_entropy=False, description="w = p_target")
+def _dft_weight(stats: TokenStatistics, spec: "LossSpec") -> torch.Tensor:
+    # Probability scaling as in dynamic fine-tuning (DFT, arXiv 2508.05629): each token's cross-entropy is
+    # scaled by its own detached predicted probability, the reverse of focal loss (confident tokens count more).
+    return stats.p_target
+
+
 def loss_types() -> Tuple[str, ...]:
     """The registered loss types, in registration order (the --loss-type choices)."""
     return tuple(WEIGHTINGS)
@@ -107,10 +123,17 @@ LOSS_TYPES = loss_types()
 class LossSpec:
     """Frozen, validated description of the training loss.
 
-    loss_type: a registered weighting (`loss_types()`): cross_entropy, focal or mile.
+    loss_type: a registered weighting (`loss_types()`): cross_entropy, focal, mile or dft.
     gamma: the exponent of focal and MiLe (>= 0; 0 gives cross-entropy).
     sigma: MiLe's offset (> 0; the paper uses 1).
     entropy_threshold: MiLe only, in [0, 1] or None (off).
+    label_smoothing: alpha in [0, 1): the target distribution puts 1 - alpha on the target and spreads alpha
+        evenly over the other V - 1 tokens (megatron-core's definition). Any weighting.
+    z_loss_coeff: c >= 0: adds c * (log Z)^2 to every token's loss (PaLM's z-loss). Any weighting.
+
+    The per-token training loss is l = (1 - s) ce - s mean_v log p_v + c (log Z)^2, s = alpha V / (V - 1),
+    weighted and normalised as the main loss: L = sum_t w_t l_t / sum_t w_t. The weight w comes from the
+    model's own distribution (ce, H, ...), never from the smoothing or the z-loss.
 
     Raises ValueError naming the field when a value is out of range.
     """
@@ -119,6 +142,8 @@ class LossSpec:
     gamma: float = 1.0
     sigma: float = 1.0
     entropy_threshold: Optional[float] = None
+    label_smoothing: float = 0.0
+    z_loss_coeff: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss_type not in WEIGHTINGS:
@@ -138,7 +163,14 @@ class LossSpec:
                     "entropy_threshold is a normalised entropy H / ln(vocab_size) and must lie in [0, 1], "
                     f"got {threshold!r}"
                 )
+        ls, zc = self.label_smoothing, self.z_loss_coeff
+        if not (isinstance(ls, (int, float)) and 0.0 <= ls < 1.0):
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {ls!r}")
+        if not (isinstance(zc, (int, float)) and math.isfinite(zc) and zc >= 0):
+            raise ValueError(f"z_loss_coeff must be a finite number >= 0 (PaLM uses 1e-4), got {zc!r}")
         # Plain floats, so that the spec hashes, compares and prints the same whatever the caller passed.
+        object.__setattr__(self, "label_smoothing", float(ls))
+        object.__setattr__(self, "z_loss_coeff", float(zc))
         object.__setattr__(self, "gamma", float(gamma))
         object.__setattr__(self, "sigma", float(sigma))
         if threshold is not None:
@@ -147,7 +179,8 @@ class LossSpec:
     @classmethod
     def from_config(cls, loss_config) -> "LossSpec":
         """The spec of a run's LossConfig (megatron_mile.config), whose defaults it resolves."""
-        return cls(loss_config.loss_type, loss_config.gamma, loss_config.sigma, loss_config.mile_entropy_threshold)
+        return cls(loss_config.loss_type, loss_config.gamma, loss_config.sigma, loss_config.mile_entropy_threshold,
+                   loss_config.label_smoothing, loss_config.z_loss_coeff)
 
     @property
     def weighting(self) -> Weighting:
@@ -158,6 +191,11 @@ class LossSpec:
         """Whether the weight is a function of the entropy (the pass then computes it for free)."""
         return self.weighting.needs_entropy
 
+    @property
+    def needs_logit_sum(self) -> bool:
+        """Whether the loss needs sum_v z_v (label smoothing's mean log-probability): one more statistic."""
+        return self.label_smoothing > 0.0
+
     def token_weight(self, stats: TokenStatistics) -> torch.Tensor:
         """The detached per-token weight [N] fp32 from the statistics [N] (entropy set when needs_entropy)."""
         if self.needs_entropy and stats.entropy is None:
@@ -166,7 +204,9 @@ class LossSpec:
 
     def describe(self) -> str:
         """One line for logs: the loss type and the parameters its weighting reads."""
-        params = ", ".join(f"{name}={getattr(self, name)}" for name in self.weighting.parameters)
+        names = list(self.weighting.parameters)
+        names += [name for name in ("label_smoothing", "z_loss_coeff") if getattr(self, name) > 0]
+        params = ", ".join(f"{name}={getattr(self, name)}" for name in names)
         return f"{self.loss_type} ({params})" if params else self.loss_type
 
 

@@ -48,7 +48,8 @@ def _rows_per_chunk(columns: int) -> int:
 
 
 class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
-    """ce = log S - z_t with a detached per-token weight; see the module docstring.
+    """The per-token loss l (ce = log S - z_t, with label smoothing and z-loss as the spec says) and its
+    detached weight, entropy, plain ce and z-loss; see the module docstring and megatron_mile.loss.shard.
 
     Forward collectives (shard.tp_group): all-reduce MAX [N], then all-reduce SUM [k, N]. Backward: none.
     """
@@ -77,10 +78,8 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
             logits_max = torch.full((num_tokens,), float("-inf"), device=device)
         shard_steps.all_reduce_max(logits_max, shard)
 
-        need_entropy = spec.needs_entropy or want_entropy
-        stats = shard_steps.new_statistics(num_tokens, need_entropy, device)  # [k, N]
-        sum_exp = stats[shard_steps.SUM_EXP]
-        sum_exp_shifted = stats[shard_steps.SUM_EXP_SHIFTED] if need_entropy else None
+        layout = shard_steps.StatisticsLayout.of(spec, want_entropy)
+        stats = shard_steps.new_statistics(num_tokens, layout, device)  # [k, N]
 
         # Target logit, picked on the rank that owns it. Picked before step 2, which may overwrite the logits.
         targets = shard_steps.targets_on_shard(target.reshape(-1), shard, ignore_index)
@@ -92,7 +91,7 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         # That needs logits_2d to be the logits' own storage, i.e. contiguous logits.
         keep_exps = reuse_logits_for_grad and logits.dtype == torch.float32 and logits.is_contiguous()
 
-        # --- 2. one pass over the logits in chunks: S and (when needed) T ---
+        # --- 2. one pass over the logits in chunks: S and (when needed) T and U ---
         if owned > 0 and num_tokens > 0:
             rows = min(_rows_per_chunk(owned), num_tokens)
             shifted = torch.empty((rows, owned), dtype=torch.float32, device=device)
@@ -103,39 +102,41 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
                 z = shifted[:n]
                 torch.sub(logits_2d[start:end, :owned], logits_max[start:end, None], out=z)
                 shard_steps.exp_sums_(
-                    z,
-                    logits_2d[start:end, :owned] if keep_exps else exps[:n],
-                    sum_exp[start:end],
-                    sum_exp_shifted[start:end] if need_entropy else None,
+                    z, logits_2d[start:end, :owned] if keep_exps else exps[:n], stats[:, start:end], layout
                 )
 
         # --- 3. collective 2: ONE SUM of the packed statistics ---
         shard_steps.all_reduce_statistics(stats, shard)
-        ce, weight, entropy, log_sum_exp = shard_steps.token_losses(stats, spec, shard.vocab_size)
-        shard_steps.zero_ignored_(targets.ignored, ce, weight, entropy)
+        out = shard_steps.token_losses(stats, spec, shard, logits_max, layout)
+        shard_steps.zero_ignored_(targets.ignored, out.loss, out.ce, out.weight, out.entropy, out.z_loss)
 
         # Backward turns row r of the saved logits into softmax with one number per token: the log-sum-exp
         # to subtract (logits kept) or 1 / S to multiply by (logits overwritten with exp(z - m)).
-        softmax_from_saved = sum_exp.reciprocal() if keep_exps else logits_max + log_sum_exp  # [N]
-        ctx.save_for_backward(logits, softmax_from_saved, targets.local, targets.here, targets.ignored)
+        sum_exp = stats[shard_steps.SUM_EXP]
+        softmax_from_saved = sum_exp.reciprocal() if keep_exps else logits_max + out.log_sum_exp  # [N]
+        ctx.save_for_backward(logits, softmax_from_saved, targets.local, targets.here, targets.ignored,
+                              out.prob_scale)
+        ctx.spec, ctx.vocab_size = spec, shard.vocab_size
         ctx.owned = owned
         ctx.keep_exps = keep_exps
         ctx.reuse_logits_for_grad = reuse_logits_for_grad and logits.dtype == torch.float32
         shape = target.shape
-        weight = weight.view(shape)
-        entropy = entropy.view(shape) if entropy is not None else torch.empty(0, device=device)
-        ctx.mark_non_differentiable(weight, entropy)
-        return ce.view(shape), weight, entropy
+        empty = torch.empty(0, device=device)
+        detached = [out.weight.view(shape), out.entropy.view(shape) if out.entropy is not None else empty,
+                    out.ce.view(shape), out.z_loss.view(shape) if out.z_loss is not None else empty]
+        ctx.mark_non_differentiable(*detached)
+        return (out.loss.view(shape), *detached)
 
     @staticmethod
-    def backward(ctx, grad_ce, _grad_weight, _grad_entropy):
-        """d ce / d z_v = softmax(z)_v - [v == target], times the incoming gradient. No communication."""
-        logits, softmax_from_saved, local_target, target_here, ignored = ctx.saved_tensors
+    def backward(ctx, grad_loss, *_grad_detached):
+        """d l / d z_v = (1 + 2 c log Z) p_v - (1 - s) [v == target] - s / V, times the incoming gradient
+        (shard.py). No communication."""
+        logits, softmax_from_saved, local_target, target_here, ignored, prob_scale = ctx.saved_tensors
         owned = ctx.owned
         partition = logits.size(-1)
         logits_2d = logits.reshape(-1, partition)  # [N, v/tp]
         num_tokens = logits_2d.size(0)
-        grad_scale = grad_ce.reshape(-1).float()  # [N]
+        grad_scale = grad_loss.reshape(-1).float()  # [N]
         if ignored is not None:
             grad_scale = grad_scale.masked_fill(ignored, 0.0)
         # The one full-size allocation of the loss, in the logits' dtype; none at all when the caller lets
@@ -143,11 +144,15 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         grad = logits_2d if ctx.reuse_logits_for_grad else torch.empty_like(logits_2d)
         if owned < partition:
             grad[:, owned:] = 0  # padded vocabulary columns take no part
-        target_grad = grad_scale * target_here.float()  # [N]: subtracted at the owned target
+        # [N] each: subtracted at the owned target, and (label smoothing) from every real column.
+        target_grad, uniform_grad = shard_steps.target_and_uniform_scales(ctx.spec, ctx.vocab_size, grad_scale,
+                                                                          target_here)
+        prob_grad = grad_scale if prob_scale is None else grad_scale * prob_scale  # [N]: the softmax's factor
         if owned > 0 and num_tokens > 0 and ctx.keep_exps:
-            # grad is logits_2d, which holds exp(z - m): softmax * grad_scale = that * (grad_scale / S).
+            # grad is logits_2d, which holds exp(z - m): softmax * prob_grad = that * (prob_grad / S).
             # One streaming multiply, then the target correction; nothing to recompute, so no chunks.
-            shard_steps.softmax_grad_(grad[:, :owned], softmax_from_saved * grad_scale, target_grad, local_target)
+            shard_steps.softmax_grad_(grad[:, :owned], softmax_from_saved * prob_grad, target_grad, local_target,
+                                      uniform_grad)
         elif owned > 0 and num_tokens > 0:
             rows = min(_rows_per_chunk(owned), num_tokens)
             # fp32 logits: compute straight into the gradient rows; otherwise in an fp32 scratch buffer.
@@ -157,8 +162,9 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
                 end = min(start + rows, num_tokens)
                 out = grad[start:end] if direct else scratch[: end - start]
                 torch.sub(logits_2d[start:end, :owned], softmax_from_saved[start:end, None], out=out)
-                out.exp_()  # exp(z - log Z) = softmax, so the row scale is the incoming gradient alone
-                shard_steps.softmax_grad_(out, grad_scale[start:end], target_grad[start:end], local_target[start:end])
+                out.exp_()  # exp(z - log Z) = softmax, so the row scale is the softmax's factor alone
+                shard_steps.softmax_grad_(out, prob_grad[start:end], target_grad[start:end], local_target[start:end],
+                                          None if uniform_grad is None else uniform_grad[start:end])
                 if not direct:
                     grad[start:end, :owned].copy_(out)
         return grad.view_as(logits), None, None, None, None, None, None
@@ -181,7 +187,7 @@ def vocab_parallel_weighted_cross_entropy(
     compute_entropy: bool = False,
     reuse_logits_for_grad: bool = False,
 ) -> TokenLosses:
-    """Per-token cross-entropy, its detached `spec` weight and the entropy, with the vocabulary split over TP.
+    """Per-token loss, its detached `spec` weight, entropy, cross-entropy and z-loss, vocabulary split over TP.
 
     The general form behind vocab_parallel_mile / vocab_parallel_focal / vocab_parallel_cross_entropy.
 
@@ -189,7 +195,8 @@ def vocab_parallel_weighted_cross_entropy(
         logits: [s, b, V_padded/tp] this rank's vocabulary shard, fp32 or bf16. Never modified, unless
             reuse_logits_for_grad.
         target: [s, b] global token ids in [0, vocab_size), or ignore_index.
-        spec: the loss (megatron_mile.loss.spec.LossSpec): which weighting, with which parameters.
+        spec: the loss (megatron_mile.loss.spec.LossSpec): which weighting, with which parameters, and
+            optionally label smoothing and z-loss.
         vocab_size: the real vocabulary; columns at or beyond it (padding) are excluded. Default: tp *
             logits.size(-1), i.e. no padding.
         tp_group: the tensor-parallel group; defaults to megatron's, or a single process when megatron's
@@ -204,16 +211,18 @@ def vocab_parallel_weighted_cross_entropy(
             Non-contiguous fp32 logits are left intact and backward recomputes the softmax into them.
 
     Returns:
-        TokenLosses: ce [s, b] fp32 with gradient to `logits`; weight [s, b] fp32 detached; entropy [s, b]
-        fp32 detached when computed (the weighting needs it, or compute_entropy), else an empty tensor.
-        Ignored positions have ce = weight = entropy = 0.
+        TokenLosses (megatron_mile.loss.shard): loss [s, b] fp32 with gradient to `logits` (the
+        cross-entropy, label-smoothed and with the z-loss when the spec has them); weight, ce and z_loss
+        [s, b] fp32 detached; entropy [s, b] fp32 detached when computed (the weighting needs it, or
+        compute_entropy), else an empty tensor. Ignored positions are 0 in every field. Logits of -inf
+        (masked entries) give finite ce / entropy / weight over the remaining entries.
 
     Raises:
         ValueError naming the argument for non-float logits, a target of the wrong shape, dtype or range,
         or a vocab_size that does not fit the shards.
 
     Collectives on tp_group (forward only): all-reduce MAX of [N] fp32, then one all-reduce SUM of
-    [k, N] fp32 (k = 3 when the entropy is computed, else 2). Backward: none.
+    [k, N] fp32 (k = 2, plus 1 when the entropy is computed, plus 1 with label smoothing). Backward: none.
     """
     _validate_logits(logits)
     shard = VocabShard.of(logits.size(-1), vocab_size, tp_group)
@@ -239,7 +248,8 @@ def vocab_parallel_mile(
     vocab_parallel_weighted_cross_entropy (MAX [N], then one SUM [3, N]; none in backward).
     """
     spec = LossSpec("mile", gamma, sigma, entropy_threshold)
-    return vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab_size, ignore_index, tp_group)[:2]
+    out = vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab_size, ignore_index, tp_group)
+    return out.loss, out.weight
 
 
 def vocab_parallel_focal(
@@ -255,19 +265,35 @@ def vocab_parallel_focal(
     Collectives: MAX [N], then one SUM [2, N]; none in backward.
     """
     spec = LossSpec("focal", gamma)
-    return vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab_size, ignore_index, tp_group)[:2]
+    out = vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab_size, ignore_index, tp_group)
+    return out.loss, out.weight
 
 
-def vocab_parallel_cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    vocab_size: Optional[int] = None,
-    tp_group=None,
-    ignore_index: Optional[int] = DEFAULT_IGNORE_INDEX,
-):
-    """Plain cross-entropy in the same form: ce [s, b] (with gradient) and w = 1 [s, b].
+def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor,
+                                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """megatron-core's `tensor_parallel.vocab_parallel_cross_entropy`, same signature and return: a drop-in.
 
-    Unlike megatron-core's function it leaves the logits untouched and excludes vocabulary padding.
-    Collectives: MAX [N], then one SUM [2, N]; none in backward.
+    Args:
+        vocab_parallel_logits: [s, b, V/tp] this rank's shard of the logits (every column is vocabulary, as
+            in megatron-core: no padding is excluded), fp32 or bf16.
+        target: [s, b] token ids in [0, tp * V/tp).
+        label_smoothing: alpha in [0, 1), as megatron-core: 1 - alpha on the target, alpha spread over the
+            other V - 1 tokens; loss = (1 - s) ce - s mean_v log p_v with s = alpha V / (V - 1).
+
+    Returns:
+        the per-token loss [s, b] fp32, with gradient to the logits.
+
+    Differences from megatron-core, each deliberate: fp32 logits are overwritten in place as megatron-core
+    does, but with exp(z - max) (megatron-core leaves the softmax); bf16 logits are left untouched (megatron-
+    core works on an fp32 copy too). With label smoothing at TP > 1, mean_v log p_v is taken over the whole
+    vocabulary (one more row in the packed SUM), where megatron-core averages over each rank's shard, so its
+    ranks see different losses; here every TP size gives megatron-core's TP 1 value. Out-of-range targets
+    raise ValueError (megatron-core silently scores them as logit 0).
+
+    Collectives on megatron's tensor-parallel group: all-reduce MAX [N], one all-reduce SUM [k, N]
+    (k = 2, 3 with label smoothing); none in backward (megatron-core issues three forward).
     """
-    return vocab_parallel_weighted_cross_entropy(logits, target, CROSS_ENTROPY, vocab_size, ignore_index, tp_group)[:2]
+    spec = CROSS_ENTROPY if not label_smoothing else LossSpec("cross_entropy", label_smoothing=label_smoothing)
+    return vocab_parallel_weighted_cross_entropy(
+        vocab_parallel_logits, target, spec, ignore_index=None, reuse_logits_for_grad=True
+    ).loss

@@ -2,7 +2,8 @@
 
 - gpt: MileGPTModel (the loss where GPTModel computes its LM loss), layout-independent initialisation,
   megatron-core's TransformerConfig and layer spec for a run, and the model builder.
-- output: the per-token [b, s, 3] (ce, weight, entropy) contract between the model and the loss function.
+- output: the per-token [b, s, 5] (loss, ce, weight, entropy, z-loss) contract between the model and the loss
+  function.
 - fused_output_layer: the output layer and the loss as one fused linear cross-entropy (--fused-lm-head).
 """
 
@@ -16,12 +17,14 @@ from megatron_mile.model.gpt import (
     transformer_config,
     transformer_layer_spec,
 )
-from megatron_mile.model.output import CE, ENTROPY, WEIGHT, pack_token_losses
+from megatron_mile.model.output import CE, ENTROPY, LOSS, WEIGHT, Z_LOSS, pack_token_losses
 
 __all__ = [
     "CE",
     "ENTROPY",
+    "LOSS",
     "WEIGHT",
+    "Z_LOSS",
     "MileGPTModel",
     "SeededTransformerLayer",
     "build_model",

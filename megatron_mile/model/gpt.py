@@ -1,8 +1,8 @@
 """megatron-core's GPTModel with the MiLe / focal / cross-entropy loss where it computes its LM loss.
 
 `MileGPTModel.compute_language_model_loss` replaces megatron's vocab-parallel cross-entropy with
-megatron_mile.loss and returns, per token, the cross-entropy (with gradient), its detached weight and the
-detached entropy, packed as [b, s, 3] (megatron_mile.model.output). The training step's loss function turns
+megatron_mile.loss and returns, per token, the training loss (with gradient), the plain cross-entropy, the
+detached weight, entropy and z-loss, packed as [b, s, 5] (megatron_mile.model.output). The training step's loss function turns
 those into the exact global normalisation L = sum(w * ce) / sum(w) (megatron_mile.training.step). With
 --fused-lm-head the output layer and the loss run together without materialising the logits
 (megatron_mile.model.fused_output_layer), same contract.
@@ -56,7 +56,7 @@ class MileGPTModel(GPTModel):
         self.entropy_requested = False
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """labels [b, s], logits [s, b, V/tp] -> [b, s, 3]: ce (with gradient), weight, entropy.
+        """labels [b, s], logits [s, b, V/tp] -> [b, s, 5]: loss (with gradient), ce, weight, entropy, z-loss.
 
         Collectives: those of vocab_parallel_weighted_cross_entropy on the TP group (MAX, one SUM).
         """
@@ -72,7 +72,7 @@ class MileGPTModel(GPTModel):
             # fp32 logits come straight from the output layer and die here: let backward reuse them.
             reuse_logits_for_grad=True,
         )
-        return pack_token_losses(*losses)
+        return pack_token_losses(losses)
 
     def _postprocess(self, hidden_states, *args, **kwargs):
         """megatron's output layer + loss, or with fused_lm_head the fused one when a loss is asked for.

@@ -44,8 +44,10 @@ def format_train_log(
         f" training loss ({loss_type}): {stats.loss:.6E}",
         f" mean entropy: {stats.mean_entropy:.4f}",
         f" weight min/mean/max: {stats.weight_min:.4f}/{stats.weight_mean:.4f}/{stats.weight_max:.4f}",
-        f" loss scale: {1.0:.1f}",
     ]
+    if stats.z_loss:
+        parts.append(f" z loss: {stats.z_loss:.6E}")
+    parts.append(f" loss scale: {1.0:.1f}")
     if grad_norm is not None:
         parts.append(f" grad norm: {grad_norm:.3f}")
     parts += [
@@ -135,6 +137,7 @@ def step_scalars(stats: StepLoss, grad_norm: Optional[float], learning_rate: flo
         f"{prefix}/grad norm": grad_norm,
         f"{prefix}/learning rate": learning_rate,
         f"{prefix}/tokens per second": tokens_per_second,
+        **({f"{prefix}/z loss": stats.z_loss} if stats.z_loss else {}),
     }
 
 

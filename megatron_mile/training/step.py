@@ -27,10 +27,11 @@ from megatron.core.utils import get_model_config, unwrap_model
 
 from megatron_mile import device
 from megatron_mile.loss import MicroBatchLoss, StepLoss, all_reduce_step_loss, reduce_micro_batch
-from megatron_mile.model import CE, ENTROPY, WEIGHT, request_entropy
+from megatron_mile.model import CE, ENTROPY, LOSS, WEIGHT, Z_LOSS, request_entropy
 from megatron_mile.training.optimizer import step_unless_non_finite
 
-_STEP_LOSS_FIELDS = ("loss", "lm_loss", "weight_sum", "tokens", "mean_entropy", "weight_mean", "weight_min", "weight_max")
+_STEP_LOSS_FIELDS = ("loss", "lm_loss", "weight_sum", "tokens", "mean_entropy", "weight_mean", "weight_min", "weight_max",
+                     "z_loss")
 
 
 class LossCollector:
@@ -52,15 +53,16 @@ class LossCollector:
         self.token_values: List[torch.Tensor] = []
 
     def loss_func(self, loss_mask: torch.Tensor, output: torch.Tensor):
-        """Megatron schedule loss function: output [b, s, 3] (ce, w, H) -> (sum(w*ce), tokens, {}).
+        """Megatron schedule loss function: output [b, s, 5] (megatron_mile.model.output) -> (sum(w*l), tokens, {}).
 
         No communication.
         """
-        part = reduce_micro_batch(output[..., CE], output[..., WEIGHT], loss_mask, output[..., ENTROPY])
+        part = reduce_micro_batch(output[..., LOSS], output[..., WEIGHT], loss_mask, output[..., ENTROPY],
+                                  output[..., CE], output[..., Z_LOSS])
         self.parts.append(part)
         if self.keep_token_values:
             self.token_values.append(output.detach()[loss_mask > 0][:, [WEIGHT, ENTROPY]].float())  # [n, 2]
-        return part.weighted_ce_sum, loss_mask.sum().to(torch.int), {}
+        return part.weighted_loss_sum, loss_mask.sum().to(torch.int), {}
 
     def local_weight_sum(self) -> torch.Tensor:
         total = sum(float(p.sums[1]) for p in self.parts)
