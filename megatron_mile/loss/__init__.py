@@ -11,7 +11,7 @@
 """
 
 from megatron_mile.loss.reduction import MicroBatchLoss, StepLoss, all_reduce_step_loss, reduce_micro_batch
-from megatron_mile.loss.reference import reference_global_loss, reference_weighted_cross_entropy
+from megatron_mile.loss.reference import reference_global_loss, reference_token_losses, reference_weighted_cross_entropy
 from megatron_mile.loss.shard import DEFAULT_IGNORE_INDEX, TokenLosses
 from megatron_mile.loss.spec import (
     CROSS_ENTROPY,
@@ -43,6 +43,7 @@ __all__ = [
     "loss_types",
     "reduce_micro_batch",
     "reference_global_loss",
+    "reference_token_losses",
     "reference_weighted_cross_entropy",
     "register_weighting",
     "vocab_parallel_cross_entropy",

@@ -1,4 +1,4 @@
-"""Plain full-vocabulary implementations of the three losses, for tests and for readers.
+"""Plain full-vocabulary implementations of the losses, for tests and for readers.
 
 Everything here works on the whole vocabulary in one process with ordinary autograd, and is written to be
 obviously right rather than fast. megatron_mile.loss.vocab_parallel must agree with it on every shard.
@@ -6,7 +6,7 @@ obviously right rather than fast. megatron_mile.loss.vocab_parallel must agree w
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,63 @@ def reference_weighted_cross_entropy(
             raise ValueError(f"unknown loss_type {loss_type!r}")
         keep = (~ignored).float()
     return ce * keep, weight * keep, entropy * keep
+
+
+def reference_token_losses(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    loss_type: str = "cross_entropy",
+    gamma: float = 1.0,
+    sigma: float = 1.0,
+    vocab_size: Optional[int] = None,
+    entropy_threshold: Optional[float] = None,
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    z_loss_coeff: float = 0.0,
+) -> Dict[str, torch.Tensor]:
+    """Per-token {loss, ce, weight, entropy, z_loss} for full logits [..., V_padded], straight from the
+    definitions, in float64 (returned as fp32; loss keeps its gradient to `logits`).
+
+    - the smoothed target puts 1 - alpha on the target and alpha / (V - 1) on every other real token, and
+      the loss is its cross-entropy with softmax(z): -(1 - alpha) log p_t - alpha / (V - 1) sum_{v != t} log p_v;
+    - z-loss: z_loss_coeff * (logsumexp z)^2, added to the loss;
+    - entropy: sum_v entr(p_v), so entries with p = 0 (logits of -inf) add 0;
+    - weights as reference_weighted_cross_entropy, plus dft: w = p_target.
+    """
+    vocab_size = logits.size(-1) if vocab_size is None else vocab_size
+    z = logits[..., :vocab_size].double()
+    ignored = target == ignore_index if ignore_index is not None else torch.zeros_like(target, dtype=torch.bool)
+    safe_target = torch.where(ignored, torch.zeros_like(target), target)
+    log_probs = F.log_softmax(z, dim=-1)
+    target_log_prob = log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    ce = -target_log_prob
+    loss = ce
+    if label_smoothing > 0:
+        others = torch.where(F.one_hot(safe_target, vocab_size).bool(), torch.zeros_like(log_probs), log_probs)
+        loss = -(1 - label_smoothing) * target_log_prob - label_smoothing / (vocab_size - 1) * others.sum(-1)
+    log_z = torch.logsumexp(z, dim=-1)
+    z_loss = z_loss_coeff * log_z ** 2
+    loss = loss + z_loss
+    with torch.no_grad():
+        probs = log_probs.exp()
+        entropy = torch.special.entr(probs).sum(-1)
+        p_target = probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+        if loss_type == "mile":
+            weight = (sigma + entropy) ** gamma
+            if entropy_threshold is not None:
+                below = entropy / torch.log(torch.tensor(float(vocab_size), dtype=torch.float64)) < entropy_threshold
+                weight = torch.where(below, torch.ones_like(weight), weight)
+        elif loss_type == "focal":
+            weight = (1.0 - p_target).clamp(min=0.0) ** gamma
+        elif loss_type == "dft":
+            weight = p_target
+        elif loss_type == "cross_entropy":
+            weight = torch.ones_like(entropy)
+        else:
+            raise ValueError(f"unknown loss_type {loss_type!r}")
+        keep = (~ignored).double()
+    return {"loss": (loss * keep).float(), "ce": (ce * keep).detach().float(), "weight": (weight * keep).float(),
+            "entropy": (entropy * keep).float(), "z_loss": (z_loss * keep).detach().float()}
 
 
 def reference_global_loss(
