@@ -19,11 +19,15 @@ Modules: policy first, format last.
   reading mile_checkpoint.json (no collectives, no torch).
 - `compatibility`: whether a checkpoint fits this run (architecture, vocabulary, optimizer state, layout).
 - `rng`: the per-rank RNG states.
-- `torch_dist`: megatron-core's torch_dist format, read safely (restricted unpickler, weights_only) and
-  written in-process; the only module that touches megatron-core's dist_checkpointing strategies.
+- `torch_dist`: megatron-core's torch_dist format, read safely and written in-process; the only module that
+  touches megatron-core's dist_checkpointing strategies.
+- `safe_load`: every pickled file of a checkpoint is read here (weights_only, an allow-list unpickler for
+  torch's `.metadata`); a refused or damaged file is one CheckpointError line naming it.
+- `collectives`: the agreement collectives that stop every rank with the same reason; `errors`: CheckpointError.
 """
 
-from megatron_mile.checkpointing.compatibility import ARCHITECTURE_FIELDS, CheckpointError
+from megatron_mile.checkpointing.compatibility import ARCHITECTURE_FIELDS
+from megatron_mile.checkpointing.errors import CheckpointError
 from megatron_mile.checkpointing.load import load_checkpoint, load_model_weights
 from megatron_mile.checkpointing.rng import get_rng_state, set_rng_state
 from megatron_mile.checkpointing.save import save_checkpoint
