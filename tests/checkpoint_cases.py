@@ -17,6 +17,13 @@ VOCAB = 100
 SEQ = 16
 BATCH = 2
 
+# pretrain() flags of a tiny run (DP over the pool's ranks, dropout on, mock data) for the loop-level tests.
+LOOP_ARGS = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 --hidden-dropout 0.1 "
+    "--mock-data --tokenizer-type NullTokenizer --vocab-size 100 --eval-iters 0 --micro-batch-size 2 "
+    "--global-batch-size 4 --log-interval 100 --no-progress --lr 1e-3 --train-iters 4 --seed 3"
+).split()
+
 
 def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=2, hidden_size=64, bf16=False,
                 disable_bias_linear=False):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoint_cases import (
+    LOOP_ARGS,
     assert_same,
     assert_same_rng,
     build,
@@ -380,13 +381,6 @@ def test_checkpoints_without_latest_file(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Through the training loop
 # ----------------------------------------------------------------------------------------------------------
-
-LOOP_ARGS = (
-    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 --hidden-dropout 0.1 "
-    "--mock-data --tokenizer-type NullTokenizer --vocab-size 100 --eval-iters 0 --micro-batch-size 2 "
-    "--global-batch-size 4 --log-interval 100 --no-progress --lr 1e-3 --train-iters 4 --seed 3"
-).split()
-
 
 def worker_pretrain(extra, world_size):
     from megatron_mile.arguments import parse_args

@@ -7,7 +7,7 @@ blocked in the next collective until the process group's timeout.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Tuple, Type
 
 import torch.distributed as dist
 
@@ -50,3 +50,27 @@ def first_failure(local_message: Optional[str]) -> Optional[str]:
     Each rank passes the reason it failed (None when it succeeded). Collectives: one all_gather_object.
     """
     return next((message for message in gather_from_all(local_message) if message is not None), None)
+
+
+def on_rank0_for_all(action: Callable[[], Any], errors: Tuple[Type[BaseException], ...] = (ValueError,)) -> Any:
+    """Run action() on rank 0 only; an `errors` exception it raises is raised on every rank.
+
+    Returns action()'s result on rank 0 and None elsewhere. Any other exception propagates on rank 0, and the
+    other ranks raise RuntimeError naming it (instead of waiting for rank 0 until the group's timeout).
+    Collectives: one broadcast_object_list from rank 0 (the exception, pickled).
+    """
+    result, error, unexpected = None, None, None
+    if rank() == 0:
+        try:
+            result = action()
+        except errors as raised:
+            error = raised
+        except BaseException as raised:
+            unexpected = raised
+            error = RuntimeError(f"rank 0 failed: {type(raised).__name__}: {raised}")
+    error = broadcast_from_rank0(error)
+    if unexpected is not None:
+        raise unexpected
+    if error is not None:
+        raise error
+    return result

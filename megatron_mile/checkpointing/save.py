@@ -1,9 +1,10 @@
 """save_checkpoint: one iteration's model, optimizer, scheduler and RNG states, committed atomically.
 
-Atomicity: every rank writes into ``{save}/iter_XXXXXXX.tmp-<token>`` (one token, drawn by rank 0), all
-ranks meet at a barrier, rank 0 renames the directory into place (megatron_mile.atomic_io) and only then
-replaces the latest-iteration file. A crash mid-save leaves the previous checkpoint and the latest file
-untouched; leftover temp directories are ignored by loading and removed by the next successful save.
+Atomicity: every rank writes into ``{save}/iter_XXXXXXX.tmp-<run id>-<token>`` (one name, drawn by rank 0;
+the run id is that of the directory's lock, megatron_mile.checkpointing.lock), all ranks meet at a barrier,
+rank 0 renames the directory into place (megatron_mile.atomic_io) and only then replaces the
+latest-iteration file. A crash mid-save leaves the previous checkpoint and the latest file untouched;
+leftover temp directories are ignored by loading, and the run's next successful save removes its own.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import torch.distributed as dist
 
 from megatron_mile import device
 from megatron_mile.atomic_io import replace_directory, write_json_atomic
+from megatron_mile.checkpointing.collectives import barrier, broadcast_from_rank0
+from megatron_mile.checkpointing.collectives import rank as global_rank
 from megatron_mile.checkpointing.compatibility import CheckpointError, optimizer_format, parallel_layout, vocab_sizes
+from megatron_mile.checkpointing.lock import run_id_for
 from megatron_mile.checkpointing.rng import save_rng_state
 from megatron_mile.checkpointing.torch_dist import save_sharded, sharded_state_dict, unwrap_model
 from megatron_mile.checkpointing.tracker import (
@@ -26,17 +30,9 @@ from megatron_mile.checkpointing.tracker import (
     METADATA_FILENAME,
     checkpoint_name,
     remove_leftovers,
+    temp_checkpoint_name,
     write_latest_iteration,
 )
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def common_state(iteration: int, consumed_samples: int, model: list, optimizer, scheduler, config_dict: dict,
@@ -75,7 +71,7 @@ def check_finite(model: list) -> None:
     ]
     world = dist.get_world_size() if dist.is_initialized() else 1
     flags = torch.zeros(world, dtype=torch.int32, device=device.compute_device())
-    flags[_rank()] = len(bad)
+    flags[global_rank()] = len(bad)
     if dist.is_initialized():
         dist.all_reduce(flags)
     bad_ranks = [r for r in range(world) if int(flags[r]) > 0]
@@ -104,18 +100,17 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
         raise ValueError(f"iteration must be >= 0, got {iteration}")
     save_dir = Path(save_dir)
     check_finite(model)
-    rank = _rank()
+    rank = global_rank()
 
     # One temp name for all ranks: rank 0 draws it, everyone receives it.
-    token = [secrets.token_hex(6) if rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(token, src=0)
+    run_id = run_id_for(save_dir) if rank == 0 else None
+    tmp_name = broadcast_from_rank0(temp_checkpoint_name(iteration, run_id, secrets.token_hex(6)) if rank == 0 else None)
     final = save_dir / checkpoint_name(iteration)
-    tmp = save_dir / f"{final.name}.tmp-{token[0]}"
+    tmp = save_dir / tmp_name
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-    _barrier()
+    barrier()
 
     save_sharded(sharded_state_dict(model, optimizer), tmp)
     # Made after the distributed save, which expects to start in an empty directory.
@@ -125,11 +120,11 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
         # Written last among rank 0's files: a directory with it has all of rank 0's parts.
         write_json_atomic(tmp / METADATA_FILENAME, metadata, indent=1, sort_keys=True)
     _before_commit(tmp)
-    _barrier()  # every rank's files are in tmp
+    barrier()  # every rank's files are in tmp
 
     if rank == 0:
-        _commit(save_dir, tmp, final, iteration)
-    _barrier()  # nobody returns (or exits) before the checkpoint is visible
+        _commit(save_dir, tmp, final, iteration, run_id)
+    barrier()  # nobody returns (or exits) before the checkpoint is visible
     if rank == 0:
         print(f" saved checkpoint at iteration {iteration:7d} to {final}", flush=True)
     return str(final)
@@ -139,11 +134,11 @@ def _before_commit(tmp: Path) -> None:
     """Hook between writing and committing a save; tests replace it to simulate a crash there."""
 
 
-def _commit(save_dir: Path, tmp: Path, final: Path, iteration: int) -> None:
+def _commit(save_dir: Path, tmp: Path, final: Path, iteration: int, run_id: str) -> None:
     """Rank 0: move the finished temp directory into place, then point the tracker at it."""
     # Re-saving an iteration replaces the old copy; a crash between its two renames leaves iter_X missing
     # and the tracker naming it: loading then stops with a clear error (the old copy is in a .old- dir).
     replace_directory(tmp, final)
     write_latest_iteration(save_dir, iteration)
-    # Leftovers of saves that crashed before their rename are never loaded; clear them.
-    remove_leftovers(save_dir, keep=tmp)
+    # Leftovers of this run's saves that crashed before their rename are never loaded; clear them.
+    remove_leftovers(save_dir, run_id, keep=tmp)

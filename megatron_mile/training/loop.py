@@ -24,6 +24,7 @@ from megatron_mile.config import RunConfig
 from megatron_mile.loss import LossSpec
 from megatron_mile import checkpointing
 from megatron_mile.atomic_io import write_json_atomic
+from megatron_mile.checkpointing.collectives import barrier
 from megatron_mile.training import reporting, token_histograms
 from megatron_mile.training.initialize import is_logging_rank, print_rank_0, print_rank_last
 from megatron_mile.training.setup import num_micro_batches, setup_training
@@ -168,13 +169,15 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
             result.checkpoint = checkpointing.save_checkpoint(
                 t.save, iteration, model, optimizer, scheduler, consumed_samples, setup.config_dict
             )
+        result.final_iteration = iteration
+        result.consumed_samples = consumed_samples
+        if t.save and is_logging_rank():
+            _write_summary(t.save, config, result, time.time() - run_start)
+        barrier()  # the summary is written before the --save lock is given up
     finally:
         progress.finish()
         tensorboard.close()
-    result.final_iteration = iteration
-    result.consumed_samples = consumed_samples
-    if t.save and is_logging_rank():
-        _write_summary(t.save, config, result, time.time() - run_start)
+        setup.release()  # the --save lock, on success and on failure alike
     return result
 
 

@@ -14,10 +14,13 @@ from megatron.core import parallel_state
 
 from megatron_mile import checkpointing
 from megatron_mile.arguments import config_to_dict
+from megatron_mile.atomic_io import ensure_writable_directory
+from megatron_mile.checkpointing.collectives import on_rank0_for_all
+from megatron_mile.checkpointing.lock import SaveDirectoryLock
 from megatron_mile.config import RunConfig
 from megatron_mile.model import build_model
 from megatron_mile.training import data as run_data
-from megatron_mile.training.initialize import initialize_parallel, set_random_seeds
+from megatron_mile.training.initialize import initialize_parallel, print_rank_0, set_random_seeds
 from megatron_mile.training.optimizer import build_optimizer, wrap_for_training
 from megatron_mile.training.step import LossCollector, configure_schedules
 
@@ -58,18 +61,59 @@ class TrainingSetup:
     vocab_size: int
     iteration: int = 0
     consumed_samples: int = 0
+    save_lock: Optional[SaveDirectoryLock] = None  # rank 0's lock on --save; None elsewhere
+
+    def release(self) -> None:
+        """Give up what the run holds outside the process (the --save lock). Idempotent, no collectives."""
+        if self.save_lock is not None:
+            self.save_lock.release()
+
+
+def _claim_output_directories(config: RunConfig) -> Optional[SaveDirectoryLock]:
+    """Rank 0 checks that --save and --tensorboard-dir are writable directories (creating them) and locks
+    --save for this run; a failure stops every rank with rank 0's one-line reason.
+
+    Raises OutputDirectoryError (bad directory) or SaveDirectoryLocked (another run writes --save), both
+    ValueErrors. Returns the lock on rank 0, None elsewhere. Collectives: one broadcast from rank 0.
+    """
+    t = config.training
+
+    def claim() -> Optional[SaveDirectoryLock]:
+        for path, flag in ((t.save, "--save"), (t.tensorboard_dir, "--tensorboard-dir")):
+            if path:
+                ensure_writable_directory(path, flag)
+        return SaveDirectoryLock.acquire(t.save, log=print_rank_0) if t.save else None
+
+    return on_rank0_for_all(claim)
 
 
 def setup_training(config: RunConfig, model_provider=None, dataset_provider=None) -> TrainingSetup:
-    """Initialise parallel state, build model, optimizer, scheduler and data, load --load if given.
+    """Initialise parallel state, check the output directories and lock --save, build model, optimizer,
+    scheduler and data, load --load if given.
 
-    Must be called on every rank. Collectives: those of megatron's parallel-state initialisation, model
-    wrapping, the optimizer and (with --load) the checkpoint load.
+    Must be called on every rank. The caller releases the --save lock (TrainingSetup.release) when the run
+    ends; set-up releases it itself when it fails. Collectives: those of megatron's parallel-state
+    initialisation, a broadcast of the output-directory decision, model wrapping, the optimizer and (with
+    --load) the checkpoint load.
     """
+    initialize_parallel(config)
+    # Before any training work: an unwritable output directory, or a --save another run writes, stops here.
+    save_lock = _claim_output_directories(config)
+    try:
+        setup = _build_training_state(config, model_provider, dataset_provider)
+    except BaseException:
+        if save_lock is not None:
+            save_lock.release()
+        raise
+    setup.save_lock = save_lock
+    return setup
+
+
+def _build_training_state(config: RunConfig, model_provider, dataset_provider) -> TrainingSetup:
+    """Model, optimizer, scheduler, data iterators and the --load state, on initialised parallel state."""
     t = config.training
     model_provider = model_provider or build_model
     dataset_provider = dataset_provider or run_data.build_datasets
-    initialize_parallel(config)
     set_random_seeds(t.seed)
     tokenizer = run_data.build_run_tokenizer(config)
     chunks = model_provider(config, tokenizer.vocab_size)
