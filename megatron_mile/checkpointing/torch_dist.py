@@ -24,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, CheckpointingException, save_config
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
@@ -68,8 +69,9 @@ _SHARDED_STATE_METADATA = {
 # in torch's CheckpointException, which derives from BaseException.
 LOAD_ERRORS = (KeyError, CheckpointingException, torch_dcp.api.CheckpointException)
 
-# The files of the format (megatron-core's and torch's names).
+# The files of the format (megatron-core's and torch's names), and megatron's format tag.
 COMMON_FILENAME = "common.pt"
+_FORMAT_BACKEND, _FORMAT_VERSION = "torch_dist", 1
 METADATA_FILENAME = ".metadata"
 
 
@@ -99,14 +101,46 @@ def sharded_state_dict(model: list, optimizer=None, is_loading: bool = False) ->
     return state
 
 
-def save_sharded(state: dict, checkpoint_dir: Path) -> None:
-    """Write `state` (from sharded_state_dict) into the empty directory `checkpoint_dir`, every rank its part.
+def prepare_save(state: dict) -> Tuple[dict, dict]:
+    """(sharded part, common part) of `state` (from sharded_state_dict), as megatron's save splits it.
 
-    Collectives: those of torch.distributed.checkpoint.save (gather of the save plans to rank 0, scatter
-    of the global plan, gather of the write results) and megatron's save validation (all-gathers of
-    shard metadata), over the default group.
+    Collectives: megatron's save validation (all-gathers of shard metadata) over the default group.
     """
-    dist_checkpointing.save(state, str(checkpoint_dir), sharded_strategy=_InProcessTorchDistSaveStrategy())
+    return save_preprocess(state, validate_access_integrity=True)
+
+
+def write_common(common: dict, checkpoint_dir: Path) -> None:
+    """Rank 0: the common part into ``common.pt``. No collectives.
+
+    Written through a Python file object: a full disk then raises OSError(ENOSPC), where torch's own file
+    writer reports an unrelated "unexpected pos" error.
+    """
+    with open(Path(checkpoint_dir) / COMMON_FILENAME, "wb") as handle:
+        torch.save(common, handle)
+
+
+def write_sharded(sharded: dict, checkpoint_dir: Path) -> None:
+    """Every rank: its tensors of the sharded part into ``__<rank>_0.distcp``; rank 0 also ``.metadata``.
+
+    A failed write on any rank raises torch's CheckpointException on every rank. Collectives: those of
+    torch.distributed.checkpoint.save (gather of the save plans to rank 0, scatter of the global plan,
+    gather of the write results) over the default group.
+    """
+    _InProcessTorchDistSaveStrategy().save(sharded, Path(checkpoint_dir))
+
+
+def write_format_tag(checkpoint_dir: Path) -> None:
+    """Rank 0: megatron's ``metadata.json`` (backend and version), which its loader checks. No collectives."""
+    save_config(CheckpointingConfig(_FORMAT_BACKEND, _FORMAT_VERSION), str(checkpoint_dir))
+
+
+def main_replica_bytes(sharded: dict) -> int:
+    """Bytes of this rank's tensors that a save writes (main replicas only). No collectives."""
+    return sum(
+        t.data.numel() * t.data.element_size()
+        for t in nested_values(sharded)
+        if isinstance(t, ShardedTensor) and t.data is not None and is_main_replica(t.replica_id)
+    )
 
 
 def load_sharded(state: dict, checkpoint_dir: Path) -> dict:
@@ -261,7 +295,7 @@ class _InProcessTorchDistSaveStrategy(SaveShardedStrategy):
     """
 
     def __init__(self):
-        super().__init__("torch_dist", 1)
+        super().__init__(_FORMAT_BACKEND, _FORMAT_VERSION)
 
     def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
         # Only the main replica of each shard is written (as megatron's own strategy does).
