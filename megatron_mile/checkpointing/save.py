@@ -47,18 +47,20 @@ from megatron_mile.checkpointing.write_failure import describe_write_failure, fa
 
 
 def common_state(iteration: int, consumed_samples: int, model: list, optimizer, scheduler, config_dict: dict,
-                 extra: Optional[dict] = None) -> dict:
+                 extra: Optional[dict] = None, consumed_valid_samples: int = 0) -> dict:
     """Everything a checkpoint keeps besides tensors and RNG states, as plain data (mile_checkpoint.json).
 
-    The one place that decides what that is: iteration, consumed samples, the run's config dict, the
-    LR-scheduler state, the optimizer's state format, the parallel layout and the vocabulary sizes (which
-    loading checks), and `extra` (JSON-serialisable data of the caller). No collectives.
+    The one place that decides what that is: iteration, consumed training and validation samples (a
+    resumed run continues both where they stopped), the run's config dict, the LR-scheduler state, the
+    optimizer's state format, the parallel layout and the vocabulary sizes (which loading checks), and
+    `extra` (JSON-serialisable data of the caller). No collectives.
     """
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "iteration": int(iteration),
         "consumed_samples": int(consumed_samples),
+        "consumed_valid_samples": int(consumed_valid_samples),
         "config": config_dict,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "has_optimizer": optimizer is not None,
@@ -95,11 +97,12 @@ def check_finite(model: list) -> None:
 
 
 def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler, consumed_samples: int,
-                    config_dict: dict, extra: Optional[dict] = None) -> str:
+                    config_dict: dict, extra: Optional[dict] = None, consumed_valid_samples: int = 0) -> str:
     """Save model chunks, optimizer, scheduler, RNG states, consumed samples and config as `iteration`.
 
     Must be called on every rank. Returns the final checkpoint directory. `extra` is JSON-serialisable
-    plain data stored alongside (e.g. the loop's counters). Raises CheckpointError on every rank, writing
+    plain data stored alongside (e.g. the loop's counters); `consumed_valid_samples` the validation samples
+    evaluated so far (read back with read_checkpoint_metadata). Raises CheckpointError on every rank, writing
     nothing, when any parameter is non-finite; and, having removed the partial save, when a write fails on
     any rank (one line naming the directory, and for a full disk the bytes needed and free).
 
@@ -133,7 +136,8 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
         save_rng_state(tmp)
         if rank == 0:
             torch_dist.write_format_tag(tmp)
-            metadata = common_state(iteration, consumed_samples, model, optimizer, scheduler, config_dict, extra)
+            metadata = common_state(iteration, consumed_samples, model, optimizer, scheduler, config_dict, extra,
+                                    consumed_valid_samples)
             # Written last among rank 0's files: a directory with it has all of rank 0's parts.
             write_json_atomic(tmp / METADATA_FILENAME, metadata, indent=1, sort_keys=True)
 

@@ -155,7 +155,8 @@ def read_metadata(checkpoint_dir: Path) -> dict:
 def read_checkpoint_metadata(load_dir, iteration: Optional[int] = None) -> dict:
     """The plain-data description of a checkpoint (mile_checkpoint.json), latest unless `iteration`.
 
-    Keys: iteration, consumed_samples, config (the run's config_to_dict), scheduler, layout, vocab, extra.
+    Keys: iteration, consumed_samples, consumed_valid_samples (absent in checkpoints of older versions),
+    config (the run's config_to_dict), scheduler, layout, vocab, extra.
     Raises FileNotFoundError when `load_dir` holds no checkpoint.
     """
     path, iteration = resolve_checkpoint_dir(load_dir, iteration)

@@ -45,6 +45,14 @@ def _data_iterators(config: RunConfig, model: list, dataset, consumed_samples: i
     return iterators
 
 
+def _validation_start(config: RunConfig, dataset, consumed_valid_samples: int) -> int:
+    """Where the validation iterator starts after `consumed_valid_samples` validation samples: wrapped the way
+    run_data.micro_batch_iterator cycles, whole rounds of micro_batch_size * DP samples per pass."""
+    stride = config.training.micro_batch_size * parallel_state.get_data_parallel_world_size()
+    period = (len(dataset) // stride) * stride
+    return consumed_valid_samples % period if period else 0
+
+
 @dataclass
 class TrainingSetup:
     """Everything pretrain() builds before its first step; the state train_step and evaluate take."""
@@ -61,6 +69,7 @@ class TrainingSetup:
     vocab_size: int
     iteration: int = 0
     consumed_samples: int = 0
+    consumed_valid_samples: int = 0  # validation samples evaluated so far (pretrain's validate() counts them)
     save_lock: Optional[SaveDirectoryLock] = None  # rank 0's lock on --save; None elsewhere
 
     def release(self) -> None:
@@ -122,17 +131,25 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
     optimizer, scheduler = build_optimizer(config, model)
     config_dict = config_to_dict(config)
 
-    iteration, consumed_samples = 0, 0
+    iteration, consumed_samples, consumed_valid_samples = 0, 0, 0
     if t.load is not None:
         iteration, consumed_samples = checkpointing.load_checkpoint(t.load, model, optimizer, scheduler, config_dict)
+        if iteration > 0:
+            saved = checkpointing.read_checkpoint_metadata(t.load, iteration)
+            consumed_valid_samples = int(saved.get("consumed_valid_samples", 0))
 
     num_micro = num_micro_batches(config)
     eval_samples = t.eval_iters * t.global_batch_size * max(1, math.ceil(t.train_iters / t.eval_interval) + 1)
     train_ds, valid_ds = dataset_provider(config, tokenizer, eval_samples if t.eval_iters > 0 else 0)
     train_iterators = _data_iterators(config, model, train_ds, consumed_samples, cycle=False)
-    valid_iterators = _data_iterators(config, model, valid_ds, 0, cycle=True) if t.eval_iters > 0 and valid_ds else None
+    valid_iterators = None
+    if t.eval_iters > 0 and valid_ds:
+        # A resumed run validates on the samples the uninterrupted run would (as Megatron-LM does).
+        valid_start = _validation_start(config, valid_ds, consumed_valid_samples)
+        valid_iterators = _data_iterators(config, model, valid_ds, valid_start, cycle=True)
 
     collector = LossCollector()
     configure_schedules(model, optimizer, collector)
     return TrainingSetup(config, model, optimizer, scheduler, train_iterators, valid_iterators, num_micro, collector,
-                         config_dict, tokenizer.vocab_size, iteration, consumed_samples)
+                         config_dict, tokenizer.vocab_size, iteration, consumed_samples,
+                         consumed_valid_samples=consumed_valid_samples)
