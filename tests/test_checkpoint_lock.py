@@ -74,6 +74,21 @@ def test_second_writer_is_refused_with_directory_and_holder(tmp_path):
         first.release()
 
 
+def test_lock_works_without_hard_links(tmp_path, monkeypatch):
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(save_lock.os, "link", no_links)
+    lock = SaveDirectoryLock.acquire(tmp_path)
+    try:
+        assert json.loads((tmp_path / LOCK_FILENAME).read_text())["run_id"] == lock.holder.run_id
+        with pytest.raises(SaveDirectoryLocked):
+            SaveDirectoryLock.acquire(tmp_path)
+    finally:
+        lock.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead = _dead_pid()
     _write_lock(tmp_path, pid=dead)

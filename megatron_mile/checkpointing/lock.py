@@ -6,7 +6,8 @@ temp directories) and interleave their checkpoints. So a training run's rank 0 t
 normally or by an exception. The file holds plain JSON: the holder's host, pid, start time and run id.
 
 Creation is exclusive and the content never partial: the JSON is written to a private temp file and
-hard-linked to the lock name (``os.link`` fails when the name exists, atomically, also on NFS). A lock whose
+hard-linked to the lock name (``os.link`` fails when the name exists, atomically, also on NFS); on a file
+system without hard links the lock is created with O_CREAT|O_EXCL and then written. A lock whose
 holder is on this host and no longer running (its pid is gone, or belongs to a process started after the
 lock was written) is stale: it is taken over with a log line. A lock from another host cannot be checked and
 is never taken over: the message says which file to delete once that run is known to be gone.
@@ -128,6 +129,15 @@ class SaveDirectoryLock:
                 os.link(staging, self.path)
             except FileExistsError:
                 return False
+            except OSError:  # a file system without hard links: exclusive create, then write
+                try:
+                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    handle.write(self.holder.to_json())
+                    handle.flush()
+                    os.fsync(handle.fileno())
             fsync_dir(self.directory)
             return True
         finally:
@@ -206,8 +216,8 @@ def _remove_if_unchanged(path: Path, expected_text: str) -> bool:
             return True
         try:
             os.link(aside, path)  # not the stale lock we judged: give it back
-        except FileExistsError:
-            pass
+        except OSError:
+            pass  # taken again meanwhile (or no hard links here): the next attempt reads whoever holds it
         return False
     finally:
         aside.unlink(missing_ok=True)
