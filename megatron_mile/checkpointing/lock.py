@@ -216,8 +216,11 @@ def _remove_if_unchanged(path: Path, expected_text: str) -> bool:
             return True
         try:
             os.link(aside, path)  # not the stale lock we judged: give it back
-        except OSError:
-            pass  # taken again meanwhile (or no hard links here): the next attempt reads whoever holds it
+        except FileExistsError:
+            pass  # taken again meanwhile: the next attempt reads whoever holds it
+        except OSError:  # no hard links here
+            if not path.exists():
+                os.rename(aside, path)
         return False
     finally:
         aside.unlink(missing_ok=True)
