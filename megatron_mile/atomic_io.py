@@ -12,6 +12,8 @@ half-written checkpoint, export, dataset, tokenizer or report under its final na
 
 On an exception before the rename the temporary is removed and the old target is left untouched.
 
+`ensure_writable_directory` checks an output directory at start-up, before a run does any work.
+
 Permissions: files get ``0o666 & ~umask``, what ``open()`` gives a new file. Temporary files made with
 ``tempfile.mkstemp`` are 0600, and some libraries write that way internally (safetensors' ``save_file``
 writes through a private temp file): a committed file is set to the normal mode whatever its writer did.
@@ -215,3 +217,40 @@ def atomic_directory(target: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class OutputDirectoryError(ValueError):
+    """An output directory (--save, --tensorboard-dir ...) is not a writable directory; one line says why.
+
+    A ValueError, so that the training command line reports it as a failed run without a traceback.
+    """
+
+
+def ensure_writable_directory(path: PathLike, what: str) -> Path:
+    """Create `path` (with its parents) if missing and check that files can be created in it; returns it.
+
+    For a run's output directories, checked at start-up instead of at the first write, after training work.
+    `what` names the directory in messages (e.g. the flag "--save"). Raises OutputDirectoryError naming
+    `what` and the path when it is a file, cannot be created, or refuses a new file (read-only file system,
+    permissions).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirectoryError(f"{what} {path} is a file, not a directory: give a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputDirectoryError(
+            f"{what} {path} cannot be created: {error.strerror or error} ({error.filename or path}); "
+            "give a directory this run can write"
+        ) from None
+    probe = temp_sibling(path / "write-test")
+    try:
+        # A real file, not os.access: access() ignores some read-only mounts and network-file-system rules.
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as error:
+        raise OutputDirectoryError(
+            f"{what} {path} is not writable: {error.strerror or error}; give a directory this run can write"
+        ) from None
+    os.remove(probe)
+    return path

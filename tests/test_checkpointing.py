@@ -12,173 +12,27 @@ import math
 import os
 import pickle
 import random
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from megatron.core.utils import unwrap_model
+from checkpoint_cases import (
+    LOOP_ARGS,
+    assert_same,
+    assert_same_rng,
+    build,
+    full_params,
+    make_config,
+    optimizer_tensors,
+    rng_snapshot,
+    run_step,
+)
 
 from megatron_mile import checkpointing
 from megatron_mile.arguments import config_from_dict, config_to_dict, parse_args
 from megatron_mile.checkpointing import save as checkpoint_save
-from megatron_mile.checkpointing import torch_dist
-from tiny_model import build_tiny_model, mock_data_flags, model_flags, tiny_config
-
-VOCAB = 100
-SEQ = 16
-BATCH = 2
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers run inside the workers
-# ----------------------------------------------------------------------------------------------------------
-
-
-def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=2, hidden_size=64, bf16=False,
-                disable_bias_linear=False):
-    """A small GPT (LayerNorm, GeLU) at this worker's layout, trained with a cosine schedule."""
-    flags = model_flags(num_layers, hidden_size, seq_length=SEQ, llama=False, untie_embeddings=False,
-                        dropout=dropout) + mock_data_flags(VOCAB)
-    # 100 tokens pad to 128 rows at TP 1 and 2 alike, so layouts can exchange checkpoints.
-    flags += ["--make-vocab-size-divisible-by", "64", "--lr", "1e-2", "--lr-warmup-iters", "2",
-              "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--seed", str(seed), "--train-iters", "10"]
-    flags += ["--disable-bias-linear"] * disable_bias_linear + ["--use-distributed-optimizer"] * distributed_optimizer
-    return tiny_config(flags + ["--bf16"] * bf16)
-
-
-def build(config):
-    """Model chunks (DDP-wrapped), optimizer and scheduler, seeded as a run does."""
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.utils import get_model_config
-
-    from megatron_mile.training.initialize import set_random_seeds
-    from megatron_mile.training.optimizer import build_optimizer, wrap_for_training
-
-    chunks = build_tiny_model(config, VOCAB)
-    set_random_seeds(config.training.seed)
-    model = wrap_for_training(config, chunks)
-    optimizer, scheduler = build_optimizer(config, model)
-    tf_config = get_model_config(model[0])
-    tf_config.grad_scale_func = optimizer.scale_loss
-    tf_config.no_sync_func = model[0].no_sync
-    tf_config.finalize_model_grads_func = finalize_model_grads
-    return model, optimizer, scheduler
-
-
-def batch(step):
-    """A fixed random batch per step, drawn from its own generator (the global RNGs stay untouched)."""
-    generator = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
-    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ).contiguous()
-    return {"tokens": tokens, "labels": labels, "position_ids": positions}
-
-
-def _forward_step(losses, data_iterator, model):
-    data = next(data_iterator)
-    labels = data["labels"] if unwrap_model(model).post_process else None
-    output = model(data["tokens"], data["position_ids"], None, labels=labels)
-
-    def loss_func(output_tensor):
-        ce_sum = output_tensor[..., 0].sum()
-        losses.append(float(ce_sum.detach()))
-        return ce_sum, torch.tensor(output_tensor[..., 0].numel(), dtype=torch.int), {}
-
-    return output, loss_func
-
-
-def run_step(model, optimizer, scheduler, step, train=True):
-    """One forward(-backward-update) on batch(step) through megatron's schedules; the loss (ce sum) on
-    the last pipeline stage, None elsewhere."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    losses = []
-    if train:
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-    else:
-        for chunk in model:
-            chunk.eval()
-    with torch.set_grad_enabled(train):
-        get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, losses),
-            data_iterator=iter([batch(step)]),
-            model=model,
-            num_microbatches=1,
-            seq_length=SEQ,
-            micro_batch_size=BATCH,
-            forward_only=not train,
-        )
-    if train:
-        ok, _, _ = optimizer.step()
-        assert ok
-        scheduler.step(increment=1)
-    else:
-        for chunk in model:
-            chunk.train()
-    return losses[0] if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
-
-
-def full_params(model):
-    """{name: this rank's tensor} of the unwrapped chunks."""
-    out = {}
-    for index, chunk in enumerate(unwrap_model(model)):
-        for name, param in chunk.named_parameters():
-            out[f"{index}.{name}"] = param.detach().clone()
-    return out
-
-
-def optimizer_tensors(optimizer):
-    """Flat {path: tensor or value} of the optimizer's state dict (Adam moments, steps, param groups)."""
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}", item)
-        elif isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                walk(f"{prefix}.{index}", item)
-        elif isinstance(value, torch.Tensor):
-            flat[prefix] = value.detach().clone()
-        else:
-            flat[prefix] = value
-
-    walk("optimizer", optimizer.state_dict())
-    return flat
-
-
-def assert_same(a: dict, b: dict, what: str):
-    assert a.keys() == b.keys(), (what, sorted(set(a) ^ set(b)))
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
-        else:
-            assert a[key] == b[key], f"{what}: {key}: {a[key]!r} != {b[key]!r}"
-
-
-def rng_snapshot():
-    state = checkpointing.get_rng_state()
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state()[1].copy(),
-        "torch": state["torch_cpu"].clone(),
-        "tracker": {k: v.clone() for k, v in state["tracker"].items()},
-    }
-
-
-def assert_same_rng(a, b):
-    assert a["python"] == b["python"]
-    assert np.array_equal(a["numpy"], b["numpy"])
-    assert torch.equal(a["torch"], b["torch"])
-    assert a["tracker"].keys() == b["tracker"].keys()
-    for key in a["tracker"]:
-        assert torch.equal(a["tracker"][key], b["tracker"][key]), key
-
+from megatron_mile.checkpointing import safe_load
 
 # ----------------------------------------------------------------------------------------------------------
 # Exact resume
@@ -464,7 +318,7 @@ def test_tampered_checkpoint_runs_no_code(dist_pool, tmp_path):
 def test_metadata_unpickler_refuses_code():
     payload = pickle.dumps(_RunsCode("/nonexistent/never"))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        torch_dist._MetadataUnpickler(__import__("io").BytesIO(payload)).load()
+        safe_load.MetadataUnpickler(__import__("io").BytesIO(payload)).load()
 
 
 # Errors before anything is loaded need no processes.
@@ -510,11 +364,6 @@ def test_checkpoints_without_latest_file(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Through the training loop
 # ----------------------------------------------------------------------------------------------------------
-
-LOOP_ARGS = model_flags(2, 64, seq_length=SEQ, llama=False, untie_embeddings=False, dropout=0.1) + mock_data_flags(
-    VOCAB) + ("--eval-iters 0 --micro-batch-size 2 --global-batch-size 4 --log-interval 100 --no-progress --lr 1e-3 "
-              "--train-iters 4 --seed 3").split()
-
 
 def worker_pretrain(extra, world_size):
     from megatron_mile.training.loop import pretrain

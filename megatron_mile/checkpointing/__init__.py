@@ -6,10 +6,13 @@ Layout of a save directory::
     {dir}/iter_0000100/                         one checkpoint
         metadata.json, common.pt, .metadata,    megatron-core distributed checkpoint (torch_dist) of the
         __<rank>_0.distcp                         model chunks and the optimizer
-        mile_checkpoint.json                    plain data: iteration, consumed samples, the run's config,
-                                                  LR-scheduler state, parallel layout, vocabulary sizes
+        mile_checkpoint.json                    plain data: iteration, consumed training and validation
+                                                  samples, the run's config, LR-scheduler state,
+                                                  parallel layout, vocabulary sizes
         rng/rank_00000.pt ...                   per-rank RNG states (python, numpy, torch CPU/CUDA and
                                                   megatron's model-parallel tracker)
+    {dir}/iter_0000200.tmp-<run>-<hex>/         a save in progress, or one that crashed: never loaded
+    {dir}/megatron_mile.lock                    the run writing the directory (host, pid, start, run id)
 
 Modules: policy first, format last.
 
@@ -19,12 +22,20 @@ Modules: policy first, format last.
   reading mile_checkpoint.json (no collectives, no torch).
 - `compatibility`: whether a checkpoint fits this run (architecture, vocabulary, optimizer state, layout).
 - `rng`: the per-rank RNG states.
-- `torch_dist`: megatron-core's torch_dist format, read safely (restricted unpickler, weights_only) and
-  written in-process; the only module that touches megatron-core's dist_checkpointing strategies.
+- `torch_dist`: megatron-core's torch_dist format, read safely and written in-process; the only module that
+  touches megatron-core's dist_checkpointing strategies.
+- `safe_load`: every pickled file of a checkpoint is read here (weights_only, an allow-list unpickler for
+  torch's `.metadata`); a refused or damaged file is one CheckpointError line naming it.
+- `lock`: one writer per save directory (``{save}/megatron_mile.lock``, taken by training set-up); the run id
+  that names a run's temp directories.
+- `write_failure`: the one-line message of a save that could not write (full disk: bytes needed and free).
+- `collectives`: the agreement collectives that stop every rank with the same reason; `errors`: CheckpointError.
 """
 
-from megatron_mile.checkpointing.compatibility import ARCHITECTURE_FIELDS, CheckpointError
+from megatron_mile.checkpointing.compatibility import ARCHITECTURE_FIELDS
+from megatron_mile.checkpointing.errors import CheckpointError
 from megatron_mile.checkpointing.load import load_checkpoint, load_model_weights
+from megatron_mile.checkpointing.lock import LOCK_FILENAME, SaveDirectoryLock, SaveDirectoryLocked
 from megatron_mile.checkpointing.rng import get_rng_state, set_rng_state
 from megatron_mile.checkpointing.save import save_checkpoint
 from megatron_mile.checkpointing.tracker import (
@@ -44,8 +55,11 @@ __all__ = [
     "CheckpointError",
     "FORMAT",
     "FORMAT_VERSION",
+    "LOCK_FILENAME",
     "METADATA_FILENAME",
     "RNG_DIRNAME",
+    "SaveDirectoryLock",
+    "SaveDirectoryLocked",
     "TRACKER_FILENAME",
     "checkpoint_name",
     "get_rng_state",

@@ -13,7 +13,13 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_mile.checkpointing.errors import CheckpointError
 from megatron_mile.checkpointing.torch_dist import DISTRIBUTED_OPTIMIZER_SHARDING, unwrap_model
+
+__all__ = [
+    "ARCHITECTURE_FIELDS", "CheckpointError", "check_model_config", "check_optimizer_compatible", "check_vocab",
+    "describe_layout", "optimizer_format", "parallel_layout", "vocab_sizes",
+]
 
 # Model settings that change the parameters' shapes or what they compute: a checkpoint only loads into a
 # model that agrees on all of them. Dropout, init std, sequence length (rope) and the vocabulary-padding
@@ -40,10 +46,6 @@ _OPTIMIZER_LAYOUT_KEYS = (
     "pipeline_model_parallel_size",
     "virtual_pipeline_model_parallel_size",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be written or does not fit the model it is loaded into; the message says why."""
 
 
 def parallel_layout() -> dict:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megatron_mile.checkpointing import torch_dist
+from megatron_mile.checkpointing.collectives import barrier
 from megatron_mile.checkpointing.compatibility import (
     CheckpointError,
     check_model_config,
@@ -33,16 +33,14 @@ from megatron_mile.training.optimizer import (
 )
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _load_sharded(checkpoint_dir: Path, state: dict) -> dict:
     """Collectives: those of torch_dist.load_sharded."""
     try:
         return torch_dist.load_sharded(state, checkpoint_dir)
     except torch_dist.LOAD_ERRORS as error:
+        refused = torch_dist.refused_file(error)
+        if refused is not None:  # a damaged or tampered file: its own one line names it
+            raise CheckpointError(str(refused)) from None
         raise CheckpointError(
             f"cannot load {checkpoint_dir} into this model: {torch_dist.describe_load_error(error)}"
         ) from error
@@ -65,7 +63,8 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
 
     Collectives: those of megatron's dist_checkpointing.load (all-gathers of shard metadata for
     validation; torch.distributed.checkpoint.load's plan gather/scatter); the distributed optimizer's scatter
-    of its state when it is used; one final barrier.
+    of its state when it is used; an all_gather_object agreeing on the RNG files; one final barrier. A
+    refused or damaged file raises CheckpointError on every rank, one line naming the file.
     """
     checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration)
     if checkpoint_dir is None:
@@ -96,7 +95,7 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
 
     if load_rng:
         _load_rng(checkpoint_dir, metadata)
-    _barrier()
+    barrier()
     print_rank_0(f" loaded checkpoint {checkpoint_dir} (iteration {iteration}, "
                  f"{metadata['consumed_samples']} samples consumed)")
     return int(metadata["iteration"]), int(metadata["consumed_samples"])
@@ -129,5 +128,5 @@ def load_model_weights(load_dir, model: list, iteration: Optional[int] = None,
         check_model_config(metadata.get("config", {}), config_dict, checkpoint_dir)
     check_vocab(metadata.get("vocab", {}), model, checkpoint_dir)
     _load_chunks(model, _load_sharded(checkpoint_dir, torch_dist.sharded_state_dict(model)))
-    _barrier()
+    barrier()
     return int(iteration)

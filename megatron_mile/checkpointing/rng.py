@@ -17,6 +17,8 @@ import torch.distributed as dist
 from megatron.core import tensor_parallel
 
 from megatron_mile import device
+from megatron_mile.checkpointing import collectives, safe_load
+from megatron_mile.checkpointing.errors import CheckpointError
 from megatron_mile.checkpointing.tracker import RNG_DIRNAME
 
 
@@ -60,16 +62,35 @@ def _to_tuple(value):
 
 
 def save_rng_state(checkpoint_dir: Path) -> None:
-    """Write this rank's RNG states into `checkpoint_dir`/rng/. No collectives."""
+    """Write this rank's RNG states into `checkpoint_dir`/rng/. No collectives.
+
+    Written through a Python file object, so that a full disk raises OSError(ENOSPC) (torch's own file
+    writer reports it as an unrelated "unexpected pos" error).
+    """
     path = rng_state_path(checkpoint_dir)
     path.parent.mkdir(exist_ok=True)
-    torch.save(get_rng_state(), path)
+    with open(path, "wb") as handle:
+        torch.save(get_rng_state(), handle)
 
 
 def load_rng_state(checkpoint_dir: Path) -> None:
-    """Restore this rank's RNG states from `checkpoint_dir`; FileNotFoundError when its file is missing."""
+    """Restore this rank's RNG states from `checkpoint_dir`, on every rank or on none.
+
+    Raises CheckpointError on every rank, with the first failing rank's one-line reason, when any rank's
+    file is missing, refused (safe_load) or damaged. Collectives: one all_gather_object.
+    """
     path = rng_state_path(checkpoint_dir)
+    state, failure = None, None
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete; load with load_rng=False "
-                                "to continue with fresh RNG states")
-    set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+        failure = (f"{path} is missing: the checkpoint is incomplete; load with load_rng=False to continue with "
+                   "fresh RNG states")
+    else:
+        try:
+            state = safe_load.load_weights_only(path)
+        except CheckpointError as error:
+            failure = str(error)
+    # Agree before restoring: a rank that stopped alone would leave its peers blocked in the next collective.
+    failure = collectives.first_failure(failure)
+    if failure is not None:
+        raise CheckpointError(failure)
+    set_rng_state(state)

@@ -1,57 +1,66 @@
 """save_checkpoint: one iteration's model, optimizer, scheduler and RNG states, committed atomically.
 
-Atomicity: every rank writes into ``{save}/iter_XXXXXXX.tmp-<token>`` (one token, drawn by rank 0), all
-ranks meet at a barrier, rank 0 renames the directory into place (megatron_mile.atomic_io) and only then
-replaces the latest-iteration file. A crash mid-save leaves the previous checkpoint and the latest file
-untouched; leftover temp directories are ignored by loading and removed by the next successful save.
+Atomicity: every rank writes into ``{save}/iter_XXXXXXX.tmp-<run id>-<token>`` (one name, drawn by rank 0;
+the run id is that of the directory's lock, megatron_mile.checkpointing.lock), all ranks meet at a barrier,
+rank 0 renames the directory into place (megatron_mile.atomic_io) and only then replaces the
+latest-iteration file. A crash mid-save leaves the previous checkpoint and the latest file untouched;
+leftover temp directories are ignored by loading, and the run's next successful save removes its own.
+
+A write that fails (full disk, quota, I/O error) on any rank fails the save on every rank: after each
+phase of writing the ranks agree on the outcome, rank 0 removes the partial save, and every rank raises
+CheckpointError with the same line (megatron_mile.checkpointing.write_failure), the previous checkpoint
+untouched and still the latest.
 """
 
 from __future__ import annotations
 
 import secrets
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_mile import device
 from megatron_mile.atomic_io import replace_directory, write_json_atomic
+from megatron_mile.checkpointing import torch_dist
+from megatron_mile.checkpointing.collectives import barrier, broadcast_from_rank0, gather_from_all
+from megatron_mile.checkpointing.collectives import rank as global_rank
 from megatron_mile.checkpointing.compatibility import CheckpointError, optimizer_format, parallel_layout, vocab_sizes
+from megatron_mile.checkpointing.lock import run_id_for
 from megatron_mile.checkpointing.rng import save_rng_state
-from megatron_mile.checkpointing.torch_dist import save_sharded, sharded_state_dict, unwrap_model
+from megatron_mile.checkpointing.torch_dist import sharded_state_dict, unwrap_model
 from megatron_mile.checkpointing.tracker import (
     FORMAT,
     FORMAT_VERSION,
     METADATA_FILENAME,
     checkpoint_name,
+    read_latest_iteration,
     remove_leftovers,
+    temp_checkpoint_name,
     write_latest_iteration,
 )
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+from megatron_mile.checkpointing.safe_load import safe_reason
+from megatron_mile.checkpointing.write_failure import describe_write_failure, failed_save_message
 
 
 def common_state(iteration: int, consumed_samples: int, model: list, optimizer, scheduler, config_dict: dict,
-                 extra: Optional[dict] = None) -> dict:
+                 extra: Optional[dict] = None, consumed_valid_samples: int = 0) -> dict:
     """Everything a checkpoint keeps besides tensors and RNG states, as plain data (mile_checkpoint.json).
 
-    The one place that decides what that is: iteration, consumed samples, the run's config dict, the
-    LR-scheduler state, the optimizer's state format, the parallel layout and the vocabulary sizes (which
-    loading checks), and `extra` (JSON-serialisable data of the caller). No collectives.
+    The one place that decides what that is: iteration, consumed training and validation samples (a
+    resumed run continues both where they stopped), the run's config dict, the LR-scheduler state, the
+    optimizer's state format, the parallel layout and the vocabulary sizes (which loading checks), and
+    `extra` (JSON-serialisable data of the caller). No collectives.
     """
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "iteration": int(iteration),
         "consumed_samples": int(consumed_samples),
+        "consumed_valid_samples": int(consumed_valid_samples),
         "config": config_dict,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "has_optimizer": optimizer is not None,
@@ -75,7 +84,7 @@ def check_finite(model: list) -> None:
     ]
     world = dist.get_world_size() if dist.is_initialized() else 1
     flags = torch.zeros(world, dtype=torch.int32, device=device.compute_device())
-    flags[_rank()] = len(bad)
+    flags[global_rank()] = len(bad)
     if dist.is_initialized():
         dist.all_reduce(flags)
     bad_ranks = [r for r in range(world) if int(flags[r]) > 0]
@@ -88,48 +97,57 @@ def check_finite(model: list) -> None:
 
 
 def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler, consumed_samples: int,
-                    config_dict: dict, extra: Optional[dict] = None) -> str:
+                    config_dict: dict, extra: Optional[dict] = None, consumed_valid_samples: int = 0) -> str:
     """Save model chunks, optimizer, scheduler, RNG states, consumed samples and config as `iteration`.
 
     Must be called on every rank. Returns the final checkpoint directory. `extra` is JSON-serialisable
-    plain data stored alongside (e.g. the loop's counters). Raises CheckpointError, writing nothing, when
-    any parameter is non-finite.
+    plain data stored alongside (e.g. the loop's counters); `consumed_valid_samples` the validation samples
+    evaluated so far (read back with read_checkpoint_metadata). Raises CheckpointError on every rank, writing
+    nothing, when any parameter is non-finite; and, having removed the partial save, when a write fails on
+    any rank (one line naming the directory, and for a full disk the bytes needed and free).
 
     Collectives (default group unless named): all-reduce of the non-finite flags; broadcast of the temp
-    directory name from rank 0; barrier; those of torch.distributed.checkpoint.save and megatron's save
-    validation (all-gathers of shard metadata); the distributed optimizer's gather of its state over the
-    DP group when it is used; two barriers around rank 0's rename and tracker update.
+    directory name from rank 0; megatron's save validation (all-gathers of shard metadata); the
+    distributed optimizer's gather of its state over the DP group when it is used; those of
+    torch.distributed.checkpoint.save; an all_gather_object after each of the four phases (start, tensors,
+    RNG and description, commit); one barrier before the commit; on failure, a broadcast of the message.
     """
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
     save_dir = Path(save_dir)
     check_finite(model)
-    rank = _rank()
+    rank = global_rank()
 
     # One temp name for all ranks: rank 0 draws it, everyone receives it.
-    token = [secrets.token_hex(6) if rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(token, src=0)
+    run_id = run_id_for(save_dir) if rank == 0 else None
+    tmp_name = broadcast_from_rank0(temp_checkpoint_name(iteration, run_id, secrets.token_hex(6)) if rank == 0 else None)
     final = save_dir / checkpoint_name(iteration)
-    tmp = save_dir / f"{final.name}.tmp-{token[0]}"
-    if rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    _barrier()
+    tmp = save_dir / tmp_name
+    sharded, common = torch_dist.prepare_save(sharded_state_dict(model, optimizer))
+    attempt = _SaveAttempt(save_dir, tmp, final, iteration, torch_dist.main_replica_bytes(sharded))
 
-    save_sharded(sharded_state_dict(model, optimizer), tmp)
-    # Made after the distributed save, which expects to start in an empty directory.
-    save_rng_state(tmp)
-    if rank == 0:
-        metadata = common_state(iteration, consumed_samples, model, optimizer, scheduler, config_dict, extra)
-        # Written last among rank 0's files: a directory with it has all of rank 0's parts.
-        write_json_atomic(tmp / METADATA_FILENAME, metadata, indent=1, sort_keys=True)
+    def start() -> None:
+        if rank == 0:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            torch_dist.write_common(common, tmp)
+
+    def describe() -> None:
+        save_rng_state(tmp)
+        if rank == 0:
+            torch_dist.write_format_tag(tmp)
+            metadata = common_state(iteration, consumed_samples, model, optimizer, scheduler, config_dict, extra,
+                                    consumed_valid_samples)
+            # Written last among rank 0's files: a directory with it has all of rank 0's parts.
+            write_json_atomic(tmp / METADATA_FILENAME, metadata, indent=1, sort_keys=True)
+
+    attempt.run(start)
+    attempt.run(lambda: torch_dist.write_sharded(sharded, tmp))
+    attempt.run(describe)
     _before_commit(tmp)
-    _barrier()  # every rank's files are in tmp
-
-    if rank == 0:
-        _commit(save_dir, tmp, final, iteration)
-    _barrier()  # nobody returns (or exits) before the checkpoint is visible
+    barrier()  # every rank's files are in tmp
+    # The agreement after the commit also keeps every rank from returning before the checkpoint is visible.
+    attempt.run(lambda: attempt.commit(run_id) if rank == 0 else None)
     if rank == 0:
         print(f" saved checkpoint at iteration {iteration:7d} to {final}", flush=True)
     return str(final)
@@ -139,11 +157,57 @@ def _before_commit(tmp: Path) -> None:
     """Hook between writing and committing a save; tests replace it to simulate a crash there."""
 
 
-def _commit(save_dir: Path, tmp: Path, final: Path, iteration: int) -> None:
-    """Rank 0: move the finished temp directory into place, then point the tracker at it."""
-    # Re-saving an iteration replaces the old copy; a crash between its two renames leaves iter_X missing
-    # and the tracker naming it: loading then stops with a clear error (the old copy is in a .old- dir).
-    replace_directory(tmp, final)
-    write_latest_iteration(save_dir, iteration)
-    # Leftovers of saves that crashed before their rename are never loaded; clear them.
-    remove_leftovers(save_dir, keep=tmp)
+class _SaveAttempt:
+    """One save's phases, each followed by the ranks' agreement on whether a write failed."""
+
+    def __init__(self, save_dir: Path, tmp: Path, final: Path, iteration: int, local_bytes: int) -> None:
+        self.save_dir, self.tmp, self.final, self.iteration = save_dir, tmp, final, iteration
+        self.local_bytes = local_bytes  # this rank's tensor bytes: the size estimate without a previous save
+        self.placed = False  # rank 0: the temp directory was renamed to the final name
+
+    def run(self, phase: Callable[[], None]) -> None:
+        """Run `phase` on every rank, then agree: when any rank's write failed, rank 0 removes the partial
+        save and every rank raises the same CheckpointError. Collectives: one all_gather_object, and on
+        failure one broadcast."""
+        failure, unexpected = None, None
+        try:
+            phase()
+        except (Exception, CheckpointException) as error:  # torch's CheckpointException is a BaseException
+            failure = describe_write_failure(error, global_rank())
+            if failure is None:  # a bug, not the disk: re-raised below, after agreeing, so no rank waits forever
+                failure, unexpected = (f"rank {global_rank()}: {safe_reason(error)}", None), error
+        outcomes = gather_from_all((failure, self.local_bytes))
+        failed = [outcome for outcome, _ in outcomes if outcome is not None]
+        if not failed:
+            return
+        message = None
+        if global_rank() == 0:
+            self._remove_partial_save()
+            detail, no_space = failed[0]
+            message = failed_save_message(self.save_dir, self.iteration, detail, no_space,
+                                          sum(size for _, size in outcomes))
+        message = broadcast_from_rank0(message)
+        if unexpected is not None:
+            raise unexpected
+        raise CheckpointError(message) from None
+
+    def commit(self, run_id: str) -> None:
+        """Rank 0: move the finished temp directory into place, then point the tracker at it."""
+        # Re-saving an iteration replaces the old copy; a crash between its two renames leaves iter_X missing
+        # and the tracker naming it: loading then stops with a clear error (the old copy is in a .old- dir).
+        replace_directory(self.tmp, self.final)
+        self.placed = True
+        write_latest_iteration(self.save_dir, self.iteration)
+        # Leftovers of this run's saves that crashed before their rename are never loaded; clear them.
+        remove_leftovers(self.save_dir, run_id, keep=self.tmp)
+
+    def _remove_partial_save(self) -> None:
+        """Rank 0: delete what this save wrote; a placed directory only when the tracker does not name it."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.placed:
+            try:
+                tracked = read_latest_iteration(self.save_dir) == self.iteration
+            except ValueError:
+                tracked = False
+            if not tracked:
+                shutil.rmtree(self.final, ignore_errors=True)

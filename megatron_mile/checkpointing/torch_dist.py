@@ -13,24 +13,25 @@ writer: the default starts a multiprocessing Manager and forks one writer proces
 inside daemonic worker processes (our test pool) and forks a process that holds gloo threads. torch's own
 FileSystemWriter writes the same files from the calling thread.
 
-Safety: a checkpoint directory is data a user hands us. Tensors and common.pt are read with
-``torch.load(..., weights_only=True)`` (megatron-core's safe globals registered), and the pickled
-``.metadata`` goes through `_MetadataUnpickler`, which admits the checkpoint-metadata classes only.
+Safety: a checkpoint directory is data a user hands us. Every pickled file is read through
+megatron_mile.checkpointing.safe_load (tensors and common.pt with weights_only=True, megatron-core's safe
+globals registered; ``.metadata`` by an allow-list unpickler), and a refused or damaged file stops the load
+with one line naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-import pickle
-import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, CheckpointingException, save_config
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
@@ -46,7 +47,11 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron.core.safe_globals import register_safe_globals
 from torch.distributed import checkpoint as torch_dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import StorageMeta
+
+from megatron_mile.checkpointing import safe_load
+from megatron_mile.checkpointing.errors import CheckpointError
 
 # How the distributed optimizer lays out its state in a checkpoint: dp_reshardable (Megatron-LM's default,
 # one tensor per gradient bucket; the DP size may change, TP/PP may not). megatron-core 0.16.1's
@@ -63,6 +68,11 @@ _SHARDED_STATE_METADATA = {
 # CheckpointingException; anything torch's reader or planner raised (e.g. refused metadata) is wrapped
 # in torch's CheckpointException, which derives from BaseException.
 LOAD_ERRORS = (KeyError, CheckpointingException, torch_dcp.api.CheckpointException)
+
+# The files of the format (megatron-core's and torch's names), and megatron's format tag.
+COMMON_FILENAME = "common.pt"
+_FORMAT_BACKEND, _FORMAT_VERSION = "torch_dist", 1
+METADATA_FILENAME = ".metadata"
 
 
 def unwrap_model(module):
@@ -91,24 +101,60 @@ def sharded_state_dict(model: list, optimizer=None, is_loading: bool = False) ->
     return state
 
 
-def save_sharded(state: dict, checkpoint_dir: Path) -> None:
-    """Write `state` (from sharded_state_dict) into the empty directory `checkpoint_dir`, every rank its part.
+def prepare_save(state: dict) -> Tuple[dict, dict]:
+    """(sharded part, common part) of `state` (from sharded_state_dict), as megatron's save splits it.
 
-    Collectives: those of torch.distributed.checkpoint.save (gather of the save plans to rank 0, scatter
-    of the global plan, gather of the write results) and megatron's save validation (all-gathers of
-    shard metadata), over the default group.
+    Collectives: megatron's save validation (all-gathers of shard metadata) over the default group.
     """
-    dist_checkpointing.save(state, str(checkpoint_dir), sharded_strategy=_InProcessTorchDistSaveStrategy())
+    return save_preprocess(state, validate_access_integrity=True)
+
+
+def write_common(common: dict, checkpoint_dir: Path) -> None:
+    """Rank 0: the common part into ``common.pt``. No collectives.
+
+    Written through a Python file object: a full disk then raises OSError(ENOSPC), where torch's own file
+    writer reports an unrelated "unexpected pos" error.
+    """
+    with open(Path(checkpoint_dir) / COMMON_FILENAME, "wb") as handle:
+        torch.save(common, handle)
+
+
+def write_sharded(sharded: dict, checkpoint_dir: Path) -> None:
+    """Every rank: its tensors of the sharded part into ``__<rank>_0.distcp``; rank 0 also ``.metadata``.
+
+    A failed write on any rank raises torch's CheckpointException on every rank. Collectives: those of
+    torch.distributed.checkpoint.save (gather of the save plans to rank 0, scatter of the global plan,
+    gather of the write results) over the default group.
+    """
+    _InProcessTorchDistSaveStrategy().save(sharded, Path(checkpoint_dir))
+
+
+def write_format_tag(checkpoint_dir: Path) -> None:
+    """Rank 0: megatron's ``metadata.json`` (backend and version), which its loader checks. No collectives."""
+    save_config(CheckpointingConfig(_FORMAT_BACKEND, _FORMAT_VERSION), str(checkpoint_dir))
+
+
+def main_replica_bytes(sharded: dict) -> int:
+    """Bytes of this rank's tensors that a save writes (main replicas only). No collectives."""
+    return sum(
+        t.data.numel() * t.data.element_size()
+        for t in nested_values(sharded)
+        if isinstance(t, ShardedTensor) and t.data is not None and is_main_replica(t.replica_id)
+    )
 
 
 def load_sharded(state: dict, checkpoint_dir: Path) -> dict:
     """Load `checkpoint_dir` into the shapes `state` (from sharded_state_dict) describes; returns the
-    loaded state dict (same keys). Raises one of LOAD_ERRORS when the checkpoint does not fit.
+    loaded state dict (same keys). Raises one of LOAD_ERRORS when the checkpoint does not fit, and
+    CheckpointError (safe_load's one line naming the file) when a file is refused or damaged.
 
     Collectives: those of torch.distributed.checkpoint.load (plan gather/scatter) and megatron's load
     validation (all-gathers of shard metadata), over the default group.
     """
     register_safe_globals()
+    # Read first on every rank: a refused `.metadata` stops all of them here with the same one line, instead
+    # of inside torch's loader, which logs the failure with a traceback and reports another error.
+    safe_load.load_checkpoint_metadata(Path(checkpoint_dir) / METADATA_FILENAME)
     return dist_checkpointing.load(
         state,
         str(checkpoint_dir),
@@ -117,79 +163,67 @@ def load_sharded(state: dict, checkpoint_dir: Path) -> dict:
     )
 
 
+def refused_file(error: BaseException) -> Optional[CheckpointError]:
+    """The CheckpointError of a file safe_load refused inside a failed load (on any rank), else None."""
+    if isinstance(error, CheckpointError):
+        return error
+    for exc, _ in (getattr(error, "failures", None) or {}).values():
+        if isinstance(exc, CheckpointError):
+            return exc
+    return None
+
+
 def describe_load_error(error: BaseException) -> str:
-    """One line per failing rank ("rank 0: FileNotFoundError: ...") instead of torch's stack traces."""
+    """One line ("rank 0: KeyError: ...; rank 1: ...") instead of torch's per-rank stack traces."""
     failures = getattr(error, "failures", None)
     if isinstance(error, torch_dcp.api.CheckpointException) and failures:
-        return "; ".join(
-            f"rank {rank}: " + "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            for rank, (exc, _) in sorted(failures.items())
-        )
-    return str(error)
+        return "; ".join(f"rank {rank}: {safe_load.safe_reason(exc)}" for rank, (exc, _) in sorted(failures.items()))
+    return " ".join(str(error).split())
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Safe reading
 # ----------------------------------------------------------------------------------------------------------
 
-# Globals a torch_dist `.metadata` pickle may reference: the checkpoint-metadata dataclasses, torch's
-# size/dtype/layout values and the plain containers pickle builds them with. Nothing that runs code.
-_METADATA_PICKLE_ALLOWED = {
-    ("torch.distributed.checkpoint.metadata", name)
-    for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.distributed.checkpoint.planner", "LoadItemType"),
-    ("torch.distributed.checkpoint.planner", "WriteItemType"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # looks a torch.layout up by its name, nothing else
-    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
-    ("collections", "OrderedDict"),
-    ("copyreg", "_reconstructor"),
-    ("builtins", "object"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-}
+class _RecordingFileSystem(FileSystem):
+    """torch's FileSystem that remembers the last file it opened, so that a failed read can name it."""
 
+    last_opened: Optional[Path] = None
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickler for a torch_dist `.metadata` file that refuses every global outside a fixed allow-list."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_PICKLE_ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch":
-            value = getattr(torch, name, None)
-            # dtypes, layouts and memory formats are pickled as `torch.<name>` values.
-            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-                return value
-        raise pickle.UnpicklingError(
-            f"checkpoint metadata refers to {module}.{name}, which a checkpoint's metadata never needs; "
-            "refusing to load it (the file may be tampered with)"
-        )
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        self.last_opened = Path(path)
+        with super().create_stream(path, mode) as stream:
+            yield stream
 
 
 class _SafeFileSystemReader(FileSystemReader):
-    """torch's FileSystemReader with `.metadata` read by `_MetadataUnpickler` instead of plain pickle."""
+    """torch's FileSystemReader with `.metadata` read by safe_load's MetadataUnpickler instead of plain pickle,
+    and any failure to read a tensor file raised as safe_load's one-line CheckpointError naming it."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.fs = _RecordingFileSystem()
 
     def read_metadata(self, *args: Any, **kwargs: Any):
-        rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
-        with self.fs.create_stream(path, "rb") as handle:
-            metadata = _MetadataUnpickler(handle).load()
+        metadata = safe_load.load_checkpoint_metadata(self._get_metadata_path(kwargs.get("rank")))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, plan, planner):
+        try:
+            return super().read_data(plan, planner)
+        except Exception as error:  # noqa: BLE001 - an untrusted file failed to parse, whatever the cause
+            raise safe_load.unreadable_file_error(self.fs.last_opened or self.path, error) from None
 
 
 class _SafeLoadPlanner(MCoreLoadPlanner):
     """megatron's load planner with byte objects read by torch.load(weights_only=True)."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        # Runs inside _SafeFileSystemReader.read_data, which names the file when this fails.
         loaded = torch.load(value, map_location="cpu", weights_only=True)
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
@@ -242,10 +276,7 @@ class _SafeCommonLoadStrategy(TorchCommonLoadStrategy):
     whatever torch's default or the TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD environment variable says."""
 
     def load_common(self, checkpoint_dir):
-        path = Path(checkpoint_dir) / "common.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the checkpoint {checkpoint_dir} is incomplete")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return safe_load.load_weights_only(Path(checkpoint_dir) / COMMON_FILENAME)
 
     def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
         raise NotImplementedError("megatron_mile checkpoints keep no per-object files")
@@ -264,7 +295,7 @@ class _InProcessTorchDistSaveStrategy(SaveShardedStrategy):
     """
 
     def __init__(self):
-        super().__init__("torch_dist", 1)
+        super().__init__(_FORMAT_BACKEND, _FORMAT_VERSION)
 
     def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
         # Only the main replica of each shard is written (as megatron's own strategy does).

@@ -5,7 +5,8 @@ Layout of a save directory (Megatron-LM's names)::
 
     {dir}/latest_checkpointed_iteration.txt     the newest complete iteration, as a decimal integer
     {dir}/iter_0000100/                         one checkpoint (see megatron_mile.checkpointing)
-    {dir}/iter_0000200.tmp-<hex>/               a save in progress, or one that crashed: never loaded
+    {dir}/iter_0000200.tmp-<run>-<hex>/         a save in progress, or one that crashed: never loaded
+    {dir}/megatron_mile.lock                    the run writing the directory (checkpointing.lock)
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ FORMAT = "torch_dist"
 FORMAT_VERSION = 1
 
 _ITER_DIR_RE = re.compile(r"^iter_(\d{7,})$")
-# A save's temp directory, or an old copy moved aside while re-saving an iteration (atomic_io names it
-# ".iter_XXXXXXX.old-<hex>").
-_TMP_DIR_RE = re.compile(r"^\.?iter_\d{7,}\.(tmp|old)-[0-9a-f]+$")
+
+
+def temp_checkpoint_name(iteration: int, run_id: str, token: str) -> str:
+    """Name of a save's temp directory: the run id says whose it is (see remove_leftovers)."""
+    return f"{checkpoint_name(iteration)}.tmp-{run_id}-{token}"
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -71,10 +74,16 @@ def list_iterations(directory: Path) -> List[int]:
     return sorted(found)
 
 
-def remove_leftovers(directory: Path, keep: Path) -> None:
-    """Delete the temp directories of saves that crashed before their commit (they are never loaded)."""
+def remove_leftovers(directory: Path, run_id: str, keep: Path) -> None:
+    """Delete run `run_id`'s temp directories of saves that failed before their commit (never loaded).
+
+    Only this run's: another run's temp directory may be a save in progress. Old copies moved aside while
+    re-saving an iteration (atomic_io's ``.iter_XXXXXXX.old-<hex>``) are kept: after a crash between the two
+    renames one holds the only copy of that iteration.
+    """
+    own = re.compile(rf"^iter_\d{{7,}}\.tmp-{re.escape(run_id)}-[0-9a-f]+$")
     for entry in directory.iterdir():
-        if _TMP_DIR_RE.match(entry.name) and entry != keep:
+        if own.match(entry.name) and entry != keep:
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -146,7 +155,8 @@ def read_metadata(checkpoint_dir: Path) -> dict:
 def read_checkpoint_metadata(load_dir, iteration: Optional[int] = None) -> dict:
     """The plain-data description of a checkpoint (mile_checkpoint.json), latest unless `iteration`.
 
-    Keys: iteration, consumed_samples, config (the run's config_to_dict), scheduler, layout, vocab, extra.
+    Keys: iteration, consumed_samples, consumed_valid_samples (absent in checkpoints of older versions),
+    config (the run's config_to_dict), scheduler, layout, vocab, extra.
     Raises FileNotFoundError when `load_dir` holds no checkpoint.
     """
     path, iteration = resolve_checkpoint_dir(load_dir, iteration)

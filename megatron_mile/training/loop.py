@@ -2,14 +2,12 @@
 
 The spine of the fork, in the spirit of Megatron-LM's megatron/training/training.py, written on
 megatron-core: what is built before the first step (setup.py: process groups, model, optimizer, data,
---load), the step and evaluation on that state (step.py), what is printed (reporting.py), checkpoints
-(megatron_mile.checkpointing).
+--load), the step and evaluation on that state (step.py), what is printed (reporting.py), the run summary
+(summary.py), checkpoints (megatron_mile.checkpointing).
 """
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,12 +17,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_mile.arguments import config_to_dict
 from megatron_mile.config import RunConfig
 from megatron_mile.loss import LossSpec
 from megatron_mile import checkpointing, known_warnings
-from megatron_mile.atomic_io import write_json_atomic
+from megatron_mile.checkpointing.collectives import barrier
 from megatron_mile.training import reporting, token_histograms
+from megatron_mile.training import summary as run_summary
 from megatron_mile.training.initialize import is_logging_rank, print_rank_0, print_rank_last
 from megatron_mile.training.setup import num_micro_batches, setup_training
 from megatron_mile.training.step import evaluate, train_step
@@ -81,14 +79,28 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
                                                           t.tensorboard_dir)
     last_saved_iteration = iteration if t.load else None
     start_iteration, exited_early = iteration, False
+    # A resumed run is the same run: its summary continues the history of the segments before it.
+    earlier = (run_summary.read_run_history(t.load, iteration, log=print_rank_last)
+               if t.save and t.load and iteration > 0 and is_logging_rank() else None)
 
     def validate(at_iteration: int) -> None:
         """Validation loss over --eval-iters global batches: logged, to TensorBoard, kept in the result."""
         stats = evaluate(setup)
+        setup.consumed_valid_samples += t.eval_iters * t.global_batch_size  # checkpointed: a resume continues
         result.validation.append((at_iteration, stats.lm_loss, stats.loss))
         print_rank_last(reporting.format_validation_log(at_iteration, stats))
         tensorboard.scalars(at_iteration, {"validation/lm loss": stats.lm_loss, "validation/training loss": stats.loss,
                                            "validation/lm loss PPL": reporting._safe_exp(stats.lm_loss)})
+
+    def save() -> None:
+        """Checkpoint `iteration`, and write the summary up to it (a resume after a crash finds its history)."""
+        result.checkpoint = checkpointing.save_checkpoint(
+            t.save, iteration, model, optimizer, scheduler, consumed_samples, setup.config_dict,
+            consumed_valid_samples=setup.consumed_valid_samples,
+        )
+        if is_logging_rank():
+            result.final_iteration, result.consumed_samples = iteration, consumed_samples
+            run_summary.write_summary(t.save, config, result, time.time() - run_start, earlier)
 
     try:
         while iteration < t.train_iters:
@@ -154,9 +166,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
 
             exiting = t.exit_interval is not None and iteration % t.exit_interval == 0
             if t.save and (exiting or (t.save_interval and iteration % t.save_interval == 0)):
-                result.checkpoint = checkpointing.save_checkpoint(
-                    t.save, iteration, model, optimizer, scheduler, consumed_samples, setup.config_dict
-                )
+                save()
                 last_saved_iteration = iteration
             if exiting:
                 print_rank_0(f" exiting at iteration {iteration} (--exit-interval {t.exit_interval})")
@@ -174,16 +184,16 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
                 and iteration % t.eval_interval != 0):
             validate(iteration)
         if t.save and last_saved_iteration != iteration:
-            result.checkpoint = checkpointing.save_checkpoint(
-                t.save, iteration, model, optimizer, scheduler, consumed_samples, setup.config_dict
-            )
+            save()
+        result.final_iteration = iteration
+        result.consumed_samples = consumed_samples
+        if t.save and is_logging_rank():
+            run_summary.write_summary(t.save, config, result, time.time() - run_start, earlier)
+        barrier()  # the summary is written before the --save lock is given up
     finally:
         progress.finish()
         tensorboard.close()
-    result.final_iteration = iteration
-    result.consumed_samples = consumed_samples
-    if t.save and is_logging_rank():
-        _write_summary(t.save, config, result, time.time() - run_start)
+        setup.release()  # the --save lock, on success and on failure alike
     return result
 
 
@@ -198,33 +208,6 @@ def _log_token_histograms(tensorboard: reporting.TensorBoardWriter, iteration: i
     histograms = token_histograms.reduce_histograms(step.token_values, group=parallel_state.get_data_parallel_group())
     for quantity, histogram in zip(token_histograms.QUANTITIES, histograms):
         tensorboard.histogram_raw(iteration, token_histograms.TAGS[quantity], histogram)
-
-
-def _write_summary(save_dir: str, config: RunConfig, result: TrainingResult, seconds: float) -> None:
-    """{save}/summary.json: the run's settings and final figures (written atomically)."""
-    recent = [r for r in result.history[-10:] if not r.skipped]
-    summary = {
-        "iterations": result.final_iteration,
-        "consumed_samples": result.consumed_samples,
-        "wall_seconds": round(seconds, 1),
-        "loss_type": config.loss.loss_type,
-        "final_train_lm_loss_last10": sum(r.lm_loss for r in recent) / len(recent) if recent else None,
-        "final_train_loss_last10": sum(r.loss for r in recent) / len(recent) if recent else None,
-        "validation": [{"iteration": i, "lm_loss": lm, "ppl": math.exp(min(lm, 50)), "training_loss": l}
-                       for i, lm, l in result.validation],
-        # Per-iteration curves of this run (columns, to stay compact): tools/plot_comparison.py draws them.
-        "history": {
-            "iteration": [r.iteration for r in result.history],
-            "lm_loss": [r.lm_loss if math.isfinite(r.lm_loss) else None for r in result.history],
-            "loss": [r.loss if math.isfinite(r.loss) else None for r in result.history],
-            "skipped": [r.skipped for r in result.history],
-            "seconds": [round(r.seconds, 4) for r in result.history],
-        },
-        "checkpoint": result.checkpoint,
-        "config": config_to_dict(config),
-    }
-    os.makedirs(save_dir, exist_ok=True)
-    write_json_atomic(os.path.join(save_dir, "summary.json"), summary, indent=1)
 
 
 def _print_run_summary(config: RunConfig, vocab_size: int, model: list) -> None:

@@ -14,10 +14,13 @@ from megatron.core import parallel_state
 
 from megatron_mile import checkpointing
 from megatron_mile.arguments import config_to_dict
+from megatron_mile.atomic_io import ensure_writable_directory
+from megatron_mile.checkpointing.collectives import on_rank0_for_all
+from megatron_mile.checkpointing.lock import SaveDirectoryLock
 from megatron_mile.config import RunConfig
 from megatron_mile.model import build_model
 from megatron_mile.training import data as run_data
-from megatron_mile.training.initialize import initialize_parallel, set_random_seeds
+from megatron_mile.training.initialize import initialize_parallel, print_rank_0, set_random_seeds
 from megatron_mile.training.optimizer import build_optimizer, wrap_for_training
 from megatron_mile.training.step import LossCollector, configure_schedules
 
@@ -42,6 +45,14 @@ def _data_iterators(config: RunConfig, model: list, dataset, consumed_samples: i
     return iterators
 
 
+def _validation_start(config: RunConfig, dataset, consumed_valid_samples: int) -> int:
+    """Where the validation iterator starts after `consumed_valid_samples` validation samples: wrapped the way
+    run_data.micro_batch_iterator cycles, whole rounds of micro_batch_size * DP samples per pass."""
+    stride = config.training.micro_batch_size * parallel_state.get_data_parallel_world_size()
+    period = (len(dataset) // stride) * stride
+    return consumed_valid_samples % period if period else 0
+
+
 @dataclass
 class TrainingSetup:
     """Everything pretrain() builds before its first step; the state train_step and evaluate take."""
@@ -58,18 +69,60 @@ class TrainingSetup:
     vocab_size: int
     iteration: int = 0
     consumed_samples: int = 0
+    consumed_valid_samples: int = 0  # validation samples evaluated so far (pretrain's validate() counts them)
+    save_lock: Optional[SaveDirectoryLock] = None  # rank 0's lock on --save; None elsewhere
+
+    def release(self) -> None:
+        """Give up what the run holds outside the process (the --save lock). Idempotent, no collectives."""
+        if self.save_lock is not None:
+            self.save_lock.release()
+
+
+def _claim_output_directories(config: RunConfig) -> Optional[SaveDirectoryLock]:
+    """Rank 0 checks that --save and --tensorboard-dir are writable directories (creating them) and locks
+    --save for this run; a failure stops every rank with rank 0's one-line reason.
+
+    Raises OutputDirectoryError (bad directory) or SaveDirectoryLocked (another run writes --save), both
+    ValueErrors. Returns the lock on rank 0, None elsewhere. Collectives: one broadcast from rank 0.
+    """
+    t = config.training
+
+    def claim() -> Optional[SaveDirectoryLock]:
+        for path, flag in ((t.save, "--save"), (t.tensorboard_dir, "--tensorboard-dir")):
+            if path:
+                ensure_writable_directory(path, flag)
+        return SaveDirectoryLock.acquire(t.save, log=print_rank_0) if t.save else None
+
+    return on_rank0_for_all(claim)
 
 
 def setup_training(config: RunConfig, model_provider=None, dataset_provider=None) -> TrainingSetup:
-    """Initialise parallel state, build model, optimizer, scheduler and data, load --load if given.
+    """Initialise parallel state, check the output directories and lock --save, build model, optimizer,
+    scheduler and data, load --load if given.
 
-    Must be called on every rank. Collectives: those of megatron's parallel-state initialisation, model
-    wrapping, the optimizer and (with --load) the checkpoint load.
+    Must be called on every rank. The caller releases the --save lock (TrainingSetup.release) when the run
+    ends; set-up releases it itself when it fails. Collectives: those of megatron's parallel-state
+    initialisation, a broadcast of the output-directory decision, model wrapping, the optimizer and (with
+    --load) the checkpoint load.
     """
+    initialize_parallel(config)
+    # Before any training work: an unwritable output directory, or a --save another run writes, stops here.
+    save_lock = _claim_output_directories(config)
+    try:
+        setup = _build_training_state(config, model_provider, dataset_provider)
+    except BaseException:
+        if save_lock is not None:
+            save_lock.release()
+        raise
+    setup.save_lock = save_lock
+    return setup
+
+
+def _build_training_state(config: RunConfig, model_provider, dataset_provider) -> TrainingSetup:
+    """Model, optimizer, scheduler, data iterators and the --load state, on initialised parallel state."""
     t = config.training
     model_provider = model_provider or build_model
     dataset_provider = dataset_provider or run_data.build_datasets
-    initialize_parallel(config)
     set_random_seeds(t.seed)
     tokenizer = run_data.build_run_tokenizer(config)
     eval_samples = t.eval_iters * t.global_batch_size * max(1, math.ceil(t.train_iters / t.eval_interval) + 1)
@@ -82,16 +135,24 @@ def setup_training(config: RunConfig, model_provider=None, dataset_provider=None
     optimizer, scheduler = build_optimizer(config, model)
     config_dict = config_to_dict(config)
 
-    iteration, consumed_samples = 0, 0
+    iteration, consumed_samples, consumed_valid_samples = 0, 0, 0
     if t.load is not None:
         iteration, consumed_samples = checkpointing.load_checkpoint(t.load, model, optimizer, scheduler, config_dict)
+        if iteration > 0:
+            saved = checkpointing.read_checkpoint_metadata(t.load, iteration)
+            consumed_valid_samples = int(saved.get("consumed_valid_samples", 0))
 
     num_micro = num_micro_batches(config)
     train_ds, valid_ds = dataset_provider(config, tokenizer, eval_samples)
     train_iterators = _data_iterators(config, model, train_ds, consumed_samples, cycle=False)
-    valid_iterators = _data_iterators(config, model, valid_ds, 0, cycle=True) if t.eval_iters > 0 and valid_ds else None
+    valid_iterators = None
+    if t.eval_iters > 0 and valid_ds:
+        # A resumed run validates on the samples the uninterrupted run would (as Megatron-LM does).
+        valid_start = _validation_start(config, valid_ds, consumed_valid_samples)
+        valid_iterators = _data_iterators(config, model, valid_ds, valid_start, cycle=True)
 
     collector = LossCollector()
     configure_schedules(model, optimizer, collector)
     return TrainingSetup(config, model, optimizer, scheduler, train_iterators, valid_iterators, num_micro, collector,
-                         config_dict, tokenizer.vocab_size, iteration, consumed_samples)
+                         config_dict, tokenizer.vocab_size, iteration, consumed_samples,
+                         consumed_valid_samples=consumed_valid_samples)

@@ -1,0 +1,133 @@
+"""Reading the pickled files of a checkpoint without trusting them.
+
+A checkpoint directory is data a user hands us, and pickle runs whatever code a file names. So:
+
+- torch files (common.pt, rng/rank_*.pt, the tensor records inside ``__<rank>_0.distcp``) are read with
+  ``torch.load(..., weights_only=True)``, whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says;
+- the pickled torch_dist ``.metadata`` goes through `MetadataUnpickler`, which admits the checkpoint-metadata
+  classes only.
+
+A file that is refused (it names a global outside the allow-list) or damaged (truncated, not a torch file)
+raises CheckpointError with one line naming the file. The message never repeats torch's advice to retry
+with weights_only=False or to allow-list the global: for a checkpoint that is the unsafe thing to do.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any, BinaryIO, Optional, Union
+
+import torch
+
+from megatron_mile.checkpointing.errors import CheckpointError
+
+# Globals a torch_dist `.metadata` pickle may reference: the checkpoint-metadata dataclasses, torch's
+# size/dtype/layout values and the plain containers pickle builds them with. Nothing that runs code.
+_METADATA_PICKLE_ALLOWED = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.planner", "LoadItemType"),
+    ("torch.distributed.checkpoint.planner", "WriteItemType"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # looks a torch.layout up by its name, nothing else
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("collections", "OrderedDict"),
+    ("copyreg", "_reconstructor"),
+    ("builtins", "object"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
+
+# How torch's weights-only unpickler names a refused global ("... GLOBAL posix.mkdir ...").
+_REFUSED_GLOBAL_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+# Sentences of torch's messages that advise loosening the check (never passed on) or only point at torch's
+# documentation and issue tracker.
+_UNSAFE_ADVICE_RE = re.compile(
+    r"weights.only|safe_globals|trusted source|arbitrary code|file an issue|check the documentation", re.IGNORECASE
+)
+_MAX_REASON_CHARS = 240
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickler for a torch_dist `.metadata` file that refuses every global outside a fixed allow-list.
+
+    Raises pickle.UnpicklingError("... refers to <module>.<name> ...; refusing ...") for any other global.
+    """
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch":
+            value = getattr(torch, name, None)
+            # dtypes, layouts and memory formats are pickled as `torch.<name>` values.
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to GLOBAL {module}.{name}, which a checkpoint's metadata never needs; "
+            "refusing to load it (the file may be tampered with)"
+        )
+
+
+def load_weights_only(source: Union[str, Path, BinaryIO], name: Optional[Union[str, Path]] = None) -> Any:
+    """torch.load(source) restricted to tensors and plain data, onto the CPU.
+
+    `source` is a path or a seekable binary file; `name` is how messages call it (default: the path).
+    Raises CheckpointError naming the file when it is missing, refused or damaged. No collectives.
+    """
+    shown = name if name is not None else source
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to parse an untrusted file is reported the same way
+        raise unreadable_file_error(shown, error) from None
+
+
+def load_checkpoint_metadata(path: Union[str, Path]) -> Any:
+    """A torch_dist `.metadata` file, unpickled by MetadataUnpickler.
+
+    Raises CheckpointError naming the file when it is missing, refused or damaged. No collectives.
+    """
+    try:
+        with open(path, "rb") as handle:
+            return MetadataUnpickler(handle).load()
+    except Exception as error:  # noqa: BLE001 - as in load_weights_only
+        raise unreadable_file_error(path, error) from None
+
+
+def unreadable_file_error(path: Union[str, Path], error: BaseException) -> CheckpointError:
+    """The one-line CheckpointError for a checkpoint file that `error` kept from being read.
+
+    A refused global is named ("refusing to load F: it refers to posix.mkdir ..."); any other failure is
+    reported as damage with the cause's first sentence, stripped of advice to relax the safe loading.
+    """
+    if isinstance(error, CheckpointError):
+        return error
+    if isinstance(error, FileNotFoundError):
+        return CheckpointError(f"{path} is missing: the checkpoint is incomplete; resume from another iteration")
+    refused = _REFUSED_GLOBAL_RE.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
+    if refused:
+        return CheckpointError(
+            f"refusing to load {path}: it refers to {refused.group(1)}, which a megatron_mile checkpoint never "
+            "holds (the file may have been tampered with); nothing in it was run. Use a checkpoint you trust"
+        )
+    return CheckpointError(
+        f"cannot read {path}: {safe_reason(error)}; the file is damaged or was not written by megatron_mile. "
+        "Resume from another iteration"
+    )
+
+
+def safe_reason(error: BaseException) -> str:
+    """`error` as one short line ("Type: message"), without sentences that advise unsafe loading."""
+    # torch's messages put advice and the actual error in separate lines and sentences.
+    pieces = re.split(r"\n+|(?<=\.)\s+", str(error))
+    kept = [" ".join(p.split()) for p in pieces if p.strip() and not _UNSAFE_ADVICE_RE.search(p)]
+    reason = " ".join(kept) or "its content is not plain tensors and data"
+    if len(reason) > _MAX_REASON_CHARS:
+        reason = reason[: _MAX_REASON_CHARS - 3] + "..."
+    return f"{type(error).__name__}: {reason}"
