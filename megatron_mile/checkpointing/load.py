@@ -39,8 +39,8 @@ def _load_sharded(checkpoint_dir: Path, state: dict) -> dict:
         return torch_dist.load_sharded(state, checkpoint_dir)
     except torch_dist.LOAD_ERRORS as error:
         refused = torch_dist.refused_file(error)
-        if refused is not None:  # a damaged or tampered file: its own one line names it
-            raise CheckpointError(str(refused)) from None
+        if refused is not None:  # a damaged or tampered file: one line names the checkpoint and the file
+            raise CheckpointError(f"cannot load {checkpoint_dir}: {refused}") from None
         raise CheckpointError(
             f"cannot load {checkpoint_dir} into this model: {torch_dist.describe_load_error(error)}"
         ) from error
