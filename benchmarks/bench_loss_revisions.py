@@ -71,8 +71,12 @@ def _loss_call(package):
     """f(logits, target, loss_type) -> (ce, weight) in the package's API, as the model's loss hook calls it."""
     if hasattr(package, "LossSpec"):
         specs = {"cross_entropy": package.LossSpec("cross_entropy"), "mile": package.LossSpec("mile", 1.0, 1.0)}
-        return lambda logits, target, loss_type: tuple(package.vocab_parallel_weighted_cross_entropy(
-            logits, target, specs[loss_type], VOCAB, reuse_logits_for_grad=True))[:2]
+        def call(logits, target, loss_type):
+            out = package.vocab_parallel_weighted_cross_entropy(logits, target, specs[loss_type], VOCAB,
+                                                                reuse_logits_for_grad=True)
+            return out.loss, out.weight
+
+        return call
     # Before the loss specification: the loss type and its parameters were positional arguments.
     return lambda logits, target, loss_type: package.vocab_parallel_weighted_cross_entropy(
         logits, target, loss_type, 1.0, 1.0, VOCAB, reuse_logits_for_grad=True)[:2]

@@ -159,3 +159,10 @@ def test_slurm_script_launches_one_torchrun_per_node():
     assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --gpus-per-node=8" in text
     assert "srun" in text and "pretrain_llama_6.7b.sh" in text and "SLURM_NODEID" in text
     assert subprocess.run(["bash", "-n", str(EXAMPLES / "slurm_pretrain_6.7b.sbatch")]).returncode == 0
+
+
+def test_compare_losses_refuses_an_unknown_run_before_any_work(tmp_path):
+    out = subprocess.run(["bash", str(REPO / "examples" / "compare_losses.sh")], capture_output=True, text=True,
+                         env=dict(os.environ, LOSSES="mile softmax", OUT=str(tmp_path / "out")), timeout=300)
+    assert out.returncode == 2 and "unknown run 'softmax'" in out.stderr
+    assert not (tmp_path / "out" / "mile").exists()
