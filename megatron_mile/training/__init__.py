@@ -1,2 +1,10 @@
-"""The training loop: setup, the step, evaluation and logging, one module per concern (checkpoints live in
-megatron_mile.checkpointing)."""
+"""The training loop, one module per concern (checkpoints live in megatron_mile.checkpointing).
+
+- initialize: seeds and the logging ranks (process groups: megatron_mile.parallel);
+- setup: setup_training(), everything built before the first step, as the TrainingSetup the step takes;
+- optimizer: DDP wrapping, megatron's optimizer and scheduler, the update that skips non-finite gradients;
+- data: the run's tokenizer, dataset checks and builds, the micro-batch iterators;
+- step: one optimizer step and one evaluation pass on megatron's schedules (the loss collector);
+- loop: pretrain(); reporting: log lines and TensorBoard; summary: {save}/summary.json;
+  token_histograms: the entropy / weight histograms; cli: the entry point's flags and exit codes.
+"""
