@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field, fields
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from megatron_mile import kernels
 from megatron_mile.data.splits import data_flag_problems
@@ -318,6 +318,9 @@ class RunConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
 
     SECTIONS = ("model", "parallel", "loss", "optimizer", "data", "training", "kernels")
+    # Log lines for the Megatron-LM flags the run set that the project provides by construction
+    # (megatron_mile.megatron_lm_flags); not a section: they configure nothing.
+    notes: List[str] = field(default_factory=list)
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
@@ -338,13 +341,14 @@ class RunConfig:
             self.optimizer.lr_decay_iters = t.train_iters
 
     def validate(self, world_size: int, gpu_available: bool,
-                 kernel_support: Optional[kernels.KernelSupport] = None) -> None:
+                 kernel_support: Optional[kernels.KernelSupport] = None, extra_problems: Sequence[str] = ()) -> None:
         """Raise ConfigError listing every invalid setting or combination, each with its fix.
 
         kernel_support: the optional GPU packages to check kernel flags against (default: this machine's,
         detected without importing them); KernelSupport.full() checks a script meant for a GPU cluster.
+        extra_problems: found by the caller (e.g. refused Megatron-LM flags), reported in the same message.
         """
-        problems: List[str] = []
+        problems: List[str] = list(extra_problems)
         m, p, l, o, d, t = self.model, self.parallel, self.loss, self.optimizer, self.data, self.training
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
 

@@ -221,6 +221,8 @@ def _print_run_summary(config: RunConfig, vocab_size: int, model: list) -> None:
     hidden = known_warnings.summary_line()
     if hidden:
         print_rank_0(hidden)
+    for note in config.notes:  # Megatron-LM flags the project provides by construction: said once
+        print_rank_0(f" > {note}")
     print_rank_0(
         f" > model: {int(totals.item()):,} parameters | vocab {vocab_size} | loss {loss_desc}\n"
         f" > parallel: world {dist.get_world_size() if dist.is_initialized() else 1} = TP {p.tensor_model_parallel_size}"
