@@ -167,10 +167,13 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1, gpu_availa
     machine's).
     """
     namespace = build_parser().parse_args(argv)
+    problems = megatron_lm_flags.refusal_problems(namespace)
+    if namespace.train_iters is not None and namespace.train_samples is not None:
+        # Checked here: finalize derives --train-iters from --train-samples.
+        problems.append("give one of --train-iters or --train-samples, not both")
     config = config_from_namespace(namespace)
     config.finalize(world_size)
-    config.validate(world_size, gpu_available, kernel_support,
-                    extra_problems=megatron_lm_flags.refusal_problems(namespace))
+    config.validate(world_size, gpu_available, kernel_support, extra_problems=problems)
     config.notes = megatron_lm_flags.provided_notes(namespace)
     return config
 

@@ -24,7 +24,7 @@ class ProvidedFlag:
     """A Megatron-LM switch this project always acts as if set: `how` says how, for the run's log."""
 
     how: str
-    nargs: int = 0  # values the flag takes (all provided flags are switches today)
+    nargs: int = 0  # values the flag takes (0: a switch)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ PROVIDED: Dict[str, ProvidedFlag] = {
     "--no-check-for-nan-in-loss-and-grad": ProvidedFlag(
         "the training step always checks the loss and gradient norm and skips a non-finite update "
         "(--max-skipped-iterations bounds how many in a row)"),
+    "--tiktoken-pattern": ProvidedFlag(
+        "only the TikTokenizer reads it, and --tokenizer-type offers no TikTokenizer: no tokenizer here uses it "
+        "(as in Megatron-LM with any other tokenizer)", 1),
 }
 
 _FSDP = "Megatron-FSDP is not part of this project"
@@ -72,9 +75,6 @@ REFUSED: Dict[str, RefusedFlag] = {
         "train with a constant --global-batch-size", "+"),
     "--fp16": RefusedFlag(
         "fp16 training with loss scaling is not supported", "use --bf16 (no loss scaling needed)"),
-    "--tiktoken-pattern": RefusedFlag(
-        "the TikTokenizer is not supported", "use --tokenizer-type HuggingFaceTokenizer (or NullTokenizer with "
-        "--mock-data, which reads no pattern)", 1),
     "--num-experts": RefusedFlag("mixture-of-experts models are not supported", "train a dense model", 1),
     "--moe-router-topk": RefusedFlag("mixture-of-experts models are not supported", "train a dense model", 1),
     "--expert-model-parallel-size": RefusedFlag(
@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     provided = parser.add_argument_group(
         "provided by construction", "Megatron-LM flags for what this project always does; accepted.")
     for flag, info in PROVIDED.items():
-        provided.add_argument(flag, dest=dest(flag), action="store_true", help=f"Accepted: {info.how}.")
+        kwargs = dict(action="store_true") if info.nargs == 0 else dict(nargs=info.nargs)
+        provided.add_argument(flag, dest=dest(flag), help=f"Accepted: {info.how}.", **kwargs)
     refused = parser.add_argument_group(
         "refused", "Megatron-LM flags for features this project lacks: a run that sets one stops at start-up.")
     for flag, info in REFUSED.items():
@@ -109,4 +110,5 @@ def refusal_problems(namespace: argparse.Namespace) -> List[str]:
 
 def provided_notes(namespace: argparse.Namespace) -> List[str]:
     """One log line per PROVIDED flag the command line set, saying how the project provides it."""
-    return [f"{flag}: {info.how}" for flag, info in PROVIDED.items() if getattr(namespace, dest(flag), False)]
+    return [f"{flag}: {info.how}" for flag, info in PROVIDED.items()
+            if getattr(namespace, dest(flag), None) not in (None, False)]
