@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import inspect
 import textwrap
 import typing
@@ -15,7 +16,57 @@ from dataclasses import MISSING, fields
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence
 
+from megatron_mile import megatron_lm_flags
 from megatron_mile.config import RunConfig
+
+# --help groups, in Megatron-LM's order and with its titles (megatron/training/arguments.py), so a user finds
+# a flag where Megatron-LM lists it. A field goes into the group of its section (SECTION_GROUPS) unless
+# FIELD_GROUPS names another; the sections without a Megatron-LM counterpart keep their own group.
+HELP_GROUPS = (
+    "network size", "regularization", "training", "initialization", "learning rate", "checkpointing",
+    "mixed precision", "distributed", "validation", "data and dataloader", "tokenizer", "logging",
+    "profiling", "loss (MiLe / focal / cross-entropy)", "transformer engine and fused kernels",
+)
+SECTION_GROUPS = {
+    "model": "network size", "parallel": "distributed", "loss": "loss (MiLe / focal / cross-entropy)",
+    "optimizer": "learning rate", "data": "data and dataloader", "training": "training",
+    "kernels": "transformer engine and fused kernels",
+}
+FIELD_GROUPS = {
+    **dict.fromkeys(("hidden_dropout", "attention_dropout", "weight_decay", "start_weight_decay",
+                     "end_weight_decay", "weight_decay_incr_style", "clip_grad", "adam_beta1", "adam_beta2",
+                     "adam_eps", "sgd_momentum"), "regularization"),
+    **dict.fromkeys(("seed", "init_method_std"), "initialization"),
+    **dict.fromkeys(("optimizer",), "training"),
+    **dict.fromkeys(("bf16", "grad_reduce_in_bf16", "accumulate_allreduce_grads_in_fp32",
+                     "attention_softmax_in_fp32"), "mixed precision"),
+    **dict.fromkeys(("save", "load", "save_interval"), "checkpointing"),
+    **dict.fromkeys(("eval_interval", "eval_iters"), "validation"),
+    **dict.fromkeys(("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size"), "tokenizer"),
+    **dict.fromkeys(("log_interval", "tensorboard_dir", "log_entropy_histogram_interval", "no_progress",
+                     "log_throughput", "logging_level"), "logging"),
+    **dict.fromkeys(("profile", "profile_step_start", "profile_step_end", "profile_ranks"), "profiling"),
+    **dict.fromkeys(("distributed_timeout_minutes",), "distributed"),
+}
+
+
+class MegatronArgumentParser(argparse.ArgumentParser):
+    """argparse with a short error: one line (no usage dump), and for an unknown flag the nearest known
+    flags ("did you mean ...?"), as a mistyped or Megatron-LM-only flag is the common case."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook; never returns
+        if message.startswith("unrecognized arguments:"):
+            unknown = [a.split("=", 1)[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+            hints = [f"{flag} (did you mean {', '.join(near)}?)" if near else flag
+                     for flag, near in ((flag, self.near_misses(flag)) for flag in unknown)]
+            if hints:
+                message = "unrecognized arguments: " + " ".join(hints)
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every flag)\n")
+
+    def near_misses(self, flag: str) -> List[str]:
+        """Up to three known flags spelled like `flag`."""
+        known = [option for option in self._option_string_actions if option.startswith("--")]
+        return difflib.get_close_matches(flag, known, n=3, cutoff=0.75)
 
 
 @lru_cache(maxsize=None)
@@ -50,27 +101,35 @@ def _base_type(annotation):
 
 def build_parser(extra_sections: Sequence[type] = ()) -> argparse.ArgumentParser:
     """The argparse parser for RunConfig; `extra_sections` lets a tool add its own dataclass."""
-    parser = argparse.ArgumentParser(
+    parser = MegatronArgumentParser(
         prog="pretrain_gpt_mile.py",
         description="Pretrain a GPT/LLaMA model with megatron-core and a MiLe, focal or cross-entropy loss. "
         "Flags follow Megatron-LM's names.",
         allow_abbrev=False,
     )
+    groups = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
     defaults = RunConfig()
-    sections = [(name, type(getattr(defaults, name))) for name in RunConfig.SECTIONS]
-    sections += [(cls.__name__, cls) for cls in extra_sections]
-    for section_name, cls in sections:
-        add_dataclass_arguments(parser, cls, section_name)
+    for name in RunConfig.SECTIONS:
+        cls = type(getattr(defaults, name))
+        add_dataclass_arguments(parser, cls, group_of=lambda field_name, name=name: groups[
+            FIELD_GROUPS.get(field_name, SECTION_GROUPS[name])])
+    for cls in extra_sections:
+        add_dataclass_arguments(parser, cls, cls.__name__)
+    megatron_lm_flags.add_arguments(parser)
     return parser
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: Optional[str] = None) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: Optional[str] = None,
+                            group_of=None) -> None:
     """One `--field-name` flag per field of dataclass `cls`, in an argument group; help = the field docstring.
 
     Tools with their own settings dataclass (e.g. megatron_mile.evaluation) build their parsers with it, so
-    their flags and dataclasses cannot drift apart either.
+    their flags and dataclasses cannot drift apart either. `group_of(field name)` -> the argument group of
+    a field (default: one group titled `title` for the whole class).
     """
-    group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip())
+    if group_of is None:
+        group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip())
+        group_of = lambda _name: group  # noqa: E731
     docs = field_docstrings(cls)
     for f in fields(cls):
         flag_name = "--" + f.name.replace("_", "-")
@@ -87,7 +146,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: Optiona
             kwargs["type"] = base
             if default is not None and "nargs" not in kwargs:
                 kwargs["help"] += f" Default: {default}."
-        group.add_argument(flag_name, **kwargs)
+        group_of(f.name).add_argument(flag_name, **kwargs)
 
 
 def config_from_namespace(namespace: argparse.Namespace) -> RunConfig:
@@ -108,9 +167,14 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1, gpu_availa
     machine's).
     """
     namespace = build_parser().parse_args(argv)
+    problems = megatron_lm_flags.refusal_problems(namespace)
+    if namespace.train_iters is not None and namespace.train_samples is not None:
+        # Checked here: finalize derives --train-iters from --train-samples.
+        problems.append("give one of --train-iters or --train-samples, not both")
     config = config_from_namespace(namespace)
     config.finalize(world_size)
-    config.validate(world_size, gpu_available, kernel_support)
+    config.validate(world_size, gpu_available, kernel_support, extra_problems=problems)
+    config.notes = megatron_lm_flags.provided_notes(namespace)
     return config
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field, fields
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from megatron_mile import kernels
 from megatron_mile.data.splits import data_flag_problems
@@ -27,12 +27,14 @@ class ConfigError(ValueError):
 # Unset optional flags (None) are not checked. Every float flag must also be finite.
 _AT_LEAST_ONE = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
+    "kv_channels",
     "max_position_embeddings", "rotary_base", "make_vocab_size_divisible_by", "micro_batch_size",
-    "global_batch_size", "train_iters", "lr_decay_iters", "exit_interval", "log_interval", "eval_interval",
-    "max_skipped_iterations",
+    "global_batch_size", "train_iters", "train_samples", "lr_decay_iters", "lr_decay_samples", "exit_interval", "log_interval", "eval_interval",
+    "max_skipped_iterations", "distributed_timeout_minutes",
 )
-_AT_LEAST_ZERO = ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad", "eval_iters", "num_workers", "seed",
-                  "label_smoothing", "z_loss_coeff")
+_AT_LEAST_ZERO = ("exit_duration_in_mins", "manual_gc_interval", "lr", "min_lr", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init", "weight_decay",
+                  "start_weight_decay", "end_weight_decay", "decoupled_lr", "decoupled_min_lr", "sgd_momentum",
+                  "clip_grad", "eval_iters", "num_workers", "seed", "label_smoothing", "z_loss_coeff")
 _POSITIVE = ("norm_epsilon", "init_method_std", "adam_eps")
 
 
@@ -54,6 +56,45 @@ def _range_problems(config: "RunConfig") -> List[str]:
                 problems.append(f"{name} must be >= 0, got {value}")
             elif f.name in _POSITIVE and value <= 0:
                 problems.append(f"{name} must be > 0, got {value}")
+    return problems
+
+
+def schedule_problems(config: "RunConfig") -> List[str]:
+    """The learning-rate and weight-decay schedule flags' combinations, as Megatron-LM checks them: iteration
+    flags with --train-iters, sample flags with --train-samples, one way to give the warmup, WSD's anneal."""
+    o, t = config.optimizer, config.training
+    problems = []
+    if t.train_iters is None and t.train_samples is None:
+        problems.append("the run length is required: give --train-iters (steps) or --train-samples")
+        return problems
+    by_samples = t.train_samples is not None
+    unit, other = ("samples", "iters") if by_samples else ("iters", "samples")
+    for name in ("lr_decay", "lr_wsd_decay", "lr_warmup"):
+        value = getattr(o, f"{name}_{other}")
+        if value not in (None, 0):
+            problems.append(f"--{name.replace('_', '-')}-{other} needs --train-{other}: with --train-{unit} "
+                            f"give --{name.replace('_', '-')}-{unit}")
+    warmup = o.lr_warmup_samples if by_samples else o.lr_warmup_iters
+    if o.lr_warmup_fraction is not None:
+        if warmup:
+            problems.append(f"give one of --lr-warmup-fraction or --lr-warmup-{unit}, not both")
+        if not 0 <= o.lr_warmup_fraction <= 1:
+            problems.append(f"--lr-warmup-fraction must lie in [0, 1], got {o.lr_warmup_fraction}")
+    decay = o.lr_decay_samples or t.train_samples if by_samples else o.lr_decay_iters or t.train_iters
+    if o.lr_warmup_fraction is None and warmup >= decay:
+        problems.append(f"--lr-warmup-{unit} {warmup} must be smaller than the decay length {decay} "
+                        f"(--lr-decay-{unit}, default --train-{unit}): lower --lr-warmup-{unit} or train longer")
+    wsd = o.lr_wsd_decay_samples if by_samples else o.lr_wsd_decay_iters
+    if o.lr_decay_style == "WSD":
+        if wsd is None:
+            problems.append(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit} (the length of the final anneal)")
+        elif not 0 < wsd <= decay:
+            problems.append(f"--lr-wsd-decay-{unit} {wsd} must lie in (0, {decay}] (the decay length)")
+    if o.weight_decay_incr_style == "constant" and o.start_weight_decay != o.end_weight_decay:
+        problems.append("--start-weight-decay and --end-weight-decay differ: give --weight-decay-incr-style "
+                        "linear or cosine (or drop them for a constant --weight-decay)")
+    if o.decoupled_min_lr is not None and o.decoupled_lr is None:
+        problems.append("--decoupled-min-lr needs --decoupled-lr")
     return problems
 
 
@@ -104,6 +145,23 @@ class ModelConfig:
     """Dropout probability on attention scores."""
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this times the TP size (padding takes no part in the loss)."""
+    # More of Megatron-LM's architecture flags (same names, defaults and meaning).
+    kv_channels: Optional[int] = None
+    """Projection size of each attention head (queries, keys, values). Default: hidden size / heads."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions rotated by the rotary position embedding."""
+    qk_layernorm: bool = False
+    """Normalise queries and keys (per head, with --normalization) before the attention product."""
+    add_qkv_bias: bool = False
+    """Bias in the query/key/value projection even with --disable-bias-linear (as Qwen)."""
+    attention_softmax_in_fp32: bool = False
+    """Compute the attention softmax in fp32 under --bf16 (the local attention's scaled softmax)."""
+    apply_layernorm_1p: bool = False
+    """Norm weights stored as (gamma - 1), zero-centred, for weight decay and stability (Transformer Engine or
+    apex's fused LayerNorm: GPU)."""
+    attention_backend: str = flag("auto", choices=["auto", "local", "unfused", "fused", "flash"])
+    """Attention implementation: auto picks the fastest available; local/unfused are megatron-core's own
+    (CPU and GPU); fused (cuDNN) and flash need Transformer Engine on a GPU."""
 
 
 @dataclass
@@ -187,6 +245,38 @@ class OptimizerConfig:
     bf16: bool = False
     """bf16 model and activations with fp32 main weights and gradients in the optimizer."""
 
+    # Megatron-LM's schedule and optimizer flags (same names, defaults and units). The schedule counts
+    # samples, as Megatron-LM's does: iteration flags are multiplied by --global-batch-size.
+    optimizer: str = flag("adam", choices=["adam", "sgd"])
+    """Optimizer: Adam with decoupled weight decay (AdamW), or SGD with --sgd-momentum."""
+    sgd_momentum: float = 0.9
+    """SGD momentum (--optimizer sgd)."""
+    lr_warmup_fraction: Optional[float] = None
+    """Fraction of the decay length (--lr-decay-iters / --lr-decay-samples) to warm up over; replaces
+    --lr-warmup-iters / --lr-warmup-samples."""
+    lr_warmup_samples: int = 0
+    """Samples of linear warmup (with --train-samples)."""
+    lr_warmup_init: float = 0.0
+    """Learning rate at the start of the warmup."""
+    lr_decay_samples: Optional[int] = None
+    """Samples over which the learning rate decays (with --train-samples). Default: --train-samples."""
+    lr_wsd_decay_style: str = flag("exponential", choices=["exponential", "linear", "cosine", "minus_sqrt"])
+    """Shape of the final anneal of --lr-decay-style WSD."""
+    lr_wsd_decay_iters: Optional[int] = None
+    """--lr-decay-style WSD: iterations of the final anneal; the learning rate stays at --lr before it."""
+    lr_wsd_decay_samples: Optional[int] = None
+    """--lr-decay-style WSD with --train-samples: samples of the final anneal."""
+    start_weight_decay: Optional[float] = None
+    """Weight decay at the start of training (with --weight-decay-incr-style). Default: --weight-decay."""
+    end_weight_decay: Optional[float] = None
+    """Weight decay at the end of training (with --weight-decay-incr-style). Default: --weight-decay."""
+    weight_decay_incr_style: str = flag("constant", choices=["constant", "linear", "cosine"])
+    """How weight decay moves from --start-weight-decay to --end-weight-decay over training."""
+    decoupled_lr: Optional[float] = None
+    """A separate peak learning rate for the input embedding and output layer. Default: --lr."""
+    decoupled_min_lr: Optional[float] = None
+    """The minimum learning rate of the input embedding and output layer with --decoupled-lr."""
+
 
 @dataclass
 class DataConfig:
@@ -201,7 +291,10 @@ class DataConfig:
     data_cache_path: Optional[str] = None
     """Where dataset index caches are written. Default: beside the data."""
     num_workers: int = 0
-    """Data-loader worker processes."""
+    """Data-loader worker processes (a torch DataLoader reads and collates samples in them); 0 reads in the
+    training process."""
+    mmap_bin_files: bool = flag(True, action=argparse.BooleanOptionalAction)
+    """Memory-map the datasets' .bin files (--no-mmap-bin-files reads them with file reads instead)."""
     tokenizer_type: Optional[str] = flag(
         None,
         choices=["NullTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer"],
@@ -226,8 +319,11 @@ class TrainingConfig:
     global_batch_size: Optional[int] = None
     """Samples per optimizer step over all ranks; gradient accumulation = global / (micro * DP).
     Default: micro-batch size * DP."""
-    train_iters: int = 100
-    """Optimizer steps to train for."""
+    train_iters: Optional[int] = None
+    """Optimizer steps to train for (or give --train-samples)."""
+    train_samples: Optional[int] = None
+    """Samples to train for, instead of --train-iters: the run takes train_samples // global batch size steps
+    and the learning-rate flags count samples (--lr-decay-samples, --lr-warmup-samples, ...)."""
     seed: int = 1234
     """Random seed (weights, dropout, data order)."""
     save: Optional[str] = None
@@ -255,6 +351,22 @@ class TrainingConfig:
     """Do not print the console progress line with ETA."""
     max_skipped_iterations: int = 10
     """Stop when this many consecutive iterations had a non-finite loss (their updates are skipped)."""
+    # Megatron-LM's run-control flags (same names, defaults and units).
+    distributed_timeout_minutes: int = 10
+    """Timeout of the process group's collectives, in minutes."""
+    exit_duration_in_mins: Optional[int] = None
+    """Save (if --save) and exit once training has run this many minutes (checked after each iteration,
+    agreed over all ranks)."""
+    manual_gc: bool = False
+    """Disable Python's automatic garbage collector during training (avoids collections at different times
+    on different ranks); collect every --manual-gc-interval iterations instead."""
+    manual_gc_interval: int = 0
+    """With --manual-gc: run a garbage collection every this many iterations; 0 only at the start."""
+    empty_unused_memory_level: int = flag(0, choices=[0, 1, 2])
+    """Release the GPU memory cached by torch after each step (1) and also after each evaluation (2); CPU
+    runs hold no such cache."""
+    logging_level: Optional[int] = None
+    """Python logging level of the run (10 debug, 20 info, 30 warning, ...). Default: unchanged."""
 
 
 def _fusion_switch():
@@ -318,6 +430,9 @@ class RunConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
 
     SECTIONS = ("model", "parallel", "loss", "optimizer", "data", "training", "kernels")
+    # Log lines for the Megatron-LM flags the run set that the project provides by construction
+    # (megatron_mile.megatron_lm_flags); not a section: they configure nothing.
+    notes: List[str] = field(default_factory=list)
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
@@ -334,17 +449,28 @@ class RunConfig:
         dp = max(1, self.data_parallel_size(world_size))
         if t.global_batch_size is None:
             t.global_batch_size = t.micro_batch_size * dp
-        if self.optimizer.lr_decay_iters is None:
-            self.optimizer.lr_decay_iters = t.train_iters
+        d = self.data
+        if d.tokenizer_type is None and d.vocab_file and d.merge_file:
+            d.tokenizer_type = "GPT2BPETokenizer"  # as Megatron-LM's GPT-3 script: a BPE vocabulary and merges
+        if t.train_samples is not None and t.train_iters is None:
+            t.train_iters = t.train_samples // t.global_batch_size  # as Megatron-LM (no batch ramp-up)
+        o = self.optimizer
+        if o.lr_decay_iters is None and t.train_samples is None:
+            o.lr_decay_iters = t.train_iters
+        if o.start_weight_decay is None:
+            o.start_weight_decay = o.weight_decay
+        if o.end_weight_decay is None:
+            o.end_weight_decay = o.weight_decay
 
     def validate(self, world_size: int, gpu_available: bool,
-                 kernel_support: Optional[kernels.KernelSupport] = None) -> None:
+                 kernel_support: Optional[kernels.KernelSupport] = None, extra_problems: Sequence[str] = ()) -> None:
         """Raise ConfigError listing every invalid setting or combination, each with its fix.
 
         kernel_support: the optional GPU packages to check kernel flags against (default: this machine's,
         detected without importing them); KernelSupport.full() checks a script meant for a GPU cluster.
+        extra_problems: found by the caller (e.g. refused Megatron-LM flags), reported in the same message.
         """
-        problems: List[str] = []
+        problems: List[str] = list(extra_problems)
         m, p, l, o, d, t = self.model, self.parallel, self.loss, self.optimizer, self.data, self.training
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
 
@@ -382,6 +508,13 @@ class RunConfig:
         )
         # As Megatron-LM: also with rope, whose tables (and an exported model's advertised context) are sized
         # by --max-position-embeddings.
+        need(0 < m.rotary_percent <= 1, f"--rotary-percent must lie in (0, 1], got {m.rotary_percent}")
+        if not gpu_available:
+            need(m.attention_backend in ("auto", "local", "unfused"),
+                 f"--attention-backend {m.attention_backend} needs a CUDA GPU with Transformer Engine; on CPU use "
+                 "--attention-backend auto (or local)")
+            need(not m.apply_layernorm_1p, "--apply-layernorm-1p needs a CUDA GPU (Transformer Engine's or apex's "
+                 "fused norms); on CPU drop it")
         need(
             m.max_position_embeddings >= m.seq_length,
             f"--max-position-embeddings {m.max_position_embeddings} must be >= --seq-length {m.seq_length}: "
@@ -418,10 +551,7 @@ class RunConfig:
         need(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
         need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "--adam-beta1/2 must lie in [0, 1)")
         need(0 <= m.hidden_dropout < 1 and 0 <= m.attention_dropout < 1, "dropout probabilities must lie in [0, 1)")
-        decay_iters = o.lr_decay_iters or t.train_iters
-        need(o.lr_warmup_iters < decay_iters,
-             f"--lr-warmup-iters {o.lr_warmup_iters} must be smaller than the decay length {decay_iters} "
-             "(--lr-decay-iters, default --train-iters): lower --lr-warmup-iters or train longer")
+        problems.extend(schedule_problems(self))
         if t.log_entropy_histogram_interval is not None:
             need(t.log_entropy_histogram_interval >= 0, "--log-entropy-histogram-interval must be >= 0 (0 = off)")
             need(t.log_entropy_histogram_interval == 0 or t.tensorboard_dir is not None,

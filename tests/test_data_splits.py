@@ -27,7 +27,7 @@ def test_bad_split_strings_are_refused(split, tmp_path):
         _config(tmp_path, ["some/prefix"], f"--split={split}")  # '=': argparse would take "-1,..." for a flag
 
 
-@pytest.mark.parametrize("split", ["969, 30, 1", "98,2,0", "99,1", "0.9,0.1,0", ".5,.5"])
+@pytest.mark.parametrize("split", ["969, 30, 1", "98,2,0", "99,1", "0.9,0.1,0", ".5,.5", "'99,1,0'"])
 def test_good_split_strings_are_accepted(split, tmp_path):
     assert _config(tmp_path, ["some/prefix"], "--split", split).data.split == split
 

@@ -33,12 +33,17 @@ class DataSplitError(ValueError):
 def parse_split(split: str) -> List[float]:
     """The three proportions (training, validation, test) of a --split string, not normalised.
 
-    Up to three comma-separated non-negative decimal numbers; missing ones are 0 (as in megatron).
+    Up to three comma-separated non-negative decimal numbers; missing ones are 0 (as in megatron). One pair
+    of quotes around them is allowed: Megatron-LM's own launch scripts pass `'99,1,0'` with the quotes, which
+    megatron-core reads as 99,1,0.
 
     Raises:
         DataSplitError: any other form, a non-finite number, or no training share.
     """
-    fields = [f.strip() for f in str(split).split(",")]
+    text = str(split).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    fields = [f.strip() for f in text.split(",")]
     if not 1 <= len(fields) <= 3 or not all(_SPLIT_FIELD.fullmatch(f) for f in fields):
         raise DataSplitError(f"--split {split!r}: give up to three comma-separated non-negative numbers, the "
                              "training, validation and test proportions, e.g. --split 969,30,1")

@@ -26,6 +26,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 from megatron.core.utils import unwrap_model
 
@@ -151,6 +152,12 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
+        kv_channels=m.kv_channels,
+        qk_layernorm=m.qk_layernorm,
+        add_qkv_bias=m.add_qkv_bias,
+        attention_softmax_in_fp32=m.attention_softmax_in_fp32,
+        layernorm_zero_centered_gamma=m.apply_layernorm_1p,
+        attention_backend=AttnBackend[m.attention_backend],
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(
@@ -203,6 +210,7 @@ def build_model_chunk(
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type=m.position_embedding_type,
         rotary_base=m.rotary_base,
+        rotary_percent=m.rotary_percent,
         vp_stage=vp_stage,
         loss_spec=LossSpec.from_config(config.loss),
         real_vocab_size=real_vocab_size,
@@ -215,7 +223,7 @@ def transformer_layer_spec(config: RunConfig):
     norm fused into the following linear layer; TE picks RMSNorm / LayerNorm from the config)."""
     if config.kernels.transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=config.model.normalization)
+    return get_gpt_layer_local_spec(normalization=config.model.normalization, qk_layernorm=config.model.qk_layernorm)
 
 
 def build_model(config: RunConfig, real_vocab_size: int) -> list:

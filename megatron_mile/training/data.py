@@ -66,7 +66,7 @@ def gpt_dataset_config(config: RunConfig, tokenizer, blend, split: Optional[str]
         eod_mask_loss=False,
         create_attention_mask=False,  # causal masking is built into the attention kernels
         path_to_cache=config.data.data_cache_path,
-        mmap_bin_files=True,
+        mmap_bin_files=config.data.mmap_bin_files,
     )
 
 
@@ -190,15 +190,23 @@ def micro_batch_iterator(dataset, config: RunConfig, consumed_samples: int, cycl
     """Micro-batches (dicts of [mbs, seq] tensors) for this DP rank, starting after consumed_samples.
 
     `cycle` restarts from the beginning when the dataset is exhausted (validation reuses its samples).
+    With --num-workers N > 0, as Megatron-LM, a torch DataLoader reads and collates the samples in N worker
+    processes, in the same order as without workers.
     """
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
+    workers = config.data.num_workers
     while True:
         sampler = MicroBatchSampler(len(dataset), consumed_samples, config.training.micro_batch_size, dp_rank, dp_size)
+        if workers > 0:
+            batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                                       num_workers=workers))
+        else:
+            batches = (collate([dataset[i] for i in indices]) for indices in sampler)
         produced = False
-        for indices in sampler:
+        for batch in batches:
             produced = True
-            yield collate([dataset[i] for i in indices])
+            yield batch
         if not cycle or not produced:
             return
         consumed_samples = 0

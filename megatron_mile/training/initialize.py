@@ -22,7 +22,8 @@ def initialize_parallel(config: RunConfig) -> None:
     creation on all ranks).
     """
     p = config.parallel
-    parallel.initialize_process_group(backend=p.distributed_backend)
+    parallel.initialize_process_group(backend=p.distributed_backend,
+                                      timeout_minutes=config.training.distributed_timeout_minutes)
     parallel.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,

@@ -24,6 +24,7 @@ from megatron_mile.checkpointing.collectives import barrier
 from megatron_mile.training import reporting, token_histograms
 from megatron_mile.training import summary as run_summary
 from megatron_mile.training.initialize import is_logging_rank, print_rank_0, print_rank_last
+from megatron_mile.training.run_control import RunControl
 from megatron_mile.training.setup import num_micro_batches, setup_training
 from megatron_mile.training.step import evaluate, train_step
 
@@ -71,6 +72,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
 
     result = TrainingResult()
     run_start = time.time()
+    control = RunControl(t, run_start)
     tokens_per_iteration = t.global_batch_size * config.model.seq_length
     skipped_total = nan_total = consecutive_skips = applied_total = 0
     interval_start = time.time()
@@ -86,6 +88,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     def validate(at_iteration: int) -> None:
         """Validation loss over --eval-iters global batches: logged, to TensorBoard, kept in the result."""
         stats = evaluate(setup)
+        control.after_evaluation()
         setup.consumed_valid_samples += t.eval_iters * t.global_batch_size  # checkpointed: a resume continues
         result.validation.append((at_iteration, stats.lm_loss, stats.loss))
         print_rank_last(reporting.format_validation_log(at_iteration, stats))
@@ -103,6 +106,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
             run_summary.write_summary(t.save, config, result, time.time() - run_start, earlier)
 
     try:
+        control.start()
         while iteration < t.train_iters:
             histogram_step = histogram_every > 0 and (iteration + 1) % histogram_every == 0
             # The entropy for logging; a weighting that needs it (MiLe) computes it on every step anyway.
@@ -112,6 +116,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
             step_seconds = time.perf_counter() - step_start
             iteration += 1
             consumed_samples += t.global_batch_size
+            control.after_step(iteration)
             interval_iterations += 1
             learning_rate = optimizer.param_groups[0]["lr"]
             if step.skipped:
@@ -164,12 +169,15 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
             if setup.valid_iterators is not None and iteration % t.eval_interval == 0:
                 validate(iteration)
 
-            exiting = t.exit_interval is not None and iteration % t.exit_interval == 0
+            out_of_time = control.out_of_time()
+            exiting = out_of_time or (t.exit_interval is not None and iteration % t.exit_interval == 0)
             if t.save and (exiting or (t.save_interval and iteration % t.save_interval == 0)):
                 save()
                 last_saved_iteration = iteration
             if exiting:
-                print_rank_0(f" exiting at iteration {iteration} (--exit-interval {t.exit_interval})")
+                reason = (f"--exit-duration-in-mins {t.exit_duration_in_mins}" if out_of_time
+                          else f"--exit-interval {t.exit_interval}")
+                print_rank_0(f" exiting at iteration {iteration} ({reason})")
                 exited_early = True
                 break
         if iteration > start_iteration and applied_total == 0:
@@ -191,6 +199,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
             run_summary.write_summary(t.save, config, result, time.time() - run_start, earlier)
         barrier()  # the summary is written before the --save lock is given up
     finally:
+        control.finish()
         progress.finish()
         tensorboard.close()
         setup.release()  # the --save lock, on success and on failure alike
@@ -221,6 +230,8 @@ def _print_run_summary(config: RunConfig, vocab_size: int, model: list) -> None:
     hidden = known_warnings.summary_line()
     if hidden:
         print_rank_0(hidden)
+    for note in config.notes:  # Megatron-LM flags the project provides by construction: said once
+        print_rank_0(f" > {note}")
     print_rank_0(
         f" > model: {int(totals.item()):,} parameters | vocab {vocab_size} | loss {loss_desc}\n"
         f" > parallel: world {dist.get_world_size() if dist.is_initialized() else 1} = TP {p.tensor_model_parallel_size}"

@@ -46,20 +46,25 @@ def wrap_for_training(config: RunConfig, chunks: list) -> list:
 
 
 def build_optimizer(config: RunConfig, model: List) -> Tuple[object, OptimizerParamScheduler]:
-    """Adam (megatron's, distributed if asked) and the warmup + decay schedule, stepped per iteration.
+    """megatron's Adam or SGD (distributed if asked) and the warmup + decay schedule, stepped once per
+    applied update by the global batch size (the schedule counts samples, as Megatron-LM's does).
 
-    Weight decay is not applied to biases and norm weights (megatron's default parameter groups).
+    Weight decay is not applied to biases and norm weights (megatron's default parameter groups); with
+    --decoupled-lr the embedding and output layer get their own peak and minimum learning rates.
     """
     o = config.optimizer
     optimizer = get_megatron_optimizer(
         MegatronOptimizerConfig(
-            optimizer="adam",
+            optimizer=o.optimizer,
             lr=o.lr,
             min_lr=o.min_lr,
+            decoupled_lr=o.decoupled_lr,
+            decoupled_min_lr=o.decoupled_min_lr,
             weight_decay=o.weight_decay,
             adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2,
             adam_eps=o.adam_eps,
+            sgd_momentum=o.sgd_momentum,
             clip_grad=o.clip_grad,
             bf16=o.bf16,
             params_dtype=model[0].config.params_dtype,
@@ -68,22 +73,39 @@ def build_optimizer(config: RunConfig, model: List) -> Tuple[object, OptimizerPa
         model,
     )
     use_fused_torch_adam_on_cpu(optimizer)
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.lr_warmup_iters,
-        lr_decay_steps=o.lr_decay_iters,
-        lr_decay_style=o.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=config.training.train_iters,
-        wd_incr_style="constant",
-        wsd_decay_steps=o.lr_decay_iters if o.lr_decay_style == "WSD" else None,
-        lr_wsd_decay_style="linear" if o.lr_decay_style == "WSD" else None,
-    )
+    scheduler = OptimizerParamScheduler(optimizer, **scheduler_settings(config))
     return optimizer, scheduler
+
+
+def scheduler_settings(config: RunConfig) -> dict:
+    """megatron-core OptimizerParamScheduler's arguments for this run, as Megatron-LM derives them.
+
+    Every length is in samples: with --train-iters the iteration flags are multiplied by the global batch
+    size, with --train-samples the sample flags are taken as they are; --lr-warmup-fraction is a fraction
+    of the decay length; WSD keeps --lr until the last --lr-wsd-decay-iters/-samples of the decay, then
+    anneals in --lr-wsd-decay-style. No collectives.
+    """
+    o, t = config.optimizer, config.training
+    if t.train_samples is None:
+        batch = t.global_batch_size
+        decay = (o.lr_decay_iters or t.train_iters) * batch
+        warmup = o.lr_warmup_iters * batch
+        wd_incr = t.train_iters * batch
+        wsd = None if o.lr_wsd_decay_iters is None else o.lr_wsd_decay_iters * batch
+    else:
+        decay = o.lr_decay_samples or t.train_samples
+        warmup = o.lr_warmup_samples
+        wd_incr = t.train_samples
+        wsd = o.lr_wsd_decay_samples
+    if o.lr_warmup_fraction is not None:
+        warmup = o.lr_warmup_fraction * decay
+    return dict(
+        init_lr=o.lr_warmup_init, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup, lr_decay_steps=decay,
+        lr_decay_style=o.lr_decay_style, start_wd=o.start_weight_decay, end_wd=o.end_weight_decay,
+        wd_incr_steps=wd_incr, wd_incr_style=o.weight_decay_incr_style,
+        wsd_decay_steps=wsd if o.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style=o.lr_wsd_decay_style if o.lr_decay_style == "WSD" else None,
+    )
 
 
 class UpdateResult(NamedTuple):

@@ -191,7 +191,8 @@ def train_step(setup, want_entropy: bool = False, keep_token_values: bool = Fals
     # Nor one whose gradient is not finite although the loss is (e.g. an overflow inside the model).
     update = step_unless_non_finite(optimizer)
     if update.applied:
-        setup.scheduler.step(increment=1)
+        # The schedule counts samples, as Megatron-LM's (training.optimizer.scheduler_settings).
+        setup.scheduler.step(increment=setup.config.training.global_batch_size)
     else:
         _discard_gradients(setup)
     return StepResult(stats, update.grad_norm, skipped=not update.applied, skipped_because=update.skipped_because,
