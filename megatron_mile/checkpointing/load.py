@@ -24,6 +24,13 @@ from megatron_mile.checkpointing.compatibility import (
     parallel_layout,
 )
 from megatron_mile.checkpointing.rng import load_rng_state
+from megatron_mile.checkpointing.scheduler import (
+    check_schedule,
+    flag_group_values,
+    reapply_flag_group_values,
+    restore_scheduler,
+    scheduler_policy,
+)
 from megatron_mile.checkpointing.tracker import TRACKER_FILENAME, read_metadata, resolve_checkpoint_dir
 from megatron_mile.training.initialize import print_rank_0
 from megatron_mile.training.optimizer import (
@@ -74,11 +81,16 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
     check_model_config(metadata.get("config", {}), config_dict, checkpoint_dir)
     check_vocab(metadata.get("vocab", {}), model, checkpoint_dir)
     load_optimizer = load_optimizer and optimizer is not None
+    policy = scheduler_policy(config_dict)
     if load_optimizer and not metadata.get("has_optimizer", False):
         raise CheckpointError(f"{checkpoint_dir} holds no optimizer state: load it with load_optimizer=False")
 
     if load_optimizer:
         check_optimizer_compatible(metadata, optimizer, checkpoint_dir)
+        if scheduler is not None and metadata.get("scheduler") is not None:  # before any tensor is read
+            check_schedule(scheduler, metadata["scheduler"], policy, checkpoint_dir,
+                           metadata.get("config", {}).get("optimizer"), config_dict.get("optimizer"))
+        own_group_values = flag_group_values(optimizer)
         init_empty_distributed_optimizer_state(optimizer)
     state = torch_dist.sharded_state_dict(model, optimizer if load_optimizer else None, is_loading=True)
     loaded = _load_sharded(checkpoint_dir, state)
@@ -90,8 +102,9 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
             optimizer.load_state_dict(loaded["optimizer"])
         restore_distributed_optimizer_step(optimizer)
         use_fused_torch_adam_on_cpu(optimizer)  # the loaded param groups carry the saving run's kernel flags
+        reapply_flag_group_values(optimizer, own_group_values, policy)
         if scheduler is not None and metadata.get("scheduler") is not None:
-            scheduler.load_state_dict(metadata["scheduler"])
+            restore_scheduler(scheduler, metadata["scheduler"], policy, checkpoint_dir)
 
     if load_rng:
         _load_rng(checkpoint_dir, metadata)
