@@ -106,7 +106,10 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
         if scheduler is not None and metadata.get("scheduler") is not None:
             restore_scheduler(scheduler, metadata["scheduler"], policy, checkpoint_dir)
 
-    if load_rng:
+    if load_rng and not metadata.get("has_rng", True):
+        print_rank_0(f" note: {checkpoint_dir} was saved without RNG states (--no-save-rng): the run continues "
+                     "with freshly seeded ones")
+    elif load_rng:
         _load_rng(checkpoint_dir, metadata)
     barrier()
     print_rank_0(f" loaded checkpoint {checkpoint_dir} (iteration {iteration}, "
