@@ -12,6 +12,7 @@ import argparse
 import io
 import pickle
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,118 @@ def test_megatron_core_public_load_reads_a_checkpoint_of_this_project(dist_pool,
             "add_position_embedding": True, "add_bias_linear": True, "train_iters": 10,
             "global_batch_size": global_batch, "loss_type": "cross_entropy", "params_dtype": torch.float32,
         }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints Megatron-LM wrote: built with megatron-core's public dist_checkpointing.save and the common
+# state Megatron-LM's save_checkpoint writes (its documented fields), then loaded here
+# ----------------------------------------------------------------------------------------------------------
+
+ML_ITERATION = 7
+
+
+def _megatron_lm_args(config, consumed):
+    from megatron.core import parallel_state
+
+    m = config.model
+    return argparse.Namespace(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, group_query_attention=False, num_query_groups=1,
+        seq_length=m.seq_length, max_position_embeddings=m.max_position_embeddings, padded_vocab_size=128,
+        make_vocab_size_divisible_by=64, tokenizer_type="NullTokenizer", add_bias_linear=True,
+        add_position_embedding=True, swiglu=False, normalization="LayerNorm",
+        untie_embeddings_and_output_weights=False, params_dtype=torch.float32, iteration=ML_ITERATION,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        consumed_train_samples=consumed, consumed_valid_samples=0, train_iters=10, global_batch_size=2,
+    )
+
+
+def worker_write_as_megatron_lm(directory):
+    """A checkpoint in Megatron-LM's layout: model under 'model', its common items, its rng_state object."""
+    import random
+
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.utils import unwrap_model
+
+    from megatron_mile.checkpointing.torch_dist import _InProcessTorchDistSaveStrategy
+
+    config = make_config(dropout=0.0)
+    model, optimizer, scheduler = build(config)
+    run_step(model, optimizer, scheduler, 1)
+    content_metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
+    rng = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+           "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None,
+           "rng_tracker_states": get_cuda_rng_tracker().get_states()}
+    state = {
+        "model": unwrap_model(model[0]).sharded_state_dict(metadata=content_metadata),
+        "args": _megatron_lm_args(config, consumed=2 * ML_ITERATION),
+        "checkpoint_version": 3.0,
+        "iteration": ML_ITERATION,
+        "opt_param_scheduler": {"max_lr": 1e-2, "lr_warmup_steps": 4, "num_steps": 14, "lr_decay_style": "cosine",
+                                "lr_decay_steps": 20, "min_lr": 0.0, "start_wd": 0.1, "end_wd": 0.1,
+                                "wd_incr_style": "constant", "wd_incr_steps": 20},
+        "num_floating_point_operations_so_far": 12345,
+        "rng_state": ShardedObject("rng_state", [rng], (pp, tp),
+                                   (parallel_state.get_pipeline_model_parallel_rank(),
+                                    parallel_state.get_tensor_model_parallel_rank()),
+                                   replica_id=parallel_state.get_data_parallel_rank()),
+    }
+    path = Path(directory) / f"iter_{ML_ITERATION:07d}"
+    if torch.distributed.get_rank() == 0:
+        path.mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(state, str(path), sharded_strategy=_InProcessTorchDistSaveStrategy(),
+                            content_metadata=content_metadata)
+    if torch.distributed.get_rank() == 0:
+        (Path(directory) / "latest_checkpointed_iteration.txt").write_text(str(ML_ITERATION))
+    torch.distributed.barrier()
+    return full_params(model), run_step(model, optimizer, scheduler, 5, train=False)
+
+
+def worker_load_megatron_lm(directory):
+    """Its weights through load_model_weights (as --finetune), and load_checkpoint's refusal of the rest."""
+    config = make_config(dropout=0.0, seed=99)
+    model, optimizer, scheduler = build(config)
+    iteration = checkpointing.load_model_weights(directory, model, config_dict=config_to_dict(config))
+    loss = run_step(model, optimizer, scheduler, 5, train=False)
+    try:
+        checkpointing.load_checkpoint(directory, model, optimizer, scheduler, config_to_dict(config))
+        refusal = None
+    except checkpointing.CheckpointError as error:
+        refusal = str(error)
+    wrong = make_config(dropout=0.0, num_layers=4)
+    try:
+        checkpointing.load_model_weights(directory, build(wrong)[0], config_dict=config_to_dict(wrong))
+        wrong_model = None
+    except checkpointing.CheckpointError as error:
+        wrong_model = str(error)
+    return iteration, full_params(model), loss, refusal, wrong_model
+
+
+
+@pytest.mark.parametrize("load_layout", [{"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}],
+                         ids=["same_tp2", "other_pp2"])
+def test_megatron_lm_weights_load_at_the_same_and_another_layout(dist_pool, tmp_path, load_layout):
+    written = dist_pool(2).run(worker_write_as_megatron_lm, str(tmp_path), tensor_model_parallel_size=2)
+    reference_loss = next(loss for _, loss in written if loss is not None)
+    loaded = dist_pool(2).run(worker_load_megatron_lm, str(tmp_path), **load_layout)
+    for rank, (iteration, params, loss, refusal, wrong_model) in enumerate(loaded):
+        assert iteration == ML_ITERATION
+        if load_layout.get("tensor_model_parallel_size") == 2:
+            assert_same_params(written[rank][0], params)
+        if loss is not None:
+            assert loss == pytest.approx(reference_loss, rel=1e-6)
+        assert refusal is not None and "written by Megatron-LM, iteration 7, TP 2, PP 1" in refusal, refusal
+        assert "--finetune" in refusal and "latest_checkpointed_iteration" not in refusal
+        assert wrong_model is not None and "num_layers: checkpoint 2, this run 4" in wrong_model, wrong_model
+    assert any(loss is not None for _, _, loss, _, _ in loaded)
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

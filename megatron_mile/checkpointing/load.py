@@ -22,6 +22,7 @@ from megatron_mile.checkpointing.compatibility import (
     check_optimizer_compatible,
     check_vocab,
     parallel_layout,
+    vocab_sizes,
 )
 from megatron_mile.checkpointing.rng import load_rng_state
 from megatron_mile.checkpointing.scheduler import (
@@ -31,7 +32,14 @@ from megatron_mile.checkpointing.scheduler import (
     restore_scheduler,
     scheduler_policy,
 )
-from megatron_mile.checkpointing.tracker import TRACKER_FILENAME, read_metadata, resolve_checkpoint_dir
+from megatron_mile.checkpointing import megatron_lm
+from megatron_mile.checkpointing.tracker import (
+    METADATA_FILENAME,
+    TRACKER_FILENAME,
+    MegatronLMCheckpoint,
+    read_metadata,
+    resolve_checkpoint_dir,
+)
 from megatron_mile.training.initialize import print_rank_0
 from megatron_mile.training.optimizer import (
     init_empty_distributed_optimizer_state,
@@ -73,7 +81,10 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
     of its state when it is used; an all_gather_object agreeing on the RNG files; one final barrier. A
     refused or damaged file raises CheckpointError on every rank, one line naming the file.
     """
-    checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration)
+    try:
+        checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration)
+    except MegatronLMCheckpoint as foreign:
+        raise megatron_lm.training_state_refusal(foreign.path) from None
     if checkpoint_dir is None:
         print_rank_0(f" no checkpoint in {load_dir} ({TRACKER_FILENAME} not found): training from scratch")
         return 0, 0
@@ -83,7 +94,8 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
     load_optimizer = load_optimizer and optimizer is not None
     policy = scheduler_policy(config_dict)
     if load_optimizer and not metadata.get("has_optimizer", False):
-        raise CheckpointError(f"{checkpoint_dir} holds no optimizer state: load it with load_optimizer=False")
+        raise CheckpointError(f"{checkpoint_dir} holds no optimizer state (saved with --no-save-optim): load it "
+                              "with --no-load-optim (load_optimizer=False)")
 
     if load_optimizer:
         check_optimizer_compatible(metadata, optimizer, checkpoint_dir)
@@ -136,13 +148,23 @@ def load_model_weights(load_dir, model: list, iteration: Optional[int] = None,
 
     Collectives: those of megatron's dist_checkpointing.load; one barrier.
     """
-    checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration)
+    checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration, megatron_lm=True)
     if checkpoint_dir is None:
         raise FileNotFoundError(f"{load_dir} holds no checkpoint (no {TRACKER_FILENAME})")
+    state = torch_dist.sharded_state_dict(model)
+    if (checkpoint_dir / "common.pt").is_file() and not (checkpoint_dir / METADATA_FILENAME).is_file():
+        # Written by Megatron-LM: its args describe the model; one chunk is stored under 'model'.
+        common = megatron_lm.read_common(checkpoint_dir)
+        if config_dict is not None:
+            megatron_lm.check_model_args(common, config_dict, vocab_sizes(model)["padded"], checkpoint_dir)
+        state = megatron_lm.rename_chunks(state)
+        _load_chunks(model, megatron_lm.rename_chunks(_load_sharded(checkpoint_dir, state), back=True))
+        barrier()
+        return int(iteration)
     metadata = read_metadata(checkpoint_dir)
     if config_dict is not None:
         check_model_config(metadata.get("config", {}), config_dict, checkpoint_dir)
     check_vocab(metadata.get("vocab", {}), model, checkpoint_dir)
-    _load_chunks(model, _load_sharded(checkpoint_dir, torch_dist.sharded_state_dict(model)))
+    _load_chunks(model, _load_sharded(checkpoint_dir, state))
     barrier()
     return int(iteration)

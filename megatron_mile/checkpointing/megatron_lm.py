@@ -21,10 +21,13 @@ run resuming from this project's checkpoint needs ``--no-load-rng``. No collecti
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from megatron_mile.checkpointing import safe_load
+from megatron_mile.checkpointing.errors import CheckpointError
 from megatron_mile.checkpointing.scheduler import to_megatron_lm_units
 
 # Megatron-LM's checkpoint_version for torch_dist checkpoints (the query/key/value layout of today's models).
@@ -80,16 +83,63 @@ def megatron_lm_common_state(config_dict: dict, layout: dict, vocab: dict, itera
     }
 
 
-def written_by_megatron_lm(common: dict) -> bool:
-    """Whether a loaded common.pt is Megatron-LM's own (its args, no description of this project)."""
-    return isinstance(common.get("args"), argparse.Namespace) and "checkpoint_version" in common
+def read_common(checkpoint_dir: Path) -> dict:
+    """A Megatron-LM checkpoint's common.pt (safe_load's allow-list). Raises CheckpointError naming the file
+    when it is missing, refused or damaged, or holds no Megatron-LM args. No collectives."""
+    common = safe_load.load_weights_only(Path(checkpoint_dir) / "common.pt")
+    if not isinstance(common, dict) or not isinstance(common.get("args"), argparse.Namespace):
+        raise CheckpointError(f"{checkpoint_dir}/common.pt holds no Megatron-LM args: the checkpoint is damaged")
+    return common
 
 
-def describe(common: dict, default: Optional[str] = None) -> str:
-    """'iteration N, TP t, PP p' from a common.pt's args, for messages about a checkpoint."""
-    args = common.get("args")
-    if not isinstance(args, argparse.Namespace):
-        return default or "no Megatron-LM args"
-    return (f"iteration {common.get('iteration', getattr(args, 'iteration', '?'))}, "
+def describe(common: dict) -> str:
+    """'written by Megatron-LM, iteration N, TP t, PP p' from a common.pt, for messages about a checkpoint."""
+    args = common["args"]
+    return (f"written by Megatron-LM, iteration {common.get('iteration', getattr(args, 'iteration', '?'))}, "
             f"TP {getattr(args, 'tensor_model_parallel_size', '?')}, "
             f"PP {getattr(args, 'pipeline_model_parallel_size', '?')}")
+
+
+def training_state_refusal(checkpoint_dir: Path) -> CheckpointError:
+    """The error for resuming a Megatron-LM checkpoint's training state, saying what the checkpoint is and
+    what this project can do with it (its weights: --finetune or --pretrained-checkpoint)."""
+    return CheckpointError(
+        f"{checkpoint_dir} is {describe(read_common(checkpoint_dir))}. Its weights load into this project: "
+        "continue from them with --finetune (or --pretrained-checkpoint <dir>), which starts at iteration 0 with "
+        "a fresh optimizer and schedule; resuming its optimizer, scheduler and RNG states is not supported"
+    )
+
+
+def check_model_args(common: dict, config_dict: dict, padded_vocab_size: int, checkpoint_dir: Path) -> None:
+    """The checkpoint's args must describe this run's model (as Megatron-LM's check_checkpoint_args):
+    layers, hidden and MLP sizes, heads and query groups, biases, position embeddings, padded vocabulary."""
+    args, model = common["args"], config_dict["model"]
+    mine = {
+        "num_layers": model["num_layers"], "hidden_size": model["hidden_size"],
+        "ffn_hidden_size": model["ffn_hidden_size"], "num_attention_heads": model["num_attention_heads"],
+        "num_query_groups": model["num_query_groups"] if model["group_query_attention"] else None,
+        "add_bias_linear": not model["disable_bias_linear"],
+        "add_position_embedding": model["position_embedding_type"] == "learned_absolute",
+        "swiglu": model["swiglu"], "normalization": model["normalization"],
+        "untie_embeddings_and_output_weights": model["untie_embeddings_and_output_weights"],
+        "padded_vocab_size": padded_vocab_size,
+    }
+    if not getattr(args, "group_query_attention", False):
+        mine.pop("num_query_groups")
+    differing = [f"{name}: checkpoint {getattr(args, name, None)!r}, this run {value!r}"
+                 for name, value in mine.items() if getattr(args, name, None) != value]
+    if differing:
+        raise CheckpointError(
+            f"{checkpoint_dir} ({describe(common)}) holds a different model:\n  - " + "\n  - ".join(differing)
+            + "\nUse the model flags of the Megatron-LM run that wrote it"
+        )
+
+
+def rename_chunks(state: dict, back: bool = False) -> dict:
+    """This project's chunk keys ('model0', 'model1', ...) -> Megatron-LM's ('model' for a single chunk, the
+    same names with virtual pipeline stages); `back` reverses it. Returns a new dict."""
+    single = [key for key in state if key.startswith("model")] == (["model"] if back else ["model0"])
+    if not single:
+        return dict(state)
+    source, target = ("model", "model0") if back else ("model0", "model")
+    return {(target if key == source else key): value for key, value in state.items()}

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Tuple
 
 from megatron.core import parallel_state
 
@@ -118,6 +119,38 @@ def setup_training(config: RunConfig, model_provider=None, dataset_provider=None
     return setup
 
 
+def _load_at_start(config: RunConfig, model, optimizer, scheduler, config_dict: dict) -> Tuple[int, int, int]:
+    """(iteration, consumed training samples, consumed validation samples) after loading what Megatron-LM's
+    flags ask for: --load (at --ckpt-step if given; without the optimizer and scheduler with --no-load-optim,
+    without RNG states with --no-load-rng), its weights only from iteration 0 with --finetune, and
+    --pretrained-checkpoint's weights (as --finetune) when --load holds no checkpoint yet.
+    Collectives: those of checkpointing.load_checkpoint / load_model_weights."""
+    t = config.training
+    load_dir, finetune = t.load, t.finetune
+    if t.pretrained_checkpoint is not None and (load_dir is None or not _holds_checkpoint(load_dir)):
+        load_dir, finetune = t.pretrained_checkpoint, True
+    if load_dir is None:
+        return 0, 0, 0
+    if finetune:
+        loaded = checkpointing.load_model_weights(load_dir, model, t.ckpt_step, config_dict)
+        print_rank_0(f" --finetune: weights of iteration {loaded} of {load_dir}; training starts at iteration 0 "
+                     "with a fresh optimizer, scheduler and data position")
+        return 0, 0, 0
+    iteration, consumed_samples = checkpointing.load_checkpoint(
+        load_dir, model, optimizer, scheduler, config_dict, load_optimizer=not t.no_load_optim,
+        load_rng=not t.no_load_rng, iteration=t.ckpt_step)
+    consumed_valid_samples = 0
+    if iteration > 0:
+        saved = checkpointing.read_checkpoint_metadata(load_dir, iteration)
+        consumed_valid_samples = int(saved.get("consumed_valid_samples", 0))
+    return iteration, consumed_samples, consumed_valid_samples
+
+
+def _holds_checkpoint(directory: str) -> bool:
+    """Whether `directory` names a checkpoint to resume (its latest-iteration file exists). No collectives."""
+    return (Path(directory) / checkpointing.TRACKER_FILENAME).is_file()
+
+
 def _build_training_state(config: RunConfig, model_provider, dataset_provider) -> TrainingSetup:
     """Model, optimizer, scheduler, data iterators and the --load state, on initialised parallel state."""
     t = config.training
@@ -135,12 +168,8 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
     optimizer, scheduler = build_optimizer(config, model)
     config_dict = config_to_dict(config)
 
-    iteration, consumed_samples, consumed_valid_samples = 0, 0, 0
-    if t.load is not None:
-        iteration, consumed_samples = checkpointing.load_checkpoint(t.load, model, optimizer, scheduler, config_dict)
-        if iteration > 0:
-            saved = checkpointing.read_checkpoint_metadata(t.load, iteration)
-            consumed_valid_samples = int(saved.get("consumed_valid_samples", 0))
+    iteration, consumed_samples, consumed_valid_samples = _load_at_start(config, model, optimizer, scheduler,
+                                                                         config_dict)
 
     num_micro = num_micro_batches(config)
     train_ds, valid_ds = dataset_provider(config, tokenizer, eval_samples)
