@@ -145,6 +145,11 @@ def resolve_checkpoint_dir(load_dir, iteration: Optional[int],
             f"{[checkpoint_name(i) for i in list_iterations(load_dir)] or 'none'}. Write one of their "
             f"iterations into {TRACKER_FILENAME}"
         )
+    if any(path.glob("mp_rank_*")):
+        raise FileNotFoundError(
+            f"{path} is a Megatron-LM checkpoint in its legacy 'torch' format (mp_rank_* files); only torch_dist "
+            "is read: convert it with Megatron-LM (--ckpt-convert-format torch_dist, or tools/checkpoint/convert.py)"
+        )
     if written_by_megatron_lm(path):
         if megatron_lm:
             return path, iteration

@@ -16,8 +16,11 @@ from megatron.core import parallel_state
 from megatron_mile import checkpointing
 from megatron_mile.arguments import config_to_dict
 from megatron_mile.atomic_io import ensure_writable_directory
+from megatron_mile.checkpointing import megatron_lm
 from megatron_mile.checkpointing.collectives import on_rank0_for_all
+from megatron_mile.checkpointing.compatibility import ARCHITECTURE_FIELDS
 from megatron_mile.checkpointing.lock import SaveDirectoryLock
+from megatron_mile.checkpointing.tracker import read_metadata, resolve_checkpoint_dir
 from megatron_mile.config import RunConfig
 from megatron_mile.model import build_model
 from megatron_mile.training import data as run_data
@@ -146,6 +149,30 @@ def _load_at_start(config: RunConfig, model, optimizer, scheduler, config_dict: 
     return iteration, consumed_samples, consumed_valid_samples
 
 
+# The model flags --use-checkpoint-args takes from the checkpoint (Megatron-LM's names in both kinds).
+_CHECKPOINT_ARGS = ARCHITECTURE_FIELDS + ("max_position_embeddings", "make_vocab_size_divisible_by")
+
+
+def _use_checkpoint_args(config: RunConfig) -> None:
+    """--use-checkpoint-args: the model-shape flags of the checkpoint in --load replace this run's (its
+    mile_checkpoint.json config, or a Megatron-LM checkpoint's args). No collectives."""
+    t = config.training
+    path, _ = resolve_checkpoint_dir(t.load, t.ckpt_step, megatron_lm=True)
+    if path is None:
+        print_rank_0(f" --use-checkpoint-args: no checkpoint in {t.load}; the flags' model is built")
+        return
+    if (path / checkpointing.METADATA_FILENAME).is_file():
+        saved = read_metadata(path)["config"]["model"]
+    else:
+        args = vars(megatron_lm.read_common(path)["args"])
+        saved = {name: args[name] for name in _CHECKPOINT_ARGS if name in args}
+        if "add_bias_linear" in args:
+            saved["disable_bias_linear"] = not args["add_bias_linear"]
+    for name in _CHECKPOINT_ARGS:
+        if name in saved:
+            setattr(config.model, name, saved[name])
+
+
 def _holds_checkpoint(directory: str) -> bool:
     """Whether `directory` names a checkpoint to resume (its latest-iteration file exists). No collectives."""
     return (Path(directory) / checkpointing.TRACKER_FILENAME).is_file()
@@ -162,6 +189,8 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
     eval_samples = eval_samples if t.eval_iters > 0 else 0
     # The data is checked before any model work: a damaged dataset or an empty split stops the run now.
     run_data.check_data(config, eval_samples)
+    if t.use_checkpoint_args and t.load is not None:
+        _use_checkpoint_args(config)
     chunks = model_provider(config, tokenizer.vocab_size)
     set_random_seeds(t.seed)  # model building re-seeded per layer; restart the runtime streams
     model = wrap_for_training(config, chunks)
