@@ -134,6 +134,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: Optiona
     for f in fields(cls):
         flag_name = "--" + f.name.replace("_", "-")
         kwargs = dict(f.metadata)
+        aliases = kwargs.pop("aliases", ())  # other spellings, e.g. Megatron-LM's --override-opt_param-scheduler
         kwargs["help"] = docs.get(f.name, "")
         kwargs["dest"] = f.name
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
@@ -146,7 +147,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: Optiona
             kwargs["type"] = base
             if default is not None and "nargs" not in kwargs:
                 kwargs["help"] += f" Default: {default}."
-        group_of(f.name).add_argument(flag_name, **kwargs)
+        group_of(f.name).add_argument(flag_name, *aliases, **kwargs)
 
 
 def config_from_namespace(namespace: argparse.Namespace) -> RunConfig:

@@ -98,6 +98,20 @@ def schedule_problems(config: "RunConfig") -> List[str]:
     return problems
 
 
+def checkpoint_flag_problems(t: "TrainingConfig") -> List[str]:
+    """The checkpoint loading/saving flags' conflicts, each with its fix."""
+    problems = []
+    if t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler:
+        problems.append("give at most one of --override-opt_param-scheduler (the flags' schedule) and "
+                        "--use-checkpoint-opt_param-scheduler (the checkpoint's)")
+    if t.ckpt_format != "torch_dist":
+        problems.append(f"--ckpt-format {t.ckpt_format}: only torch_dist checkpoints are read and written; convert "
+                        "others with Megatron-LM's tools/checkpoint/convert.py (--saver core, torch_dist)")
+    if t.ckpt_step is not None and t.ckpt_step < 0:
+        problems.append(f"--ckpt-step must be >= 0, got {t.ckpt_step}")
+    return problems
+
+
 def flag(default, **argparse_kwargs):
     """A dataclass field with extra argparse settings (choices, nargs, alias flag names)."""
     return field(default=default, metadata=dict(argparse_kwargs))
@@ -330,6 +344,35 @@ class TrainingConfig:
     """Directory to save checkpoints to."""
     load: Optional[str] = None
     """Directory to load a checkpoint from (its latest_checkpointed_iteration.txt)."""
+    # Loading and saving switches, with Megatron-LM's names and meanings.
+    override_opt_param_scheduler: bool = flag(False, aliases=["--override-opt_param-scheduler"])
+    """On resume, take the learning-rate and weight-decay schedule (--lr, --min-lr, --lr-warmup-iters, the decay
+    length and style, --weight-decay) from the flags where they differ from the checkpoint's; the iteration
+    count continues from the checkpoint. Default: refuse a checkpoint whose schedule differs."""
+    use_checkpoint_opt_param_scheduler: bool = flag(False, aliases=["--use-checkpoint-opt_param-scheduler"])
+    """On resume, keep the checkpoint's learning-rate and weight-decay schedule whatever the flags say."""
+    finetune: bool = False
+    """Load only the model weights from --load (or --pretrained-checkpoint) and start at iteration 0 with a
+    fresh optimizer, scheduler, RNG and data position."""
+    no_load_optim: bool = False
+    """Do not load the optimizer state and scheduler from the checkpoint."""
+    no_load_rng: bool = False
+    """Do not load the random-number-generator states from the checkpoint."""
+    no_save_optim: bool = False
+    """Save checkpoints without the optimizer state (weights, scheduler and counters only)."""
+    no_save_rng: bool = False
+    """Save checkpoints without the random-number-generator states."""
+    use_checkpoint_args: bool = False
+    """Take the model-shape flags (layers, hidden size, heads, ...) from the checkpoint in --load."""
+    pretrained_checkpoint: Optional[str] = None
+    """Checkpoint directory whose weights start the run when --load holds no checkpoint (fine-tuning from a
+    pretrained model; the run's own checkpoints in --load win once they exist)."""
+    ckpt_step: Optional[int] = None
+    """Load this iteration instead of the one latest_checkpointed_iteration.txt names."""
+    ckpt_format: str = "torch_dist"
+    """Checkpoint format: torch_dist (megatron-core's distributed format) is the one read and written."""
+    auto_detect_ckpt_format: bool = False
+    """Detect the format of the checkpoint to load (only torch_dist is read; others are refused by name)."""
     save_interval: Optional[int] = None
     """Save a checkpoint every this many iterations (and at the end of training)."""
     exit_interval: Optional[int] = None
@@ -571,6 +614,7 @@ class RunConfig:
         if d.tokenizer_type == "GPT2BPETokenizer":
             need(d.vocab_file is not None and d.merge_file is not None, "GPT2BPETokenizer needs --vocab-file and --merge-file")
 
+        problems.extend(checkpoint_flag_problems(t))
         if t.save_interval is not None:
             need(t.save is not None, "--save-interval needs --save <dir>")
             need(t.save_interval >= 1, f"--save-interval must be >= 1, got {t.save_interval}")

@@ -21,15 +21,16 @@ BATCH = 2
 
 
 def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=2, hidden_size=64, bf16=False,
-                disable_bias_linear=False):
-    """A small GPT (LayerNorm, GeLU) at this worker's layout, trained with a cosine schedule."""
+                disable_bias_linear=False, extra_flags=()):
+    """A small GPT (LayerNorm, GeLU) at this worker's layout, trained with a cosine schedule; `extra_flags`
+    come last (they win over the defaults here)."""
     flags = model_flags(num_layers, hidden_size, seq_length=SEQ, llama=False, untie_embeddings=False,
                         dropout=dropout) + mock_data_flags(VOCAB)
     # 100 tokens pad to 128 rows at TP 1 and 2 alike, so layouts can exchange checkpoints.
     flags += ["--make-vocab-size-divisible-by", "64", "--lr", "1e-2", "--lr-warmup-iters", "2",
               "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--seed", str(seed), "--train-iters", "10"]
     flags += ["--disable-bias-linear"] * disable_bias_linear + ["--use-distributed-optimizer"] * distributed_optimizer
-    return tiny_config(flags + ["--bf16"] * bf16)
+    return tiny_config(flags + ["--bf16"] * bf16 + list(extra_flags))
 
 
 def build(config):
@@ -73,7 +74,7 @@ def _forward_step(losses, data_iterator, model):
     return output, loss_func
 
 
-def run_step(model, optimizer, scheduler, step, train=True):
+def run_step(model, optimizer, scheduler, step, train=True, samples_per_step=1):
     """One forward(-backward-update) on batch(step) through megatron's schedules; the loss (ce sum) on
     the last pipeline stage, None elsewhere."""
     from megatron.core import parallel_state
@@ -100,7 +101,7 @@ def run_step(model, optimizer, scheduler, step, train=True):
     if train:
         ok, _, _ = optimizer.step()
         assert ok
-        scheduler.step(increment=1)
+        scheduler.step(increment=samples_per_step)  # the schedule counts samples: the run's global batch
     else:
         for chunk in model:
             chunk.train()

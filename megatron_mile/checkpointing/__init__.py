@@ -5,7 +5,8 @@ Layout of a save directory::
     {dir}/latest_checkpointed_iteration.txt     the newest complete iteration, as a decimal integer
     {dir}/iter_0000100/                         one checkpoint
         metadata.json, common.pt, .metadata,    megatron-core distributed checkpoint (torch_dist) of the
-        __<rank>_0.distcp                         model chunks and the optimizer
+        __<rank>_0.distcp                         model chunks and the optimizer; common.pt also holds
+                                                  Megatron-LM's common items (args, iteration, scheduler)
         mile_checkpoint.json                    plain data: iteration, consumed training and validation
                                                   samples, the run's config, LR-scheduler state,
                                                   parallel layout, vocabulary sizes
@@ -21,6 +22,10 @@ Modules: policy first, format last.
 - `tracker`: iteration directory names, the latest-iteration tracker file, finding the checkpoint to load,
   reading mile_checkpoint.json (no collectives, no torch).
 - `compatibility`: whether a checkpoint fits this run (architecture, vocabulary, optimizer state, layout).
+- `scheduler`: the learning-rate schedule and Adam settings across a resume (refuse a difference, or take the
+  flags' / the checkpoint's: --override-opt_param-scheduler, --use-checkpoint-opt_param-scheduler).
+- `megatron_lm`: Megatron-LM's common state (what common.pt also holds for its loader) and reading the
+  checkpoints Megatron-LM writes (their args, a one-line description, the model weights).
 - `rng`: the per-rank RNG states.
 - `torch_dist`: megatron-core's torch_dist format, read safely and written in-process; the only module that
   touches megatron-core's dist_checkpointing strategies.

@@ -22,9 +22,24 @@ from megatron_mile.checkpointing.compatibility import (
     check_optimizer_compatible,
     check_vocab,
     parallel_layout,
+    vocab_sizes,
 )
 from megatron_mile.checkpointing.rng import load_rng_state
-from megatron_mile.checkpointing.tracker import TRACKER_FILENAME, read_metadata, resolve_checkpoint_dir
+from megatron_mile.checkpointing.scheduler import (
+    check_schedule,
+    flag_group_values,
+    reapply_flag_group_values,
+    restore_scheduler,
+    scheduler_policy,
+)
+from megatron_mile.checkpointing import megatron_lm
+from megatron_mile.checkpointing.tracker import (
+    METADATA_FILENAME,
+    TRACKER_FILENAME,
+    MegatronLMCheckpoint,
+    read_metadata,
+    resolve_checkpoint_dir,
+)
 from megatron_mile.training.initialize import print_rank_0
 from megatron_mile.training.optimizer import (
     init_empty_distributed_optimizer_state,
@@ -66,7 +81,10 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
     of its state when it is used; an all_gather_object agreeing on the RNG files; one final barrier. A
     refused or damaged file raises CheckpointError on every rank, one line naming the file.
     """
-    checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration)
+    try:
+        checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration)
+    except MegatronLMCheckpoint as foreign:
+        raise megatron_lm.training_state_refusal(foreign.path) from None
     if checkpoint_dir is None:
         print_rank_0(f" no checkpoint in {load_dir} ({TRACKER_FILENAME} not found): training from scratch")
         return 0, 0
@@ -74,11 +92,17 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
     check_model_config(metadata.get("config", {}), config_dict, checkpoint_dir)
     check_vocab(metadata.get("vocab", {}), model, checkpoint_dir)
     load_optimizer = load_optimizer and optimizer is not None
+    policy = scheduler_policy(config_dict)
     if load_optimizer and not metadata.get("has_optimizer", False):
-        raise CheckpointError(f"{checkpoint_dir} holds no optimizer state: load it with load_optimizer=False")
+        raise CheckpointError(f"{checkpoint_dir} holds no optimizer state (saved with --no-save-optim): load it "
+                              "with --no-load-optim (load_optimizer=False)")
 
     if load_optimizer:
         check_optimizer_compatible(metadata, optimizer, checkpoint_dir)
+        if scheduler is not None and metadata.get("scheduler") is not None:  # before any tensor is read
+            check_schedule(scheduler, metadata["scheduler"], policy, checkpoint_dir,
+                           metadata.get("config", {}).get("optimizer"), config_dict.get("optimizer"))
+        own_group_values = flag_group_values(optimizer)
         init_empty_distributed_optimizer_state(optimizer)
     state = torch_dist.sharded_state_dict(model, optimizer if load_optimizer else None, is_loading=True)
     loaded = _load_sharded(checkpoint_dir, state)
@@ -90,10 +114,14 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
             optimizer.load_state_dict(loaded["optimizer"])
         restore_distributed_optimizer_step(optimizer)
         use_fused_torch_adam_on_cpu(optimizer)  # the loaded param groups carry the saving run's kernel flags
+        reapply_flag_group_values(optimizer, own_group_values, policy)
         if scheduler is not None and metadata.get("scheduler") is not None:
-            scheduler.load_state_dict(metadata["scheduler"])
+            restore_scheduler(scheduler, metadata["scheduler"], policy, checkpoint_dir)
 
-    if load_rng:
+    if load_rng and not metadata.get("has_rng", True):
+        print_rank_0(f" note: {checkpoint_dir} was saved without RNG states (--no-save-rng): the run continues "
+                     "with freshly seeded ones")
+    elif load_rng:
         _load_rng(checkpoint_dir, metadata)
     barrier()
     print_rank_0(f" loaded checkpoint {checkpoint_dir} (iteration {iteration}, "
@@ -120,13 +148,23 @@ def load_model_weights(load_dir, model: list, iteration: Optional[int] = None,
 
     Collectives: those of megatron's dist_checkpointing.load; one barrier.
     """
-    checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration)
+    checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration, megatron_lm=True)
     if checkpoint_dir is None:
         raise FileNotFoundError(f"{load_dir} holds no checkpoint (no {TRACKER_FILENAME})")
+    state = torch_dist.sharded_state_dict(model)
+    if (checkpoint_dir / "common.pt").is_file() and not (checkpoint_dir / METADATA_FILENAME).is_file():
+        # Written by Megatron-LM: its args describe the model; one chunk is stored under 'model'.
+        common = megatron_lm.read_common(checkpoint_dir)
+        if config_dict is not None:
+            megatron_lm.check_model_args(common, config_dict, vocab_sizes(model)["padded"], checkpoint_dir)
+        state = megatron_lm.rename_chunks(state)
+        _load_chunks(model, megatron_lm.rename_chunks(_load_sharded(checkpoint_dir, state), back=True))
+        barrier()
+        return int(iteration)
     metadata = read_metadata(checkpoint_dir)
     if config_dict is not None:
         check_model_config(metadata.get("config", {}), config_dict, checkpoint_dir)
     check_vocab(metadata.get("vocab", {}), model, checkpoint_dir)
-    _load_chunks(model, _load_sharded(checkpoint_dir, torch_dist.sharded_state_dict(model)))
+    _load_chunks(model, _load_sharded(checkpoint_dir, state))
     barrier()
     return int(iteration)

@@ -3,9 +3,13 @@
 A checkpoint directory is data a user hands us, and pickle runs whatever code a file names. So:
 
 - torch files (common.pt, rng/rank_*.pt, the tensor records inside ``__<rank>_0.distcp``) are read with
-  ``torch.load(..., weights_only=True)``, whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says;
+  ``torch.load(..., weights_only=True)``, whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says,
+  admitting beyond tensors and plain data exactly the classes of `COMMON_STATE_ALLOWED` (Megatron-LM's
+  common state: its argparse ``args``) and, for the byte records of sharded objects, `OBJECT_SHARD_ALLOWED`
+  (numpy's RNG state in Megatron-LM's ``rng_state``); the classes other libraries registered with torch
+  (megatron-core registers its own on import) are set aside while a checkpoint file is read;
 - the pickled torch_dist ``.metadata`` goes through `MetadataUnpickler`, which admits the checkpoint-metadata
-  classes only.
+  classes only (`METADATA_PICKLE_ALLOWED`).
 
 A file that is refused (it names a global outside the allow-list) or damaged (truncated, not a torch file)
 raises CheckpointError with one line naming the file. The message never repeats torch's advice to retry
@@ -14,18 +18,23 @@ with weights_only=False or to allow-list the global: for a checkpoint that is th
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import pickle
 import re
+import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Optional, Union
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
+import numpy as np
 import torch
 
 from megatron_mile.checkpointing.errors import CheckpointError
 
-# Globals a torch_dist `.metadata` pickle may reference: the checkpoint-metadata dataclasses, torch's
-# size/dtype/layout values and the plain containers pickle builds them with. Nothing that runs code.
-_METADATA_PICKLE_ALLOWED = {
+# Globals a torch_dist `.metadata` pickle may reference: the checkpoint-metadata dataclasses, the save plan
+# items torch stores with them, torch's size/dtype/layout values and the plain containers pickle builds them
+# with. Nothing that runs code.
+METADATA_PICKLE_ALLOWED = {
     ("torch.distributed.checkpoint.metadata", name)
     for name in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
@@ -35,6 +44,9 @@ _METADATA_PICKLE_ALLOWED = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.distributed.checkpoint.planner", "LoadItemType"),
     ("torch.distributed.checkpoint.planner", "WriteItemType"),
+    ("torch.distributed.checkpoint.planner", "SavePlan"),
+    ("torch.distributed.checkpoint.planner", "WriteItem"),
+    ("torch.distributed.checkpoint.planner", "TensorWriteData"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # looks a torch.layout up by its name, nothing else
     ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
@@ -44,6 +56,15 @@ _METADATA_PICKLE_ALLOWED = {
     ("builtins", "set"),
     ("builtins", "frozenset"),
 }
+
+# Classes common.pt may hold beyond tensors and plain data: Megatron-LM's `args` is an argparse.Namespace
+# (of plain values, dtypes and the one megatron-core enum below). Rebuilding either runs no code of the file.
+COMMON_STATE_ALLOWED = (argparse.Namespace,)
+# Classes the byte records of sharded objects may hold: Megatron-LM's rng_state keeps numpy's RNG state, a
+# tuple with a uint32 array (numpy's array reconstruction, as torch's own numpy support admits it).
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+OBJECT_SHARD_ALLOWED = (_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
+_ALLOWLIST_LOCK = threading.Lock()
 
 # How torch's weights-only unpickler names a refused global ("... GLOBAL posix.mkdir ...").
 _REFUSED_GLOBAL_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
@@ -62,7 +83,7 @@ class MetadataUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_PICKLE_ALLOWED:
+        if (module, name) in METADATA_PICKLE_ALLOWED:
             return super().find_class(module, name)
         if module == "torch":
             value = getattr(torch, name, None)
@@ -75,15 +96,33 @@ class MetadataUnpickler(pickle.Unpickler):
         )
 
 
-def load_weights_only(source: Union[str, Path, BinaryIO], name: Optional[Union[str, Path]] = None) -> Any:
-    """torch.load(source) restricted to tensors and plain data, onto the CPU.
+@contextlib.contextmanager
+def only_allowed_globals(allowed=COMMON_STATE_ALLOWED) -> Iterator[None]:
+    """torch's weights-only unpickler admits, beyond tensors and plain data, exactly `allowed` inside this
+    block: the classes registered process-wide (torch.serialization.add_safe_globals, e.g. by megatron-core
+    on import) are set aside and put back after. No collectives."""
+    with _ALLOWLIST_LOCK:
+        registered = torch.serialization.get_safe_globals()
+        torch.serialization.clear_safe_globals()
+        try:
+            torch.serialization.add_safe_globals(list(allowed))
+            yield
+        finally:
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(registered)
+
+
+def load_weights_only(source: Union[str, Path, BinaryIO], name: Optional[Union[str, Path]] = None,
+                      allowed=COMMON_STATE_ALLOWED) -> Any:
+    """torch.load(source) restricted to tensors, plain data and the classes `allowed`, onto the CPU.
 
     `source` is a path or a seekable binary file; `name` is how messages call it (default: the path).
     Raises CheckpointError naming the file when it is missing, refused or damaged. No collectives.
     """
     shown = name if name is not None else source
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        with only_allowed_globals(allowed):
+            return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure to parse an untrusted file is reported the same way
         raise unreadable_file_error(shown, error) from None
 
@@ -113,7 +152,7 @@ def unreadable_file_error(path: Union[str, Path], error: BaseException) -> Check
     refused = _REFUSED_GLOBAL_RE.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
     if refused:
         return CheckpointError(
-            f"refusing to load {path}: it refers to {refused.group(1)}, which a megatron_mile checkpoint never "
+            f"refusing to load {path}: it refers to {refused.group(1)}, which a checkpoint never "
             "holds (the file may have been tampered with); nothing in it was run. Use a checkpoint you trust"
         )
     return CheckpointError(

@@ -30,6 +30,7 @@ from megatron_mile.checkpointing.collectives import barrier, broadcast_from_rank
 from megatron_mile.checkpointing.collectives import rank as global_rank
 from megatron_mile.checkpointing.compatibility import CheckpointError, optimizer_format, parallel_layout, vocab_sizes
 from megatron_mile.checkpointing.lock import run_id_for
+from megatron_mile.checkpointing.megatron_lm import megatron_lm_common_state
 from megatron_mile.checkpointing.rng import save_rng_state
 from megatron_mile.checkpointing.torch_dist import sharded_state_dict, unwrap_model
 from megatron_mile.checkpointing.tracker import (
@@ -47,12 +48,13 @@ from megatron_mile.checkpointing.write_failure import describe_write_failure, fa
 
 
 def common_state(iteration: int, consumed_samples: int, model: list, optimizer, scheduler, config_dict: dict,
-                 extra: Optional[dict] = None, consumed_valid_samples: int = 0) -> dict:
+                 extra: Optional[dict] = None, consumed_valid_samples: int = 0, has_rng: bool = True) -> dict:
     """Everything a checkpoint keeps besides tensors and RNG states, as plain data (mile_checkpoint.json).
 
     The one place that decides what that is: iteration, consumed training and validation samples (a
     resumed run continues both where they stopped), the run's config dict, the LR-scheduler state, the
-    optimizer's state format, the parallel layout and the vocabulary sizes (which loading checks), and
+    optimizer's state format, whether RNG states were saved, the parallel layout and the vocabulary sizes
+    (which loading checks), and
     `extra` (JSON-serialisable data of the caller). No collectives.
     """
     return {
@@ -64,6 +66,7 @@ def common_state(iteration: int, consumed_samples: int, model: list, optimizer, 
         "config": config_dict,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "has_optimizer": optimizer is not None,
+        "has_rng": bool(has_rng),
         "optimizer_format": optimizer_format(optimizer),
         "layout": parallel_layout(),
         "vocab": vocab_sizes(model),
@@ -97,10 +100,13 @@ def check_finite(model: list) -> None:
 
 
 def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler, consumed_samples: int,
-                    config_dict: dict, extra: Optional[dict] = None, consumed_valid_samples: int = 0) -> str:
+                    config_dict: dict, extra: Optional[dict] = None, consumed_valid_samples: int = 0,
+                    save_rng: bool = True) -> str:
     """Save model chunks, optimizer, scheduler, RNG states, consumed samples and config as `iteration`.
 
-    Must be called on every rank. Returns the final checkpoint directory. `extra` is JSON-serialisable
+    Must be called on every rank. Returns the final checkpoint directory. `optimizer` None saves no
+    optimizer state (--no-save-optim); `save_rng` False no RNG states (--no-save-rng). common.pt also holds
+    Megatron-LM's common items (megatron_mile.checkpointing.megatron_lm). `extra` is JSON-serialisable
     plain data stored alongside (e.g. the loop's counters); `consumed_valid_samples` the validation samples
     evaluated so far (read back with read_checkpoint_metadata). Raises CheckpointError on every rank, writing
     nothing, when any parameter is non-finite; and, having removed the partial save, when a write fails on
@@ -123,7 +129,12 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
     tmp_name = broadcast_from_rank0(temp_checkpoint_name(iteration, run_id, secrets.token_hex(6)) if rank == 0 else None)
     final = save_dir / checkpoint_name(iteration)
     tmp = save_dir / tmp_name
-    sharded, common = torch_dist.prepare_save(sharded_state_dict(model, optimizer))
+    state = sharded_state_dict(model, optimizer)
+    # Megatron-LM's common items (args, iteration, scheduler, ...): its loader and megatron-core's find them.
+    state.update(megatron_lm_common_state(config_dict, parallel_layout(), vocab_sizes(model), iteration,
+                                          consumed_samples, consumed_valid_samples, scheduler,
+                                          torch_dist.content_metadata()))
+    sharded, common = torch_dist.prepare_save(state)
     attempt = _SaveAttempt(save_dir, tmp, final, iteration, torch_dist.main_replica_bytes(sharded))
 
     def start() -> None:
@@ -133,11 +144,12 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
             torch_dist.write_common(common, tmp)
 
     def describe() -> None:
-        save_rng_state(tmp)
+        if save_rng:
+            save_rng_state(tmp)
         if rank == 0:
             torch_dist.write_format_tag(tmp)
             metadata = common_state(iteration, consumed_samples, model, optimizer, scheduler, config_dict, extra,
-                                    consumed_valid_samples)
+                                    consumed_valid_samples, has_rng=save_rng)
             # Written last among rank 0's files: a directory with it has all of rank 0's parts.
             write_json_atomic(tmp / METADATA_FILENAME, metadata, indent=1, sort_keys=True)
 

@@ -14,8 +14,8 @@ inside daemonic worker processes (our test pool) and forks a process that holds 
 FileSystemWriter writes the same files from the calling thread.
 
 Safety: a checkpoint directory is data a user hands us. Every pickled file is read through
-megatron_mile.checkpointing.safe_load (tensors and common.pt with weights_only=True, megatron-core's safe
-globals registered; ``.metadata`` by an allow-list unpickler), and a refused or damaged file stops the load
+megatron_mile.checkpointing.safe_load (tensors and common.pt with weights_only=True and safe_load's explicit
+allow-list; ``.metadata`` by an allow-list unpickler), and a refused or damaged file stops the load
 with one line naming it.
 """
 
@@ -44,7 +44,6 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _unwrap_pyt_sharded_tensor,
     mcore_to_pyt_state_dict,
 )
-from megatron.core.safe_globals import register_safe_globals
 from torch.distributed import checkpoint as torch_dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
@@ -73,6 +72,11 @@ LOAD_ERRORS = (KeyError, CheckpointingException, torch_dcp.api.CheckpointExcepti
 COMMON_FILENAME = "common.pt"
 _FORMAT_BACKEND, _FORMAT_VERSION = "torch_dist", 1
 METADATA_FILENAME = ".metadata"
+
+
+def content_metadata() -> dict:
+    """How this project lays out its sharded keys, as megatron-core's ``content_metadata`` (a copy)."""
+    return dict(_SHARDED_STATE_METADATA)
 
 
 def unwrap_model(module):
@@ -151,7 +155,6 @@ def load_sharded(state: dict, checkpoint_dir: Path) -> dict:
     Collectives: those of torch.distributed.checkpoint.load (plan gather/scatter) and megatron's load
     validation (all-gathers of shard metadata), over the default group.
     """
-    register_safe_globals()
     # Read first on every rank: a refused `.metadata` stops all of them here with the same one line, instead
     # of inside torch's loader, which logs the failure with a traceback and reports another error.
     safe_load.load_checkpoint_metadata(Path(checkpoint_dir) / METADATA_FILENAME)
@@ -224,7 +227,8 @@ class _SafeLoadPlanner(MCoreLoadPlanner):
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         # Runs inside _SafeFileSystemReader.read_data, which names the file when this fails.
-        loaded = torch.load(value, map_location="cpu", weights_only=True)
+        with safe_load.only_allowed_globals(safe_load.COMMON_STATE_ALLOWED + safe_load.OBJECT_SHARD_ALLOWED):
+            loaded = torch.load(value, map_location="cpu", weights_only=True)
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
 

@@ -87,12 +87,30 @@ def remove_leftovers(directory: Path, run_id: str, keep: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def resolve_checkpoint_dir(load_dir, iteration: Optional[int]) -> Tuple[Optional[Path], Optional[int]]:
+class MegatronLMCheckpoint(FileNotFoundError):
+    """An iteration directory in Megatron-LM's torch_dist layout without this project's description: a
+    checkpoint written by Megatron-LM. `path` is the iteration directory."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} was written by Megatron-LM (torch_dist, no {METADATA_FILENAME})")
+        self.path = path
+
+
+def written_by_megatron_lm(path: Path) -> bool:
+    """Whether iteration directory `path` looks like Megatron-LM's torch_dist checkpoint (its format tag and
+    common.pt, none of this project's description)."""
+    return (path / "metadata.json").is_file() and (path / "common.pt").is_file() and \
+        not (path / METADATA_FILENAME).is_file()
+
+
+def resolve_checkpoint_dir(load_dir, iteration: Optional[int],
+                           megatron_lm: bool = False) -> Tuple[Optional[Path], Optional[int]]:
     """(iter directory, iteration) to load; (None, None) when `load_dir` holds no checkpoint at all.
 
     Raises FileNotFoundError / NotADirectoryError naming the path and the fix when `load_dir` is missing,
     is a file or is one checkpoint, when checkpoints exist without a tracker file, or when the tracked
-    iteration is missing or incomplete; ValueError for a corrupt tracker file.
+    iteration is missing or incomplete; ValueError for a corrupt tracker file; MegatronLMCheckpoint (a
+    FileNotFoundError) for a checkpoint Megatron-LM wrote, unless the caller reads those (`megatron_lm`).
     """
     load_dir = Path(load_dir)
     if not load_dir.is_dir():
@@ -127,6 +145,15 @@ def resolve_checkpoint_dir(load_dir, iteration: Optional[int]) -> Tuple[Optional
             f"{[checkpoint_name(i) for i in list_iterations(load_dir)] or 'none'}. Write one of their "
             f"iterations into {TRACKER_FILENAME}"
         )
+    if any(path.glob("mp_rank_*")):
+        raise FileNotFoundError(
+            f"{path} is a Megatron-LM checkpoint in its legacy 'torch' format (mp_rank_* files); only torch_dist "
+            "is read: convert it with Megatron-LM (--ckpt-convert-format torch_dist, or tools/checkpoint/convert.py)"
+        )
+    if written_by_megatron_lm(path):
+        if megatron_lm:
+            return path, iteration
+        raise MegatronLMCheckpoint(path)
     if not (path / METADATA_FILENAME).is_file():
         raise FileNotFoundError(
             f"{path} has no {METADATA_FILENAME}: it is incomplete or was not written by megatron_mile. "

@@ -98,8 +98,8 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     def save() -> None:
         """Checkpoint `iteration`, and write the summary up to it (a resume after a crash finds its history)."""
         result.checkpoint = checkpointing.save_checkpoint(
-            t.save, iteration, model, optimizer, scheduler, consumed_samples, setup.config_dict,
-            consumed_valid_samples=setup.consumed_valid_samples,
+            t.save, iteration, model, None if t.no_save_optim else optimizer, scheduler, consumed_samples,
+            setup.config_dict, consumed_valid_samples=setup.consumed_valid_samples, save_rng=not t.no_save_rng,
         )
         if is_logging_rank():
             result.final_iteration, result.consumed_samples = iteration, consumed_samples

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Tuple
 
 from megatron.core import parallel_state
 
 from megatron_mile import checkpointing
 from megatron_mile.arguments import config_to_dict
 from megatron_mile.atomic_io import ensure_writable_directory
+from megatron_mile.checkpointing import megatron_lm
 from megatron_mile.checkpointing.collectives import on_rank0_for_all
+from megatron_mile.checkpointing.compatibility import ARCHITECTURE_FIELDS
 from megatron_mile.checkpointing.lock import SaveDirectoryLock
+from megatron_mile.checkpointing.tracker import read_metadata, resolve_checkpoint_dir
 from megatron_mile.config import RunConfig
 from megatron_mile.model import build_model
 from megatron_mile.training import data as run_data
@@ -118,6 +122,62 @@ def setup_training(config: RunConfig, model_provider=None, dataset_provider=None
     return setup
 
 
+def _load_at_start(config: RunConfig, model, optimizer, scheduler, config_dict: dict) -> Tuple[int, int, int]:
+    """(iteration, consumed training samples, consumed validation samples) after loading what Megatron-LM's
+    flags ask for: --load (at --ckpt-step if given; without the optimizer and scheduler with --no-load-optim,
+    without RNG states with --no-load-rng), its weights only from iteration 0 with --finetune, and
+    --pretrained-checkpoint's weights (as --finetune) when --load holds no checkpoint yet.
+    Collectives: those of checkpointing.load_checkpoint / load_model_weights."""
+    t = config.training
+    load_dir, finetune = t.load, t.finetune
+    if t.pretrained_checkpoint is not None and (load_dir is None or not _holds_checkpoint(load_dir)):
+        load_dir, finetune = t.pretrained_checkpoint, True
+    if load_dir is None:
+        return 0, 0, 0
+    if finetune:
+        loaded = checkpointing.load_model_weights(load_dir, model, t.ckpt_step, config_dict)
+        print_rank_0(f" --finetune: weights of iteration {loaded} of {load_dir}; training starts at iteration 0 "
+                     "with a fresh optimizer, scheduler and data position")
+        return 0, 0, 0
+    iteration, consumed_samples = checkpointing.load_checkpoint(
+        load_dir, model, optimizer, scheduler, config_dict, load_optimizer=not t.no_load_optim,
+        load_rng=not t.no_load_rng, iteration=t.ckpt_step)
+    consumed_valid_samples = 0
+    if iteration > 0:
+        saved = checkpointing.read_checkpoint_metadata(load_dir, iteration)
+        consumed_valid_samples = int(saved.get("consumed_valid_samples", 0))
+    return iteration, consumed_samples, consumed_valid_samples
+
+
+# The model flags --use-checkpoint-args takes from the checkpoint (Megatron-LM's names in both kinds).
+_CHECKPOINT_ARGS = ARCHITECTURE_FIELDS + ("max_position_embeddings", "make_vocab_size_divisible_by")
+
+
+def _use_checkpoint_args(config: RunConfig) -> None:
+    """--use-checkpoint-args: the model-shape flags of the checkpoint in --load replace this run's (its
+    mile_checkpoint.json config, or a Megatron-LM checkpoint's args). No collectives."""
+    t = config.training
+    path, _ = resolve_checkpoint_dir(t.load, t.ckpt_step, megatron_lm=True)
+    if path is None:
+        print_rank_0(f" --use-checkpoint-args: no checkpoint in {t.load}; the flags' model is built")
+        return
+    if (path / checkpointing.METADATA_FILENAME).is_file():
+        saved = read_metadata(path)["config"]["model"]
+    else:
+        args = vars(megatron_lm.read_common(path)["args"])
+        saved = {name: args[name] for name in _CHECKPOINT_ARGS if name in args}
+        if "add_bias_linear" in args:
+            saved["disable_bias_linear"] = not args["add_bias_linear"]
+    for name in _CHECKPOINT_ARGS:
+        if name in saved:
+            setattr(config.model, name, saved[name])
+
+
+def _holds_checkpoint(directory: str) -> bool:
+    """Whether `directory` names a checkpoint to resume (its latest-iteration file exists). No collectives."""
+    return (Path(directory) / checkpointing.TRACKER_FILENAME).is_file()
+
+
 def _build_training_state(config: RunConfig, model_provider, dataset_provider) -> TrainingSetup:
     """Model, optimizer, scheduler, data iterators and the --load state, on initialised parallel state."""
     t = config.training
@@ -129,18 +189,16 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
     eval_samples = eval_samples if t.eval_iters > 0 else 0
     # The data is checked before any model work: a damaged dataset or an empty split stops the run now.
     run_data.check_data(config, eval_samples)
+    if t.use_checkpoint_args and t.load is not None:
+        _use_checkpoint_args(config)
     chunks = model_provider(config, tokenizer.vocab_size)
     set_random_seeds(t.seed)  # model building re-seeded per layer; restart the runtime streams
     model = wrap_for_training(config, chunks)
     optimizer, scheduler = build_optimizer(config, model)
     config_dict = config_to_dict(config)
 
-    iteration, consumed_samples, consumed_valid_samples = 0, 0, 0
-    if t.load is not None:
-        iteration, consumed_samples = checkpointing.load_checkpoint(t.load, model, optimizer, scheduler, config_dict)
-        if iteration > 0:
-            saved = checkpointing.read_checkpoint_metadata(t.load, iteration)
-            consumed_valid_samples = int(saved.get("consumed_valid_samples", 0))
+    iteration, consumed_samples, consumed_valid_samples = _load_at_start(config, model, optimizer, scheduler,
+                                                                         config_dict)
 
     num_micro = num_micro_batches(config)
     train_ds, valid_ds = dataset_provider(config, tokenizer, eval_samples)

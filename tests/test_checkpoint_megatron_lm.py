@@ -1,0 +1,278 @@
+"""Interoperability with Megatron-LM's torch_dist checkpoints: what this project writes is what Megatron-LM's
+loader reads (through megatron-core's public dist_checkpointing API, the fields its loader takes from
+common.pt), and the restricted unpickler admits exactly the classes such checkpoints legitimately hold.
+
+The expected values come from the run's own settings (iterations, samples, layout), not from the code under
+test; Megatron-LM's field names are those of its save_checkpoint (core_r0.16.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from checkpoint_cases import build, full_params, make_config, run_step
+
+from megatron_mile import checkpointing
+from megatron_mile.arguments import config_to_dict
+from megatron_mile.checkpointing import safe_load
+
+# The globals a genuine torch_dist `.metadata` written by Megatron-LM refers to (torch 2.13).
+GENUINE_METADATA_GLOBALS = [
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    *[("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")],
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *[("torch.distributed.checkpoint.planner", name) for name in
+      ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")],
+]
+
+
+def _global_pickle(module: str, name: str) -> bytes:
+    """A pickle (protocol 0) whose whole content is a reference to module.name."""
+    return f"c{module}\n{name}\n.".encode()
+
+
+@pytest.mark.parametrize("module,name", GENUINE_METADATA_GLOBALS, ids=lambda v: v if isinstance(v, str) else None)
+def test_metadata_unpickler_admits_each_class_of_a_genuine_checkpoint(module, name):
+    import importlib
+
+    loaded = safe_load.MetadataUnpickler(io.BytesIO(_global_pickle(module, name))).load()
+    assert loaded is getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int64", "uint8", "bool"])
+def test_metadata_unpickler_admits_the_dtypes(dtype):
+    assert safe_load.MetadataUnpickler(io.BytesIO(_global_pickle("torch", dtype))).load() is getattr(torch, dtype)
+
+
+@pytest.mark.parametrize("module,name", [("os", "system"), ("builtins", "eval"), ("torch", "load"),
+                                         ("argparse", "Namespace"), ("torch.distributed.checkpoint.planner",
+                                                                     "SavePlanner")])
+def test_metadata_unpickler_refuses_anything_else(module, name):
+    with pytest.raises(pickle.UnpicklingError, match=f"{module}.{name}"):
+        safe_load.MetadataUnpickler(io.BytesIO(_global_pickle(module, name))).load()
+
+
+def _saved(value) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_common_state_admits_megatron_lm_args():
+    import megatron.core  # noqa: F401 - registers megatron-core's own classes process-wide, as a run does
+
+    args = argparse.Namespace(num_layers=2, params_dtype=torch.bfloat16, data_path=["a"], lr_decay_iters=None)
+    assert safe_load.load_weights_only(_saved({"args": args}), "common.pt")["args"] == args
+
+
+def test_object_shards_admit_numpy_rng_state_and_common_state_does_not():
+    state = [{"np_rng_state": np.random.get_state()}]
+    with pytest.raises(checkpointing.CheckpointError, match="_reconstruct"):
+        safe_load.load_weights_only(_saved(state), "common.pt")
+    loaded = safe_load.load_weights_only(_saved(state), "rng shard",
+                                         safe_load.COMMON_STATE_ALLOWED + safe_load.OBJECT_SHARD_ALLOWED)
+    assert np.array_equal(loaded[0]["np_rng_state"][1], state[0]["np_rng_state"][1])
+
+
+def test_classes_registered_by_megatron_core_are_not_admitted():
+    import megatron.core  # noqa: F401 - registers SimpleNamespace among others with torch
+
+    assert types.SimpleNamespace in torch.serialization.get_safe_globals()
+    with pytest.raises(checkpointing.CheckpointError, match="SimpleNamespace"):
+        safe_load.load_weights_only(_saved({"x": types.SimpleNamespace(a=1)}), "common.pt")
+    assert types.SimpleNamespace in torch.serialization.get_safe_globals()  # put back afterwards
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What Megatron-LM's loader reads from a checkpoint of this project
+# ----------------------------------------------------------------------------------------------------------
+
+STEPS, CONSUMED, CONSUMED_VALID = 3, 24, 6
+GLOBAL_BATCH = 4
+BATCH_FLAGS = ["--micro-batch-size", "2", "--global-batch-size", str(GLOBAL_BATCH)]
+
+
+def worker_megatron_core_reads_ours(directory):
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.utils import unwrap_model
+
+    config = make_config(dropout=0.0, extra_flags=BATCH_FLAGS)
+    model, optimizer, scheduler = build(config)
+    for step in range(STEPS):
+        run_step(model, optimizer, scheduler, step, samples_per_step=config.training.global_batch_size)
+    saved_params = full_params(model)
+    checkpointing.save_checkpoint(directory, STEPS, model, optimizer, scheduler, CONSUMED, config_to_dict(config),
+                                  consumed_valid_samples=CONSUMED_VALID)
+    path = f"{directory}/iter_{STEPS:07d}"
+
+    # As Megatron-LM's loader: the common state first, the content metadata from it, then the model
+    # (one chunk: Megatron-LM's key 'model') into a fresh model built from another seed.
+    common = dist_checkpointing.load_common_state_dict(path)
+    metadata = dist_checkpointing.load_content_metadata(path)
+    fresh, _, _ = build(make_config(dropout=0.0, seed=77))
+    chunk = unwrap_model(fresh[0])
+    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict(metadata=metadata)}, path)
+    chunk.load_state_dict(loaded["model"], strict=True)
+    args = common["args"]
+    return {
+        "weights_equal": all(torch.equal(saved_params[k], v) for k, v in full_params(fresh).items()),
+        "iteration": common["iteration"],
+        "checkpoint_version": common["checkpoint_version"],
+        "flops": common["num_floating_point_operations_so_far"],
+        "scheduler": common["opt_param_scheduler"],
+        "args": {k: getattr(args, k, "MISSING") for k in (
+            "iteration", "consumed_train_samples", "consumed_valid_samples", "num_layers", "hidden_size",
+            "num_attention_heads", "ffn_hidden_size", "seq_length", "max_position_embeddings", "padded_vocab_size",
+            "make_vocab_size_divisible_by", "tokenizer_type", "tensor_model_parallel_size",
+            "pipeline_model_parallel_size", "add_position_embedding", "add_bias_linear", "train_iters",
+            "global_batch_size", "loss_type", "params_dtype")},
+        "args_type": type(args).__name__,
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+    }
+
+
+def test_megatron_core_public_load_reads_a_checkpoint_of_this_project(dist_pool, tmp_path):
+    results = dist_pool(2).run(worker_megatron_core_reads_ours, str(tmp_path), tensor_model_parallel_size=2)
+    for result in results:
+        assert result["weights_equal"]
+        assert result["args_type"] == "Namespace"
+        assert (result["iteration"], result["checkpoint_version"], result["flops"]) == (STEPS, 3.0, 0)
+        global_batch = GLOBAL_BATCH
+        # Megatron-LM's scheduler counts samples: steps times the global batch size.
+        assert result["scheduler"]["num_steps"] == STEPS * global_batch
+        assert result["scheduler"]["lr_decay_steps"] == 10 * global_batch  # make_config: --train-iters 10
+        assert result["scheduler"]["lr_warmup_steps"] == 2 * global_batch
+        assert result["scheduler"]["max_lr"] == 1e-2 and result["scheduler"]["lr_decay_style"] == "cosine"
+        assert result["args"] == {
+            "iteration": STEPS, "consumed_train_samples": CONSUMED, "consumed_valid_samples": CONSUMED_VALID,
+            "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 256, "seq_length": 16,
+            "max_position_embeddings": 16, "padded_vocab_size": 128, "make_vocab_size_divisible_by": 64,
+            "tokenizer_type": "NullTokenizer", "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1,
+            "add_position_embedding": True, "add_bias_linear": True, "train_iters": 10,
+            "global_batch_size": global_batch, "loss_type": "cross_entropy", "params_dtype": torch.float32,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints Megatron-LM wrote: built with megatron-core's public dist_checkpointing.save and the common
+# state Megatron-LM's save_checkpoint writes (its documented fields), then loaded here
+# ----------------------------------------------------------------------------------------------------------
+
+ML_ITERATION = 7
+
+
+def _megatron_lm_args(config, consumed):
+    from megatron.core import parallel_state
+
+    m = config.model
+    return argparse.Namespace(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, group_query_attention=False, num_query_groups=1,
+        seq_length=m.seq_length, max_position_embeddings=m.max_position_embeddings, padded_vocab_size=128,
+        make_vocab_size_divisible_by=64, tokenizer_type="NullTokenizer", add_bias_linear=True,
+        add_position_embedding=True, swiglu=False, normalization="LayerNorm",
+        untie_embeddings_and_output_weights=False, params_dtype=torch.float32, iteration=ML_ITERATION,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        consumed_train_samples=consumed, consumed_valid_samples=0, train_iters=10, global_batch_size=2,
+    )
+
+
+def worker_write_as_megatron_lm(directory):
+    """A checkpoint in Megatron-LM's layout: model under 'model', its common items, its rng_state object."""
+    import random
+
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.utils import unwrap_model
+
+    from megatron_mile.checkpointing.torch_dist import _InProcessTorchDistSaveStrategy
+
+    config = make_config(dropout=0.0)
+    model, optimizer, scheduler = build(config)
+    run_step(model, optimizer, scheduler, 1)
+    content_metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
+    rng = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+           "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None,
+           "rng_tracker_states": get_cuda_rng_tracker().get_states()}
+    state = {
+        "model": unwrap_model(model[0]).sharded_state_dict(metadata=content_metadata),
+        "args": _megatron_lm_args(config, consumed=2 * ML_ITERATION),
+        "checkpoint_version": 3.0,
+        "iteration": ML_ITERATION,
+        "opt_param_scheduler": {"max_lr": 1e-2, "lr_warmup_steps": 4, "num_steps": 14, "lr_decay_style": "cosine",
+                                "lr_decay_steps": 20, "min_lr": 0.0, "start_wd": 0.1, "end_wd": 0.1,
+                                "wd_incr_style": "constant", "wd_incr_steps": 20},
+        "num_floating_point_operations_so_far": 12345,
+        "rng_state": ShardedObject("rng_state", [rng], (pp, tp),
+                                   (parallel_state.get_pipeline_model_parallel_rank(),
+                                    parallel_state.get_tensor_model_parallel_rank()),
+                                   replica_id=parallel_state.get_data_parallel_rank()),
+    }
+    path = Path(directory) / f"iter_{ML_ITERATION:07d}"
+    if torch.distributed.get_rank() == 0:
+        path.mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(state, str(path), sharded_strategy=_InProcessTorchDistSaveStrategy(),
+                            content_metadata=content_metadata)
+    if torch.distributed.get_rank() == 0:
+        (Path(directory) / "latest_checkpointed_iteration.txt").write_text(str(ML_ITERATION))
+    torch.distributed.barrier()
+    return full_params(model), run_step(model, optimizer, scheduler, 5, train=False)
+
+
+def worker_load_megatron_lm(directory):
+    """Its weights through load_model_weights (as --finetune), and load_checkpoint's refusal of the rest."""
+    config = make_config(dropout=0.0, seed=99)
+    model, optimizer, scheduler = build(config)
+    iteration = checkpointing.load_model_weights(directory, model, config_dict=config_to_dict(config))
+    loss = run_step(model, optimizer, scheduler, 5, train=False)
+    try:
+        checkpointing.load_checkpoint(directory, model, optimizer, scheduler, config_to_dict(config))
+        refusal = None
+    except checkpointing.CheckpointError as error:
+        refusal = str(error)
+    wrong = make_config(dropout=0.0, num_layers=4)
+    try:
+        checkpointing.load_model_weights(directory, build(wrong)[0], config_dict=config_to_dict(wrong))
+        wrong_model = None
+    except checkpointing.CheckpointError as error:
+        wrong_model = str(error)
+    return iteration, full_params(model), loss, refusal, wrong_model
+
+
+
+@pytest.mark.parametrize("load_layout", [{"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}],
+                         ids=["same_tp2", "other_pp2"])
+def test_megatron_lm_weights_load_at_the_same_and_another_layout(dist_pool, tmp_path, load_layout):
+    written = dist_pool(2).run(worker_write_as_megatron_lm, str(tmp_path), tensor_model_parallel_size=2)
+    reference_loss = next(loss for _, loss in written if loss is not None)
+    loaded = dist_pool(2).run(worker_load_megatron_lm, str(tmp_path), **load_layout)
+    for rank, (iteration, params, loss, refusal, wrong_model) in enumerate(loaded):
+        assert iteration == ML_ITERATION
+        if load_layout.get("tensor_model_parallel_size") == 2:
+            assert_same_params(written[rank][0], params)
+        if loss is not None:
+            assert loss == pytest.approx(reference_loss, rel=1e-6)
+        assert refusal is not None and "written by Megatron-LM, iteration 7, TP 2, PP 1" in refusal, refusal
+        assert "--finetune" in refusal and "latest_checkpointed_iteration" not in refusal
+        assert wrong_model is not None and "num_layers: checkpoint 2, this run 4" in wrong_model, wrong_model
+    assert any(loss is not None for _, _, loss, _, _ in loaded)
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
