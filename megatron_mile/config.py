@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
-from megatron_mile import kernels
+from megatron_mile import kernels, option_checks
 from megatron_mile.loss.spec import LOSS_TYPES
 
 
@@ -28,7 +28,7 @@ _AT_LEAST_ONE = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
     "max_position_embeddings", "rotary_base", "make_vocab_size_divisible_by", "micro_batch_size",
     "global_batch_size", "train_iters", "lr_decay_iters", "exit_interval", "log_interval", "eval_interval",
-    "max_skipped_iterations",
+    "max_skipped_iterations", "recompute_num_layers", "ddp_bucket_size", "context_parallel_size",
 )
 _AT_LEAST_ZERO = ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad", "eval_iters", "num_workers", "seed")
 _POSITIVE = ("norm_epsilon", "init_method_std", "adam_eps")
@@ -117,10 +117,38 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split layer norms and dropout along the sequence over the TP group (GPUs, TP > 1; with RMSNorm it
     needs --transformer-impl transformer_engine, with LayerNorm Transformer Engine or apex)."""
+    context_parallel_size: int = 1
+    """Context-parallel size: every sequence is split into this many shards along the tokens, each attended
+    by Transformer Engine's ring attention (GPUs); data parallel size = world / (TP * PP * CP)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states and fp32 main weights across data-parallel ranks (ZeRO-1)."""
     distributed_backend: Optional[str] = flag(None, choices=["nccl", "gloo"])
     """Process-group backend. Default: nccl on GPUs, gloo on CPU."""
+    overlap_grad_reduce: bool = False
+    """Reduce each gradient bucket over the data-parallel ranks as soon as the last micro-batch's backward
+    has filled it, overlapped with the rest of backward (the MiLe normalisation stays exact:
+    docs/scale.md)."""
+    align_grad_reduce: bool = flag(True, action=argparse.BooleanOptionalAction)
+    """With --overlap-grad-reduce and pipeline parallelism: every pipeline stage but the first launches its
+    bucket reductions together after its last backward (Megatron-LM's default); --no-align-grad-reduce
+    lets each stage launch them during its backward."""
+    overlap_param_gather: bool = False
+    """With --use-distributed-optimizer and --overlap-grad-reduce: all-gather the updated parameters bucket
+    by bucket during the next forward instead of right after the optimizer step."""
+    align_param_gather: bool = flag(True, action=argparse.BooleanOptionalAction)
+    """With --overlap-param-gather and the interleaved schedule: every pipeline stage launches its first
+    parameter all-gathers at the same time (Megatron-LM's default); --no-align-param-gather lets each
+    stage launch them when its forward needs them. Without a virtual pipeline it has no effect (as in
+    Megatron-LM)."""
+    ddp_bucket_size: Optional[int] = None
+    """Parameters per gradient-reduction bucket with --overlap-grad-reduce. Default: max(40M, 1M * DP)
+    (megatron-core's); without overlap the gradients are reduced in one bucket."""
+    ddp_average_in_collective: bool = False
+    """Average gradients in the data-parallel collective instead of summing them. Refused at start-up: the
+    weighted loss sums gradients and divides once by the global weight sum (docs/scale.md)."""
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with the GEMMs (Transformer Engine userbuffers; GPUs, needs
+    --sequence-parallel and --transformer-impl transformer_engine)."""
 
 
 @dataclass
@@ -206,6 +234,20 @@ class DataConfig:
     """GPT2BPETokenizer merges (merges.txt)."""
     vocab_size: Optional[int] = None
     """Vocabulary size for NullTokenizer."""
+    eod_mask_loss: bool = False
+    """Take no loss at positions whose input token is the end-of-document token (the first token of the next
+    document cannot be predicted from the previous one); those positions get loss mask 0 and no part in
+    the MiLe / focal weights' sum."""
+    reset_position_ids: bool = False
+    """Restart the position ids at 0 after each end-of-document token (needs --position-embedding-type
+    learned_absolute: megatron-core's rotary embeddings do not read position ids)."""
+    reset_attention_mask: bool = False
+    """Let tokens attend only to earlier tokens of their own document (block-diagonal causal mask built by
+    the data loader; megatron-core's local attention without the fused masked softmax)."""
+    create_attention_mask_in_dataloader: bool = flag(True, action=argparse.BooleanOptionalAction)
+    """Build each sample's [1, s, s] attention mask in the data loader and pass it to the model (Megatron-LM's
+    default); --no-create-attention-mask-in-dataloader leaves causal masking to the attention kernel,
+    which saves the masks' memory and transfer (not with --reset-attention-mask)."""
 
 
 @dataclass
@@ -246,6 +288,40 @@ class TrainingConfig:
     """Do not print the console progress line with ETA."""
     max_skipped_iterations: int = 10
     """Stop when this many consecutive iterations had a non-finite loss (their updates are skipped)."""
+
+
+# Submodules megatron-core's selective recomputation knows (TransformerConfig.recompute_modules).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe_act", "moe", "shared_experts", "mla_up_proj")
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recomputation: keep fewer activations in forward and recompute them in backward
+    (megatron-core's TransformerConfig; Korthikanti et al., 2022). Dropout replays the same random numbers."""
+
+    recompute_activations: bool = False
+    """Recompute activations to fit larger models, sequences and batches: --recompute-granularity selective."""
+    recompute_granularity: Optional[str] = flag(None, choices=["full", "selective"])
+    """selective: recompute the submodules of --recompute-modules (default core_attn: attention scores,
+    softmax and attention dropout, the memory-heavy and cheap part); full: keep only the input of each
+    recomputed group of layers and recompute the whole group (needs --recompute-method and
+    --recompute-num-layers). Default: no recomputation."""
+    recompute_method: Optional[str] = flag(None, choices=["uniform", "block"])
+    """With --recompute-granularity full: uniform splits each pipeline stage's layers into groups of
+    --recompute-num-layers and keeps only each group's input; block recomputes the first
+    --recompute-num-layers layers of each stage and keeps every activation of the others."""
+    recompute_num_layers: Optional[int] = None
+    """With --recompute-granularity full: layers per group (uniform), or recomputed layers per pipeline
+    stage (block)."""
+    recompute_modules: Optional[List[str]] = flag(None, nargs="+", choices=list(RECOMPUTE_MODULES))
+    """With --recompute-granularity selective: the submodules to recompute, among core_attn, mlp and
+    layernorm (the local layers' norms; needs Transformer Engine installed); megatron-core's MoE and MLA
+    names are refused (this model has neither). Default: core_attn."""
+
+    @property
+    def granularity(self) -> Optional[str]:
+        """The recomputation in effect: --recompute-activations means selective, as in Megatron-LM."""
+        return "selective" if self.recompute_activations else self.recompute_granularity
 
 
 def _fusion_switch():
@@ -290,6 +366,9 @@ class KernelConfig:
     available."""
     rope_fusion: Optional[bool] = _fusion_switch()
     """Fused rotary position embedding (Transformer Engine's kernel; GPU). Default: on where available."""
+    fp8_param_gather: bool = False
+    """Keep the transformer layers' weights in fp8 and all-gather them in fp8 (Transformer Engine FP8
+    weights; needs --fp8-format and --use-distributed-optimizer; GPUs with FP8)."""
     fused_lm_head: bool = False
     """Compute the output layer and the loss together in chunks of tokens, without materialising the
     [s, b, V/tp] logits (megatron_mile.loss.fused_linear_cross_entropy): far less memory on the last pipeline stage,
@@ -307,11 +386,17 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
 
-    SECTIONS = ("model", "parallel", "loss", "optimizer", "data", "training", "kernels")
+    SECTIONS = ("model", "parallel", "loss", "optimizer", "data", "training", "kernels", "recompute")
+
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the model and one data shard: TP * PP * CP."""
+        p = self.parallel
+        return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
 
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
+        return world_size // self.model_parallel_size()
 
     def finalize(self, world_size: int) -> None:
         """Fill defaults that depend on other fields (done before validate)."""
@@ -337,7 +422,8 @@ class RunConfig:
         """
         problems: List[str] = []
         m, p, l, o, d, t = self.model, self.parallel, self.loss, self.optimizer, self.data, self.training
-        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+        sizes_valid = tp >= 1 and pp >= 1 and cp >= 1
 
         def need(condition: bool, message: str) -> None:
             if not condition:
@@ -345,11 +431,12 @@ class RunConfig:
 
         problems.extend(_range_problems(self))
         need(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-        if tp >= 1 and pp >= 1:
+        if sizes_valid:
+            names, sizes = ("TP * PP", f"{tp} * {pp}") if cp == 1 else ("TP * PP * CP", f"{tp} * {pp} * {cp}")
             need(
-                world_size % (tp * pp) == 0,
-                f"world size {world_size} is not divisible by TP * PP = {tp} * {pp}: launch a multiple of "
-                f"{tp * pp} processes (torchrun --nproc_per_node) or change the parallel sizes",
+                world_size % self.model_parallel_size() == 0,
+                f"world size {world_size} is not divisible by {names} = {sizes}: launch a multiple of "
+                f"{self.model_parallel_size()} processes (torchrun --nproc_per_node) or change the parallel sizes",
             )
             need(
                 m.num_attention_heads % tp == 0,
@@ -386,7 +473,7 @@ class RunConfig:
                 f"--num-layers {m.num_layers} must be divisible by PP * --num-layers-per-virtual-pipeline-stage "
                 f"= {pp} * {v}",
             )
-        dp = self.data_parallel_size(world_size) if tp >= 1 and pp >= 1 else 0
+        dp = self.data_parallel_size(world_size) if sizes_valid else 0
         if dp >= 1 and t.micro_batch_size >= 1:
             need(
                 t.global_batch_size % (t.micro_batch_size * dp) == 0,
@@ -441,6 +528,8 @@ class RunConfig:
         if kernel_support is None:
             kernel_support = kernels.detect_kernel_support(gpu_available)
         problems.extend(kernels.config_problems(self, gpu_available, kernel_support))
+        # Recomputation, overlapped gradient reduction / parameter gathering, document masking.
+        problems.extend(option_checks.config_problems(self))
 
         if problems:
             raise ConfigError(

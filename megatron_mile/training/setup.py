@@ -29,16 +29,16 @@ def num_micro_batches(config: RunConfig) -> int:
 
 
 def _data_iterators(config: RunConfig, model: list, dataset, consumed_samples: int, cycle: bool) -> list:
-    """One iterator per model chunk that reads data (first / last pipeline stage), None elsewhere."""
+    """One iterator per model chunk that reads data (first / last pipeline stage, and with
+    --reset-attention-mask every stage: each layer needs the block-diagonal mask), None elsewhere."""
     iterators = []
     vp = len(model) > 1
     for index, chunk in enumerate(model):
         stage = index if vp else None
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=not vp, vp_stage=stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=not vp, vp_stage=stage)
-        iterators.append(
-            run_data.micro_batch_iterator(dataset, config, consumed_samples, cycle=cycle) if (first or last) else None
-        )
+        reads = first or last or config.data.reset_attention_mask
+        iterators.append(run_data.micro_batch_iterator(dataset, config, consumed_samples, cycle=cycle) if reads else None)
     return iterators
 
 
@@ -89,6 +89,6 @@ def setup_training(config: RunConfig, model_provider=None, dataset_provider=None
     valid_iterators = _data_iterators(config, model, valid_ds, 0, cycle=True) if t.eval_iters > 0 and valid_ds else None
 
     collector = LossCollector()
-    configure_schedules(model, optimizer, collector)
+    configure_schedules(model, optimizer, collector, config)
     return TrainingSetup(config, model, optimizer, scheduler, train_iterators, valid_iterators, num_micro, collector,
                          config_dict, tokenizer.vocab_size, iteration, consumed_samples)
