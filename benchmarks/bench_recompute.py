@@ -33,7 +33,7 @@ import sys
 import time
 
 import torch
-from _harness import call_peak_memory, emit_result, markdown_table, peak_rss_bytes, run_worker
+from _harness import call_peak_memory, emit_result, markdown_table, peak_rss_bytes, report, run_worker
 
 from megatron_mile import parallel
 from megatron_mile.arguments import parse_args
@@ -119,10 +119,7 @@ def main() -> None:
                          planned_step_peak=prediction.activations + prediction.logits_and_loss
                          + prediction.attention_backward_extra))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    print(_markdown(rows))
+    report(rows, _markdown(rows), args.json)
 
 
 def _markdown(rows) -> str:

@@ -118,34 +118,29 @@ class ParallelConfig:
     """Split layer norms and dropout along the sequence over the TP group (GPUs, TP > 1; with RMSNorm it
     needs --transformer-impl transformer_engine, with LayerNorm Transformer Engine or apex)."""
     context_parallel_size: int = 1
-    """Context-parallel size: every sequence is split into this many shards along the tokens, each attended
-    by Transformer Engine's ring attention (GPUs); data parallel size = world / (TP * PP * CP)."""
+    """Context-parallel size: each sequence's tokens split over this many ranks (Transformer Engine's ring
+    attention, GPUs); data parallel size = world / (TP * PP * CP)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states and fp32 main weights across data-parallel ranks (ZeRO-1)."""
     distributed_backend: Optional[str] = flag(None, choices=["nccl", "gloo"])
     """Process-group backend. Default: nccl on GPUs, gloo on CPU."""
     overlap_grad_reduce: bool = False
-    """Reduce each gradient bucket over the data-parallel ranks as soon as the last micro-batch's backward
-    has filled it, overlapped with the rest of backward (the MiLe normalisation stays exact:
-    docs/scale.md)."""
+    """Reduce each gradient bucket over data-parallel ranks as soon as the last micro-batch's backward fills
+    it (the MiLe normalisation stays exact: docs/scale.md)."""
     align_grad_reduce: bool = flag(True, action=argparse.BooleanOptionalAction)
-    """With --overlap-grad-reduce and pipeline parallelism: every pipeline stage but the first launches its
-    bucket reductions together after its last backward (Megatron-LM's default); --no-align-grad-reduce
-    lets each stage launch them during its backward."""
+    """With --overlap-grad-reduce and PP: stages after the first launch their bucket reductions together
+    after their last backward (Megatron-LM's default); --no-align-grad-reduce: each during its backward."""
     overlap_param_gather: bool = False
     """With --use-distributed-optimizer and --overlap-grad-reduce: all-gather the updated parameters bucket
-    by bucket during the next forward instead of right after the optimizer step."""
+    by bucket during the next forward instead of after the optimizer step."""
     align_param_gather: bool = flag(True, action=argparse.BooleanOptionalAction)
-    """With --overlap-param-gather and the interleaved schedule: every pipeline stage launches its first
-    parameter all-gathers at the same time (Megatron-LM's default); --no-align-param-gather lets each
-    stage launch them when its forward needs them. Without a virtual pipeline it has no effect (as in
-    Megatron-LM)."""
+    """With --overlap-param-gather and the interleaved schedule (only there, as in Megatron-LM): stages launch
+    their first all-gathers together (default); --no-align-param-gather: each when its forward needs them."""
     ddp_bucket_size: Optional[int] = None
-    """Parameters per gradient-reduction bucket with --overlap-grad-reduce. Default: max(40M, 1M * DP)
-    (megatron-core's); without overlap the gradients are reduced in one bucket."""
+    """Parameters per gradient bucket with --overlap-grad-reduce. Default: max(40M, 1M * DP), megatron's."""
     ddp_average_in_collective: bool = False
-    """Average gradients in the data-parallel collective instead of summing them. Refused at start-up: the
-    weighted loss sums gradients and divides once by the global weight sum (docs/scale.md)."""
+    """Average gradients in the data-parallel collective. Refused: the weighted loss sums them and divides
+    once by the global weight sum (docs/scale.md)."""
     tp_comm_overlap: bool = False
     """Overlap tensor-parallel communication with the GEMMs (Transformer Engine userbuffers; GPUs, needs
     --sequence-parallel and --transformer-impl transformer_engine)."""
@@ -235,9 +230,8 @@ class DataConfig:
     vocab_size: Optional[int] = None
     """Vocabulary size for NullTokenizer."""
     eod_mask_loss: bool = False
-    """Take no loss at positions whose input token is the end-of-document token (the first token of the next
-    document cannot be predicted from the previous one); those positions get loss mask 0 and no part in
-    the MiLe / focal weights' sum."""
+    """Loss mask 0 where the input token is the end-of-document token (the next document's first token is not
+    predictable from the previous one): no loss there and no part in the MiLe / focal weights' sum."""
     reset_position_ids: bool = False
     """Restart the position ids at 0 after each end-of-document token (needs --position-embedding-type
     learned_absolute: megatron-core's rotary embeddings do not read position ids)."""
@@ -245,9 +239,8 @@ class DataConfig:
     """Let tokens attend only to earlier tokens of their own document (block-diagonal causal mask built by
     the data loader; megatron-core's local attention without the fused masked softmax)."""
     create_attention_mask_in_dataloader: bool = flag(True, action=argparse.BooleanOptionalAction)
-    """Build each sample's [1, s, s] attention mask in the data loader and pass it to the model (Megatron-LM's
-    default); --no-create-attention-mask-in-dataloader leaves causal masking to the attention kernel,
-    which saves the masks' memory and transfer (not with --reset-attention-mask)."""
+    """Build each sample's [1, s, s] attention mask in the data loader for the model (Megatron-LM's default);
+    --no-create-attention-mask-in-dataloader leaves causal masking to the attention kernel."""
 
 
 @dataclass
@@ -302,21 +295,17 @@ class RecomputeConfig:
     recompute_activations: bool = False
     """Recompute activations to fit larger models, sequences and batches: --recompute-granularity selective."""
     recompute_granularity: Optional[str] = flag(None, choices=["full", "selective"])
-    """selective: recompute the submodules of --recompute-modules (default core_attn: attention scores,
-    softmax and attention dropout, the memory-heavy and cheap part); full: keep only the input of each
-    recomputed group of layers and recompute the whole group (needs --recompute-method and
-    --recompute-num-layers). Default: no recomputation."""
+    """selective: recompute --recompute-modules (default core_attn: attention scores, softmax and dropout,
+    memory-heavy and cheap); full: keep only each recomputed group of layers' input (needs
+    --recompute-method and --recompute-num-layers). Default: none."""
     recompute_method: Optional[str] = flag(None, choices=["uniform", "block"])
-    """With --recompute-granularity full: uniform splits each pipeline stage's layers into groups of
-    --recompute-num-layers and keeps only each group's input; block recomputes the first
-    --recompute-num-layers layers of each stage and keeps every activation of the others."""
+    """With full: uniform recomputes each stage's layers in groups of --recompute-num-layers; block recomputes
+    the first --recompute-num-layers layers of each stage and keeps all activations of the others."""
     recompute_num_layers: Optional[int] = None
-    """With --recompute-granularity full: layers per group (uniform), or recomputed layers per pipeline
-    stage (block)."""
+    """With full: layers per group (uniform), or recomputed layers per pipeline stage (block)."""
     recompute_modules: Optional[List[str]] = flag(None, nargs="+", choices=list(RECOMPUTE_MODULES))
-    """With --recompute-granularity selective: the submodules to recompute, among core_attn, mlp and
-    layernorm (the local layers' norms; needs Transformer Engine installed); megatron-core's MoE and MLA
-    names are refused (this model has neither). Default: core_attn."""
+    """With selective: core_attn, mlp and/or layernorm (the local layers' norms; needs Transformer Engine
+    installed); megatron-core's MoE / MLA names are refused (no such layers). Default: core_attn."""
 
     @property
     def granularity(self) -> Optional[str]:

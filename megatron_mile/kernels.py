@@ -11,6 +11,11 @@ Three kinds of optional GPU code sit under megatron-core, each with its own requ
 - torch-jit fusions megatron-core ships itself (bias + dropout + add, bias + SwiGLU / GeLU), CUDA only here
   (on CPU they would go through a multi-second torch.compile for nothing).
 
+Three communication features build on Transformer Engine and are checked here too: --tp-comm-overlap
+(userbuffers overlapping the sequence-parallel collectives with the GEMMs), --fp8-param-gather (fp8 weights,
+all-gathered in fp8 by the distributed optimizer) and --context-parallel-size > 1 (ring attention); so is
+--recompute-modules layernorm, whose megatron-core checkpoint queries Transformer Engine's FP8 state.
+
 Availability is detected with importlib.util.find_spec on top-level module names, which never imports the
 package: a broken or CPU-only install cannot crash start-up, and nothing is imported on a CPU machine.
 

@@ -87,6 +87,17 @@ def test_overlapped_reduction_reproduces_the_single_process_run(dist_pool, singl
                 assert value == pytest.approx(expected, rel=1e-5, abs=1e-5), (loss, layout, step, ours, ref)
 
 
+def test_unaligned_reduction_with_the_distributed_optimizer_across_pipeline_stages(dist_pool, single_process_runs):
+    # Each stage launches its buckets during its own backward (--no-align-grad-reduce); the distributed
+    # optimizer's reduce-scatter and deferred all-gather on both stages.
+    argv = (TINY_LLAMA + LOSS_FLAGS["mile"] + OVERLAP + ["--pipeline-model-parallel-size", "2", "--no-align-grad-reduce",
+                                                         "--use-distributed-optimizer", "--overlap-param-gather"])
+    for rank in dist_pool(4).run(train_three_steps, argv, 4):
+        assert rank["early_launches"] > 0
+        for ours, ref in zip(rank["history"], single_process_runs["mile"]["history"]):
+            assert ours[:3] == pytest.approx(ref[:3], rel=1e-5, abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

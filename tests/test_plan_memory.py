@@ -129,6 +129,9 @@ RECOMPUTED = {
 }
 
 
+ALL_MEASURED = {**MEASURED, **RECOMPUTED}
+
+
 def cpu_plan(spec: MeasureSpec, recompute: bool = True):
     """The planner's CPU profile of the measured model (`recompute=False`: as if it kept every activation)."""
     shape = ModelShape(num_layers=spec.num_layers, hidden_size=spec.hidden_size,
@@ -145,12 +148,12 @@ def cpu_plan(spec: MeasureSpec, recompute: bool = True):
 
 @pytest.fixture(scope="module")
 def measured():
-    return {name: measure_in_subprocess(spec) for name, spec in MEASURED.items()}
+    return {name: measure_in_subprocess(spec) for name, spec in ALL_MEASURED.items()}
 
 
-@pytest.mark.parametrize("name", list(MEASURED))
+@pytest.mark.parametrize("name", list(ALL_MEASURED))
 def test_activation_memory_matches_cpu_measurement(measured, name):
-    got, planned = measured[name], cpu_plan(MEASURED[name])
+    got, planned = measured[name], cpu_plan(ALL_MEASURED[name])
     assert got["activations"] > 50 * MIB, "too small to measure reliably: enlarge the config"
     assert planned.activations == pytest.approx(got["activations"], rel=0.15), (
         f"{name}: planned {planned.activations / MIB:.1f} MiB, measured {got['activations'] / MIB:.1f} MiB")
@@ -166,39 +169,22 @@ def test_logits_and_loss_memory_matches_cpu_measurement(measured, name):
         f"{name}: planned {planned.logits_and_loss / MIB:.1f} MiB, measured {measured_extra / MIB:.1f} MiB")
 
 
-@pytest.mark.parametrize("name", list(MEASURED))
+@pytest.mark.parametrize("name", list(ALL_MEASURED))
 def test_step_peak_matches_cpu_measurement(measured, name):
-    """The whole step's high-water mark, wherever it falls (output layer or attention backward)."""
-    got, planned = measured[name], cpu_plan(MEASURED[name])
+    """The whole step's high-water mark, wherever it falls (output layer, attention backward, or with
+    recomputation the rebuilt attention or layer group)."""
+    got, planned = measured[name], cpu_plan(ALL_MEASURED[name])
     peak = max(got["forward_peak"], got["backward_peak"])
     planned_peak = planned.activations + planned.logits_and_loss + planned.attention_backward_extra
     assert planned_peak == pytest.approx(peak, rel=0.15), (
         f"{name}: planned {planned_peak / MIB:.1f} MiB, measured {peak / MIB:.1f} MiB")
 
 
-@pytest.fixture(scope="module")
-def measured_recomputed():
-    return {name: measure_in_subprocess(spec) for name, spec in RECOMPUTED.items()}
-
-
 @pytest.mark.parametrize("name", list(RECOMPUTED))
-def test_activation_memory_with_recomputation_matches_cpu_measurement(measured_recomputed, name):
-    got, planned = measured_recomputed[name], cpu_plan(RECOMPUTED[name])
-    assert got["activations"] > 50 * MIB, "too small to measure reliably: enlarge the config"
-    assert planned.activations == pytest.approx(got["activations"], rel=0.15), (
-        f"{name}: planned {planned.activations / MIB:.1f} MiB, measured {got['activations'] / MIB:.1f} MiB")
-    # The recomputation really changed what is held: planned without it, the same model is far off.
-    assert cpu_plan(RECOMPUTED[name], recompute=False).activations > 1.5 * got["activations"]
-
-
-@pytest.mark.parametrize("name", list(RECOMPUTED))
-def test_step_peak_with_recomputation_matches_cpu_measurement(measured_recomputed, name):
-    """Backward rebuilds what forward dropped: the rebuilt attention (selective) or layer group (full)."""
-    got, planned = measured_recomputed[name], cpu_plan(RECOMPUTED[name])
-    peak = max(got["forward_peak"], got["backward_peak"])
-    planned_peak = planned.activations + planned.logits_and_loss + planned.attention_backward_extra
-    assert planned_peak == pytest.approx(peak, rel=0.15), (
-        f"{name}: planned {planned_peak / MIB:.1f} MiB, measured {peak / MIB:.1f} MiB")
+def test_recomputation_changes_what_the_plan_holds(measured, name):
+    # Planned without recomputation, the recomputed runs' measured activations are far off: the comparisons
+    # above check the recomputation model, not a number any plan would match.
+    assert cpu_plan(RECOMPUTED[name], recompute=False).activations > 1.5 * measured[name]["activations"]
 
 
 def test_recipe_recomputation_flags_reach_the_planner():
