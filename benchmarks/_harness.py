@@ -8,7 +8,7 @@ directory on sys.path, and so do the processes they start).
   last stdout line and the parent reads it back.
 - `rss_bytes`, `peak_rss_bytes`, `reset_peak_rss`: this process's resident memory and its high-water mark
   (Linux /proc); resetting the mark before a call makes the next peak the call's own (`call_peak_memory`).
-- `markdown_table`: the results tables printed for BENCHMARKS.md.
+- `markdown_table`, `report`: the results tables printed for BENCHMARKS.md (and the raw rows as JSON).
 """
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ def call_peak_memory(call: Callable[[], Any]) -> Dict[str, int]:
     call()
     peak = peak_rss_bytes()
     return {"call_peak": peak - before, "process_peak": max(peak, process_peak_so_far)}
+
+
+def report(rows: list, table: str, json_path: Optional[str] = None) -> None:
+    """The end of a benchmark: the raw rows to `json_path` when given, the markdown table to stdout."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(table)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: Optional[str] = None) -> str:

@@ -10,6 +10,8 @@
 #   CHECKPOINT_DIR   --save/--load directory (default: checkpoints/<recipe>-<loss>)
 #   FP8=1            FP8 GEMMs in the transformer layers (Transformer Engine; H100 and newer)
 #   FUSED_LM_HEAD=1  output layer + loss fused, without materialising the logits (--fused-lm-head)
+#   RECOMPUTE        selective | full: activation recomputation (off by default: every recipe fits an 80 GB
+#                    GPU without it, and with flash attention selective recomputation saves ~6%; docs/scale.md)
 #   GPUS_PER_NODE (8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (6000): torchrun
 #   DRY_RUN=1        print the torchrun command instead of running it
 set -euo pipefail
@@ -42,14 +44,26 @@ fi
 if [[ "${FUSED_LM_HEAD:-0}" == 1 ]]; then
   KERNEL_ARGS+=(--fused-lm-head)
 fi
+RECOMPUTE_ARGS=()
+case "${RECOMPUTE:-}" in
+  "") ;;
+  selective) RECOMPUTE_ARGS=(--recompute-activations) ;;
+  full) RECOMPUTE_ARGS=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
+  *) echo "RECOMPUTE must be selective or full, got '$RECOMPUTE'" >&2; exit 2 ;;
+esac
 
 CHECKPOINT_DIR="${CHECKPOINT_DIR:-$REPO/checkpoints/${RECIPE_NAME}-${LOSS_TYPE}}"
 
 # The paper's optimisation (docs/scale.md): Adam (0.9, 0.95), lr 3e-4 with cosine decay to 0, weight
 # decay 0.1, clipping 1.0, bf16, init std 0.01, LLaMA tokenizer. Transformer Engine layers: fused norms and
 # attention on GPUs, and sequence parallelism with RMSNorm (6.7B) needs them.
+# As Megatron-LM's H100 LLaMA recipes: every recipe uses the distributed optimizer, so its gradient
+# reduce-scatter and parameter all-gather overlap backward and forward (the MiLe normalisation stays exact:
+# docs/scale.md), and the causal mask is left to the attention kernel (no [s, s] mask per sample).
+# --eod-mask-loss: the token after a document's EOD cannot be predicted from the document before it.
 TRAIN_ARGS=(
   --transformer-impl transformer_engine
+  --overlap-grad-reduce --overlap-param-gather --no-create-attention-mask-in-dataloader --eod-mask-loss
   --lr 3e-4 --min-lr 0 --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS" --train-iters "$TRAIN_ITERS"
   --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 --bf16 --init-method-std 0.01
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
@@ -66,6 +80,7 @@ CMD=(
   torchrun --nproc_per_node "${GPUS_PER_NODE:-8}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-6000}"
   "$REPO/pretrain_gpt_mile.py" "${RECIPE_ARGS[@]}" "${TRAIN_ARGS[@]}" "${LOSS_ARGS[@]}" "${KERNEL_ARGS[@]}"
+  "${RECOMPUTE_ARGS[@]}"
 )
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
-from megatron_mile import kernels
+from megatron_mile import kernels, option_checks
 from megatron_mile.data.splits import data_flag_problems
 from megatron_mile.loss.spec import LOSS_TYPES
 
@@ -29,8 +29,9 @@ _AT_LEAST_ONE = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
     "kv_channels",
     "max_position_embeddings", "rotary_base", "make_vocab_size_divisible_by", "micro_batch_size",
-    "global_batch_size", "train_iters", "train_samples", "lr_decay_iters", "lr_decay_samples", "exit_interval", "log_interval", "eval_interval",
-    "max_skipped_iterations", "distributed_timeout_minutes",
+    "global_batch_size", "train_iters", "train_samples", "lr_decay_iters", "lr_decay_samples", "exit_interval",
+    "log_interval", "eval_interval", "max_skipped_iterations", "distributed_timeout_minutes", "recompute_num_layers",
+    "ddp_bucket_size", "context_parallel_size",
 )
 _AT_LEAST_ZERO = ("exit_duration_in_mins", "manual_gc_interval", "lr", "min_lr", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init", "weight_decay",
                   "start_weight_decay", "end_weight_decay", "decoupled_lr", "decoupled_min_lr", "sgd_momentum",
@@ -191,10 +192,33 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split layer norms and dropout along the sequence over the TP group (GPUs, TP > 1; with RMSNorm it
     needs --transformer-impl transformer_engine, with LayerNorm Transformer Engine or apex)."""
+    context_parallel_size: int = 1
+    """Context-parallel size: each sequence's tokens split over this many ranks (Transformer Engine's ring
+    attention, GPUs); data parallel size = world / (TP * PP * CP)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states and fp32 main weights across data-parallel ranks (ZeRO-1)."""
     distributed_backend: Optional[str] = flag(None, choices=["nccl", "gloo"])
     """Process-group backend. Default: nccl on GPUs, gloo on CPU."""
+    overlap_grad_reduce: bool = False
+    """Reduce each gradient bucket over data-parallel ranks as soon as the last micro-batch's backward fills
+    it (the MiLe normalisation stays exact: docs/scale.md)."""
+    align_grad_reduce: bool = flag(True, action=argparse.BooleanOptionalAction)
+    """With --overlap-grad-reduce and PP: stages after the first launch their bucket reductions together
+    after their last backward (Megatron-LM's default); --no-align-grad-reduce: each during its backward."""
+    overlap_param_gather: bool = False
+    """With --use-distributed-optimizer and --overlap-grad-reduce: all-gather the updated parameters bucket
+    by bucket during the next forward instead of after the optimizer step."""
+    align_param_gather: bool = flag(True, action=argparse.BooleanOptionalAction)
+    """With --overlap-param-gather and the interleaved schedule (only there, as in Megatron-LM): stages launch
+    their first all-gathers together (default); --no-align-param-gather: each when its forward needs them."""
+    ddp_bucket_size: Optional[int] = None
+    """Parameters per gradient bucket with --overlap-grad-reduce. Default: max(40M, 1M * DP), megatron's."""
+    ddp_average_in_collective: bool = False
+    """Average gradients in the data-parallel collective. Refused: the weighted loss sums them and divides
+    once by the global weight sum (docs/scale.md)."""
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with the GEMMs (Transformer Engine userbuffers; GPUs, needs
+    --sequence-parallel and --transformer-impl transformer_engine)."""
 
 
 @dataclass
@@ -322,6 +346,18 @@ class DataConfig:
     """GPT2BPETokenizer merges (merges.txt)."""
     vocab_size: Optional[int] = None
     """Vocabulary size for NullTokenizer."""
+    eod_mask_loss: bool = False
+    """Loss mask 0 where the input token is the end-of-document token (the next document's first token is not
+    predictable from the previous one): no loss there and no part in the MiLe / focal weights' sum."""
+    reset_position_ids: bool = False
+    """Restart the position ids at 0 after each end-of-document token (needs --position-embedding-type
+    learned_absolute: megatron-core's rotary embeddings do not read position ids)."""
+    reset_attention_mask: bool = False
+    """Let tokens attend only to earlier tokens of their own document (block-diagonal causal mask built by
+    the data loader; megatron-core's local attention without the fused masked softmax)."""
+    create_attention_mask_in_dataloader: bool = flag(True, action=argparse.BooleanOptionalAction)
+    """Build each sample's [1, s, s] attention mask in the data loader for the model (Megatron-LM's default);
+    --no-create-attention-mask-in-dataloader leaves causal masking to the attention kernel."""
 
 
 @dataclass
@@ -412,6 +448,36 @@ class TrainingConfig:
     """Python logging level of the run (10 debug, 20 info, 30 warning, ...). Default: unchanged."""
 
 
+# Submodules megatron-core's selective recomputation knows (TransformerConfig.recompute_modules).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe_act", "moe", "shared_experts", "mla_up_proj")
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recomputation: keep fewer activations in forward and recompute them in backward
+    (megatron-core's TransformerConfig; Korthikanti et al., 2022). Dropout replays the same random numbers."""
+
+    recompute_activations: bool = False
+    """Recompute activations to fit larger models, sequences and batches: --recompute-granularity selective."""
+    recompute_granularity: Optional[str] = flag(None, choices=["full", "selective"])
+    """selective: recompute --recompute-modules (default core_attn: attention scores, softmax and dropout,
+    memory-heavy and cheap); full: keep only each recomputed group of layers' input (needs
+    --recompute-method and --recompute-num-layers). Default: none."""
+    recompute_method: Optional[str] = flag(None, choices=["uniform", "block"])
+    """With full: uniform recomputes each stage's layers in groups of --recompute-num-layers; block recomputes
+    the first --recompute-num-layers layers of each stage and keeps all activations of the others."""
+    recompute_num_layers: Optional[int] = None
+    """With full: layers per group (uniform), or recomputed layers per pipeline stage (block)."""
+    recompute_modules: Optional[List[str]] = flag(None, nargs="+", choices=list(RECOMPUTE_MODULES))
+    """With selective: core_attn, mlp and/or layernorm (the local layers' norms; needs Transformer Engine
+    installed); megatron-core's MoE / MLA names are refused (no such layers). Default: core_attn."""
+
+    @property
+    def granularity(self) -> Optional[str]:
+        """The recomputation in effect: --recompute-activations means selective, as in Megatron-LM."""
+        return "selective" if self.recompute_activations else self.recompute_granularity
+
+
 def _fusion_switch():
     """A fused-kernel switch as Megatron-LM spells it (--no-NAME), plus --NAME to insist on it."""
     return flag(None, action=argparse.BooleanOptionalAction)
@@ -454,6 +520,9 @@ class KernelConfig:
     available."""
     rope_fusion: Optional[bool] = _fusion_switch()
     """Fused rotary position embedding (Transformer Engine's kernel; GPU). Default: on where available."""
+    fp8_param_gather: bool = False
+    """Keep the transformer layers' weights in fp8 and all-gather them in fp8 (Transformer Engine FP8
+    weights; needs --fp8-format and --use-distributed-optimizer; GPUs with FP8)."""
     fused_lm_head: bool = False
     """Compute the output layer and the loss together in chunks of tokens, without materialising the
     [s, b, V/tp] logits (megatron_mile.loss.fused_linear_cross_entropy): far less memory on the last pipeline stage,
@@ -471,14 +540,20 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
 
-    SECTIONS = ("model", "parallel", "loss", "optimizer", "data", "training", "kernels")
+    SECTIONS = ("model", "parallel", "loss", "optimizer", "data", "training", "kernels", "recompute")
     # Log lines for the Megatron-LM flags the run set that the project provides by construction
     # (megatron_mile.megatron_lm_flags); not a section: they configure nothing.
     notes: List[str] = field(default_factory=list)
 
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the model and one data shard: TP * PP * CP."""
+        p = self.parallel
+        return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
+        return world_size // self.model_parallel_size()
 
     def finalize(self, world_size: int) -> None:
         """Fill defaults that depend on other fields (done before validate)."""
@@ -515,7 +590,8 @@ class RunConfig:
         """
         problems: List[str] = list(extra_problems)
         m, p, l, o, d, t = self.model, self.parallel, self.loss, self.optimizer, self.data, self.training
-        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+        sizes_valid = tp >= 1 and pp >= 1 and cp >= 1
 
         def need(condition: bool, message: str) -> None:
             if not condition:
@@ -523,11 +599,12 @@ class RunConfig:
 
         problems.extend(_range_problems(self))
         need(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-        if tp >= 1 and pp >= 1:
+        if sizes_valid:
+            names, sizes = ("TP * PP", f"{tp} * {pp}") if cp == 1 else ("TP * PP * CP", f"{tp} * {pp} * {cp}")
             need(
-                world_size % (tp * pp) == 0,
-                f"world size {world_size} is not divisible by TP * PP = {tp} * {pp}: launch a multiple of "
-                f"{tp * pp} processes (torchrun --nproc_per_node) or change the parallel sizes",
+                world_size % self.model_parallel_size() == 0,
+                f"world size {world_size} is not divisible by {names} = {sizes}: launch a multiple of "
+                f"{self.model_parallel_size()} processes (torchrun --nproc_per_node) or change the parallel sizes",
             )
             need(
                 m.num_attention_heads % tp == 0,
@@ -571,7 +648,7 @@ class RunConfig:
                 f"--num-layers {m.num_layers} must be divisible by PP * --num-layers-per-virtual-pipeline-stage "
                 f"= {pp} * {v}",
             )
-        dp = self.data_parallel_size(world_size) if tp >= 1 and pp >= 1 else 0
+        dp = self.data_parallel_size(world_size) if sizes_valid else 0
         if dp >= 1 and t.micro_batch_size >= 1:
             need(
                 t.global_batch_size % (t.micro_batch_size * dp) == 0,
@@ -626,6 +703,8 @@ class RunConfig:
         if kernel_support is None:
             kernel_support = kernels.detect_kernel_support(gpu_available)
         problems.extend(kernels.config_problems(self, gpu_available, kernel_support))
+        # Recomputation, overlapped gradient reduction / parameter gathering, document masking.
+        problems.extend(option_checks.config_problems(self))
 
         if problems:
             raise ConfigError(

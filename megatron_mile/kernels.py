@@ -11,6 +11,11 @@ Three kinds of optional GPU code sit under megatron-core, each with its own requ
 - torch-jit fusions megatron-core ships itself (bias + dropout + add, bias + SwiGLU / GeLU), CUDA only here
   (on CPU they would go through a multi-second torch.compile for nothing).
 
+Three communication features build on Transformer Engine and are checked here too: --tp-comm-overlap
+(userbuffers overlapping the sequence-parallel collectives with the GEMMs), --fp8-param-gather (fp8 weights,
+all-gathered in fp8 by the distributed optimizer) and --context-parallel-size > 1 (ring attention); so is
+--recompute-modules layernorm, whose megatron-core checkpoint queries Transformer Engine's FP8 state.
+
 Availability is detected with importlib.util.find_spec on top-level module names, which never imports the
 package: a broken or CPU-only install cannot crash start-up, and nothing is imported on a CPU machine.
 
@@ -130,7 +135,9 @@ FUSIONS: Tuple[Fusion, ...] = (
     ),
     Fusion(
         "masked_softmax_fusion", "masked_softmax_fusion",
-        lambda c: None,
+        # Its causal kernel builds the triangle itself and ignores the data loader's mask.
+        lambda c: "its causal kernel ignores the block-diagonal mask of --reset-attention-mask"
+        if c.data.reset_attention_mask else None,
         _needs_apex("apex_masked_softmax", "scaled_masked_softmax_cuda extensions"),
     ),
     Fusion("bias_dropout_fusion", "bias_dropout_fusion", lambda c: None, _needs_gpu),
@@ -222,6 +229,8 @@ def config_problems(config: "RunConfig", gpu: bool, support: KernelSupport) -> L
         if missing:
             problems.append(_needs_message("--sequence-parallel", missing, fixes))
 
+    problems += _distributed_gpu_problems(config, gpu, support)
+
     for fusion in FUSIONS:
         if getattr(k, fusion.name) is not True:
             continue
@@ -311,4 +320,66 @@ def _fp8_problems(config: "RunConfig", gpu: bool, support: KernelSupport) -> Lis
     if bad:
         problems.append(f"{flag}: Transformer Engine's FP8 GEMMs need multiples of 16 in the feature "
                         f"dimensions and of 8 in the tokens; got {', '.join(bad)}")
+    return problems
+
+
+def _distributed_gpu_problems(config: "RunConfig", gpu: bool, support: KernelSupport) -> List[str]:
+    """Communication features built on Transformer Engine: --tp-comm-overlap (userbuffers), --fp8-param-gather
+    (fp8 weights) and --context-parallel-size > 1 (TE's ring attention)."""
+    k, p, m = config.kernels, config.parallel, config.model
+    te_impl = k.transformer_impl == "transformer_engine"
+    problems: List[str] = []
+
+    def needs_te_layers(flag: str, missing: List[str], fixes: List[str]) -> None:
+        if not gpu:
+            missing.append("CUDA GPUs")
+            fixes.append(f"run on GPUs or drop {flag} (unsupported on CPU)")
+        elif not support.transformer_engine:
+            missing.append("Transformer Engine")
+            fixes.append(INSTALL_TE)
+        if not te_impl:
+            missing.append("--transformer-impl transformer_engine")
+            fixes.append("add --transformer-impl transformer_engine")
+
+    if p.tp_comm_overlap:
+        missing, fixes = [], []
+        needs_te_layers("--tp-comm-overlap", missing, fixes)
+        if not p.sequence_parallel:
+            missing.append("--sequence-parallel")
+            fixes.append("add --sequence-parallel (the overlapped all-gather / reduce-scatter are sequence "
+                         "parallelism's)")
+        if missing:
+            problems.append(_needs_message("--tp-comm-overlap", missing, fixes))
+
+    if k.fp8_param_gather:
+        missing, fixes = [], []
+        needs_te_layers("--fp8-param-gather", missing, fixes)
+        if k.fp8_format is None:
+            missing.append("--fp8-format")
+            fixes.append("add --fp8-format hybrid (the weights are Transformer Engine's fp8 tensors)")
+        if not p.use_distributed_optimizer:
+            missing.append("--use-distributed-optimizer")
+            fixes.append("add --use-distributed-optimizer (its all-gather moves the fp8 weights)")
+        if missing:
+            problems.append(_needs_message("--fp8-param-gather", missing, fixes))
+
+    if "layernorm" in (config.recompute.recompute_modules or ()) and not (gpu and support.transformer_engine):
+        # megatron-core 0.16.1's output-discarding checkpoint (CheckpointWithoutOutput, which recomputes the
+        # norms) asks Transformer Engine for the FP8 state even in bf16/fp32 runs, and fails without it.
+        missing = ["CUDA GPUs"] if not gpu else []
+        problems.append(_needs_message("--recompute-modules layernorm", missing + ["Transformer Engine"],
+                                       [f"{INSTALL_TE} (megatron-core's norm recomputation queries its FP8 "
+                                        "state)", "or recompute core_attn / mlp only"]))
+
+    cp = p.context_parallel_size
+    if cp > 1:
+        flag = f"--context-parallel-size {cp}"
+        missing, fixes = [], []
+        needs_te_layers(flag, missing, fixes)
+        if m.seq_length % (2 * cp):
+            missing.append(f"--seq-length divisible by 2 * CP = {2 * cp}")
+            fixes.append(f"use a --seq-length that is a multiple of {2 * cp} (each rank takes two of the 2 * CP "
+                         f"chunks of a sequence, as Megatron-LM)")
+        if missing:
+            problems.append(_needs_message(flag, missing, fixes))
     return problems

@@ -99,9 +99,10 @@ def initialize_model_parallel(
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: Optional[int] = None,
     distributed_timeout_minutes: Optional[float] = None,
+    context_parallel_size: int = 1,
 ) -> None:
-    """megatron-core's TP/PP/DP groups for this layout (data parallel = world / (TP * PP)), replacing any
-    layout set up before. Needs the process group (initialize_process_group).
+    """megatron-core's TP/PP/CP/DP groups for this layout (data parallel = world / (TP * PP * CP)), replacing
+    any layout set up before. Needs the process group (initialize_process_group).
 
     `distributed_timeout_minutes` bounds the new groups' collectives (megatron's default when None).
     Collectives: group creation on all ranks.
@@ -116,6 +117,7 @@ def initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
         **kwargs,
     )
 

@@ -163,16 +163,32 @@ def _forward_step(data_iterator, model):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def body_single_batch_loss_and_grads(dropout: float = 0.0, seed: int = 1234, recompute: bool = False):
-    """Plain forward/backward of one batch: loss and every parameter gradient (local shards)."""
-    # Full activation recompute re-runs each layer's forward in backward under the RNG states saved in forward
+def body_single_batch_loss_and_grads(dropout: float = 0.0, seed: int = 1234, recompute: bool = False,
+                                     selective: bool = False, skip_rng_replay: bool = False):
+    """Plain forward/backward of one batch: loss and every parameter gradient (local shards).
+
+    `recompute`: full recomputation of every layer; `selective`: recompute the core attention only (its
+    dropout draws from the tensor-parallel tracker state). `skip_rng_replay` breaks megatron's replay of the
+    saved RNG states in recomputation, to show that the comparison would catch it.
+    """
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    # Recomputation re-runs each checkpointed forward in backward under the RNG states saved in forward
     # (CheckpointFunction -> _get_all_rng_states / _set_all_rng_states).
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
+    if selective:
+        extra = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     model, _ = _build_gpt(seed=seed, attention_dropout=dropout, hidden_dropout=dropout, **extra)
     model.train()
     batch = _batch(0)
-    loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).mean()
-    loss.backward()
+    replay = megatron_random._set_all_rng_states
+    if skip_rng_replay:
+        megatron_random._set_all_rng_states = lambda *states: None
+    try:
+        loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).mean()
+        loss.backward()
+    finally:
+        megatron_random._set_all_rng_states = replay
     return {"loss": loss.item(), "grads": _local_tensors(model, "grad")}
 
 
@@ -567,3 +583,19 @@ def test_activation_recompute_replays_dropout(pool1):
     # Recompute draws the same dropout masks again in backward: bit-identical gradients.
     _assert_same_tensors(_unshard([recomputed["grads"]]), _unshard([plain["grads"]]), rtol=0, atol=0)
     assert other_seed["loss"] != plain["loss"]
+
+
+def test_selective_recompute_replays_the_tensor_parallel_dropout(pool2):
+    """The recomputed core attention draws its dropout from the TP-rank tracker state inside
+    CheckpointFunction: on CPU that state is the default generator's, saved and restored by cpu_compat."""
+    plain = pool2.run(body_single_batch_loss_and_grads, 0.3, 11, tensor_model_parallel_size=2)
+    recomputed = pool2.run(body_single_batch_loss_and_grads, 0.3, 11, selective=True, tensor_model_parallel_size=2)
+    for ours, reference in zip(recomputed, plain):
+        assert ours["loss"] == reference["loss"]
+    _assert_same_tensors(_unshard([r["grads"] for r in recomputed]), _unshard([r["grads"] for r in plain]),
+                         rtol=0, atol=0)
+    # Without the replay, backward would recompute other masks: the comparison above would catch it.
+    unreplayed = pool2.run(body_single_batch_loss_and_grads, 0.3, 11, selective=True, skip_rng_replay=True,
+                           tensor_model_parallel_size=2)
+    reference_grads, broken_grads = _unshard([r["grads"] for r in plain]), _unshard([r["grads"] for r in unreplayed])
+    assert any(not torch.allclose(broken_grads[name], reference_grads[name], atol=1e-4) for name in reference_grads)

@@ -6,6 +6,7 @@ The scripts run with DRY_RUN=1, which prints the torchrun command instead of run
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -166,3 +167,42 @@ def test_compare_losses_refuses_an_unknown_run_before_any_work(tmp_path):
                          env=dict(os.environ, LOSSES="mile softmax", OUT=str(tmp_path / "out")), timeout=300)
     assert out.returncode == 2 and "unknown run 'softmax'" in out.stderr
     assert not (tmp_path / "out" / "mile").exists()
+@pytest.mark.parametrize("recipe", list(PAPER))
+def test_recipes_overlap_data_parallel_communication_and_mask_document_ends(recipe):
+    flags = split_command(dry_run(f"pretrain_llama_{recipe}.sh"))[1]
+    config = parse_args(flags, world_size=RECIPES[recipe].world_size, gpu_available=True, kernel_support=H100)
+    p, d = config.parallel, config.data
+    assert p.use_distributed_optimizer and p.overlap_grad_reduce and p.overlap_param_gather
+    assert d.eod_mask_loss and not d.create_attention_mask_in_dataloader  # TE's attention masks causally itself
+    assert config.recompute.granularity is None  # opt-in: RECOMPUTE=selective|full
+
+
+@pytest.mark.parametrize("recompute, expected", [("selective", ("selective", None, None)),
+                                                 ("full", ("full", "uniform", 1))])
+def test_recomputation_is_opt_in_and_validates(recompute, expected):
+    flags = split_command(dry_run("pretrain_llama_6.7b.sh", RECOMPUTE=recompute))[1]
+    r = parse_args(flags, world_size=128, gpu_available=True, kernel_support=H100).recompute
+    assert (r.granularity, r.recompute_method, r.recompute_num_layers) == expected
+    env = dict(os.environ, DRY_RUN="1", TOKENIZER_MODEL="/t", DATA_PATH="1 /d", RECOMPUTE="some")
+    out = subprocess.run(["bash", str(EXAMPLES / "pretrain_llama_6.7b.sh")], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "RECOMPUTE must be selective or full" in out.stderr
+
+
+@pytest.mark.parametrize("recompute", [None, "selective", "full"])
+def test_memory_plan_of_the_script_flags_is_the_recipes(recompute):
+    """tools/plan_memory.py --recipe 6.7b plans what examples/pretrain_llama_6.7b.sh launches."""
+    env = {"RECOMPUTE": recompute} if recompute else {}
+    flags = split_command(dry_run("pretrain_llama_6.7b.sh", **env))[1]
+    recompute_flags = {None: [], "selective": ["--recompute-activations"],
+                       "full": ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                "--recompute-num-layers", "1"]}[recompute]
+
+    def plan(*argv):
+        out = subprocess.run([sys.executable, str(REPO / "tools" / "plan_memory.py"), *argv, "--json"],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    from_script = plan(*flags, "--vocab-size", "32000", "--world-size", str(RECIPES["6.7b"].world_size))
+    from_recipe = plan("--recipe", "6.7b", *recompute_flags)
+    for key in ("weights", "gradients", "optimizer_states", "activations", "logits_and_loss", "total"):
+        assert from_script[key] == from_recipe[key], key

@@ -88,6 +88,24 @@ def problems(extra, gpu, support, world_size=1):
         (["--bias-dropout-fusion"], False, NO_GPU, 1, ["--bias-dropout-fusion needs a CUDA GPU"]),
         (["--bias-gelu-fusion"], True, H100, 1, ["--bias-gelu-fusion does not apply to this model: the MLP is "
                                                  "SwiGLU (--swiglu): use --bias-swiglu-fusion"]),
+        # Communication features built on Transformer Engine
+        (["--tp-comm-overlap"], False, NO_GPU, 1, ["--tp-comm-overlap needs CUDA GPUs and --transformer-impl "
+                                                   "transformer_engine and --sequence-parallel: run on GPUs or drop "
+                                                   "--tp-comm-overlap (unsupported on CPU)"]),
+        (TE + ["--tp-comm-overlap", "--tensor-model-parallel-size", "2"], True, H100, 2,
+         ["--tp-comm-overlap needs --sequence-parallel: add --sequence-parallel"]),
+        (["--fp8-param-gather"], False, NO_GPU, 1, ["--fp8-param-gather needs CUDA GPUs and --transformer-impl "
+                                                    "transformer_engine and --fp8-format and "
+                                                    "--use-distributed-optimizer"]),
+        (FP8_READY + ["--fp8-param-gather"], True, H100, 1, ["--fp8-param-gather needs --use-distributed-optimizer"]),
+        (["--context-parallel-size", "2"], False, NO_GPU, 2, ["--context-parallel-size 2 needs CUDA GPUs and "
+                                                              "--transformer-impl transformer_engine: run on GPUs or "
+                                                              "drop --context-parallel-size 2 (unsupported on CPU)"]),
+        (TE + ["--context-parallel-size", "2", "--seq-length", "30", "--max-position-embeddings", "32"], True,
+         BARE_H100, 2, ["--transformer-impl transformer_engine needs Transformer Engine",
+                        "--context-parallel-size 2 needs Transformer Engine and --seq-length divisible by 2 * CP = 4"]),
+        (["--context-parallel-size", "2"], False, NO_GPU, 3, ["world size 3 is not divisible by TP * PP * CP = 1 * 1 * 2",
+                                                              "--context-parallel-size 2 needs CUDA GPUs"]),
     ],
 )
 def test_each_missing_requirement_is_one_message_with_the_fix(extra, gpu, support, world_size, expected):
@@ -107,6 +125,9 @@ def test_each_missing_requirement_is_one_message_with_the_fix(extra, gpu, suppor
         (["--gradient-accumulation-fusion", "--masked-softmax-fusion", "--bias-dropout-fusion",
           "--bias-swiglu-fusion", "--rope-fusion"], H100, 1),
         (TE, KernelSupport(transformer_engine=True), 1),  # capability unknown: not held against FP8-free runs
+        (TE + ["--bf16", "--sequence-parallel", "--tensor-model-parallel-size", "2", "--tp-comm-overlap"], H100, 2),
+        (FP8_READY + ["--use-distributed-optimizer", "--fp8-param-gather"], H100, 2),
+        (TE + ["--context-parallel-size", "2"], H100, 4),
     ],
 )
 def test_what_the_machine_supports_validates(extra, support, world_size):
@@ -177,6 +198,22 @@ def test_fp8_flags_reach_megatron_transformer_config():
                     or tf.bias_activation_fusion or tf.apply_rope_fusion)
     plain = transformer_config(parse_args(TINY_LLAMA, world_size=1, gpu_available=False, kernel_support=NO_GPU))
     assert plain.fp8 is None and plain.fp8_recipe == "delayed" and plain.fp8_amax_history_len == 1
+
+
+def test_communication_features_reach_megatron_core():
+    from megatron_mile.model import transformer_config
+    from megatron_mile.training.optimizer import ddp_config
+
+    argv = TINY_LLAMA + FP8_READY + ["--sequence-parallel", "--tensor-model-parallel-size", "2", "--tp-comm-overlap",
+                                     "--use-distributed-optimizer", "--fp8-param-gather", "--context-parallel-size", "2"]
+    config = parse_args(argv, world_size=8, gpu_available=True, kernel_support=H100)
+    tf = transformer_config(config)
+    assert (tf.tp_comm_overlap, tf.fp8_param, tf.context_parallel_size) == (True, True, 2)
+    assert ddp_config(config).fp8_param_gather is True
+    # Data parallel = world / (TP * PP * CP): 8 / (2 * 1 * 2); the global batch defaults to micro-batch * DP.
+    assert config.data_parallel_size(8) == 2
+    plain = transformer_config(parse_args(TINY_LLAMA, world_size=1, gpu_available=False, kernel_support=NO_GPU))
+    assert (plain.tp_comm_overlap, plain.fp8_param, plain.context_parallel_size) == (False, False, 1)
 
 
 def test_layer_spec_follows_transformer_impl(monkeypatch):

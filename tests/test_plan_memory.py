@@ -1,5 +1,6 @@
 """The memory planner against independent references: megatron-core's own parameter counts (models built
-by megatron_mile.model.build_model), memory measured on CPU (process RSS) and FLOPs counted by torch.
+by megatron_mile.model.build_model), memory measured on CPU (process RSS), with and without activation
+recomputation, and FLOPs counted by torch.
 
 Nothing here is copied from the planner: every expected number comes from a model that megatron-core
 builds and runs.
@@ -112,23 +113,47 @@ MEASURED = {
 }
 
 
-def cpu_plan(spec: MeasureSpec):
+# Activation recomputation (Megatron-LM's flags) measured the same way: selective on the long sequences where
+# the s^2 scores dominate, full with each method; the held activations are then only the recomputed
+# groups' inputs (plus the final norm), and backward rebuilds one group at a time.
+RECOMPUTED = {
+    "long_seq_selective": MeasureSpec(num_layers=2, hidden_size=128, ffn_hidden_size=344, num_attention_heads=4,
+                                      num_query_groups=4, vocab_size=8000, seq_length=1024, micro_batch_size=2,
+                                      recompute_granularity="selective"),
+    "full_uniform": MeasureSpec(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4,
+                                num_query_groups=4, vocab_size=4096, seq_length=512, micro_batch_size=16,
+                                recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "full_block": MeasureSpec(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4,
+                              num_query_groups=4, vocab_size=4096, seq_length=512, micro_batch_size=4,
+                              recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+}
+
+
+ALL_MEASURED = {**MEASURED, **RECOMPUTED}
+
+
+def cpu_plan(spec: MeasureSpec, recompute: bool = True):
+    """The planner's CPU profile of the measured model (`recompute=False`: as if it kept every activation)."""
     shape = ModelShape(num_layers=spec.num_layers, hidden_size=spec.hidden_size,
                        num_attention_heads=spec.num_attention_heads, num_query_groups=spec.num_query_groups,
                        ffn_hidden_size=spec.ffn_hidden_size, vocab_size=spec.vocab_size,
                        seq_length=spec.seq_length)
     layout = Layout(micro_batch_size=spec.micro_batch_size, precision="fp32", device="cpu")
+    if recompute and spec.recompute_granularity:
+        layout = Layout(micro_batch_size=spec.micro_batch_size, precision="fp32", device="cpu",
+                        recompute=spec.recompute_granularity, recompute_method=spec.recompute_method or "uniform",
+                        recompute_num_layers=spec.recompute_num_layers or 1)
     return plan(shape, layout)
 
 
 @pytest.fixture(scope="module")
 def measured():
-    return {name: measure_in_subprocess(spec) for name, spec in MEASURED.items()}
+    return {name: measure_in_subprocess(spec) for name, spec in ALL_MEASURED.items()}
 
 
-@pytest.mark.parametrize("name", list(MEASURED))
+@pytest.mark.parametrize("name", list(ALL_MEASURED))
 def test_activation_memory_matches_cpu_measurement(measured, name):
-    got, planned = measured[name], cpu_plan(MEASURED[name])
+    got, planned = measured[name], cpu_plan(ALL_MEASURED[name])
     assert got["activations"] > 50 * MIB, "too small to measure reliably: enlarge the config"
     assert planned.activations == pytest.approx(got["activations"], rel=0.15), (
         f"{name}: planned {planned.activations / MIB:.1f} MiB, measured {got['activations'] / MIB:.1f} MiB")
@@ -144,14 +169,35 @@ def test_logits_and_loss_memory_matches_cpu_measurement(measured, name):
         f"{name}: planned {planned.logits_and_loss / MIB:.1f} MiB, measured {measured_extra / MIB:.1f} MiB")
 
 
-@pytest.mark.parametrize("name", list(MEASURED))
+@pytest.mark.parametrize("name", list(ALL_MEASURED))
 def test_step_peak_matches_cpu_measurement(measured, name):
-    """The whole step's high-water mark, wherever it falls (output layer or attention backward)."""
-    got, planned = measured[name], cpu_plan(MEASURED[name])
+    """The whole step's high-water mark, wherever it falls (output layer, attention backward, or with
+    recomputation the rebuilt attention or layer group)."""
+    got, planned = measured[name], cpu_plan(ALL_MEASURED[name])
     peak = max(got["forward_peak"], got["backward_peak"])
     planned_peak = planned.activations + planned.logits_and_loss + planned.attention_backward_extra
     assert planned_peak == pytest.approx(peak, rel=0.15), (
         f"{name}: planned {planned_peak / MIB:.1f} MiB, measured {peak / MIB:.1f} MiB")
+
+
+@pytest.mark.parametrize("name", list(RECOMPUTED))
+def test_recomputation_changes_what_the_plan_holds(measured, name):
+    # Planned without recomputation, the recomputed runs' measured activations are far off: the comparisons
+    # above check the recomputation model, not a number any plan would match.
+    assert cpu_plan(RECOMPUTED[name], recompute=False).activations > 1.5 * measured[name]["activations"]
+
+
+def test_recipe_recomputation_flags_reach_the_planner():
+    def activations(*extra):
+        out = subprocess.run([sys.executable, str(REPO / "tools" / "plan_memory.py"), "--recipe", "6.7b", "--json",
+                              *extra], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)["activations"]
+
+    plain = activations()
+    selective = activations("--recompute-activations")
+    assert selective == activations("--recompute-granularity", "selective") and selective < plain
+    assert activations("--recompute-granularity", "full", "--recompute-method", "uniform",
+                       "--recompute-num-layers", "1") < 0.2 * selective
 
 
 def test_the_cpu_profile_is_needed_for_the_measurement():

@@ -134,7 +134,7 @@ class SeededTransformerLayer(TransformerLayer):
 def transformer_config(config: RunConfig) -> TransformerConfig:
     """megatron-core's TransformerConfig for this run: FP8 as asked, each fusion where its kernel exists
     (megatron_mile.kernels; all of them off on CPU)."""
-    m, p, o, k = config.model, config.parallel, config.optimizer, config.kernels
+    m, p, o, k, r = config.model, config.parallel, config.optimizer, config.kernels, config.recompute
     on_gpu = device.gpu_available()
     dtype = torch.bfloat16 if o.bf16 else torch.float32
     fusions = kernels.resolve_fusions(config, on_gpu, kernels.detect_kernel_support(on_gpu))
@@ -164,6 +164,13 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
             m.num_layers, p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
         ),
         sequence_parallel=p.sequence_parallel,
+        context_parallel_size=p.context_parallel_size,
+        tp_comm_overlap=p.tp_comm_overlap,
+        # Activation recomputation: megatron replays the saved RNG states, so dropout masks repeat exactly.
+        recompute_granularity=r.granularity,
+        recompute_method=r.recompute_method,
+        recompute_num_layers=r.recompute_num_layers,
+        recompute_modules=list(r.recompute_modules) if r.recompute_modules else None,
         bf16=o.bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -179,6 +186,7 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         fp8_margin=0 if k.fp8_margin is None else k.fp8_margin,
         fp8_amax_history_len=1 if k.fp8_amax_history_len is None else k.fp8_amax_history_len,
         fp8_amax_compute_algo=k.fp8_amax_compute_algo or "most_recent",
+        fp8_param=k.fp8_param_gather,  # as Megatron-LM: fp8 weights go with the fp8 parameter all-gather
         # The schedules must not divide by their own token count: the loss function returns
         # un-normalised sums and the gradients are divided once by the global weight total.
         calculate_per_token_loss=True,

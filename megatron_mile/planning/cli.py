@@ -7,9 +7,11 @@
         --normalization RMSNorm --disable-bias-linear --vocab-size 32000 --bf16 \
         --tensor-model-parallel-size 2 --micro-batch-size 2 --global-batch-size 2048 --world-size 128
 
-The training flags are pretrain_gpt_mile.py's (Megatron-LM spelling); flags given after --recipe override
-the recipe's. The planner adds its own: --recipe, --world-size, --recompute-granularity, --fp8-format,
---device, --gpu, --mfu, --json.
+The training flags are pretrain_gpt_mile.py's (Megatron-LM spelling: --recompute-activations,
+--recompute-granularity / --recompute-method / --recompute-num-layers among them); flags given after --recipe
+override the recipe's. The planner adds its own: --recipe, --world-size, --device, --gpu, --mfu, --json.
+Training flags that change memory in ways it does not model (--context-parallel-size > 1, --recompute-modules
+other than core_attn) stop it with a message instead of being ignored.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from typing import List, Optional, Tuple
 
 from megatron_mile.arguments import build_parser, config_from_namespace
 from megatron_mile.planning.memory import (
+    GPU_MEMORY_GB,
     GPU_PEAK_TFLOPS,
+    GPU_RESERVED_BYTES,
     Layout,
+    MemoryPlan,
     ModelShape,
     PlanError,
-    format_plan,
+    padded_vocab,
     plan,
 )
 from megatron_mile.planning.recipes import RECIPES
@@ -48,8 +53,6 @@ def planner_parser() -> argparse.ArgumentParser:
          help="Start from a paper model's flags and layout (examples/pretrain_llama_*.sh); later flags override.")
     _add(parser, group, "--world-size", type=int, default=None, dest="world_size",
          help="GPUs in the run (data parallel = world / (TP * PP)). Default: the recipe's, else TP * PP.")
-    _add(parser, group, "--recompute-granularity", choices=["none", "selective", "full"], default="none",
-         dest="recompute_granularity", help="Activation recomputation (Megatron-LM's flag).")
     _add(parser, group, "--fp8-format", choices=["hybrid", "e4m3"], default=None, dest="fp8_format",
          help="Plan for fp8 linear layers (Transformer Engine).")
     _add(parser, group, "--device", choices=["gpu", "cpu"], default="gpu", dest="device",
@@ -78,6 +81,11 @@ def shape_and_layout(argv: List[str]) -> Tuple[ModelShape, Layout, argparse.Name
     if world % (tp * pp):
         raise PlanError(f"--world-size {world} is not divisible by TP * PP = {tp} * {pp}")
     config.finalize(world)
+    if p.context_parallel_size != 1:
+        raise PlanError("the planner does not model context parallelism: drop --context-parallel-size")
+    if config.recompute.recompute_modules not in (None, ["core_attn"]):
+        raise PlanError("the planner models selective recomputation of core_attn (the default) only: drop "
+                        "--recompute-modules")
     if config.data.vocab_size is None:
         raise PlanError("give --vocab-size (the tokenizer's vocabulary, e.g. 32000 for LLaMA's)")
     shape = ModelShape(
@@ -108,11 +116,60 @@ def shape_and_layout(argv: List[str]) -> Tuple[ModelShape, Layout, argparse.Name
         global_batch_size=t.global_batch_size,
         precision=precision,
         distributed_optimizer=p.use_distributed_optimizer,
-        recompute=args.recompute_granularity,
+        # The training flags: --recompute-activations is selective; full without a method or a layer count
+        # (which training refuses) is planned as every layer recomputed.
+        recompute=config.recompute.granularity or "none",
+        recompute_method=config.recompute.recompute_method or "uniform",
+        recompute_num_layers=config.recompute.recompute_num_layers or 1,
         sequence_parallel=p.sequence_parallel,
         device=args.device,
     )
     return shape, layout, args
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:8.2f} GiB"
+
+
+def format_plan(shape: ModelShape, layout: Layout, result: MemoryPlan, gpu: str, mfu: float) -> str:
+    """A readable table of the plan."""
+    lines = [
+        f"model: {shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_attention_heads} heads "
+        f"({shape.groups} query groups), FFN {shape.ffn_hidden_size}, vocab {shape.vocab_size} "
+        f"(padded {padded_vocab(shape, layout.tensor_parallel)}), seq {shape.seq_length}: "
+        f"{result.parameters_total / 1e9:.3f} B parameters",
+        f"layout: TP {layout.tensor_parallel} x PP {layout.pipeline_parallel} x DP {layout.data_parallel} = "
+        f"{layout.world_size} {layout.device.upper()}s"
+        + (f", {layout.layers_per_virtual_stage} layers per virtual stage" if layout.layers_per_virtual_stage else "")
+        + f"; micro-batch {layout.micro_batch_size}, {layout.num_micro_batches} micro-batches per step; "
+        f"{layout.precision}, distributed optimizer {'on' if layout.distributed_optimizer else 'off'}, "
+        f"recompute {layout.recompute}"
+        + (f" ({layout.recompute_method}, {layout.recompute_num_layers} layers)" if layout.recompute == "full" else "")
+        + f", sequence parallel {'on' if layout.sequence_parallel else 'off'}",
+        f"busiest rank: pipeline stage {result.peak_stage} "
+        f"({result.parameters_per_rank[result.peak_stage] / 1e6:.1f} M parameters)",
+        "",
+        f"  {'weights':<40}{gib(result.weights)}",
+        f"  {'gradients (fp32 buffer)':<40}{gib(result.gradients)}",
+        f"  {'optimizer states (master + Adam m, v)':<40}{gib(result.optimizer_states)}",
+        f"  {'activations':<40}{gib(result.activations)}",
+        f"  {'logits and loss':<40}{gib(result.logits_and_loss)}",
+    ]
+    if result.attention_backward_extra:
+        lines.append(f"  {'backward peak beyond logits/loss':<40}{gib(result.attention_backward_extra)}")
+    lines += [
+        f"  {'total':<40}{gib(result.total)}",
+    ]
+    if result.capacity is not None:
+        lines.append(f"  {'+ reserve (context, NCCL, fragmentation)':<40}{gib(GPU_RESERVED_BYTES)}")
+        verdict = "fits" if result.fits else "DOES NOT FIT"
+        lines.append(f"  {gpu} {GPU_MEMORY_GB[gpu]:.0f} GB ({result.capacity / 2**30:.1f} GiB): {verdict}")
+    lines.append("")
+    lines.append(f"tokens per step {result.tokens_per_step:,}; model FLOPs per step {result.flops_per_step:.3e}")
+    if result.step_time_s is not None:
+        lines.append(f"time per step at {mfu:.0%} MFU on {layout.world_size} x {gpu} "
+                     f"({GPU_PEAK_TFLOPS[gpu]:.0f} TFLOP/s bf16): {result.step_time_s:.2f} s")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -13,7 +13,8 @@ tensors to within a page per tensor. The high-water mark (VmHWM) is reset by wri
 What is measured, relative to the memory held before the step (weights, gradients already allocated by a
 warm-up step, megatron's persistent buffers):
 - `activations`: RSS when the output layer is about to run (forward hook): every tensor the transformer
-  layers saved for backward, the embeddings' output and the final norm's input and output.
+  layers saved for backward (with recomputation: what the checkpoints keep), the embeddings' output and the
+  final norm's input and output.
 - `logits_and_loss`: RSS at the end of forward minus the above: the logits and what the loss keeps.
 - `forward_peak`, `backward_peak`: VmHWM over each phase; `loss_backward_peak`: VmHWM from the start of
   backward until it reaches the final norm (the loss's and the output layer's backward).
@@ -28,7 +29,7 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -41,7 +42,8 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "MALLOC_TRIM_THRESHOLD_"
 
 @dataclass
 class MeasureSpec:
-    """The small model and batch to measure (fp32, dropout 0, TP = PP = 1, LLaMA layout)."""
+    """The small model and batch to measure (fp32, dropout 0, TP = PP = 1, LLaMA layout), with or without
+    activation recomputation."""
 
     num_layers: int = 2
     hidden_size: int = 256
@@ -52,6 +54,9 @@ class MeasureSpec:
     seq_length: int = 512
     micro_batch_size: int = 4
     loss_type: str = "mile"
+    recompute_granularity: Optional[str] = None  # Megatron-LM's flag: None, "selective" or "full"
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
 
 
 def _status_kib(field: str) -> int:
@@ -87,6 +92,9 @@ def run_flags(spec: MeasureSpec) -> list:
     ).split()
     if spec.num_query_groups != spec.num_attention_heads:
         flags += ["--group-query-attention", "--num-query-groups", str(spec.num_query_groups)]
+    for name in ("recompute_granularity", "recompute_method", "recompute_num_layers"):
+        if getattr(spec, name) is not None:
+            flags += ["--" + name.replace("_", "-"), str(getattr(spec, name))]
     return flags
 
 

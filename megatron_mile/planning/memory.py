@@ -16,7 +16,11 @@ Everything is counted from the model shape and the parallel layout:
     * device "cpu": megatron-core's local layers with torch fallbacks, as this project runs without a GPU:
       the norm keeps its input and its normalised output, attention materialises the [b, a, s, s] scores
       and keeps the softmax in fp32, the SwiGLU keeps silu(x) and the gated half besides the fc1 output.
-  The cpu profile is what tests/test_plan_memory.py checks against memory measured on CPU.
+  The cpu profile is what tests/test_plan_memory.py checks against memory measured on CPU, with and
+  without recomputation (Megatron-LM's --recompute-granularity): selective keeps the core attention's
+  inputs only (no s^2 scores, softmax or attention-dropout masks); full keeps each recomputed group's input
+  (--recompute-method uniform: one per --recompute-num-layers layers; block: the first N layers of a stage)
+  plus, in backward, one group's activations.
   Pipeline parallelism: with 1F1B the first stage holds min(PP, micro-batches) micro-batches in flight,
   the interleaved schedule (1 + (PP - 1) / (PP * v)) times that (Korthikanti et al., section 4.2.3).
 - logits and loss: the last stage keeps [s, b, V/tp] logits in the compute dtype; the loss
@@ -30,7 +34,7 @@ Everything is counted from the model shape and the parallel layout:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional
 
 from megatron_mile.loss import CHUNK_ELEMENTS
@@ -105,7 +109,9 @@ class Layout:
     global_batch_size: Optional[int] = None
     precision: str = "bf16"
     distributed_optimizer: bool = False
-    recompute: str = "none"
+    recompute: str = "none"  # Megatron-LM's --recompute-granularity, or "none"
+    recompute_method: str = "uniform"  # with recompute "full": uniform or block (--recompute-method)
+    recompute_num_layers: int = 1  # with recompute "full": --recompute-num-layers
     sequence_parallel: bool = False
     device: str = "gpu"
 
@@ -149,6 +155,14 @@ def check(shape: ModelShape, layout: Layout) -> None:
         problems.append(f"precision must be one of {PRECISIONS}, got {layout.precision!r}")
     if layout.recompute not in RECOMPUTE:
         problems.append(f"recompute must be one of {RECOMPUTE}, got {layout.recompute!r}")
+    if layout.recompute == "full":
+        chunk_layers = v if v is not None else shape.num_layers // pp
+        n = layout.recompute_num_layers
+        if layout.recompute_method not in ("uniform", "block"):
+            problems.append(f"--recompute-method must be uniform or block, got {layout.recompute_method!r}")
+        elif not 1 <= n <= chunk_layers or (layout.recompute_method == "uniform" and chunk_layers % n):
+            problems.append(f"--recompute-num-layers {n} must lie in 1..{chunk_layers} (the layers of a pipeline "
+                            f"stage){' and divide them (uniform)' if layout.recompute_method == 'uniform' else ''}")
     if layout.device not in DEVICES:
         problems.append(f"device must be one of {DEVICES}, got {layout.device!r}")
     if layout.sequence_parallel and (tp < 2 or layout.device == "cpu"):
@@ -213,7 +227,8 @@ def _compute_bytes(layout: Layout) -> int:
 
 
 def layer_activation_bytes(shape: ModelShape, layout: Layout, micro_batch: Optional[int] = None) -> Dict[str, float]:
-    """Bytes one layer saves for backward for one micro-batch on one TP rank, by part (no recompute)."""
+    """Bytes one layer saves for backward for one micro-batch on one TP rank, by part (with selective
+    recomputation, what it still saves; full recomputation is counted per stage: stage_activation_bytes)."""
     s, b = shape.seq_length, micro_batch or layout.micro_batch_size
     h, f, kv, a = shape.hidden_size, shape.ffn_hidden_size, shape.kv_size, shape.num_attention_heads
     t = layout.tensor_parallel
@@ -258,30 +273,52 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, micro_batch: Optio
         masks += a / t * s * s * b * (mask_bytes + e)  # mask and dropped-out probabilities
     parts["dropout masks"] = masks
     if layout.recompute == "selective":
-        # Recomputing the core attention drops what it saves beyond its inputs q, k, v (Korthikanti's
-        # selective recomputation): the s^2 scores and attention-dropout masks.
+        # Recomputing the core attention (megatron's default --recompute-modules core_attn) keeps only the
+        # checkpoint's inputs, q and k after rope and v (Korthikanti's selective recomputation): the s^2
+        # scores, the softmax and the attention-dropout masks go.
         parts["attention scores (s^2)"] = 0.0
         if layout.device == "cpu":
+            # v is a view of the fused qkv projection output, which it keeps alive (h + 2kv); the grouped-query
+            # repetition of k and v to all heads happens inside the checkpoint and is not kept.
+            parts["attention q/k/v"] = tokens * e * (h + kv + h + 2 * kv) / t
             parts["dropout masks"] = 2 * tokens * h * mask_bytes / rep if shape.hidden_dropout > 0 else 0.0
+        else:
+            # The flash kernel's own output copy and softmax statistics are recomputed too.
+            parts["attention q/k/v"] = tokens * e * (h + 2 * kv) / t
     return parts
 
 
-def stage_activation_bytes(shape: ModelShape, layout: Layout, stage: int) -> float:
-    """Activation bytes held at the peak of a step by one rank of pipeline stage `stage` (logits excluded)."""
+def recompute_working_set_bytes(shape: ModelShape, layout: Layout) -> float:
+    """Full recomputation: the activations backward rebuilds at once, one recomputed group's (a group of
+    --recompute-num-layers layers with uniform, one layer with block); 0 otherwise."""
+    if layout.recompute != "full":
+        return 0.0
+    group = 1 if layout.recompute_method == "block" else layout.recompute_num_layers
+    return group * sum(layer_activation_bytes(shape, layout).values())
+
+
+def stage_activation_bytes(shape: ModelShape, layout: Layout, stage: int,
+                           include_recompute_working_set: bool = True) -> float:
+    """Activation bytes held at the peak of a step by one rank of pipeline stage `stage` (logits excluded):
+    what forward keeps for backward and, with full recomputation, the working set backward rebuilds
+    (`include_recompute_working_set=False`: only what is held at the end of forward)."""
     pp, t = layout.pipeline_parallel, layout.tensor_parallel
     layers = shape.num_layers // pp
     tokens = shape.seq_length * layout.micro_batch_size
     e = _compute_bytes(layout)
     rep = t if layout.sequence_parallel else 1
     per_layer = sum(layer_activation_bytes(shape, layout).values())
-    if layout.recompute == "full":
-        # Each layer keeps only its input; backward recomputes one layer at a time, so one layer's full
-        # activations exist on top of that.
-        held_per_mb = layers * tokens * shape.hidden_size * e / rep
-        transient = per_layer
+    layer_input = tokens * shape.hidden_size * e / rep
+    if layout.recompute == "full" and layout.recompute_method == "block":
+        # The first n layers of the stage keep only their inputs, the others everything.
+        n = layout.recompute_num_layers
+        held_per_mb = min(n, layers) * layer_input + max(layers - n, 0) * per_layer
+    elif layout.recompute == "full":
+        # uniform: each group of n layers keeps only the group's input.
+        held_per_mb = -(-layers // layout.recompute_num_layers) * layer_input
     else:
         held_per_mb = layers * per_layer
-        transient = 0.0
+    transient = recompute_working_set_bytes(shape, layout) if include_recompute_working_set else 0.0
     if stage == 0:
         # 1F1B: the first stage runs min(pp, micro-batches) forwards before its first backward.
         in_flight = float(min(pp, layout.num_micro_batches))
@@ -300,25 +337,44 @@ def stage_activation_bytes(shape: ModelShape, layout: Layout, stage: int) -> flo
     return held
 
 
-def attention_backward_extra_bytes(shape: ModelShape, layout: Layout) -> float:
-    """Last stage, CPU profile: how far the peak in the last layer's attention backward exceeds the
-    activations held at the end of forward (0 when the output-layer backward is the higher point).
+def attention_backward_extra_bytes(shape: ModelShape, layout: Layout, last_stage: bool = True) -> float:
+    """How far backward's peak exceeds the activations held at the end of forward, apart from the logits and
+    the loss (counted separately; the plan takes the higher of the two). Negative: never above them.
 
-    With materialised attention, backward through one layer's scores holds three [b, a/tp, s, s] fp32
-    tensors at once (the probabilities' gradient, the softmax's input gradient, the masked copy of it),
-    while the last layer's MLP block, the final norm and the logits are already freed. Flash attention
-    (gpu profile) keeps backward transients at O(s * b * h): nothing comparable.
+    With materialised attention (cpu profile, last stage), backward through one layer's scores holds three
+    [b, a/tp, s, s] fp32 tensors at once (the probabilities' gradient, the softmax's input gradient, the
+    masked copy of it), while that layer's MLP block, the final norm and the logits are already freed; with
+    selective recomputation the rebuilt core attention's s^2 tensors come on top. Flash attention (gpu
+    profile) keeps backward transients at O(s * b * h): nothing comparable. Full recomputation rebuilds one
+    group of layers (recompute_working_set_bytes) once the logits are freed and, with --recompute-method
+    block, once the stage's last, not recomputed layers have given their activations back.
     """
-    if layout.device != "cpu" or layout.recompute != "none":
-        return 0.0
     s, b, t = shape.seq_length, layout.micro_batch_size, layout.tensor_parallel
     e = _compute_bytes(layout)
     h, f = shape.hidden_size, shape.ffn_hidden_size
     tokens = s * b
-    scores = shape.num_attention_heads / t * s * s * b * 4
+    cpu = layout.device == "cpu"
     parts = layer_activation_bytes(shape, layout)
-    freed = parts["mlp"] + tokens * e * (3 * h + f) + tokens * h * e * 3  # MLP block, final norm + input
-    return 3 * scores - freed
+    scores = shape.num_attention_heads / t * s * s * b * 4
+    # CPU: a layer's attention backward, its MLP block and that block's inputs freed by then.
+    attention = 3 * scores - parts["mlp"] - tokens * e * (3 * h + f) if cpu and last_stage else 0.0
+    rep = t if layout.sequence_parallel else 1
+    final_norm = tokens * h * e * (3 if cpu else 2) / rep if last_stage else 0.0  # freed with the output layer
+    if layout.recompute == "full":
+        layers = shape.num_layers // layout.pipeline_parallel
+        kept = max(layers - layout.recompute_num_layers, 0) if layout.recompute_method == "block" else 0
+        rebuilt = recompute_working_set_bytes(shape, layout) - kept * sum(parts.values()) + attention - final_norm
+        # block: the last layers keep everything and are back-propagated first, as without recomputation.
+        return max(rebuilt, attention - final_norm) if kept and cpu else rebuilt
+    if not cpu or not last_stage:
+        return 0.0
+    extra = attention - final_norm
+    if layout.recompute == "selective":
+        # The recomputed core attention first rebuilds what it keeps for its own backward: the s^2 part
+        # (fp32 softmax, cast copy, attention-dropout masks) that the selective plan does not hold.
+        kept_parts = layer_activation_bytes(shape, replace(layout, recompute="none"))
+        extra += kept_parts["attention scores (s^2)"] + kept_parts["dropout masks"] - parts["dropout masks"]
+    return extra
 
 
 def logits_and_loss_bytes(shape: ModelShape, layout: Layout) -> Dict[str, float]:
@@ -351,7 +407,13 @@ def logits_and_loss_bytes(shape: ModelShape, layout: Layout) -> Dict[str, float]
 
 @dataclass
 class MemoryPlan:
-    """Per-GPU memory (bytes) of the busiest rank, its parts, FLOPs and time per step."""
+    """Per-GPU memory (bytes) of the busiest rank, its parts, FLOPs and time per step.
+
+    activations: what forward keeps for backward (with full recomputation, the recomputed groups' inputs);
+    attention_backward_extra: how far backward's peak exceeds logits_and_loss on top of that (CPU attention
+    backward, or full recomputation's rebuilt group); total = weights + gradients + optimizer_states +
+    activations + logits_and_loss + attention_backward_extra.
+    """
 
     parameters_total: int
     parameters_per_rank: List[int]
@@ -398,12 +460,13 @@ def plan(shape: ModelShape, layout: Layout, gpu: str = "H100", mfu: float = 0.4)
             weights += params  # Transformer Engine's cached fp8 copies of the weights
         gradients = params * 4.0  # the DDP buffer reduces in fp32 (grad_reduce_in_fp32)
         opt = params * optimizer_bytes_per_param / (dp if layout.distributed_optimizer else 1)
-        act = stage_activation_bytes(shape, layout, st)
+        # What forward keeps for backward (with full recomputation: the groups' inputs).
+        act = stage_activation_bytes(shape, layout, st, include_recompute_working_set=False)
         loss_parts = logits_and_loss_bytes(shape, layout) if st == pp - 1 else {}
         lal = sum(loss_parts.values())
-        # The step's peak: the output layer's backward, or (CPU attention) the last layer's attention
-        # backward, whichever is higher.
-        extra = attention_backward_extra_bytes(shape, layout) if st == pp - 1 else 0.0
+        # The step's peak above that: the output layer's backward, or (CPU attention) the last layer's
+        # attention backward, or full recomputation's rebuilt group, whichever is higher.
+        extra = attention_backward_extra_bytes(shape, layout, last_stage=st == pp - 1)
         total = weights + gradients + opt + act + max(lal, extra)
         if best is None or total > best["total"]:
             best = dict(stage=st, weights=weights, gradients=gradients, opt=opt, act=act, lal=lal,
@@ -421,6 +484,7 @@ def plan(shape: ModelShape, layout: Layout, gpu: str = "H100", mfu: float = 0.4)
         step_time = flops / (layout.world_size * GPU_PEAK_TFLOPS[gpu] * 1e12 * mfu)
     details = {f"activations per layer and micro-batch: {k}": v
                for k, v in layer_activation_bytes(shape, layout).items()}
+    details["activations: full recomputation's working set in backward"] = recompute_working_set_bytes(shape, layout)
     details.update({f"logits/loss: {k}": v for k, v in best["loss_parts"].items()})
     return MemoryPlan(
         parameters_total=total_parameters(shape),
@@ -440,46 +504,3 @@ def plan(shape: ModelShape, layout: Layout, gpu: str = "H100", mfu: float = 0.4)
         tokens_per_step=shape.seq_length * (layout.global_batch_size or layout.micro_batch_size * dp),
         details=details,
     )
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:8.2f} GiB"
-
-
-def format_plan(shape: ModelShape, layout: Layout, result: MemoryPlan, gpu: str, mfu: float) -> str:
-    """A readable table of the plan."""
-    lines = [
-        f"model: {shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_attention_heads} heads "
-        f"({shape.groups} query groups), FFN {shape.ffn_hidden_size}, vocab {shape.vocab_size} "
-        f"(padded {padded_vocab(shape, layout.tensor_parallel)}), seq {shape.seq_length}: "
-        f"{result.parameters_total / 1e9:.3f} B parameters",
-        f"layout: TP {layout.tensor_parallel} x PP {layout.pipeline_parallel} x DP {layout.data_parallel} = "
-        f"{layout.world_size} {layout.device.upper()}s"
-        + (f", {layout.layers_per_virtual_stage} layers per virtual stage" if layout.layers_per_virtual_stage else "")
-        + f"; micro-batch {layout.micro_batch_size}, {layout.num_micro_batches} micro-batches per step; "
-        f"{layout.precision}, distributed optimizer {'on' if layout.distributed_optimizer else 'off'}, "
-        f"recompute {layout.recompute}, sequence parallel {'on' if layout.sequence_parallel else 'off'}",
-        f"busiest rank: pipeline stage {result.peak_stage} "
-        f"({result.parameters_per_rank[result.peak_stage] / 1e6:.1f} M parameters)",
-        "",
-        f"  {'weights':<40}{gib(result.weights)}",
-        f"  {'gradients (fp32 buffer)':<40}{gib(result.gradients)}",
-        f"  {'optimizer states (master + Adam m, v)':<40}{gib(result.optimizer_states)}",
-        f"  {'activations':<40}{gib(result.activations)}",
-        f"  {'logits and loss':<40}{gib(result.logits_and_loss)}",
-    ]
-    if result.attention_backward_extra:
-        lines.append(f"  {'attention backward beyond logits/loss':<40}{gib(result.attention_backward_extra)}")
-    lines += [
-        f"  {'total':<40}{gib(result.total)}",
-    ]
-    if result.capacity is not None:
-        lines.append(f"  {'+ reserve (context, NCCL, fragmentation)':<40}{gib(GPU_RESERVED_BYTES)}")
-        verdict = "fits" if result.fits else "DOES NOT FIT"
-        lines.append(f"  {gpu} {GPU_MEMORY_GB[gpu]:.0f} GB ({result.capacity / 2**30:.1f} GiB): {verdict}")
-    lines.append("")
-    lines.append(f"tokens per step {result.tokens_per_step:,}; model FLOPs per step {result.flops_per_step:.3e}")
-    if result.step_time_s is not None:
-        lines.append(f"time per step at {mfu:.0%} MFU on {layout.world_size} x {gpu} "
-                     f"({GPU_PEAK_TFLOPS[gpu]:.0f} TFLOP/s bf16): {result.step_time_s:.2f} s")
-    return "\n".join(lines)

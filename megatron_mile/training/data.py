@@ -53,20 +53,24 @@ def build_run_tokenizer(config: RunConfig):
 def gpt_dataset_config(config: RunConfig, tokenizer, blend, split: Optional[str] = None) -> GPTDatasetConfig:
     """megatron-core's GPTDatasetConfig for this run's samples (training and evaluation tools alike).
 
-    `split` defaults to the run's --split. No collectives.
+    `split` defaults to the run's --split. The document options are Megatron-LM's: --eod-mask-loss zeroes the
+    loss mask where the input token is the tokenizer's EOD, --reset-position-ids restarts positions after
+    it, --reset-attention-mask makes each sample's [1, s, s] mask block-diagonal causal (True = masked),
+    built only with --create-attention-mask-in-dataloader (the default). No collectives.
     """
+    d = config.data
     return GPTDatasetConfig(
         random_seed=config.training.seed,
         sequence_length=config.model.seq_length,
         blend=blend,
-        split=split if split is not None else config.data.split,
+        split=split if split is not None else d.split,
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,  # causal masking is built into the attention kernels
-        path_to_cache=config.data.data_cache_path,
-        mmap_bin_files=config.data.mmap_bin_files,
+        reset_position_ids=d.reset_position_ids,
+        reset_attention_mask=d.reset_attention_mask,
+        eod_mask_loss=d.eod_mask_loss,
+        create_attention_mask=d.create_attention_mask_in_dataloader,
+        path_to_cache=d.data_cache_path,
+        mmap_bin_files=d.mmap_bin_files,
     )
 
 
@@ -179,11 +183,10 @@ class MicroBatchSampler:
 
 
 def collate(samples) -> dict:
-    """Stack dataset samples into a micro-batch: tokens, labels, loss_mask, position_ids, each [mbs, seq]."""
-    batch = {}
-    for key in ("tokens", "labels", "loss_mask", "position_ids"):
-        batch[key] = torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples])
-    return batch
+    """Stack dataset samples into a micro-batch: tokens, labels, loss_mask, position_ids, each [mbs, seq], and
+    attention_mask [mbs, 1, seq, seq] (bool, True = masked) when the dataset builds one."""
+    keys = ("tokens", "labels", "loss_mask", "position_ids") + (("attention_mask",) if "attention_mask" in samples[0] else ())
+    return {key: torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples]) for key in keys}
 
 
 def micro_batch_iterator(dataset, config: RunConfig, consumed_samples: int, cycle: bool = False) -> Iterator[dict]:

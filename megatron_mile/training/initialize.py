@@ -15,11 +15,12 @@ from megatron_mile.config import RunConfig
 
 
 def initialize_parallel(config: RunConfig) -> None:
-    """Create the process group and megatron's TP/PP/DP groups for `config` (idempotent for the group;
-    a parallel state set up before is replaced).
+    """Create the process group and megatron's TP/PP/CP/DP groups for `config` (idempotent for the group;
+    a parallel state set up before is replaced), and with --tp-comm-overlap Transformer Engine's
+    userbuffers.
 
     Collectives: those of torch.distributed.init_process_group and initialize_model_parallel (group
-    creation on all ranks).
+    creation on all ranks), and Transformer Engine's userbuffer bootstrap over the TP group.
     """
     p = config.parallel
     parallel.initialize_process_group(backend=p.distributed_backend,
@@ -30,7 +31,31 @@ def initialize_parallel(config: RunConfig) -> None:
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(
             config.model.num_layers, p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
         ),
+        context_parallel_size=p.context_parallel_size,
     )
+    if p.tp_comm_overlap:
+        initialize_tp_comm_overlap(config)
+
+
+def initialize_tp_comm_overlap(config: RunConfig) -> None:
+    """Transformer Engine's userbuffers for --tp-comm-overlap, sized as Megatron-LM sizes them: one
+    [seq * micro-batch / CP, hidden] activation per TP group (GPUs with Transformer Engine only; start-up
+    validation refuses the flag elsewhere). Collectives: TE's bootstrap of the buffers over the TP group.
+    """
+    import inspect
+
+    from transformer_engine.pytorch.module import base as te_base  # GPU-only package, present when allowed
+
+    m, p, t = config.model, config.parallel, config.training
+    shape = [m.seq_length * t.micro_batch_size // p.context_parallel_size, m.hidden_size]
+    fp8 = config.kernels.fp8_format is not None
+    kwargs = dict(shape=shape, tp_size=p.tensor_model_parallel_size, ub_cfgs={}, bootstrap_backend="nccl")
+    if "quantization_modes" in inspect.signature(te_base.initialize_ub).parameters:  # Transformer Engine 2.7+
+        mode = te_base.UserBufferQuantizationMode
+        kwargs["quantization_modes"] = [mode.FP8 if fp8 else mode.NONE]
+    else:
+        kwargs["use_fp8"] = fp8
+    te_base.initialize_ub(**kwargs)
 
 
 def set_random_seeds(seed: int) -> None:

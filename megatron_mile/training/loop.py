@@ -25,6 +25,7 @@ from megatron_mile.training import reporting, token_histograms
 from megatron_mile.training import summary as run_summary
 from megatron_mile.training.initialize import is_logging_rank, print_rank_0, print_rank_last
 from megatron_mile.training.run_control import RunControl
+from megatron_mile.training.optimizer import finish_parameter_gather
 from megatron_mile.training.setup import num_micro_batches, setup_training
 from megatron_mile.training.step import evaluate, train_step
 
@@ -97,6 +98,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
 
     def save() -> None:
         """Checkpoint `iteration`, and write the summary up to it (a resume after a crash finds its history)."""
+        finish_parameter_gather(model)  # the weights the optimizer just updated, on every rank
         result.checkpoint = checkpointing.save_checkpoint(
             t.save, iteration, model, None if t.no_save_optim else optimizer, scheduler, consumed_samples,
             setup.config_dict, consumed_valid_samples=setup.consumed_valid_samples, save_rng=not t.no_save_rng,
@@ -191,6 +193,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
         if (setup.valid_iterators is not None and not exited_early and iteration > start_iteration
                 and iteration % t.eval_interval != 0):
             validate(iteration)
+        finish_parameter_gather(model)  # whoever uses the model next sees the final weights
         if t.save and last_saved_iteration != iteration:
             save()
         result.final_iteration = iteration
@@ -209,12 +212,13 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
 def _log_token_histograms(tensorboard: reporting.TensorBoardWriter, iteration: int, step) -> None:
     """Entropy and weight histograms of the step's loss-masked tokens over the global batch, to TensorBoard.
 
-    Collectives: on the last pipeline stage, those of token_histograms.reduce_histograms over the DP group
-    (two small all-reduces); none elsewhere.
+    Collectives: on the last pipeline stage, those of token_histograms.reduce_histograms over the DP x CP
+    group (two small all-reduces); none elsewhere.
     """
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return
-    histograms = token_histograms.reduce_histograms(step.token_values, group=parallel_state.get_data_parallel_group())
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)  # every token of the global batch
+    histograms = token_histograms.reduce_histograms(step.token_values, group=group)
     for quantity, histogram in zip(token_histograms.QUANTITIES, histograms):
         tensorboard.histogram_raw(iteration, token_histograms.TAGS[quantity], histogram)
 

@@ -18,25 +18,53 @@ from megatron.core.transformer.module import Float16Module
 from megatron_mile.config import RunConfig
 
 
+def ddp_config(config: RunConfig) -> DistributedDataParallelConfig:
+    """megatron's DistributedDataParallelConfig for this run, as Megatron-LM builds it from the same flags.
+
+    Gradients are kept and reduced in fp32 and SUMMED over the data-parallel (and context-parallel) ranks:
+    the model's TransformerConfig sets calculate_per_token_loss, so DDP scales nothing, and
+    finalize_model_grads divides the reduced sums once by the global weight sum W. With
+    --overlap-grad-reduce a bucket's reduction starts during the last micro-batch's backward, before W is
+    known; a sum needs no W, and the division runs after finish_grad_sync has waited for every bucket, so
+    the result is the exact gradient of L = sum(w * ce) / sum(w) (docs/scale.md). Needs megatron's
+    parallel state (the default bucket size grows with the DP size).
+    """
+    from megatron.core import parallel_state
+
+    p = config.parallel
+    bucket_size = None  # one bucket per buffer: the reduction waits for the end of backward anyway
+    if p.overlap_grad_reduce:
+        dp_cp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        # megatron's default: large enough that each rank's share of a bucket stays bandwidth-bound.
+        bucket_size = p.ddp_bucket_size or max(40_000_000, 1_000_000 * dp_cp)
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        # As Megatron-LM: only the interleaved schedule launches aligned parameter all-gathers.
+        align_param_gather=p.align_param_gather and p.num_layers_per_virtual_pipeline_stage is not None,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        bucket_size=bucket_size,
+        average_in_collective=False,  # per-token-loss mode sums (option_checks refuses the flag)
+        fp8_param_gather=config.kernels.fp8_param_gather,
+        check_for_nan_in_grad=False,  # the training step checks the loss itself and skips the update
+    )
+
+
 def wrap_for_training(config: RunConfig, chunks: list) -> list:
-    """bf16 chunks go into Float16Module; every chunk into megatron's DistributedDataParallel.
+    """bf16 chunks go into Float16Module; every chunk into megatron's DistributedDataParallel (ddp_config).
 
     DDP owns the contiguous gradient buffers that the optimizer (and the distributed optimizer's
-    reduce-scatter) works on; gradients are kept and reduced in fp32.
+    reduce-scatter) works on. Collectives: DDP's parameter broadcast over the data-parallel group.
     """
     tf_config = chunks[0].config
     if config.optimizer.bf16:
         chunks = [Float16Module(tf_config, chunk) for chunk in chunks]
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=False,  # the training step checks the loss itself and skips the update
-    )
+    settings = ddp_config(config)
     return [
         DistributedDataParallel(
             config=tf_config,
-            ddp_config=ddp_config,
+            ddp_config=settings,
             module=chunk,
             # Only the first chunk's buffer is bucketed: as Megatron-LM does for virtual pipelines.
             disable_bucketing=index > 0,
@@ -69,6 +97,7 @@ def build_optimizer(config: RunConfig, model: List) -> Tuple[object, OptimizerPa
             bf16=o.bf16,
             params_dtype=model[0].config.params_dtype,
             use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+            overlap_param_gather=config.parallel.overlap_param_gather,  # mirrors DDP's, as megatron asks
         ),
         model,
     )
@@ -106,6 +135,15 @@ def scheduler_settings(config: RunConfig) -> dict:
         wsd_decay_steps=wsd if o.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style=o.lr_wsd_decay_style if o.lr_decay_style == "WSD" else None,
     )
+def finish_parameter_gather(model: List) -> None:
+    """Bring every rank's weights up to date now when --overlap-param-gather defers the distributed
+    optimizer's all-gather to the next forward (before a checkpoint is written, at the end of training).
+
+    A no-op without it. Collectives: the all-gather of every parameter bucket over the data-parallel group.
+    """
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
 
 
 class UpdateResult(NamedTuple):

@@ -36,16 +36,16 @@ def num_micro_batches(config: RunConfig) -> int:
 
 
 def _data_iterators(config: RunConfig, model: list, dataset, consumed_samples: int, cycle: bool) -> list:
-    """One iterator per model chunk that reads data (first / last pipeline stage), None elsewhere."""
+    """One iterator per model chunk that reads data (first / last pipeline stage, and with
+    --reset-attention-mask every stage: each layer needs the block-diagonal mask), None elsewhere."""
     iterators = []
     vp = len(model) > 1
     for index, chunk in enumerate(model):
         stage = index if vp else None
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=not vp, vp_stage=stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=not vp, vp_stage=stage)
-        iterators.append(
-            run_data.micro_batch_iterator(dataset, config, consumed_samples, cycle=cycle) if (first or last) else None
-        )
+        reads = first or last or config.data.reset_attention_mask
+        iterators.append(run_data.micro_batch_iterator(dataset, config, consumed_samples, cycle=cycle) if reads else None)
     return iterators
 
 
@@ -210,7 +210,7 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
         valid_iterators = _data_iterators(config, model, valid_ds, valid_start, cycle=True)
 
     collector = LossCollector()
-    configure_schedules(model, optimizer, collector)
+    configure_schedules(model, optimizer, collector, config)
     return TrainingSetup(config, model, optimizer, scheduler, train_iterators, valid_iterators, num_micro, collector,
                          config_dict, tokenizer.vocab_size, iteration, consumed_samples,
                          consumed_valid_samples=consumed_valid_samples)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_model_config, unwrap_model
+from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config, unwrap_model
 
 from megatron_mile import device
 from megatron_mile.loss import MicroBatchLoss, StepLoss, all_reduce_step_loss, reduce_micro_batch
@@ -72,8 +72,10 @@ class LossCollector:
         """Replaces the schedules' finalize: grads / global W instead of / token count.
 
         Collectives: megatron's finalize_model_grads (DP all-reduce or reduce-scatter of the gradient
-        buffers, embedding all-reduce across PP stages) with W broadcast over the PP group and all-reduced
-        over the DP group.
+        buffers, or with --overlap-grad-reduce the wait for the buckets launched during backward; embedding
+        all-reduce across PP stages), then W broadcast over the PP group and all-reduced over the DP x CP
+        group (megatron's get_data_parallel_group(with_context_parallel=True)), then the division. The
+        division follows every reduction, so the reduced buffers hold plain sums when it runs.
         """
         del num_tokens  # an int token count; the weighted loss needs the float W
         weight_sum = self.local_weight_sum()
@@ -84,12 +86,13 @@ class LossCollector:
 def step_statistics(parts: List[MicroBatchLoss]) -> StepLoss:
     """StepLoss of this iteration, identical on every rank.
 
-    Collectives: on the last pipeline stage, those of all_reduce_step_loss on the DP group; then a
-    broadcast of the 8 values from the last stage over the PP group.
+    Collectives: on the last pipeline stage, those of all_reduce_step_loss on the DP group (with context
+    parallelism the DP x CP group: each CP rank holds the statistics of its share of the tokens, as the
+    gradient normaliser W does); then a broadcast of the 8 values from the last stage over the PP group.
     """
     values = torch.zeros(len(_STEP_LOSS_FIELDS), dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        step = all_reduce_step_loss(parts, group=parallel_state.get_data_parallel_group())
+        step = all_reduce_step_loss(parts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         values = torch.tensor([getattr(step, f) for f in _STEP_LOSS_FIELDS], dtype=torch.float64)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         values = values.to(device.compute_device())
@@ -106,12 +109,15 @@ def make_forward_step(collector, pass_labels: bool = False) -> Callable:
 
     The loss function is collector.loss_func(loss_mask, output), or (loss_mask, labels, output) with
     `pass_labels` (evaluation by target token: megatron_mile.evaluation). Whether the model computes the
-    entropy is set once per step beforehand (megatron_mile.model.request_entropy).
+    entropy is set once per step beforehand (megatron_mile.model.request_entropy). The batch's attention
+    mask, when the data loader builds one (block-diagonal with --reset-attention-mask), goes to the model;
+    without one the attention applies its own causal mask. With context parallelism each rank keeps its
+    two of the 2 * CP chunks of every sequence (megatron's get_batch_on_this_cp_rank).
     """
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator) if data_iterator is not None else None
-        batch = _to_compute_device(batch)
+        batch = _this_context_parallel_rank(_to_compute_device(batch))
         unwrapped = unwrap_model(model)
         if batch is None:  # a middle pipeline stage: input comes from the previous stage
             output = model(None, None, None)
@@ -119,7 +125,8 @@ def make_forward_step(collector, pass_labels: bool = False) -> Callable:
         labels = batch["labels"] if unwrapped.post_process else None
         # The fused LM head computes its gradients in forward, so the model needs the loss mask there.
         loss_mask = batch["loss_mask"] if unwrapped.post_process else None
-        output = model(batch["tokens"], batch["position_ids"], None, labels=labels, loss_mask=loss_mask)
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=labels,
+                       loss_mask=loss_mask)
         inputs = (batch["loss_mask"], batch["labels"]) if pass_labels else (batch["loss_mask"],)
         return output, partial(collector.loss_func, *inputs)
 
@@ -133,6 +140,13 @@ def _to_compute_device(batch):
     return {k: v.to(target, non_blocking=True) for k, v in batch.items()}
 
 
+def _this_context_parallel_rank(batch):
+    """This context-parallel rank's share of the batch's sequences (the batch itself without CP)."""
+    if batch is None or parallel_state.get_context_parallel_world_size() == 1:
+        return batch
+    return get_batch_on_this_cp_rank(batch)
+
+
 @dataclass
 class StepResult:
     stats: StepLoss
@@ -144,13 +158,27 @@ class StepResult:
     token_values: Optional[torch.Tensor] = None
 
 
-def configure_schedules(model: list, optimizer, collector: LossCollector) -> None:
-    """Point megatron's schedule hooks at this run's optimizer and loss collector (once, at set-up)."""
+def configure_schedules(model: list, optimizer, collector: LossCollector, run_config) -> None:
+    """Point megatron's schedule hooks at this run's (a RunConfig) optimizer and loss collector (once, at set-up).
+
+    With --overlap-grad-reduce, as Megatron-LM: the schedules launch the bucket reductions themselves
+    (grad_sync_func) when --align-grad-reduce (the default); with --overlap-param-gather and the interleaved
+    schedule, they launch the parameter all-gathers (param_sync_func) when --align-param-gather.
+    """
     config = get_model_config(model[0])
+
+    def per_chunk(method: str):
+        hooks = [getattr(chunk, method) for chunk in model]
+        return hooks if len(hooks) > 1 else hooks[0]
+
     config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    config.no_sync_func = per_chunk("no_sync")
     config.finalize_model_grads_func = collector.finalize_grads
     config.timers = None
+    p = run_config.parallel
+    config.grad_sync_func = per_chunk("start_grad_sync") if p.overlap_grad_reduce and p.align_grad_reduce else None
+    aligned_gather = p.overlap_param_gather and p.align_param_gather and len(model) > 1
+    config.param_sync_func = per_chunk("start_param_sync") if aligned_gather else None
 
 
 def _run_schedule(setup, collector: LossCollector, forward_only: bool, data_iterators: list) -> None:
@@ -175,13 +203,8 @@ def train_step(setup, want_entropy: bool = False, keep_token_values: bool = Fals
     (want_entropy must be set for the entropy to be computed); it costs one masked copy per micro-batch,
     so only ask on the steps that log them.
     """
-    model, optimizer = setup.model, setup.optimizer
-    collector = setup.loss_collector
-    collector.start_step(keep_token_values)
-    request_entropy(model, want_entropy)
-    _discard_gradients(setup)  # the previous step's gradients
-    _run_schedule(setup, collector, forward_only=False, data_iterators=setup.train_iterators)
-    stats = step_statistics(collector.parts)
+    optimizer, collector = setup.optimizer, setup.loss_collector
+    stats = compute_gradients(setup, want_entropy, keep_token_values)
     token_values = torch.cat(collector.token_values) if collector.token_values else None
     if not math.isfinite(stats.loss):
         # Never apply an update computed from a non-finite loss; the caller counts and reports it.
@@ -197,6 +220,22 @@ def train_step(setup, want_entropy: bool = False, keep_token_values: bool = Fals
         _discard_gradients(setup)
     return StepResult(stats, update.grad_norm, skipped=not update.applied, skipped_because=update.skipped_because,
                       token_values=token_values)
+
+
+def compute_gradients(setup, want_entropy: bool = False, keep_token_values: bool = False) -> StepLoss:
+    """Forward and backward over the next global batch of setup.train_iterators; no update.
+
+    Leaves the exact gradient of L = sum(w * ce) / sum(w) in each parameter's main_grad (DDP's fp32 buffer,
+    reduced over data-parallel ranks: a rank's shard of it with the distributed optimizer) and returns the
+    step's statistics. Collectives: those of megatron's schedule and finalize (LossCollector.finalize_grads)
+    and of step_statistics.
+    """
+    collector = setup.loss_collector
+    collector.start_step(keep_token_values)
+    request_entropy(setup.model, want_entropy)
+    _discard_gradients(setup)  # the previous step's gradients
+    _run_schedule(setup, collector, forward_only=False, data_iterators=setup.train_iterators)
+    return step_statistics(collector.parts)
 
 
 def _discard_gradients(setup) -> None:
