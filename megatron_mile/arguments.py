@@ -30,7 +30,7 @@ HELP_GROUPS = (
 SECTION_GROUPS = {
     "model": "network size", "parallel": "distributed", "loss": "loss (MiLe / focal / cross-entropy)",
     "optimizer": "learning rate", "data": "data and dataloader", "training": "training",
-    "kernels": "transformer engine and fused kernels",
+    "kernels": "transformer engine and fused kernels", "recompute": "training",  # Megatron-LM groups them there
 }
 FIELD_GROUPS = {
     **dict.fromkeys(("hidden_dropout", "attention_dropout", "weight_decay", "start_weight_decay",

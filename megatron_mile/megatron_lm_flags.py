@@ -43,8 +43,6 @@ PROVIDED: Dict[str, ProvidedFlag] = {
     "--cross-entropy-loss-fusion": ProvidedFlag(LOSS_HOW + "; it computes the loss in one fused pass"),
     "--calculate-per-token-loss": ProvidedFlag(
         LOSS_HOW + "; the loss is always normalised by the number of loss tokens of the global batch"),
-    "--no-create-attention-mask-in-dataloader": ProvidedFlag(
-        "the data loader never builds an attention mask (causal masking is inside the attention kernels)"),
     "--no-check-for-nan-in-loss-and-grad": ProvidedFlag(
         "the training step always checks the loss and gradient norm and skips a non-finite update "
         "(--max-skipped-iterations bounds how many in a row)"),
@@ -64,9 +62,6 @@ REFUSED: Dict[str, RefusedFlag] = {
     "--use-nccl-ub": RefusedFlag("NCCL user buffers are only used by Megatron-FSDP here", "drop it"),
     "--init-model-with-meta-device": RefusedFlag(
         "meta-device initialisation is only for Megatron-FSDP", "drop it (weights are created on the CPU or GPU)"),
-    "--fp8-param-gather": RefusedFlag(
-        "fp8 parameter all-gathers (fp8 master weights) are not supported",
-        "drop it: --fp8-format still runs the GEMMs in FP8 with bf16 weights"),
     "--rampup-batch-size": RefusedFlag(
         "batch-size ramp-up is not supported (the number of micro-batches per step is fixed)",
         "train with a constant --global-batch-size", "+"),
