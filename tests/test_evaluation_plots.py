@@ -92,23 +92,35 @@ def test_the_tool_runs_as_a_script(tmp_path):
     assert (tmp_path / "png" / "lm_loss.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def compare_script_runs(script: str) -> list:
-    """(name, loss flags) of every train_and_evaluate line of an examples/ comparison script."""
+def compare_script_runs(script: str, losses: str = "") -> list:
+    """(name, loss flags) of every run of an examples/ comparison script: its train_and_evaluate lines, or,
+    where the script picks its runs by name from LOSSES (`losses`: that variable; empty: the default), what
+    its loss_flags function gives each name (bash evaluates the script's own definitions)."""
     import shlex
 
+    text = (REPO / "examples" / script).read_text()
+    if "\nloss_flags() {" in text:
+        show = (f'LOSSES="{losses}"; eval "$(sed -n \'/^LOSSES=/,/^}}/p\' examples/{script})"; '
+                'for n in $LOSSES; do echo "$n $(loss_flags "$n")"; done')
+        out = subprocess.run(["bash", "-c", show], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        return [(words[0], words[1:]) for words in map(shlex.split, out.splitlines())]
     runs = []
-    for line in (REPO / "examples" / script).read_text().splitlines():
+    for line in text.splitlines():
         if line.startswith("train_and_evaluate "):
             words = shlex.split(line)
             runs.append((words[1], words[2:]))
     return runs
 
 
-@pytest.mark.parametrize("script, names", [
-    ("compare_losses.sh", ["cross_entropy", "focal", "mile"]),
-    ("sweep_gamma.sh", ["cross_entropy", "mile_gamma0.5", "mile", "mile_gamma2"]),
+ALL_COMPARED = "cross_entropy focal mile dft mile_zloss cross_entropy_ls mile_ls"
+
+
+@pytest.mark.parametrize("script, names, losses", [
+    ("compare_losses.sh", ["cross_entropy", "focal", "mile"], ""),
+    ("compare_losses.sh", ALL_COMPARED.split(), ALL_COMPARED),
+    ("sweep_gamma.sh", ["cross_entropy", "mile_gamma0.5", "mile", "mile_gamma2"], ""),
 ])
-def test_comparison_scripts_train_with_flags_that_validate(script, names):
+def test_comparison_scripts_train_with_flags_that_validate(script, names, losses):
     from megatron_mile.arguments import parse_args
 
     # The shared training flags, expanded by bash from the script itself with stand-in data paths.
@@ -119,11 +131,12 @@ def test_comparison_scripts_train_with_flags_that_validate(script, names):
     )
     common = subprocess.run(["bash", "-c", expand], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\n")[:-1]
     assert "--seed" in common and "--train-iters" in common
-    runs = compare_script_runs(script)
+    runs = compare_script_runs(script, losses)
     assert [name for name, _ in runs] == names
-    gammas = set()
+    specs = set()
     for _, loss_flags in runs:
         config = parse_args(common + loss_flags, world_size=2)  # the scripts' default: 2 processes
         assert config.model.seq_length == 128 and config.training.global_batch_size == 16
-        gammas.add((config.loss.loss_type, config.loss.gamma))
-    assert len(gammas) == len(runs)  # every run differs in its loss only
+        l = config.loss
+        specs.add((l.loss_type, l.gamma, l.label_smoothing, l.z_loss_coeff))
+    assert len(specs) == len(runs)  # every run differs in its loss only
