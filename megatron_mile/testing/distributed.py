@@ -11,6 +11,7 @@ their arguments and results must be picklable.
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import traceback
@@ -102,14 +103,31 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads:
                     virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
                     distributed_timeout_minutes=WORKER_COLLECTIVE_TIMEOUT_MINUTES,
                 )
-                results.put((rank, True, fn(*args, **kwargs)))
+                value = fn(*args, **kwargs)
+                results.put((rank, True, value, _thread_count()))
             except BaseException:  # noqa: BLE001 - the traceback is the report
-                results.put((rank, False, traceback.format_exc()))
+                results.put((rank, False, traceback.format_exc(), _thread_count()))
             finally:
                 parallel.destroy_model_parallel()
                 _destroy_groups(created_groups)
+                gc.collect()  # what a call left in reference cycles (models, optimizers) goes now
     finally:
         parallel.shutdown()
+
+
+def _thread_count() -> int:
+    """Threads of this process (native ones included: gloo's), from /proc; 0 where there is no /proc."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+# A worker holding more threads than this after a call retires its pool (the dist_pool fixture starts a new
+# one). Why: megatron-core keeps the process groups of every training run's parallel state alive past
+# destroy_model_parallel (~50 gloo threads per pretrain() call at world size 2), and workers that ran hundreds
+# of calls held thousands of threads, driving the machine's load average into the thousands.
+RETIRE_AT_THREADS = 600
 
 
 class DistributedPool:
@@ -140,7 +158,8 @@ class DistributedPool:
         ]
         for proc in self._procs:
             proc.start()
-        # Set once a call timed out or left ranks stuck: the workers were killed and the pool is unusable.
+        # Set once a call timed out or left ranks stuck (the workers were killed), or once the workers hold
+        # too many threads (RETIRE_AT_THREADS; they were stopped): the pool is unusable, start a new one.
         self.broken = False
 
     def run(
@@ -160,7 +179,7 @@ class DistributedPool:
         `broken`, so that one bad test cannot stall every test after it.
         """
         if self.broken:
-            raise RuntimeError("this DistributedPool was killed after an earlier hang; start a new one")
+            raise RuntimeError("this DistributedPool was stopped (after a hang, or holding too many threads); start a new one")
         layout = ParallelLayout(
             tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size
         )
@@ -168,11 +187,12 @@ class DistributedPool:
             task_queue.put((fn, args, kwargs, layout))
         name = getattr(fn, "__name__", fn)
         outcomes: dict[int, tuple[bool, Any]] = {}
+        most_threads = 0
         while len(outcomes) < self.world_size:
             any_failed = any(not ok for ok, _ in outcomes.values())
             wait_s = min(timeout_s, STRAGGLER_TIMEOUT_S) if any_failed else timeout_s
             try:
-                rank, ok, value = self._results.get(timeout=wait_s)
+                rank, ok, value, threads = self._results.get(timeout=wait_s)
             except queue.Empty:
                 self.close(force=True)
                 failures = self._failure_report(outcomes)
@@ -186,7 +206,10 @@ class DistributedPool:
                     f"(ranks done: {sorted(outcomes)}); the pool was killed"
                 ) from None
             outcomes[rank] = (ok, value)
-        failures = self._failure_report(outcomes)
+            most_threads = max(most_threads, threads)
+        if most_threads > RETIRE_AT_THREADS:
+            self.close()
+            self.broken = True
         if failures:
             raise RemoteError(failures)
         return [outcomes[r][1] for r in range(self.world_size)]
