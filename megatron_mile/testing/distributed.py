@@ -210,6 +210,7 @@ class DistributedPool:
         if most_threads > RETIRE_AT_THREADS:
             self.close()
             self.broken = True
+        failures = self._failure_report(outcomes)
         if failures:
             raise RemoteError(failures)
         return [outcomes[r][1] for r in range(self.world_size)]
