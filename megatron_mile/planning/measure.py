@@ -88,7 +88,8 @@ def run_flags(spec: MeasureSpec) -> list:
         f"--seq-length {spec.seq_length} --micro-batch-size {spec.micro_batch_size} "
         "--normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope "
         "--untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0 "
-        f"--mock-data --tokenizer-type NullTokenizer --vocab-size {spec.vocab_size} --loss-type {spec.loss_type}"
+        f"--mock-data --tokenizer-type NullTokenizer --vocab-size {spec.vocab_size} --loss-type {spec.loss_type} "
+        "--train-iters 1"  # the run length Megatron-LM requires; a measurement runs one step
     ).split()
     if spec.num_query_groups != spec.num_attention_heads:
         flags += ["--group-query-attention", "--num-query-groups", str(spec.num_query_groups)]
