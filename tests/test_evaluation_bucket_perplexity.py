@@ -114,9 +114,11 @@ def reference_evaluation(checkpoint_dir, train_prefixes, valid_prefixes, split, 
 
     from megatron_mile.model import build_model
     from megatron_mile import checkpointing
+    from megatron_mile.training.initialize import set_random_seeds
 
     config = config_from_dict(checkpointing.read_saved_config(checkpoint_dir))
     config.finalize(1)
+    set_random_seeds(config.training.seed)  # megatron's model-parallel RNG tracker (dropout streams)
     tokenizer = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=config.data.tokenizer_model)
     model = build_model(config, VOCAB)
     checkpointing.load_model_weights(checkpoint_dir, model)

@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed import distributed_c10d
 
+from megatron.core import tensor_parallel
+
 from megatron_mile import parallel
 
 # Seconds a single call may take before the pool is declared hung and killed.
@@ -109,6 +111,9 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads:
                 results.put((rank, False, traceback.format_exc(), _thread_count()))
             finally:
                 parallel.destroy_model_parallel()
+                # Why: megatron's model-parallel RNG tracker outlives the parallel state; a call that builds a
+                # model without seeding it would pass or fail by what ran before it in this worker.
+                tensor_parallel.get_cuda_rng_tracker().reset()
                 _destroy_groups(created_groups)
                 gc.collect()  # what a call left in reference cycles (models, optimizers) goes now
     finally:
