@@ -107,7 +107,6 @@ def test_merge_matches_megatron_add_index(tmp_path):
     rng = np.random.default_rng(3)
     parts = tmp_path / "parts"
     parts.mkdir()
-    all_docs = []
     for name in ["b_part", "a_part", "c_part"]:
         docs = _random_documents(rng, 20, 3000, sentences=True)
         _megatron_build(str(parts / name), docs, np.uint16)

@@ -101,26 +101,11 @@ class FusedLinearCrossEntropyOutput:
     weighted_loss_sum: torch.Tensor
     losses: TokenLosses
 
-    # The per-token fields, for brevity.
-    @property
-    def loss(self) -> torch.Tensor:
-        return self.losses.loss
-
-    @property
-    def ce(self) -> torch.Tensor:
-        return self.losses.ce
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.losses.weight
-
-    @property
-    def entropy(self) -> torch.Tensor:
-        return self.losses.entropy
-
-    @property
-    def z_loss(self) -> torch.Tensor:
-        return self.losses.z_loss
+    def __getattr__(self, name: str):
+        """The per-token fields of `losses` (loss, ce, weight, entropy, z_loss) read directly, for brevity."""
+        if name == "losses":  # not set yet (copy / unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.losses, name)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

@@ -13,44 +13,18 @@ import torch.nn.functional as F
 
 
 def reference_weighted_cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    loss_type: str = "cross_entropy",
-    gamma: float = 1.0,
-    sigma: float = 1.0,
-    vocab_size: Optional[int] = None,
-    entropy_threshold: Optional[float] = None,
-    ignore_index: Optional[int] = -100,
+    logits: torch.Tensor, target: torch.Tensor, *args, **kwargs
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ce, weight, entropy for full logits [..., V_padded] and targets [...].
+    """(ce, weight, entropy) for full logits [..., V_padded] and targets [...]: reference_token_losses
+    without label smoothing or z-loss, where the loss is the cross-entropy (ce keeps its gradient).
 
     ce = -log softmax(z)[target] over the first `vocab_size` columns; entropy H = -sum p log p (detached);
-    weight = (sigma + H)^gamma (mile), (1 - p_target)^gamma (focal) or 1 (cross_entropy), detached.
-    Ignored targets get ce = weight = entropy = 0.
+    weight = (sigma + H)^gamma (mile), (1 - p_target)^gamma (focal), p_target (dft) or 1 (cross_entropy),
+    detached. Ignored targets get ce = weight = entropy = 0. The other arguments are reference_token_losses'
+    (loss_type, gamma, sigma, vocab_size, entropy_threshold, ignore_index).
     """
-    vocab_size = logits.size(-1) if vocab_size is None else vocab_size
-    z = logits[..., :vocab_size].float()
-    ignored = target == ignore_index if ignore_index is not None else torch.zeros_like(target, dtype=torch.bool)
-    safe_target = torch.where(ignored, torch.zeros_like(target), target)
-    log_probs = F.log_softmax(z, dim=-1)
-    ce = -log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        probs = log_probs.exp()
-        entropy = -(probs * log_probs).sum(-1)
-        if loss_type == "mile":
-            weight = (sigma + entropy) ** gamma
-            if entropy_threshold is not None:
-                below = entropy / torch.log(torch.tensor(float(vocab_size))) < entropy_threshold
-                weight = torch.where(below, torch.ones_like(weight), weight)
-        elif loss_type == "focal":
-            p_target = probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
-            weight = (1.0 - p_target).clamp(min=0.0) ** gamma
-        elif loss_type == "cross_entropy":
-            weight = torch.ones_like(entropy)
-        else:
-            raise ValueError(f"unknown loss_type {loss_type!r}")
-        keep = (~ignored).float()
-    return ce * keep, weight * keep, entropy * keep
+    values = reference_token_losses(logits, target, *args, **kwargs)
+    return values["loss"], values["weight"], values["entropy"]
 
 
 def reference_token_losses(

@@ -1,0 +1,236 @@
+"""Checks of a run's flags at start-up: ranges of numeric flags, schedule and checkpoint flag combinations,
+and `config_problems`, the whole RunConfig check behind RunConfig.validate (every problem, each with its fix).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import TYPE_CHECKING, List, Optional, Sequence
+
+from megatron_mile import kernels, option_checks
+from megatron_mile.data.splits import data_flag_problems
+
+if TYPE_CHECKING:  # annotations only: run_config imports this module
+    from megatron_mile.config.run_config import RunConfig
+    from megatron_mile.config.sections import TrainingConfig
+
+
+class ConfigError(ValueError):
+    """Invalid flags or flag combinations; the message lists every problem and how to fix it."""
+
+
+# The range of every numeric flag, checked at start-up (RunConfig.validate) so that a bad value stops the run
+# before any work instead of crashing later (a zero interval dividing, a negative size reaching torch).
+# Unset optional flags (None) are not checked. Every float flag must also be finite.
+_AT_LEAST_ONE = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
+    "kv_channels",
+    "max_position_embeddings", "rotary_base", "make_vocab_size_divisible_by", "micro_batch_size",
+    "global_batch_size", "train_iters", "train_samples", "lr_decay_iters", "lr_decay_samples", "exit_interval",
+    "log_interval", "eval_interval", "max_skipped_iterations", "distributed_timeout_minutes", "recompute_num_layers",
+    "ddp_bucket_size", "context_parallel_size",
+)
+_AT_LEAST_ZERO = ("exit_duration_in_mins", "manual_gc_interval", "lr", "min_lr", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init", "weight_decay",
+                  "start_weight_decay", "end_weight_decay", "decoupled_lr", "decoupled_min_lr", "sgd_momentum",
+                  "clip_grad", "eval_iters", "num_workers", "seed", "label_smoothing", "z_loss_coeff")
+_POSITIVE = ("norm_epsilon", "init_method_std", "adam_eps")
+
+
+def _range_problems(config: "RunConfig") -> List[str]:
+    """One message per numeric flag outside its range (or not finite), naming the flag and the value."""
+    problems = []
+    for section_name in config.SECTIONS:
+        section = getattr(config, section_name)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            name = "--" + f.name.replace("_", "-")
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value}")
+            elif f.name in _AT_LEAST_ONE and value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+            elif f.name in _AT_LEAST_ZERO and value < 0:
+                problems.append(f"{name} must be >= 0, got {value}")
+            elif f.name in _POSITIVE and value <= 0:
+                problems.append(f"{name} must be > 0, got {value}")
+    return problems
+
+
+def schedule_problems(config: "RunConfig") -> List[str]:
+    """The learning-rate and weight-decay schedule flags' combinations, as Megatron-LM checks them: iteration
+    flags with --train-iters, sample flags with --train-samples, one way to give the warmup, WSD's anneal."""
+    o, t = config.optimizer, config.training
+    problems = []
+    if t.train_iters is None and t.train_samples is None:
+        problems.append("the run length is required: give --train-iters (steps) or --train-samples")
+        return problems
+    by_samples = t.train_samples is not None
+    unit, other = ("samples", "iters") if by_samples else ("iters", "samples")
+    for name in ("lr_decay", "lr_wsd_decay", "lr_warmup"):
+        value = getattr(o, f"{name}_{other}")
+        if value not in (None, 0):
+            problems.append(f"--{name.replace('_', '-')}-{other} needs --train-{other}: with --train-{unit} "
+                            f"give --{name.replace('_', '-')}-{unit}")
+    warmup = o.lr_warmup_samples if by_samples else o.lr_warmup_iters
+    if o.lr_warmup_fraction is not None:
+        if warmup:
+            problems.append(f"give one of --lr-warmup-fraction or --lr-warmup-{unit}, not both")
+        if not 0 <= o.lr_warmup_fraction <= 1:
+            problems.append(f"--lr-warmup-fraction must lie in [0, 1], got {o.lr_warmup_fraction}")
+    decay = o.lr_decay_samples or t.train_samples if by_samples else o.lr_decay_iters or t.train_iters
+    if o.lr_warmup_fraction is None and warmup >= decay:
+        problems.append(f"--lr-warmup-{unit} {warmup} must be smaller than the decay length {decay} "
+                        f"(--lr-decay-{unit}, default --train-{unit}): lower --lr-warmup-{unit} or train longer")
+    wsd = o.lr_wsd_decay_samples if by_samples else o.lr_wsd_decay_iters
+    if o.lr_decay_style == "WSD":
+        if wsd is None:
+            problems.append(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit} (the length of the final anneal)")
+        elif not 0 < wsd <= decay:
+            problems.append(f"--lr-wsd-decay-{unit} {wsd} must lie in (0, {decay}] (the decay length)")
+    if o.weight_decay_incr_style == "constant" and o.start_weight_decay != o.end_weight_decay:
+        problems.append("--start-weight-decay and --end-weight-decay differ: give --weight-decay-incr-style "
+                        "linear or cosine (or drop them for a constant --weight-decay)")
+    if o.decoupled_min_lr is not None and o.decoupled_lr is None:
+        problems.append("--decoupled-min-lr needs --decoupled-lr")
+    return problems
+
+
+def checkpoint_flag_problems(t: "TrainingConfig") -> List[str]:
+    """The checkpoint loading/saving flags' conflicts, each with its fix."""
+    problems = []
+    if t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler:
+        problems.append("give at most one of --override-opt_param-scheduler (the flags' schedule) and "
+                        "--use-checkpoint-opt_param-scheduler (the checkpoint's)")
+    if t.ckpt_format != "torch_dist":
+        problems.append(f"--ckpt-format {t.ckpt_format}: only torch_dist checkpoints are read and written; convert "
+                        "others with Megatron-LM's tools/checkpoint/convert.py (--saver core, torch_dist)")
+    if t.ckpt_step is not None and t.ckpt_step < 0:
+        problems.append(f"--ckpt-step must be >= 0, got {t.ckpt_step}")
+    return problems
+
+
+def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
+                    kernel_support: Optional[kernels.KernelSupport] = None,
+                    extra_problems: Sequence[str] = ()) -> List[str]:
+    """Every invalid setting or combination of `config` (finalized) for `world_size` ranks, each with its
+    fix; RunConfig.validate documents the arguments."""
+    problems: List[str] = list(extra_problems)
+    m, p, l, o, d, t = config.model, config.parallel, config.loss, config.optimizer, config.data, config.training
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    sizes_valid = tp >= 1 and pp >= 1 and cp >= 1
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    problems.extend(_range_problems(config))
+    need(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    if sizes_valid:
+        names, sizes = ("TP * PP", f"{tp} * {pp}") if cp == 1 else ("TP * PP * CP", f"{tp} * {pp} * {cp}")
+        need(
+            world_size % config.model_parallel_size() == 0,
+            f"world size {world_size} is not divisible by {names} = {sizes}: launch a multiple of "
+            f"{config.model_parallel_size()} processes (torchrun --nproc_per_node) or change the parallel sizes",
+        )
+        need(
+            m.num_attention_heads % tp == 0,
+            f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads {m.num_attention_heads}",
+        )
+        need(
+            m.num_query_groups % tp == 0,
+            f"--tensor-model-parallel-size {tp} does not divide --num-query-groups {m.num_query_groups}",
+        )
+        need(
+            m.num_layers % pp == 0,
+            f"--pipeline-model-parallel-size {pp} does not divide --num-layers {m.num_layers}",
+        )
+    need(
+        m.hidden_size % max(m.num_attention_heads, 1) == 0,
+        f"--num-attention-heads {m.num_attention_heads} does not divide --hidden-size {m.hidden_size}",
+    )
+    need(
+        m.num_attention_heads % max(m.num_query_groups, 1) == 0,
+        f"--num-query-groups {m.num_query_groups} does not divide --num-attention-heads {m.num_attention_heads}",
+    )
+    # As Megatron-LM: also with rope, whose tables (and an exported model's advertised context) are sized
+    # by --max-position-embeddings.
+    need(0 < m.rotary_percent <= 1, f"--rotary-percent must lie in (0, 1], got {m.rotary_percent}")
+    if not gpu_available:
+        need(m.attention_backend in ("auto", "local", "unfused"),
+             f"--attention-backend {m.attention_backend} needs a CUDA GPU with Transformer Engine; on CPU use "
+             "--attention-backend auto (or local)")
+        need(not m.apply_layernorm_1p, "--apply-layernorm-1p needs a CUDA GPU (Transformer Engine's or apex's "
+             "fused norms); on CPU drop it")
+    need(
+        m.max_position_embeddings >= m.seq_length,
+        f"--max-position-embeddings {m.max_position_embeddings} must be >= --seq-length {m.seq_length}: "
+        "raise it (or leave it unset: it defaults to --seq-length)",
+    )
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        v = p.num_layers_per_virtual_pipeline_stage
+        need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        need(
+            v >= 1 and pp >= 1 and m.num_layers % (pp * v) == 0,
+            f"--num-layers {m.num_layers} must be divisible by PP * --num-layers-per-virtual-pipeline-stage "
+            f"= {pp} * {v}",
+        )
+    dp = config.data_parallel_size(world_size) if sizes_valid else 0
+    if dp >= 1 and t.micro_batch_size >= 1:
+        need(
+            t.global_batch_size % (t.micro_batch_size * dp) == 0,
+            f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size * DP = "
+            f"{t.micro_batch_size} * {dp}",
+        )
+
+    # Loss flags only make sense with their loss type.
+    if l.loss_type != "mile":
+        for name in ("mile_gamma", "mile_sigma", "mile_entropy_threshold"):
+            need(getattr(l, name) is None, f"--{name.replace('_', '-')} needs --loss-type mile")
+    if l.loss_type != "focal":
+        need(l.focal_gamma is None, "--focal-gamma needs --loss-type focal")
+    need(math.isfinite(l.gamma) and l.gamma >= 0, f"the loss gamma must be >= 0, got {l.gamma}")
+    need(math.isfinite(l.sigma) and l.sigma > 0, f"--mile-sigma must be > 0, got {l.sigma}")
+    if l.mile_entropy_threshold is not None:
+        need(0 <= l.mile_entropy_threshold <= 1, "--mile-entropy-threshold must lie in [0, 1]")
+    need(l.label_smoothing < 1, f"--label-smoothing must lie in [0, 1), got {l.label_smoothing}")
+
+    need(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+    need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "--adam-beta1/2 must lie in [0, 1)")
+    need(0 <= m.hidden_dropout < 1 and 0 <= m.attention_dropout < 1, "dropout probabilities must lie in [0, 1)")
+    problems.extend(schedule_problems(config))
+    if t.log_entropy_histogram_interval is not None:
+        need(t.log_entropy_histogram_interval >= 0, "--log-entropy-histogram-interval must be >= 0 (0 = off)")
+        need(t.log_entropy_histogram_interval == 0 or t.tensorboard_dir is not None,
+             "--log-entropy-histogram-interval writes TensorBoard histograms: add --tensorboard-dir <dir>")
+
+    # Data.
+    need(
+        bool(d.mock_data) != bool(d.data_path),
+        "give exactly one of --data-path (prepared .bin/.idx prefixes) or --mock-data",
+    )
+    problems.extend(data_flag_problems(d.data_path, d.split, t.eval_iters))
+    need(d.tokenizer_type is not None, "--tokenizer-type is required (NullTokenizer with --vocab-size for --mock-data)")
+    if d.tokenizer_type == "NullTokenizer":
+        need(d.vocab_size is not None and d.vocab_size >= 2, "NullTokenizer needs --vocab-size >= 2")
+    if d.tokenizer_type in ("HuggingFaceTokenizer", "SentencePieceTokenizer"):
+        need(d.tokenizer_model is not None, f"{d.tokenizer_type} needs --tokenizer-model")
+    if d.tokenizer_type == "GPT2BPETokenizer":
+        need(d.vocab_file is not None and d.merge_file is not None, "GPT2BPETokenizer needs --vocab-file and --merge-file")
+
+    problems.extend(checkpoint_flag_problems(t))
+    if t.save_interval is not None:
+        need(t.save is not None, "--save-interval needs --save <dir>")
+        need(t.save_interval >= 1, f"--save-interval must be >= 1, got {t.save_interval}")
+
+    # GPU-only features: the backend here; layer implementation, FP8, fusions and sequence parallelism
+    # in megatron_mile.kernels.
+    if not gpu_available:
+        need(p.distributed_backend != "nccl", "--distributed-backend nccl needs CUDA GPUs; use gloo on CPU")
+    if kernel_support is None:
+        kernel_support = kernels.detect_kernel_support(gpu_available)
+    problems.extend(kernels.config_problems(config, gpu_available, kernel_support))
+    # Recomputation, overlapped gradient reduction / parameter gathering, document masking.
+    problems.extend(option_checks.config_problems(config))
+    return problems

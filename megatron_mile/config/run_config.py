@@ -1,0 +1,78 @@
+"""RunConfig: every section of one training run, the defaults that depend on other fields (finalize), and
+the start-up check of the whole (validate, in megatron_mile.config.checks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+from megatron_mile import kernels
+from megatron_mile.config.checks import ConfigError, config_problems
+from megatron_mile.config.sections import DataConfig, KernelConfig, LossConfig, ModelConfig
+from megatron_mile.config.sections import OptimizerConfig, ParallelConfig, RecomputeConfig, TrainingConfig
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+
+    SECTIONS = ("model", "parallel", "loss", "optimizer", "data", "training", "kernels", "recompute")
+    # Log lines for the Megatron-LM flags the run set that the project provides by construction
+    # (megatron_mile.megatron_lm_flags); not a section: they configure nothing.
+    notes: List[str] = field(default_factory=list)
+
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the model and one data shard: TP * PP * CP."""
+        p = self.parallel
+        return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size()
+
+    def finalize(self, world_size: int) -> None:
+        """Fill defaults that depend on other fields (done before validate)."""
+        m, t = self.model, self.training
+        if m.ffn_hidden_size is None:
+            m.ffn_hidden_size = 4 * m.hidden_size
+        if m.max_position_embeddings is None:
+            m.max_position_embeddings = m.seq_length
+        if not m.group_query_attention:
+            m.num_query_groups = m.num_attention_heads
+        dp = max(1, self.data_parallel_size(world_size))
+        if t.global_batch_size is None:
+            t.global_batch_size = t.micro_batch_size * dp
+        d = self.data
+        if d.tokenizer_type is None and d.vocab_file and d.merge_file:
+            d.tokenizer_type = "GPT2BPETokenizer"  # as Megatron-LM's GPT-3 script: a BPE vocabulary and merges
+        if t.train_samples is not None and t.train_iters is None:
+            t.train_iters = t.train_samples // t.global_batch_size  # as Megatron-LM (no batch ramp-up)
+        o = self.optimizer
+        if o.lr_decay_iters is None and t.train_samples is None:
+            o.lr_decay_iters = t.train_iters
+        if o.start_weight_decay is None:
+            o.start_weight_decay = o.weight_decay
+        if o.end_weight_decay is None:
+            o.end_weight_decay = o.weight_decay
+
+    def validate(self, world_size: int, gpu_available: bool,
+                 kernel_support: Optional[kernels.KernelSupport] = None, extra_problems: Sequence[str] = ()) -> None:
+        """Raise ConfigError listing every invalid setting or combination, each with its fix.
+
+        kernel_support: the optional GPU packages to check kernel flags against (default: this machine's,
+        detected without importing them); KernelSupport.full() checks a script meant for a GPU cluster.
+        extra_problems: found by the caller (e.g. refused Megatron-LM flags), reported in the same message.
+        """
+        problems = config_problems(self, world_size, gpu_available, kernel_support, extra_problems)
+        if problems:
+            raise ConfigError(
+                "invalid configuration:\n" + "\n".join(f"  - {problem}" for problem in problems)
+            )
