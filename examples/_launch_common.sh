@@ -12,6 +12,10 @@
 #   FUSED_LM_HEAD=1  output layer + loss fused, without materialising the logits (--fused-lm-head)
 #   RECOMPUTE        selective | full: activation recomputation (off by default: every recipe fits an 80 GB
 #                    GPU without it, and with flash attention selective recomputation saves ~6%; docs/scale.md)
+#   EXIT_DURATION_IN_MINS  stop, save and exit 0 before this many minutes (a job's wall-time limit less the
+#                    time of a save); SIGTERM (Slurm's warning before a pre-emption or the time limit) does the
+#                    same at any time: every recipe runs with --exit-signal-handler (docs/scale.md)
+#   SHUTDOWN_TIMEOUT (600): seconds torchrun waits for its workers to save after a SIGTERM before killing them
 #   GPUS_PER_NODE (8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (6000): torchrun
 #   DRY_RUN=1        print the torchrun command instead of running it
 set -euo pipefail
@@ -53,6 +57,12 @@ case "${RECOMPUTE:-}" in
 esac
 
 CHECKPOINT_DIR="${CHECKPOINT_DIR:-$REPO/checkpoints/${RECIPE_NAME}-${LOSS_TYPE}}"
+# Pre-emption and wall-time limits: on SIGTERM every rank finishes its step, the run saves and exits 0; the
+# next job (same --save/--load) resumes exactly there.
+EXIT_ARGS=(--exit-signal-handler)
+if [[ -n "${EXIT_DURATION_IN_MINS:-}" ]]; then
+  EXIT_ARGS+=(--exit-duration-in-mins "$EXIT_DURATION_IN_MINS")
+fi
 
 # The paper's optimisation (docs/scale.md): Adam (0.9, 0.95), lr 3e-4 with cosine decay to 0, weight
 # decay 0.1, clipping 1.0, bf16, init std 0.01, LLaMA tokenizer. Transformer Engine layers: fused norms and
@@ -79,8 +89,9 @@ export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 CMD=(
   torchrun --nproc_per_node "${GPUS_PER_NODE:-8}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-6000}"
-  "$REPO/pretrain_gpt_mile.py" "${RECIPE_ARGS[@]}" "${TRAIN_ARGS[@]}" "${LOSS_ARGS[@]}" "${KERNEL_ARGS[@]}"
-  "${RECOMPUTE_ARGS[@]}"
+  --shutdown-timeout "${SHUTDOWN_TIMEOUT:-600}"
+  "$REPO/pretrain_gpt_mile.py" "${RECIPE_ARGS[@]}" "${TRAIN_ARGS[@]}" "${EXIT_ARGS[@]}" "${LOSS_ARGS[@]}"
+  "${KERNEL_ARGS[@]}" "${RECOMPUTE_ARGS[@]}"
 )
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then

@@ -40,7 +40,7 @@ FIELD_GROUPS = {
     **dict.fromkeys(("optimizer",), "training"),
     **dict.fromkeys(("bf16", "grad_reduce_in_bf16", "accumulate_allreduce_grads_in_fp32",
                      "attention_softmax_in_fp32"), "mixed precision"),
-    **dict.fromkeys(("save", "load", "save_interval"), "checkpointing"),
+    **dict.fromkeys(("save", "load", "save_interval", "async_save"), "checkpointing"),
     **dict.fromkeys(("eval_interval", "eval_iters"), "validation"),
     **dict.fromkeys(("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size"), "tokenizer"),
     **dict.fromkeys(("log_interval", "tensorboard_dir", "log_entropy_histogram_interval", "no_progress",

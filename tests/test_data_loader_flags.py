@@ -56,3 +56,32 @@ def test_no_mmap_bin_files_reaches_megatrons_dataset_config():
     tokenizer = build_run_tokenizer(default)
     assert gpt_dataset_config(default, tokenizer, None).mmap_bin_files is True
     assert gpt_dataset_config(off, tokenizer, None).mmap_bin_files is False
+
+
+def test_workers_leave_the_global_random_streams_alone():
+    """Dropout draws from torch's global generator: a run must not depend on --num-workers."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    config = parse_args(TINY_LLAMA + ["--num-workers", "2"], world_size=1)
+    next(iter(micro_batch_iterator(WorkerStampedSamples(), config, 0)))
+    assert torch.equal(torch.rand(3), expected)
+
+
+class SignalDispositionSamples(WorkerStampedSamples):
+    """labels: 1 where SIGTERM is ignored in the process that read the sample."""
+
+    def __getitem__(self, index):
+        import signal
+
+        sample = super().__getitem__(index)
+        sample["labels"] = np.full(4, int(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN))
+        return sample
+
+
+@pytest.mark.parametrize("handler, ignored", [([], 0), (["--exit-signal-handler"], 1)])
+def test_workers_ignore_the_exit_signal_under_the_handler(handler, ignored):
+    """A SIGTERM sent to the process group must not kill the loader's workers while the main process saves."""
+    config = parse_args(TINY_LLAMA + ["--num-workers", "2", *handler], world_size=1)
+    batches = list(micro_batch_iterator(SignalDispositionSamples(), config, 0))
+    assert {int(b["labels"][0, 0]) for b in batches} == {ignored}

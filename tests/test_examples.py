@@ -74,7 +74,7 @@ def test_script_flags_exist_and_validate(recipe, nnodes):
                    MASTER_ADDR="node0", MASTER_PORT="29500")
     launcher, flags = split_command(argv)
     assert launcher == {"--nproc_per_node": "8", "--nnodes": str(nnodes), "--node_rank": str(nnodes - 1),
-                        "--master_addr": "node0", "--master_port": "29500"}
+                        "--master_addr": "node0", "--master_port": "29500", "--shutdown-timeout": "600"}
     world = 8 * nnodes
     build_parser().parse_args(flags)  # unknown flags exit here with argparse's message
     config = parse_args(flags, world_size=world, gpu_available=True, kernel_support=H100)
@@ -160,6 +160,52 @@ def test_slurm_script_launches_one_torchrun_per_node():
     assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --gpus-per-node=8" in text
     assert "srun" in text and "pretrain_llama_6.7b.sh" in text and "SLURM_NODEID" in text
     assert subprocess.run(["bash", "-n", str(EXAMPLES / "slurm_pretrain_6.7b.sbatch")]).returncode == 0
+
+
+def _run_sbatch(tmp_path, before, after):
+    """The Slurm script with stub srun/scontrol: srun moves {save}/summary.json from `before` to `after`
+    iterations (None: no summary); returns (exit code, the scontrol calls, output)."""
+    stubs, save = tmp_path / "bin", tmp_path / "ckpt"
+    stubs.mkdir(parents=True)
+    save.mkdir(parents=True)
+    summary = lambda done: json.dumps({"iterations": done, "config": {"training": {"train_iters": 25000}}})
+    if before is not None:
+        (save / "summary.json").write_text(summary(before))
+    after_text = summary(after) if after is not None else ""
+    (stubs / "srun").write_text(f"#!/bin/bash\nprintf '%s' '{after_text}' > {save}/summary.json\nexit 1\n")
+    (stubs / "scontrol").write_text(f"#!/bin/bash\nif [[ $1 == show ]]; then echo node0; else echo \"$@\" >> {tmp_path}/calls; fi\n")
+    for stub in ("srun", "scontrol"):
+        (stubs / stub).chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node[0-1]", SLURM_JOB_NUM_NODES="2",
+               SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="42", CHECKPOINT_DIR=str(save))
+    out = subprocess.run(["bash", str(EXAMPLES / "slurm_pretrain_6.7b.sbatch")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    calls = (tmp_path / "calls").read_text().split("\n") if (tmp_path / "calls").exists() else []
+    return out.returncode, [c for c in calls if c], out.stdout + out.stderr
+
+
+def test_slurm_script_requeues_a_job_stopped_by_its_signal(tmp_path):
+    text = (EXAMPLES / "slurm_pretrain_6.7b.sbatch").read_text()
+    assert "#SBATCH --signal=TERM@" in text and "#SBATCH --requeue" in text
+    # Progress, not finished (torchrun's own exit code after the signal is 1): requeued.
+    code, calls, output = _run_sbatch(tmp_path / "a", before=1000, after=1800)
+    assert (code, calls) == (0, ["requeue 42"]), output
+    # The first job of the chain (no summary yet) that saved: requeued too.
+    code, calls, output = _run_sbatch(tmp_path / "b", before=None, after=300)
+    assert (code, calls) == (0, ["requeue 42"]), output
+    # No progress (a crash at start-up): not requeued forever; the job fails.
+    code, calls, output = _run_sbatch(tmp_path / "c", before=1000, after=1000)
+    assert code == 1 and calls == [] and "not requeueing" in output
+    # Finished: nothing to do.
+    code, calls, output = _run_sbatch(tmp_path / "d", before=24000, after=25000)
+    assert (code, calls) == (0, []), output
+
+
+def test_recipes_stop_cleanly_on_sigterm_and_on_a_time_budget():
+    launcher, flags = split_command(dry_run("pretrain_llama_6.7b.sh", EXIT_DURATION_IN_MINS="10070"))
+    assert "--exit-signal-handler" in flags and flags[flags.index("--exit-duration-in-mins") + 1] == "10070"
+    assert int(launcher["--shutdown-timeout"]) >= 300  # torchrun lets its workers finish the save
+    assert "--exit-duration-in-mins" not in split_command(dry_run("pretrain_llama_6.7b.sh"))[1]
 
 
 def test_compare_losses_refuses_an_unknown_run_before_any_work(tmp_path):

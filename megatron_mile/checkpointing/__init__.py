@@ -17,6 +17,7 @@ Layout of a save directory::
 
 Modules: policy first, format last.
 
+- `async_save`: --async-save, the commit of a checkpoint written in the background.
 - `save` / `load`: the orchestration (save_checkpoint, load_checkpoint, load_model_weights); `save.common_state`
   is the one place that decides the plain data stored with the tensors.
 - `tracker`: iteration directory names, the latest-iteration tracker file, finding the checkpoint to load,
@@ -37,6 +38,7 @@ Modules: policy first, format last.
 - `collectives`: the agreement collectives that stop every rank with the same reason; `errors`: CheckpointError.
 """
 
+from megatron_mile.checkpointing import async_save
 from megatron_mile.checkpointing.compatibility import ARCHITECTURE_FIELDS
 from megatron_mile.checkpointing.errors import CheckpointError
 from megatron_mile.checkpointing.load import load_checkpoint, load_model_weights
@@ -56,6 +58,7 @@ from megatron_mile.checkpointing.tracker import (
 )
 
 __all__ = [
+    "async_save",
     "ARCHITECTURE_FIELDS",
     "CheckpointError",
     "FORMAT",

@@ -101,7 +101,7 @@ def check_finite(model: list) -> None:
 
 def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler, consumed_samples: int,
                     config_dict: dict, extra: Optional[dict] = None, consumed_valid_samples: int = 0,
-                    save_rng: bool = True) -> str:
+                    save_rng: bool = True, async_group=None):
     """Save model chunks, optimizer, scheduler, RNG states, consumed samples and config as `iteration`.
 
     Must be called on every rank. Returns the final checkpoint directory. `optimizer` None saves no
@@ -112,11 +112,16 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
     nothing, when any parameter is non-finite; and, having removed the partial save, when a write fails on
     any rank (one line naming the directory, and for a full disk the bytes needed and free).
 
+    With `async_group` (--async-save; a gloo group of all ranks, megatron_mile.checkpointing.async_save) the
+    tensors are copied to CPU memory and written by a background thread: this returns a PendingSave at once,
+    and the checkpoint is committed by its finalize(), never before every rank's files are written.
+
     Collectives (default group unless named): all-reduce of the non-finite flags; broadcast of the temp
     directory name from rank 0; megatron's save validation (all-gathers of shard metadata); the
     distributed optimizer's gather of its state over the DP group when it is used; those of
-    torch.distributed.checkpoint.save; an all_gather_object after each of the four phases (start, tensors,
-    RNG and description, commit); one barrier before the commit; on failure, a broadcast of the message.
+    torch.distributed.checkpoint.save (over `async_group`, from the background thread, when given); an
+    all_gather_object after each of the four phases (start, tensors, RNG and description, commit); one
+    barrier before the commit; on failure, a broadcast of the message.
     """
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
@@ -135,7 +140,10 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
                                           consumed_samples, consumed_valid_samples, scheduler,
                                           torch_dist.content_metadata()))
     sharded, common = torch_dist.prepare_save(state)
-    attempt = _SaveAttempt(save_dir, tmp, final, iteration, torch_dist.main_replica_bytes(sharded))
+    attempt = _SaveAttempt(save_dir, tmp, final, iteration, torch_dist.main_replica_bytes(sharded), run_id)
+    # Taken now: by the time an asynchronous save commits, the scheduler and the RNG streams have moved on.
+    metadata = common_state(iteration, consumed_samples, model, optimizer, scheduler, config_dict, extra,
+                            consumed_valid_samples, has_rng=save_rng) if rank == 0 else None
 
     def start() -> None:
         if rank == 0:
@@ -143,25 +151,15 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
             tmp.mkdir()
             torch_dist.write_common(common, tmp)
 
-    def describe() -> None:
-        if save_rng:
-            save_rng_state(tmp)
-        if rank == 0:
-            torch_dist.write_format_tag(tmp)
-            metadata = common_state(iteration, consumed_samples, model, optimizer, scheduler, config_dict, extra,
-                                    consumed_valid_samples, has_rng=save_rng)
-            # Written last among rank 0's files: a directory with it has all of rank 0's parts.
-            write_json_atomic(tmp / METADATA_FILENAME, metadata, indent=1, sort_keys=True)
-
     attempt.run(start)
+    # The RNG states of now (the agreement after `start` guarantees the directory exists on every rank).
+    attempt.run(lambda: save_rng_state(tmp) if save_rng else None)
+    if async_group is not None:
+        from megatron_mile.checkpointing.async_save import PendingSave
+
+        return PendingSave(attempt, torch_dist.write_sharded_async(sharded, tmp, async_group), metadata)
     attempt.run(lambda: torch_dist.write_sharded(sharded, tmp))
-    attempt.run(describe)
-    _before_commit(tmp)
-    barrier()  # every rank's files are in tmp
-    # The agreement after the commit also keeps every rank from returning before the checkpoint is visible.
-    attempt.run(lambda: attempt.commit(run_id) if rank == 0 else None)
-    if rank == 0:
-        print(f" saved checkpoint at iteration {iteration:7d} to {final}", flush=True)
+    attempt.finish(metadata)
     return str(final)
 
 
@@ -172,10 +170,29 @@ def _before_commit(tmp: Path) -> None:
 class _SaveAttempt:
     """One save's phases, each followed by the ranks' agreement on whether a write failed."""
 
-    def __init__(self, save_dir: Path, tmp: Path, final: Path, iteration: int, local_bytes: int) -> None:
+    def __init__(self, save_dir: Path, tmp: Path, final: Path, iteration: int, local_bytes: int,
+                 run_id: Optional[str]) -> None:
         self.save_dir, self.tmp, self.final, self.iteration = save_dir, tmp, final, iteration
         self.local_bytes = local_bytes  # this rank's tensor bytes: the size estimate without a previous save
+        self.run_id = run_id  # rank 0: the run's id (its leftover temp directories are removed at the commit)
         self.placed = False  # rank 0: the temp directory was renamed to the final name
+
+    def finish(self, metadata: Optional[dict]) -> None:
+        """After every rank's tensors are written: rank 0's description and format tag, then the commit.
+        Collectives: an all_gather_object after each phase, a barrier between them."""
+        def describe() -> None:
+            if global_rank() == 0:
+                torch_dist.write_format_tag(self.tmp)
+                # Written last among rank 0's files: a directory with it has all of rank 0's parts.
+                write_json_atomic(self.tmp / METADATA_FILENAME, metadata, indent=1, sort_keys=True)
+
+        self.run(describe)
+        _before_commit(self.tmp)
+        barrier()  # every rank's files are in tmp
+        # The agreement after the commit also keeps every rank from returning before the checkpoint is visible.
+        self.run(lambda: self.commit() if global_rank() == 0 else None)
+        if global_rank() == 0:
+            print(f" saved checkpoint at iteration {self.iteration:7d} to {self.final}", flush=True)
 
     def run(self, phase: Callable[[], None]) -> None:
         """Run `phase` on every rank, then agree: when any rank's write failed, rank 0 removes the partial
@@ -203,7 +220,7 @@ class _SaveAttempt:
             raise unexpected
         raise CheckpointError(message) from None
 
-    def commit(self, run_id: str) -> None:
+    def commit(self) -> None:
         """Rank 0: move the finished temp directory into place, then point the tracker at it."""
         # Re-saving an iteration replaces the old copy; a crash between its two renames leaves iter_X missing
         # and the tracker naming it: loading then stops with a clear error (the old copy is in a .old- dir).
@@ -211,7 +228,7 @@ class _SaveAttempt:
         self.placed = True
         write_latest_iteration(self.save_dir, self.iteration)
         # Leftovers of this run's saves that crashed before their rename are never loaded; clear them.
-        remove_leftovers(self.save_dir, run_id, keep=self.tmp)
+        remove_leftovers(self.save_dir, self.run_id, keep=self.tmp)
 
     def _remove_partial_save(self) -> None:
         """Rank 0: delete what this save wrote; a placed directory only when the tracker does not name it."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
@@ -46,6 +47,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed import checkpoint as torch_dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -131,6 +133,55 @@ def write_sharded(sharded: dict, checkpoint_dir: Path) -> None:
     gather of the write results) over the default group.
     """
     _InProcessTorchDistSaveStrategy().save(sharded, Path(checkpoint_dir))
+
+
+def write_sharded_async(sharded: dict, checkpoint_dir: Path, process_group) -> Future:
+    """write_sharded in the background: this rank's tensors are copied to CPU memory now (the caller may
+    change them as soon as this returns), then written by a thread (torch.distributed.checkpoint.async_save).
+
+    The future completes when this rank's files are written (rank 0: also ``.metadata``); its result()
+    raises the write's error. Collectives: those of torch.distributed.checkpoint.save, issued from the
+    background thread over `process_group`, which must be a CPU (gloo) group of all ranks that nothing else
+    uses, so that they never interleave with the training's collectives.
+    """
+    for tensor in nested_values(sharded):
+        if isinstance(tensor, ShardedTensor) and tensor.data is not None:
+            # Why copy here rather than let torch stage: torch's stager leaves CPU tensors uncopied (the next
+            # optimizer step updates them in place while the thread writes) and cannot copy the wrapper
+            # tensors megatron's state dict becomes; so the shards are copied first, and staged as they are.
+            tensor.data = tensor.data.detach().to("cpu", copy=True)
+    return torch_dcp.async_save(_torch_state_dict(sharded), storage_writer=_writer(checkpoint_dir),
+                                planner=_planner(), process_group=process_group, async_stager=_AlreadyStaged())
+
+
+class _AlreadyStaged(AsyncStager):
+    """torch's async-save staging step for a state dict whose tensors are private CPU copies already."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _torch_state_dict(sharded: dict) -> dict:
+    """megatron's sharded state dict as torch.distributed.checkpoint takes it; only the main replica of each
+    shard is written (as megatron's own strategy does)."""
+    flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+    return mcore_to_pyt_state_dict(flat, False)
+
+
+def _writer(checkpoint_dir: Path) -> FileSystemWriter:
+    return FileSystemWriter(checkpoint_dir, single_file_per_rank=True, sync_files=True, thread_count=1)
+
+
+def _planner() -> MCoreSavePlanner:
+    return MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
 
 
 def write_format_tag(checkpoint_dir: Path) -> None:
@@ -302,14 +353,8 @@ class _InProcessTorchDistSaveStrategy(SaveShardedStrategy):
         super().__init__(_FORMAT_BACKEND, _FORMAT_VERSION)
 
     def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
-        # Only the main replica of each shard is written (as megatron's own strategy does).
-        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-        pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
-        torch_dcp.save(
-            pyt_state_dict,
-            storage_writer=FileSystemWriter(checkpoint_dir, single_file_per_rank=True, sync_files=True, thread_count=1),
-            planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False),
-        )
+        torch_dcp.save(_torch_state_dict(sharded_state_dict), storage_writer=_writer(checkpoint_dir),
+                       planner=_planner())
 
     def can_handle_sharded_objects(self) -> bool:
         return True

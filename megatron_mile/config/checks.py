@@ -220,6 +220,9 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
         need(d.vocab_file is not None and d.merge_file is not None, "GPT2BPETokenizer needs --vocab-file and --merge-file")
 
     problems.extend(checkpoint_flag_problems(t))
+    need(t.exit_signal is None or t.exit_signal_handler,
+         f"--exit-signal {t.exit_signal} needs --exit-signal-handler (without it no signal is caught)")
+    need(not t.async_save or t.save is not None, "--async-save needs --save <dir>")
     if t.save_interval is not None:
         need(t.save is not None, "--save-interval needs --save <dir>")
         need(t.save_interval >= 1, f"--save-interval must be >= 1, got {t.save_interval}")

@@ -10,6 +10,9 @@ from typing import List, Optional
 
 from megatron_mile.loss.spec import LOSS_TYPES
 
+# The signals --exit-signal accepts (Megatron-LM's choices); SIGKILL cannot be caught, so it is no choice.
+EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+
 
 def flag(default, **argparse_kwargs):
     """A dataclass field with extra argparse settings (choices, nargs, alias flag names)."""
@@ -305,6 +308,10 @@ class TrainingConfig:
     """Load this iteration instead of the one latest_checkpointed_iteration.txt names."""
     ckpt_format: str = "torch_dist"
     """Checkpoint format: torch_dist (megatron-core's distributed format) is the one read and written."""
+    async_save: bool = False
+    """Write checkpoints in the background (torch_dist): every rank copies its shards to CPU memory and a
+    thread writes them while training goes on; the checkpoint becomes the latest only after every rank's
+    write has finished (megatron_mile.checkpointing.async_save). Saves at exit and at the end wait."""
     auto_detect_ckpt_format: bool = False
     """Detect the format of the checkpoint to load (only torch_dist is read; others are refused by name)."""
     save_interval: Optional[int] = None
@@ -331,9 +338,15 @@ class TrainingConfig:
     # Megatron-LM's run-control flags (same names, defaults and units).
     distributed_timeout_minutes: int = 10
     """Timeout of the process group's collectives, in minutes."""
-    exit_duration_in_mins: Optional[int] = None
-    """Save (if --save) and exit once training has run this many minutes (checked after each iteration,
-    agreed over all ranks)."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save (if --save) and exit 0 when the next step would end more than this many minutes after the run
+    started (set-up included; checked after each iteration, agreed over all ranks). Leave room for the
+    final save. Megatron-LM takes whole minutes; fractions are accepted here."""
+    exit_signal_handler: bool = False
+    """On --exit-signal (default SIGTERM, which Slurm sends before it kills a job) every rank finishes the
+    current step, the run saves a checkpoint (with --save) and exits 0."""
+    exit_signal: Optional[str] = flag(None, choices=list(EXIT_SIGNALS))
+    """The signal --exit-signal-handler catches. Default: SIGTERM."""
     manual_gc: bool = False
     """Disable Python's automatic garbage collector during training (avoids collections at different times
     on different ranks); collect every --manual-gc-interval iterations instead."""

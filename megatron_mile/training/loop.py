@@ -63,7 +63,19 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
     num_eval_samples) -> (train, validation) default to megatron_mile's GPT model and datasets.
     """
     t = config.training
-    setup = setup_training(config, model_provider, dataset_provider)
+    # The signal handler is in place before set-up (loading a checkpoint can take minutes): a signal then
+    # stops the run after its first step, as in Megatron-LM. The exit budget counts from here too.
+    control = RunControl(t, time.time())
+    control.start()
+    try:
+        return _train(config, control, setup_training(config, model_provider, dataset_provider))
+    finally:
+        control.finish()
+
+
+def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
+    """The step loop of pretrain() on a finished set-up (which it releases at the end)."""
+    t = config.training
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
     iteration, consumed_samples = setup.iteration, setup.consumed_samples
 
@@ -73,7 +85,6 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
 
     result = TrainingResult()
     run_start = time.time()
-    control = RunControl(t, run_start)
     tokens_per_iteration = t.global_batch_size * config.model.seq_length
     skipped_total = nan_total = consecutive_skips = applied_total = 0
     interval_start = time.time()
@@ -96,19 +107,37 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
         tensorboard.scalars(at_iteration, {"validation/lm loss": stats.lm_loss, "validation/training loss": stats.loss,
                                            "validation/lm loss PPL": reporting._safe_exp(stats.lm_loss)})
 
-    def save() -> None:
-        """Checkpoint `iteration`, and write the summary up to it (a resume after a crash finds its history)."""
+    # --async-save: the writer threads' own process group, and the save still being written (at most one).
+    async_group = checkpointing.async_save.checkpoint_group() if t.async_save else None
+    pending = None
+
+    def finish_pending_save(blocking: bool) -> None:
+        """Commit the --async-save checkpoint in flight once every rank has written it (blocking: wait)."""
+        nonlocal pending
+        if pending is not None and pending.finalize(blocking):
+            result.checkpoint, pending = pending.directory, None
+
+    def save(in_background: bool = False) -> None:
+        """Checkpoint `iteration`, and write the summary up to it (a resume after a crash finds its history).
+        in_background: with --async-save, return while the tensors are written (committed later)."""
+        nonlocal pending
+        finish_pending_save(blocking=True)  # one save in flight at a time, committed in order
         finish_parameter_gather(model)  # the weights the optimizer just updated, on every rank
-        result.checkpoint = checkpointing.save_checkpoint(
+        saved = checkpointing.save_checkpoint(
             t.save, iteration, model, None if t.no_save_optim else optimizer, scheduler, consumed_samples,
             setup.config_dict, consumed_valid_samples=setup.consumed_valid_samples, save_rng=not t.no_save_rng,
+            async_group=async_group if in_background else None,
         )
+        if isinstance(saved, str):
+            result.checkpoint = saved
+        else:
+            pending = saved
         if is_logging_rank():
             result.final_iteration, result.consumed_samples = iteration, consumed_samples
             run_summary.write_summary(t.save, config, result, time.time() - run_start, earlier)
 
     try:
-        control.start()
+        control.start_training()
         while iteration < t.train_iters:
             histogram_step = histogram_every > 0 and (iteration + 1) % histogram_every == 0
             # The entropy for logging; a weighting that needs it (MiLe) computes it on every step anyway.
@@ -119,6 +148,7 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
             iteration += 1
             consumed_samples += t.global_batch_size
             control.after_step(iteration)
+            finish_pending_save(blocking=False)  # an --async-save checkpoint whose writers are all done
             interval_iterations += 1
             learning_rate = optimizer.param_groups[0]["lr"]
             if step.skipped:
@@ -171,15 +201,15 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
             if setup.valid_iterators is not None and iteration % t.eval_interval == 0:
                 validate(iteration)
 
-            out_of_time = control.out_of_time()
-            exiting = out_of_time or (t.exit_interval is not None and iteration % t.exit_interval == 0)
-            if t.save and (exiting or (t.save_interval and iteration % t.save_interval == 0)):
-                save()
+            reason = control.exit_reason(step_seconds)  # all ranks agree (a collective when enabled)
+            if reason is None and t.exit_interval is not None and iteration % t.exit_interval == 0:
+                reason = f"--exit-interval {t.exit_interval}"
+            if t.save and (reason is not None or (t.save_interval and iteration % t.save_interval == 0)):
+                save(in_background=reason is None)  # a run about to exit saves in the foreground
                 last_saved_iteration = iteration
-            if exiting:
-                reason = (f"--exit-duration-in-mins {t.exit_duration_in_mins}" if out_of_time
-                          else f"--exit-interval {t.exit_interval}")
-                print_rank_0(f" exiting at iteration {iteration} ({reason})")
+            if reason is not None:
+                saved = "checkpoint saved" if t.save else "nothing saved: no --save"
+                print_rank_0(f" exiting at iteration {iteration} ({reason}); {saved}")
                 exited_early = True
                 break
         if iteration > start_iteration and applied_total == 0:
@@ -196,13 +226,13 @@ def pretrain(config: RunConfig, model_provider=None, dataset_provider=None) -> T
         finish_parameter_gather(model)  # whoever uses the model next sees the final weights
         if t.save and last_saved_iteration != iteration:
             save()
+        finish_pending_save(blocking=True)  # the run ends with its last checkpoint committed
         result.final_iteration = iteration
         result.consumed_samples = consumed_samples
         if t.save and is_logging_rank():
             run_summary.write_summary(t.save, config, result, time.time() - run_start, earlier)
         barrier()  # the summary is written before the --save lock is given up
     finally:
-        control.finish()
         progress.finish()
         tensorboard.close()
         setup.release()  # the --save lock, on success and on failure alike
