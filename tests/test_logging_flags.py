@@ -64,13 +64,13 @@ def test_flops_per_step_match_the_hand_count():
     assert num_floating_point_operations(gqa.model, 2, 256) == hand_count_gqa_swiglu()
 
 
-def train_capturing_stdout(argv, model_provider=None):
-    """Worker body: (per-iteration (lm loss, loss), stdout of the run, extra results of the provider)."""
+def train_capturing_stdout(argv, model_provider=None, world_size=1):
+    """Worker body: (per-iteration (lm loss, loss), stdout of the run)."""
     from megatron_mile.training.loop import pretrain
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        result = pretrain(parse_args(argv, world_size=1), model_provider=model_provider)
+        result = pretrain(parse_args(argv, world_size=world_size), model_provider=model_provider)
     return [(r.lm_loss, r.loss) for r in result.history], out.getvalue()
 
 
@@ -190,6 +190,30 @@ def test_without_the_flags_tensorboard_gets_none_of_it(dist_pool, tmp_path):
     assert "params norm" not in line and "num zeros" not in line and "throughput" not in line
     # Level 1 reports the once-per-step timers, not the per-micro-batch ones of level 2.
     assert "forward-backward" in stdout and "optimizer-inner-step" in stdout and "forward-compute" not in stdout
+
+
+def train(argv, world_size):
+    """Worker body: the run's stdout on the logging (last) rank, '' elsewhere."""
+    from megatron_mile.training.initialize import is_logging_rank
+
+    _, stdout = train_capturing_stdout(argv, world_size=world_size)
+    return stdout if is_logging_rank() else ""
+
+
+def test_params_norm_and_num_zeros_count_each_part_once_over_ranks(dist_pool, tmp_path):
+    """With DP=2 and the distributed optimizer each rank holds half of the fp32 main weights and gradients:
+    the norm and the count must come out as one process's (the same model and global batch)."""
+    flags = TINY + ["--log-interval", "2", "--eval-iters", "0", "--bf16", "--log-params-norm",
+                    "--log-num-zeros-in-grad", "--tensorboard-log-interval", "2"]
+    single = dist_pool(1).run(train, flags + ["--tensorboard-dir", str(tmp_path / "one")], 1)[0]
+    sharded = dist_pool(2).run(train, flags + ["--tensorboard-dir", str(tmp_path / "two"),
+                                               "--use-distributed-optimizer", "--timing-log-level", "1"], 2)[1]
+    one, two = read_scalars(tmp_path / "one"), read_scalars(tmp_path / "two")
+    assert two["train/params norm"] == pytest.approx(one["train/params norm"], rel=1e-5)
+    assert two["train/num zeros"] == one["train/num zeros"] and one["train/num zeros"][4] > 0
+    assert field(log_lines(sharded)[-1], "params norm") == pytest.approx(field(log_lines(single)[-1], "params norm"),
+                                                                        abs=2e-3)
+    assert "all-grads-sync" in sharded and "forward-backward" in sharded  # timers gathered over 2 ranks
 
 
 # ------------------------------------------------------------------ start-up checks, W&B
