@@ -216,6 +216,16 @@ def test_params_norm_and_num_zeros_count_each_part_once_over_ranks(dist_pool, tm
     assert "all-grads-sync" in sharded and "forward-backward" in sharded  # timers gathered over 2 ranks
 
 
+def test_level_2_times_the_pipeline_communication(dist_pool):
+    argv = TINY + ["--log-interval", "4", "--eval-iters", "0", "--pipeline-model-parallel-size", "2",
+                   "--timing-log-level", "2"]
+    stdout = dist_pool(2).run(train, argv, 2)[1]
+    timed = set(re.findall(r"^ +([a-z-]+) \.+: \(", stdout, flags=re.MULTILINE))
+    # Rank 1 (the last stage) receives activations and sends gradients; the timers are gathered over ranks.
+    assert {"forward-recv", "backward-send", "forward-compute", "backward-compute", "batch-generator",
+            "forward-backward", "optimizer"} <= timed, timed
+
+
 # ------------------------------------------------------------------ start-up checks, W&B
 
 @pytest.mark.parametrize("flag", ["--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
