@@ -4,7 +4,7 @@ megatron-core's Timers (megatron.core.timers) measure; the schedules, finalize_m
 optimizer start and stop the timers of their own stages when handed the object (TransformerConfig.timers,
 OptimizerConfig.timers), the training step the others. A timer above the run's level is a no-op.
 
-Level 0: the iteration time only (the log line's `elapsed time per iteration`, measured by the loop).
+Level 0: the iteration time only (the log line's `elapsed time per iteration`, measured by train_log).
 Level 1, stages run about once per step:
   forward-backward (the schedule), all-grads-sync and embedding-grads-all-reduce (gradient reduction),
   optimizer (the whole update) and its stages optimizer-copy-to-main-grad, optimizer-clip-main-grad,
