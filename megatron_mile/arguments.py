@@ -44,7 +44,10 @@ FIELD_GROUPS = {
     **dict.fromkeys(("eval_interval", "eval_iters"), "validation"),
     **dict.fromkeys(("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size"), "tokenizer"),
     **dict.fromkeys(("log_interval", "tensorboard_dir", "log_entropy_histogram_interval", "no_progress",
-                     "log_throughput", "logging_level"), "logging"),
+                     "log_throughput", "logging_level", "tensorboard_log_interval", "tensorboard_queue_size",
+                     "log_params_norm", "log_num_zeros_in_grad", "timing_log_level", "log_timers_to_tensorboard",
+                     "log_validation_ppl_to_tensorboard", "log_memory_to_tensorboard", "wandb_project",
+                     "wandb_exp_name", "wandb_entity", "wandb_save_dir"), "logging"),
     **dict.fromkeys(("profile", "profile_step_start", "profile_step_end", "profile_ranks"), "profiling"),
     **dict.fromkeys(("distributed_timeout_minutes",), "distributed"),
 }

@@ -69,7 +69,11 @@ GROUP_MEMBERS = {
     "validation": ["--eval-interval", "--eval-iters"],
     "data and dataloader": ["--data-path", "--split", "--num-workers"],
     "tokenizer": ["--tokenizer-type", "--vocab-size"],
-    "logging": ["--log-interval", "--tensorboard-dir"],
+    "logging": ["--log-interval", "--tensorboard-dir", "--log-throughput", "--log-params-norm",
+                "--log-num-zeros-in-grad", "--timing-log-level", "--tensorboard-log-interval",
+                "--tensorboard-queue-size", "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+                "--log-memory-to-tensorboard", "--wandb-project", "--wandb-exp-name", "--wandb-entity",
+                "--wandb-save-dir"],
 }
 
 

@@ -4,7 +4,9 @@ and `config_problems`, the whole RunConfig check behind RunConfig.validate (ever
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from dataclasses import fields
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
@@ -29,7 +31,7 @@ _AT_LEAST_ONE = (
     "max_position_embeddings", "rotary_base", "make_vocab_size_divisible_by", "micro_batch_size",
     "global_batch_size", "train_iters", "train_samples", "lr_decay_iters", "lr_decay_samples", "exit_interval",
     "log_interval", "eval_interval", "max_skipped_iterations", "distributed_timeout_minutes", "recompute_num_layers",
-    "ddp_bucket_size", "context_parallel_size",
+    "ddp_bucket_size", "context_parallel_size", "tensorboard_log_interval", "tensorboard_queue_size",
 )
 _AT_LEAST_ZERO = ("exit_duration_in_mins", "manual_gc_interval", "lr", "min_lr", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init", "weight_decay",
                   "start_weight_decay", "end_weight_decay", "decoupled_lr", "decoupled_min_lr", "sgd_momentum",
@@ -108,6 +110,41 @@ def checkpoint_flag_problems(t: "TrainingConfig") -> List[str]:
                         "others with Megatron-LM's tools/checkpoint/convert.py (--saver core, torch_dist)")
     if t.ckpt_step is not None and t.ckpt_step < 0:
         problems.append(f"--ckpt-step must be >= 0, got {t.ckpt_step}")
+    return problems
+
+
+# Weights & Biases flags: they need the optional wandb package (imported only by a run that logs to W&B).
+WANDB_FLAGS = ("wandb_project", "wandb_exp_name", "wandb_entity", "wandb_save_dir")
+# Flags that only choose what goes to TensorBoard: without --tensorboard-dir they would do nothing.
+_TENSORBOARD_ONLY = ("log_timers_to_tensorboard", "log_validation_ppl_to_tensorboard", "log_memory_to_tensorboard")
+
+
+def wandb_available() -> bool:
+    """Whether the wandb package can be imported (found without importing it)."""
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except ValueError:  # a module put in sys.modules by hand, without a spec
+        return "wandb" in sys.modules
+
+
+def logging_flag_problems(t: "TrainingConfig") -> List[str]:
+    """The logging flags' conflicts: TensorBoard content without --tensorboard-dir, W&B without wandb."""
+    problems = []
+    if t.log_entropy_histogram_interval is not None:
+        if t.log_entropy_histogram_interval < 0:
+            problems.append("--log-entropy-histogram-interval must be >= 0 (0 = off)")
+        elif t.log_entropy_histogram_interval and t.tensorboard_dir is None:
+            problems.append("--log-entropy-histogram-interval writes TensorBoard histograms: add --tensorboard-dir <dir>")
+    for name in _TENSORBOARD_ONLY:
+        if getattr(t, name) and t.tensorboard_dir is None:
+            problems.append(f"--{name.replace('_', '-')} writes to TensorBoard: add --tensorboard-dir <dir>")
+    wandb_flags = [name for name in WANDB_FLAGS if getattr(t, name)]
+    if wandb_flags and not wandb_available():
+        flag = "--" + wandb_flags[0].replace("_", "-")
+        problems.append(f"{flag} needs the wandb package: pip install wandb (then runs log offline with "
+                        "WANDB_MODE=offline)")
+    elif wandb_flags and not t.wandb_project:
+        problems.append("--wandb-exp-name, --wandb-entity and --wandb-save-dir need --wandb-project")
     return problems
 
 
@@ -200,10 +237,7 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
     need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "--adam-beta1/2 must lie in [0, 1)")
     need(0 <= m.hidden_dropout < 1 and 0 <= m.attention_dropout < 1, "dropout probabilities must lie in [0, 1)")
     problems.extend(schedule_problems(config))
-    if t.log_entropy_histogram_interval is not None:
-        need(t.log_entropy_histogram_interval >= 0, "--log-entropy-histogram-interval must be >= 0 (0 = off)")
-        need(t.log_entropy_histogram_interval == 0 or t.tensorboard_dir is not None,
-             "--log-entropy-histogram-interval writes TensorBoard histograms: add --tensorboard-dir <dir>")
+    problems.extend(logging_flag_problems(t))
 
     # Data.
     need(

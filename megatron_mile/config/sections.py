@@ -326,6 +326,45 @@ class TrainingConfig:
     """Print a log line every this many iterations."""
     tensorboard_dir: Optional[str] = None
     """Write TensorBoard scalars here."""
+    # Megatron-LM's logging flags (same names, defaults and units; docs in README's "Logs").
+    tensorboard_log_interval: int = 1
+    """Write the per-iteration TensorBoard scalars (losses, learning rate, grad norm, ...) every this many
+    iterations; the interval ones (tokens per second, timers) follow --log-interval."""
+    tensorboard_queue_size: int = 1000
+    """TensorBoard events held in memory before they are written to disk (the SummaryWriter's max_queue)."""
+    log_throughput: bool = False
+    """Add `throughput per GPU (TFLOP/s/GPU)` to the log line: the model's floating-point operations per step
+    (Megatron-LM's count: 3 x the matrix multiplications, recomputation not counted) over the interval's
+    time per iteration and the world size."""
+    log_params_norm: bool = False
+    """Add the L2 norm of all parameters (over every rank; fp32 main weights under --bf16) to the log line and
+    TensorBoard (`train/params norm`), after the logged iteration's update."""
+    log_num_zeros_in_grad: bool = False
+    """Add the number of gradient entries equal to zero (over all ranks; a tensor-parallel shard counts,
+    a replica does not) to the log line and TensorBoard (`train/num zeros`)."""
+    timing_log_level: int = flag(0, choices=[0, 1, 2])
+    """Timers measured and reported every --log-interval (ms per iteration, min and max over ranks):
+    0 the iteration time only; 1 also those run about once per step (forward-backward, all-grads-sync,
+    optimizer and its stages); 2 also those run once per micro-batch (batch-generator, forward-compute,
+    backward-compute, pipeline send/recv). Levels 1 and 2 synchronise ranks and slow training a little."""
+    log_timers_to_tensorboard: bool = False
+    """Write to TensorBoard every --log-interval the timers of --timing-log-level (`<name>-time`, seconds per
+    iteration, max over ranks), `train/iteration time` (seconds) and, with --log-throughput,
+    `train/throughput` (TFLOP/s per GPU)."""
+    log_validation_ppl_to_tensorboard: bool = False
+    """Also write the validation perplexity exp(lm loss) to TensorBoard (`validation/lm loss PPL`)."""
+    log_memory_to_tensorboard: bool = False
+    """Write memory use to TensorBoard: on GPUs torch.cuda's allocator statistics (`mem-reserved-bytes`,
+    `mem-allocated-bytes`, `mem-max-allocated-bytes`, `mem-allocated-count`), on CPU the process's resident
+    set size (`mem-rss-bytes`)."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project to log the run's scalars to. Default: no W&B logging."""
+    wandb_exp_name: Optional[str] = None
+    """Weights & Biases run (experiment) name."""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (user or team) that owns the project."""
+    wandb_save_dir: Optional[str] = None
+    """Local directory for the Weights & Biases files."""
     log_entropy_histogram_interval: Optional[int] = None
     """Every this many iterations, write to TensorBoard the distributions (histograms) of the per-token
     entropy and loss weight over the step's loss-masked tokens, to see how token difficulty moves through

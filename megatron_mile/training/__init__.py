@@ -5,6 +5,9 @@
 - optimizer: DDP wrapping, megatron's optimizer and scheduler, the update that skips non-finite gradients;
 - data: the run's tokenizer, dataset checks and builds, the micro-batch iterators;
 - step: one optimizer step and one evaluation pass on megatron's schedules (the loss collector);
-- loop: pretrain(); reporting: log lines and TensorBoard; summary: {save}/summary.json;
-  token_histograms: the entropy / weight histograms; cli: the entry point's flags and exit codes.
+- loop: pretrain(); train_log: what each step reports (log line every --log-interval, TensorBoard every
+  --tensorboard-log-interval); reporting: log-line formats, the TensorBoard / W&B writer; flops: the step's
+  FLOPs (--log-throughput); diagnostics: parameter norm, memory; timing: --timing-log-level's timers;
+  summary: {save}/summary.json; token_histograms: the entropy / weight histograms; cli: the entry point's
+  flags and exit codes.
 """

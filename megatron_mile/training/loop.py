@@ -28,6 +28,7 @@ from megatron_mile.training.run_control import RunControl
 from megatron_mile.training.optimizer import finish_parameter_gather
 from megatron_mile.training.setup import num_micro_batches, setup_training
 from megatron_mile.training.step import evaluate, train_step
+from megatron_mile.training.train_log import TrainingLog
 
 
 class TrainingStopped(RuntimeError):
@@ -79,20 +80,20 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
     iteration, consumed_samples = setup.iteration, setup.consumed_samples
 
-    tensorboard = reporting.TensorBoardWriter(t.tensorboard_dir if is_logging_rank() else None)
+    logs = is_logging_rank()
+    tensorboard = reporting.TensorBoardWriter(t.tensorboard_dir if logs else None, t.tensorboard_queue_size,
+                                              reporting.start_wandb(t, setup.config_dict) if logs else None)
     progress = reporting.ProgressLine(t.train_iters, enabled=is_logging_rank() and not t.no_progress and sys.stderr.isatty())
     _print_run_summary(config, setup.vocab_size, model)
 
     result = TrainingResult()
     run_start = time.time()
-    tokens_per_iteration = t.global_batch_size * config.model.seq_length
     skipped_total = nan_total = consecutive_skips = applied_total = 0
-    interval_start = time.time()
-    interval_iterations = 0
     histogram_every = token_histograms.histogram_interval(t.log_entropy_histogram_interval, t.eval_interval,
                                                           t.tensorboard_dir)
     last_saved_iteration = iteration if t.load else None
     start_iteration, exited_early = iteration, False
+    training_log = TrainingLog(config, setup, tensorboard, progress, start_iteration, run_start)
     # A resumed run is the same run: its summary continues the history of the segments before it.
     earlier = (run_summary.read_run_history(t.load, iteration, log=print_rank_last)
                if t.save and t.load and iteration > 0 and is_logging_rank() else None)
@@ -104,8 +105,10 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
         setup.consumed_valid_samples += t.eval_iters * t.global_batch_size  # checkpointed: a resume continues
         result.validation.append((at_iteration, stats.lm_loss, stats.loss))
         print_rank_last(reporting.format_validation_log(at_iteration, stats))
-        tensorboard.scalars(at_iteration, {"validation/lm loss": stats.lm_loss, "validation/training loss": stats.loss,
-                                           "validation/lm loss PPL": reporting._safe_exp(stats.lm_loss)})
+        scalars = {"validation/lm loss": stats.lm_loss, "validation/training loss": stats.loss}
+        if t.log_validation_ppl_to_tensorboard:
+            scalars["validation/lm loss PPL"] = reporting._safe_exp(stats.lm_loss)
+        tensorboard.scalars(at_iteration, scalars)
 
     # --async-save: the writer threads' own process group, and the save still being written (at most one).
     async_group = checkpointing.async_save.checkpoint_group() if t.async_save else None
@@ -149,7 +152,6 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             consumed_samples += t.global_batch_size
             control.after_step(iteration)
             finish_pending_save(blocking=False)  # an --async-save checkpoint whose writers are all done
-            interval_iterations += 1
             learning_rate = optimizer.param_groups[0]["lr"]
             if step.skipped:
                 skipped_total += 1
@@ -178,25 +180,7 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             if histogram_step:
                 _log_token_histograms(tensorboard, iteration, step)
 
-            if iteration % t.log_interval == 0:
-                elapsed = time.time() - interval_start
-                per_iteration = elapsed / interval_iterations
-                tokens_per_second = tokens_per_iteration / per_iteration
-                # The run's average rate so far (validation and saves included, as the ETA must count them).
-                rate = (iteration - start_iteration) / max(time.time() - run_start, 1e-9)
-                eta = (t.train_iters - iteration) / rate
-                if is_logging_rank():
-                    progress.stream.write("\r") if progress.enabled else None
-                    print(
-                        reporting.format_train_log(
-                            iteration, t.train_iters, consumed_samples, per_iteration * 1000.0, learning_rate,
-                            t.global_batch_size, step.stats, step.grad_norm, tokens_per_second,
-                            skipped_total, nan_total, config.loss.loss_type, rate, eta,
-                        ),
-                        flush=True,
-                    )
-                tensorboard.scalars(iteration, reporting.step_scalars(step.stats, step.grad_norm, learning_rate, tokens_per_second))
-                interval_start, interval_iterations = time.time(), 0
+            training_log.after_step(iteration, consumed_samples, step, learning_rate, skipped_total, nan_total)
 
             if setup.valid_iterators is not None and iteration % t.eval_interval == 0:
                 validate(iteration)

@@ -73,9 +73,10 @@ def wrap_for_training(config: RunConfig, chunks: list) -> list:
     ]
 
 
-def build_optimizer(config: RunConfig, model: List) -> Tuple[object, OptimizerParamScheduler]:
+def build_optimizer(config: RunConfig, model: List, timers=None) -> Tuple[object, OptimizerParamScheduler]:
     """megatron's Adam or SGD (distributed if asked) and the warmup + decay schedule, stepped once per
     applied update by the global batch size (the schedule counts samples, as Megatron-LM's does).
+    `timers` (megatron.core.timers.Timers) times the optimizer's stages (megatron_mile.training.timing).
 
     Weight decay is not applied to biases and norm weights (megatron's default parameter groups); with
     --decoupled-lr the embedding and output layer get their own peak and minimum learning rates.
@@ -98,6 +99,8 @@ def build_optimizer(config: RunConfig, model: List) -> Tuple[object, OptimizerPa
             params_dtype=model[0].config.params_dtype,
             use_distributed_optimizer=config.parallel.use_distributed_optimizer,
             overlap_param_gather=config.parallel.overlap_param_gather,  # mirrors DDP's, as megatron asks
+            log_num_zeros_in_grad=config.training.log_num_zeros_in_grad,
+            timers=timers,
         ),
         model,
     )
@@ -152,6 +155,7 @@ class UpdateResult(NamedTuple):
     applied: bool
     grad_norm: Optional[float]  # the global norm before clipping; None when not computed (fp16 overflow)
     skipped_because: Optional[str]  # None when applied
+    num_zeros_in_grad: Optional[int] = None  # with --log-num-zeros-in-grad, when the update was applied
 
 
 def step_unless_non_finite(optimizer) -> UpdateResult:
@@ -164,6 +168,10 @@ def step_unless_non_finite(optimizer) -> UpdateResult:
     statistics group), so a run with --clip-grad > 0 pays nothing extra; with --clip-grad 0 it costs that
     all-reduce and one pass over the gradients. The caller zeroes the gradients before the next step.
 
+    With --log-num-zeros-in-grad (the optimizer config's log_num_zeros_in_grad) it also counts the
+    gradient entries equal to zero, as megatron's step does: over the main gradients the optimizer
+    updates, one all-reduce over the same group (the whole world with the distributed optimizer).
+
     Collectives: those of megatron's prepare_grads (the grad scaler's found-inf all-reduce) and
     get_grad_norm (all-reduce of the squared norm over the model-parallel gradient-statistics group).
     Every rank reaches the same decision because the norm is global.
@@ -173,6 +181,9 @@ def step_unless_non_finite(optimizer) -> UpdateResult:
     grad_norm = float(optimizer.get_grad_norm())
     if not math.isfinite(grad_norm):
         return UpdateResult(False, grad_norm, f"the gradient norm is {grad_norm}")
+    settings = getattr(optimizer, "config", None)
+    timers = getattr(settings, "timers", None)
+    _start(timers, "optimizer-clip-main-grad")
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if getattr(sub, "is_stub_optimizer", False) or sub.config.clip_grad <= 0.0:
             continue
@@ -182,8 +193,26 @@ def step_unless_non_finite(optimizer) -> UpdateResult:
                 params, sub.config.clip_grad, grad_norm,
                 sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
             )
+    _stop(timers, "optimizer-clip-main-grad")
+    num_zeros = None
+    if getattr(settings, "log_num_zeros_in_grad", False):
+        _start(timers, "optimizer-count-zeros")
+        num_zeros = int(optimizer.count_zeros())  # clipping scales: zeros stay zeros
+        _stop(timers, "optimizer-count-zeros")
     applied = optimizer.step_with_ready_grads()
-    return UpdateResult(applied, grad_norm, None if applied else "the optimizer reported an unsuccessful update")
+    return UpdateResult(applied, grad_norm, None if applied else "the optimizer reported an unsuccessful update",
+                        num_zeros if applied else None)
+
+
+def _start(timers, name: str) -> None:
+    """Start a level-1 timer of the optimizer (megatron_mile.training.timing); a no-op without timers."""
+    if timers is not None:
+        timers(name, log_level=1).start()
+
+
+def _stop(timers, name: str) -> None:
+    if timers is not None:
+        timers(name).stop()
 
 
 # The dtypes torch's fused CPU Adam kernel takes.

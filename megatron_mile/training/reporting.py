@@ -30,14 +30,21 @@ def format_train_log(
     loss_type: str,
     iterations_per_second: Optional[float] = None,
     eta_seconds: Optional[float] = None,
+    throughput: Optional[float] = None,
+    num_zeros_in_grad: Optional[int] = None,
+    params_norm: Optional[float] = None,
 ) -> str:
     """One training log line in Megatron-LM's format, extended with the weighted-loss scalars and, when
-    given, the run's rate (iterations/s since this run started) and the time left to --train-iters."""
+    given, the run's rate (iterations/s since this run started) and the time left to --train-iters.
+
+    Given, Megatron-LM's optional fields in its places: `throughput` (TFLOP/s per GPU, --log-throughput)
+    after the time per iteration, `num_zeros_in_grad` and `params_norm` after the grad norm."""
     timestamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     parts = [
         f" [{timestamp}] iteration {iteration:8d}/{train_iters:8d}",
         f" consumed samples: {consumed_samples:12d}",
         f" elapsed time per iteration (ms): {elapsed_ms_per_iteration:.1f}",
+        *([f" throughput per GPU (TFLOP/s/GPU): {_throughput_text(throughput)}"] if throughput is not None else []),
         f" learning rate: {learning_rate:.6E}",
         f" global batch size: {global_batch_size:5d}",
         f" lm loss: {stats.lm_loss:.6E}",
@@ -50,6 +57,10 @@ def format_train_log(
     parts.append(f" loss scale: {1.0:.1f}")
     if grad_norm is not None:
         parts.append(f" grad norm: {grad_norm:.3f}")
+    if num_zeros_in_grad is not None:
+        parts.append(f" num zeros: {num_zeros_in_grad}")
+    if params_norm is not None:
+        parts.append(f" params norm: {params_norm:.3f}")
     parts += [
         f" tokens per second: {tokens_per_second:.1f}",
         f" number of skipped iterations: {skipped_iterations:3d}",
@@ -60,6 +71,12 @@ def format_train_log(
     if eta_seconds is not None:
         parts.append(f" ETA: {format_duration(eta_seconds)}")
     return " |".join(parts) + " |"
+
+
+def _throughput_text(tflops: float) -> str:
+    """Megatron-LM's one decimal, or three significant digits below 10 TFLOP/s (small or CPU runs, which one
+    decimal would show as 0.0)."""
+    return f"{tflops:.1f}" if tflops >= 10 else f"{tflops:.3g}"
 
 
 def format_duration(seconds: float) -> str:
@@ -88,10 +105,13 @@ def _safe_exp(x: float) -> float:
 
 
 class TensorBoardWriter:
-    """The same scalars as the log line, to TensorBoard; a no-op without --tensorboard-dir."""
+    """The run's TensorBoard scalars and histograms; a no-op without --tensorboard-dir (and on the ranks
+    that do not log). `queue_size` (--tensorboard-queue-size) events are held before a write to disk.
+    `wandb_run`, a Weights & Biases run (start_wandb), receives the same scalars."""
 
-    def __init__(self, log_dir: Optional[str]):
+    def __init__(self, log_dir: Optional[str], queue_size: int = 1000, wandb_run=None):
         self.writer = None
+        self.wandb_run = wandb_run
         if log_dir is None:
             return
         try:
@@ -100,14 +120,16 @@ class TensorBoardWriter:
             raise RuntimeError(
                 "--tensorboard-dir needs the `tensorboard` package: pip install tensorboard"
             ) from error
-        self.writer = SummaryWriter(log_dir=log_dir, max_queue=100)
+        self.writer = SummaryWriter(log_dir=log_dir, max_queue=queue_size)
 
     def scalars(self, iteration: int, values: Dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        for name, value in values.items():
-            if value is not None:
+        """Write the values that are not None at step `iteration`."""
+        values = {name: value for name, value in values.items() if value is not None}
+        if self.writer is not None:
+            for name, value in values.items():
                 self.writer.add_scalar(name, value, iteration)
+        if self.wandb_run is not None and values:
+            self.wandb_run.log(values, step=iteration)
 
     def histogram_raw(self, iteration: int, name: str, histogram) -> None:
         """A histogram already binned (megatron_mile.training.token_histograms.Histogram); empty ones are skipped."""
@@ -123,21 +145,32 @@ class TensorBoardWriter:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
-def step_scalars(stats: StepLoss, grad_norm: Optional[float], learning_rate: float, tokens_per_second: float,
-                 prefix: str = "train") -> Dict[str, float]:
+def start_wandb(training, run_config: dict):
+    """A Weights & Biases run for --wandb-project (None without it): --wandb-exp-name, --wandb-entity,
+    --wandb-save-dir as Megatron-LM passes them to wandb.init, the run's flags as its config. The wandb
+    package is imported only here (start-up checks refuse the flags when it is missing)."""
+    if not training.wandb_project:
+        return None
+    import wandb
+
+    return wandb.init(project=training.wandb_project, name=training.wandb_exp_name or None,
+                      entity=training.wandb_entity or None, dir=training.wandb_save_dir or None,
+                      config=run_config)
+
+
+def interval_scalars(stats: StepLoss, tokens_per_second: float, prefix: str = "train") -> Dict[str, float]:
+    """The scalars written with each log line (--log-interval): the logged iteration's entropy and weight
+    statistics (the iterations between log lines do not compute the entropy) and the interval's rate."""
     return {
-        f"{prefix}/lm loss": stats.lm_loss,
-        f"{prefix}/training loss": stats.loss,
         f"{prefix}/mean entropy": stats.mean_entropy,
         f"{prefix}/weight min": stats.weight_min,
         f"{prefix}/weight mean": stats.weight_mean,
         f"{prefix}/weight max": stats.weight_max,
-        f"{prefix}/grad norm": grad_norm,
-        f"{prefix}/learning rate": learning_rate,
         f"{prefix}/tokens per second": tokens_per_second,
-        **({f"{prefix}/z loss": stats.z_loss} if stats.z_loss else {}),
     }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from megatron.core import parallel_state
+from megatron.core.timers import Timers
 
 from megatron_mile import checkpointing
 from megatron_mile.arguments import config_to_dict
@@ -27,6 +28,7 @@ from megatron_mile.training import data as run_data
 from megatron_mile.training.initialize import initialize_parallel, print_rank_0, set_random_seeds
 from megatron_mile.training.optimizer import build_optimizer, wrap_for_training
 from megatron_mile.training.step import LossCollector, configure_schedules
+from megatron_mile.training.timing import build_timers
 
 
 def num_micro_batches(config: RunConfig) -> int:
@@ -75,6 +77,7 @@ class TrainingSetup:
     consumed_samples: int = 0
     consumed_valid_samples: int = 0  # validation samples evaluated so far (pretrain's validate() counts them)
     save_lock: Optional[SaveDirectoryLock] = None  # rank 0's lock on --save; None elsewhere
+    timers: Optional[Timers] = None  # --timing-log-level's timers (megatron_mile.training.timing)
 
     def release(self) -> None:
         """Give up what the run holds outside the process (the --save lock). Idempotent, no collectives."""
@@ -194,7 +197,8 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
     chunks = model_provider(config, tokenizer.vocab_size)
     set_random_seeds(t.seed)  # model building re-seeded per layer; restart the runtime streams
     model = wrap_for_training(config, chunks)
-    optimizer, scheduler = build_optimizer(config, model)
+    timers = build_timers(t.timing_log_level)
+    optimizer, scheduler = build_optimizer(config, model, timers)
     config_dict = config_to_dict(config)
 
     iteration, consumed_samples, consumed_valid_samples = _load_at_start(config, model, optimizer, scheduler,
@@ -210,7 +214,7 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
         valid_iterators = _data_iterators(config, model, valid_ds, valid_start, cycle=True)
 
     collector = LossCollector()
-    configure_schedules(model, optimizer, collector, config)
+    configure_schedules(model, optimizer, collector, config, timers)
     return TrainingSetup(config, model, optimizer, scheduler, train_iterators, valid_iterators, num_micro, collector,
                          config_dict, tokenizer.vocab_size, iteration, consumed_samples,
-                         consumed_valid_samples=consumed_valid_samples)
+                         consumed_valid_samples=consumed_valid_samples, timers=timers)

@@ -104,7 +104,7 @@ def step_statistics(parts: List[MicroBatchLoss]) -> StepLoss:
     return StepLoss(**dict(zip(_STEP_LOSS_FIELDS, values.cpu().tolist())))
 
 
-def make_forward_step(collector, pass_labels: bool = False) -> Callable:
+def make_forward_step(collector, pass_labels: bool = False, timers=None) -> Callable:
     """The forward_step_func megatron's schedules call once per micro-batch and model chunk.
 
     The loss function is collector.loss_func(loss_mask, output), or (loss_mask, labels, output) with
@@ -112,11 +112,16 @@ def make_forward_step(collector, pass_labels: bool = False) -> Callable:
     entropy is set once per step beforehand (megatron_mile.model.request_entropy). The batch's attention
     mask, when the data loader builds one (block-diagonal with --reset-attention-mask), goes to the model;
     without one the attention applies its own causal mask. With context parallelism each rank keeps its
-    two of the 2 * CP chunks of every sequence (megatron's get_batch_on_this_cp_rank).
+    two of the 2 * CP chunks of every sequence (megatron's get_batch_on_this_cp_rank). `timers` (the
+    run's megatron Timers) times the reading of each micro-batch as batch-generator (level 2).
     """
 
     def forward_step(data_iterator, model):
+        if timers is not None:
+            timers("batch-generator", log_level=2).start()
         batch = next(data_iterator) if data_iterator is not None else None
+        if timers is not None:
+            timers("batch-generator").stop()
         batch = _this_context_parallel_rank(_to_compute_device(batch))
         unwrapped = unwrap_model(model)
         if batch is None:  # a middle pipeline stage: input comes from the previous stage
@@ -156,10 +161,15 @@ class StepResult:
     skipped_because: Optional[str] = None
     # [n, 2] (weight, entropy) of this rank's loss-masked tokens when asked for; last pipeline stage only.
     token_values: Optional[torch.Tensor] = None
+    # Gradient entries equal to zero, over all ranks (--log-num-zeros-in-grad, applied updates only).
+    num_zeros_in_grad: Optional[int] = None
 
 
-def configure_schedules(model: list, optimizer, collector: LossCollector, run_config) -> None:
+def configure_schedules(model: list, optimizer, collector: LossCollector, run_config, timers=None) -> None:
     """Point megatron's schedule hooks at this run's (a RunConfig) optimizer and loss collector (once, at set-up).
+
+    `timers` (megatron.core.timers.Timers, megatron_mile.training.timing) is handed to the schedules and
+    finalize_model_grads, which time their own stages with it.
 
     With --overlap-grad-reduce, as Megatron-LM: the schedules launch the bucket reductions themselves
     (grad_sync_func) when --align-grad-reduce (the default); with --overlap-param-gather and the interleaved
@@ -174,7 +184,7 @@ def configure_schedules(model: list, optimizer, collector: LossCollector, run_co
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = per_chunk("no_sync")
     config.finalize_model_grads_func = collector.finalize_grads
-    config.timers = None
+    config.timers = timers
     p = run_config.parallel
     config.grad_sync_func = per_chunk("start_grad_sync") if p.overlap_grad_reduce and p.align_grad_reduce else None
     aligned_gather = p.overlap_param_gather and p.align_param_gather and len(model) > 1
@@ -185,7 +195,7 @@ def _run_schedule(setup, collector: LossCollector, forward_only: bool, data_iter
     """One pass of megatron's schedule over setup.num_micro_batches micro-batches."""
     model = setup.model
     get_forward_backward_func()(
-        forward_step_func=make_forward_step(collector),
+        forward_step_func=make_forward_step(collector, timers=getattr(setup, "timers", None)),
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
         model=model,
         num_microbatches=setup.num_micro_batches,
@@ -212,14 +222,19 @@ def train_step(setup, want_entropy: bool = False, keep_token_values: bool = Fals
         return StepResult(stats, None, skipped=True, skipped_because=f"the loss is {stats.loss}",
                           token_values=token_values)
     # Nor one whose gradient is not finite although the loss is (e.g. an overflow inside the model).
+    timers = getattr(setup, "timers", None)
+    if timers is not None:
+        timers("optimizer", log_level=1).start(barrier=True)  # as Megatron-LM: every rank steps
     update = step_unless_non_finite(optimizer)
+    if timers is not None:
+        timers("optimizer").stop()
     if update.applied:
         # The schedule counts samples, as Megatron-LM's (training.optimizer.scheduler_settings).
         setup.scheduler.step(increment=setup.config.training.global_batch_size)
     else:
         _discard_gradients(setup)
     return StepResult(stats, update.grad_norm, skipped=not update.applied, skipped_because=update.skipped_because,
-                      token_values=token_values)
+                      token_values=token_values, num_zeros_in_grad=update.num_zeros_in_grad)
 
 
 def compute_gradients(setup, want_entropy: bool = False, keep_token_values: bool = False) -> StepLoss:
