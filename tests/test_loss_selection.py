@@ -28,6 +28,7 @@ from tiny_model import TINY_LLAMA
 
 SELECTIONS = ("entropy_selection", "ce_selection")
 SEQ, BATCH = 6, 4
+FRACTIONS = (0.25, 0.5, 0.6, 1.0)
 
 
 # ---------------------------------------------------------------- logits with chosen scores
@@ -187,7 +188,7 @@ def check_selection_against_exact(dtype_name: str, hardest_first: bool) -> list:
     dtype = getattr(torch, dtype_name)
     kept_counted = []
     for loss_type in SELECTIONS:
-        for (vocab, padded), fraction, seed in [(v, f, s) for v in VOCABS for f in (0.25, 0.5, 0.6, 1.0) for s in (0, 1)]:
+        for (vocab, padded), fraction, seed in [(v, f, s) for v in VOCABS for f in FRACTIONS for s in (0, 1)]:
             logits, target, mask, upstream = _selection_case(loss_type, vocab, padded, seed, hardest_first)
             spec = LossSpec(loss_type, selection_fraction=fraction)
             out, grad, columns, shard = _run_on_this_rank(logits, target, mask, upstream, spec, vocab, padded, dtype)
@@ -229,7 +230,7 @@ def test_the_threshold_is_global_over_data_parallel_ranks(dist_pool, world, tp):
 
 
 def _fractions_of_cases():
-    return [f for _ in SELECTIONS for _v in VOCABS for f in (0.25, 0.5, 0.6, 1.0) for _s in (0, 1)]
+    return [f for _ in SELECTIONS for _v in VOCABS for f in FRACTIONS for _s in (0, 1)]
 
 
 # ---------------------------------------------------------------- the threshold bin is kept whole
@@ -298,7 +299,8 @@ def test_selection_needs_no_ignore_index_or_mask_and_keeps_at_least_one_token():
         out = vocab_parallel_weighted_cross_entropy(logits, target, LossSpec(loss_type, selection_fraction=1e-6),
                                                     ignore_index=None)
         assert int((out.weight > 0).sum()) == 1
-        nothing_counted = vocab_parallel_weighted_cross_entropy(logits, target, LossSpec(loss_type), loss_mask=torch.zeros(4, 3))
+        nothing_counted = vocab_parallel_weighted_cross_entropy(logits, target, LossSpec(loss_type),
+                                                                loss_mask=torch.zeros(4, 3))
         assert not nothing_counted.weight.any()
 
 
@@ -322,10 +324,12 @@ def test_the_fused_head_refuses_a_selection():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--loss-type", "mile", "--selection-fraction", "0.5"], "--selection-fraction needs --loss-type entropy_selection"),
+    (["--loss-type", "mile", "--selection-fraction", "0.5"],
+     "--selection-fraction needs --loss-type entropy_selection or ce_selection"),
     (["--loss-type", "ce_selection", "--selection-fraction", "0"], "must lie in (0, 1]"),
     (["--loss-type", "entropy_selection", "--selection-fraction", "1.5"], "must lie in (0, 1]"),
-    (["--loss-type", "entropy_selection", "--fused-lm-head"], "--fused-lm-head cannot train --loss-type entropy_selection"),
+    (["--loss-type", "entropy_selection", "--fused-lm-head"],
+     "--fused-lm-head cannot train --loss-type entropy_selection"),
 ])
 def test_bad_selection_flags_are_refused_at_start_up(extra, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
