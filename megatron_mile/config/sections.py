@@ -144,7 +144,7 @@ class LossConfig:
     main loss, logged as `z loss`; with any --loss-type."""
     selection_fraction: Optional[float] = None
     """entropy_selection / ce_selection: the share k in (0, 1] of each micro-batch's loss-masked tokens
-    (over all data-parallel ranks) that is trained on (default 0.6, Rho-1's 60%); docs/mile-loss.md."""
+    (over all data-parallel ranks) that is trained on (default 0.6, the share Rho-1 keeps); docs/mile-loss.md."""
 
     @property
     def gamma(self) -> float:
