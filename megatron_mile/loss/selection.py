@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mile.parallel import megatron_group_or_none
+
 # Histogram bins of the threshold: 4096 int64 counts = 32 KiB per all-reduce, and a bin width of
 # ~0.0025 nats for the entropy at vocabulary 32000.
 SELECTION_BINS = 4096
@@ -45,15 +47,7 @@ _ROUNDING_TOLERANCE = 1e-6
 
 def token_group_or_default(group):
     """`group`, else megatron's data-parallel x context-parallel group, else None (this process alone)."""
-    if group is not None:
-        return group
-    if not dist.is_initialized():
-        return None
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if group is not None else megatron_group_or_none("data")
 
 
 def _spans_ranks(group) -> bool:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mile.loss import selection
+from megatron_mile.parallel import megatron_group_or_none
 from megatron_mile.loss.spec import LossSpec, TokenScope, TokenStatistics
 
 # Targets equal to this id take no part in the loss (ce = 0, weight = 0, zero gradient), as in
@@ -54,15 +55,7 @@ _LOWEST = torch.finfo(torch.float32).min
 
 def tp_group_or_default(tp_group):
     """`tp_group`, else megatron's tensor-parallel group, else None (a single process)."""
-    if tp_group is not None:
-        return tp_group
-    if not dist.is_initialized():
-        return None
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    return parallel_state.get_tensor_model_parallel_group()
+    return tp_group if tp_group is not None else megatron_group_or_none("tensor")
 
 
 @dataclass(frozen=True)
