@@ -380,3 +380,15 @@ def test_training_trains_on_the_selected_share(dist_pool, loss_type, fraction, w
             assert math.isfinite(loss) and abs(loss - lm_loss) > 1e-3, (loss, lm_loss)
             if loss_type == "ce_selection":
                 assert loss > lm_loss  # the hardest tokens' mean cross-entropy
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]])
+def test_tensor_and_pipeline_parallelism_select_the_same_tokens(dist_pool, layout):
+    """TP and PP do not change which tokens compete (one micro-batch on the last stage; the TP ranks' scores
+    agree), so TP 2 and PP 2 reproduce the single-process run step by step."""
+    argv = TINY_LLAMA + ["--loss-type", "entropy_selection", "--selection-fraction", "0.5"]
+    reference, reference_weights = dist_pool(1).run(train_recording_step_statistics, argv, 1)[0]
+    for history, recorded in dist_pool(2).run(train_recording_step_statistics, argv + layout, 2):
+        for (loss, lm_loss), (ref_loss, ref_lm_loss) in zip(history, reference, strict=True):
+            assert math.isclose(loss, ref_loss, rel_tol=1e-5) and math.isclose(lm_loss, ref_lm_loss, rel_tol=1e-5)
+        assert recorded == reference_weights  # the same number of tokens kept, step by step
