@@ -1,7 +1,8 @@
 """Forward+backward time and peak memory of the vocab-parallel losses, side by side in one run.
 
-Methods: megatron-core's vocab_parallel_cross_entropy, our cross-entropy, MiLe, focal, dft and MiLe with z-loss
-and label smoothing (mile_zloss_ls), and a naive
+Methods: megatron-core's vocab_parallel_cross_entropy, our cross-entropy, MiLe, focal, dft, MiLe with z-loss
+and label smoothing (mile_zloss_ls), the token selections entropy_selection and ce_selection (60% kept; their
+histogram threshold over this process's tokens: no data-parallel group here), and a naive
 full-vocabulary MiLe (softmax, clamp, log over all logits, as the paper's code does; TP 1 only); for fp32
 logits also ce_inplace / mile_inplace, ours with reuse_logits_for_grad as the model's loss hook calls it
 (it overwrites the logits, as megatron-core's does).
@@ -41,9 +42,17 @@ from megatron_mile.testing.distributed import run_distributed
 from megatron_mile.vocab import padded_vocab_size, vocab_shard_range
 
 TOKENS_SEQ, TOKENS_BATCH = 1024, 4  # 4096 tokens
-METHODS = ["megatron_ce", "ce", "mile", "focal", "dft", "mile_zloss_ls", "naive_mile", "ce_inplace", "mile_inplace"]
+METHODS = ["megatron_ce", "ce", "mile", "focal", "dft", "mile_zloss_ls", "entropy_selection", "ce_selection",
+           "naive_mile", "ce_inplace", "mile_inplace"]
 # The loss family's extra terms, on the path the model uses: MiLe with z-loss 1e-4 and label smoothing 0.1.
 MILE_ZLOSS_LS = dict(loss_type="mile", gamma=1.0, sigma=1.0, z_loss_coeff=1e-4, label_smoothing=0.1)
+# The methods that are one LossSpec on vocab_parallel_weighted_cross_entropy, as the model calls it.
+SPEC_METHODS = {
+    "dft": LossSpec("dft"),
+    "mile_zloss_ls": LossSpec(**MILE_ZLOSS_LS),
+    "entropy_selection": LossSpec("entropy_selection", selection_fraction=0.6),
+    "ce_selection": LossSpec("ce_selection", selection_fraction=0.6),
+}
 # The model's loss hook gives its fp32 logits up (reuse_logits_for_grad), as megatron-core's in-place
 # cross-entropy takes them; bf16 logits are never overwritten, so these two run for fp32 only.
 FP32_ONLY = ("ce_inplace", "mile_inplace")
@@ -84,9 +93,8 @@ def _step(method: str, leaf, target, vocab: int) -> None:
     elif method == "focal":
         ce, w = vocab_parallel_focal(logits, target, vocab_size=vocab)
         loss = (ce * w).sum()
-    elif method in ("dft", "mile_zloss_ls"):
-        spec = LossSpec("dft") if method == "dft" else LossSpec(**MILE_ZLOSS_LS)
-        losses = vocab_parallel_weighted_cross_entropy(logits, target, spec, vocab)
+    elif method in SPEC_METHODS:
+        losses = vocab_parallel_weighted_cross_entropy(logits, target, SPEC_METHODS[method], vocab)
         loss = (losses.loss * losses.weight).sum()
     elif method in FP32_ONLY:
         spec = LossSpec({"ce_inplace": "cross_entropy", "mile_inplace": "mile"}[method], 1.0, 1.0)

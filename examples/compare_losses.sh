@@ -8,7 +8,9 @@
 
 # LOSSES: which runs, by name (default the paper's three). Each name's flags:
 #   cross_entropy, focal (gamma 1), mile (gamma 1, sigma 1), dft (w = p_target),
-#   mile_zloss (MiLe + z-loss 1e-4), cross_entropy_ls (label smoothing 0.1), mile_ls (MiLe + label smoothing 0.1).
+#   mile_zloss (MiLe + z-loss 1e-4), cross_entropy_ls (label smoothing 0.1), mile_ls (MiLe + label smoothing 0.1),
+#   entropy_selection / ce_selection (train on the 60% highest-entropy / highest-cross-entropy tokens of each
+#   micro-batch, Rho-1's share; docs/mile-loss.md).
 LOSSES="${LOSSES:-cross_entropy focal mile}"
 loss_flags() {  # NAME -> the loss flags of that run
   case "$1" in
@@ -19,7 +21,10 @@ loss_flags() {  # NAME -> the loss flags of that run
     mile_zloss) echo "--loss-type mile --mile-gamma 1.0 --mile-sigma 1.0 --z-loss-coeff 1e-4" ;;
     cross_entropy_ls) echo "--loss-type cross_entropy --label-smoothing 0.1" ;;
     mile_ls) echo "--loss-type mile --mile-gamma 1.0 --mile-sigma 1.0 --label-smoothing 0.1" ;;
-    *) echo "LOSSES: unknown run '$1' (known: cross_entropy focal mile dft mile_zloss cross_entropy_ls mile_ls)" >&2
+    entropy_selection) echo "--loss-type entropy_selection --selection-fraction 0.6" ;;
+    ce_selection) echo "--loss-type ce_selection --selection-fraction 0.6" ;;
+    *) echo "LOSSES: unknown run '$1' (known: cross_entropy focal mile dft mile_zloss cross_entropy_ls mile_ls"\
+" entropy_selection ce_selection)" >&2
        return 1 ;;
   esac
 }

@@ -129,6 +129,22 @@ def model_parallel_is_initialized() -> bool:
     return parallel_state.model_parallel_is_initialized()
 
 
+def megatron_group_or_none(which: str):
+    """megatron's "tensor" (tensor-parallel) or "data" (data-parallel x context-parallel) group, or None when
+    torch.distributed or megatron's parallel state is not set up in this process (a single process)."""
+    if not dist.is_initialized():
+        return None
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if which == "tensor":
+        return parallel_state.get_tensor_model_parallel_group()
+    if which == "data":
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+    raise ValueError(f"which must be 'tensor' or 'data', got {which!r}")
+
+
 def destroy_model_parallel() -> None:
     """Forget megatron's parallel state, if any (its groups stay alive until the process group goes)."""
     from megatron.core import parallel_state

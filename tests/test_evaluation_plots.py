@@ -112,7 +112,7 @@ def compare_script_runs(script: str, losses: str = "") -> list:
     return runs
 
 
-ALL_COMPARED = "cross_entropy focal mile dft mile_zloss cross_entropy_ls mile_ls"
+ALL_COMPARED = "cross_entropy focal mile dft mile_zloss cross_entropy_ls mile_ls entropy_selection ce_selection"
 
 
 @pytest.mark.parametrize("script, names, losses", [

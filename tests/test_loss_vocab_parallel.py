@@ -175,15 +175,21 @@ _COLLECTIVES = [
 ]
 
 
-def count_collectives(loss_type: str):
-    """Worker body: record every torch.distributed collective issued in forward and in backward."""
+def count_collectives(loss_type: str, name_groups: bool = False):
+    """Worker body: record every torch.distributed collective issued in forward and in backward, as
+    (name, op), or with `name_groups` (name, op, "tp" / "dp" / other: the group it ran on)."""
+    from megatron.core import parallel_state
+
     calls = []
     originals = {name: getattr(dist, name) for name in _COLLECTIVES}
+    groups = {id(parallel_state.get_tensor_model_parallel_group()): "tp",
+              id(parallel_state.get_data_parallel_group(with_context_parallel=True)): "dp"}
 
     def recorder(name):
         def record(*args, **kwargs):
             op = kwargs.get("op", args[1] if name == "all_reduce" and len(args) > 1 else None)
-            calls.append((name, str(op).split(".")[-1] if op is not None else "SUM" if name == "all_reduce" else None))
+            call = (name, str(op).split(".")[-1] if op is not None else "SUM" if name == "all_reduce" else None)
+            calls.append(call + (groups.get(id(kwargs.get("group")), "other"),) if name_groups else call)
             return originals[name](*args, **kwargs)
 
         return record
@@ -207,7 +213,7 @@ def count_collectives(loss_type: str):
     return forward_calls, backward_calls
 
 
-@pytest.mark.parametrize("loss_type", ["cross_entropy", "focal", "mile"])
+@pytest.mark.parametrize("loss_type", ["cross_entropy", "focal", "mile", "entropy_selection", "ce_selection"])
 def test_two_collectives_forward_none_backward(dist_pool, loss_type):
     for forward_calls, backward_calls in dist_pool(2).run(
         count_collectives, loss_type, tensor_model_parallel_size=2
@@ -215,6 +221,19 @@ def test_two_collectives_forward_none_backward(dist_pool, loss_type):
         assert [name for name, _ in forward_calls] == ["all_reduce", "all_reduce"], forward_calls
         assert "MAX" in forward_calls[0][1], forward_calls
         assert forward_calls[1][1] in ("SUM", "RedOpType.SUM") or "SUM" in forward_calls[1][1], forward_calls
+        assert backward_calls == []
+
+
+@pytest.mark.parametrize("loss_type, selection_calls", [
+    ("entropy_selection", [("all_reduce", "SUM", "dp")]),  # the histogram: H lies in [0, log V]
+    ("ce_selection", [("all_reduce", "MAX", "dp"), ("all_reduce", "SUM", "dp")]),  # the largest ce, the histogram
+])
+def test_selection_adds_only_data_parallel_collectives(dist_pool, loss_type, selection_calls):
+    """TP 2 x DP 2: the TP group still sees exactly MAX then SUM; the selection's threshold adds its
+    collectives on the data-parallel group only; backward issues none."""
+    for forward_calls, backward_calls in dist_pool(4).run(count_collectives, loss_type, True,
+                                                          tensor_model_parallel_size=2):
+        assert forward_calls == [("all_reduce", "MAX", "tp"), ("all_reduce", "SUM", "tp")] + selection_calls
         assert backward_calls == []
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from megatron_mile import kernels, option_checks
 from megatron_mile.data.splits import data_flag_problems
+from megatron_mile.loss.spec import WEIGHTINGS
 
 if TYPE_CHECKING:  # annotations only: run_config imports this module
     from megatron_mile.config.run_config import RunConfig
@@ -148,6 +149,26 @@ def logging_flag_problems(t: "TrainingConfig") -> List[str]:
     return problems
 
 
+def _selection_problems(config: "RunConfig") -> List[str]:
+    """--selection-fraction only with a selection loss type, in (0, 1]; and not with the fused LM head."""
+    l = config.loss
+    weighting = WEIGHTINGS.get(l.loss_type)
+    if weighting is None:  # argparse's choices already refused it
+        return []
+    problems = []
+    if "selection_fraction" not in weighting.parameters:
+        if l.selection_fraction is not None:
+            selections = " or ".join(n for n, w in WEIGHTINGS.items() if "selection_fraction" in w.parameters)
+            problems.append(f"--selection-fraction needs --loss-type {selections}")
+    elif l.selection_fraction is not None and not 0 < l.selection_fraction <= 1:
+        problems.append(f"--selection-fraction is the share of tokens kept and must lie in (0, 1], got "
+                        f"{l.selection_fraction}")
+    if weighting.needs_token_scope and config.kernels.fused_lm_head:
+        problems.append(f"--fused-lm-head cannot train --loss-type {l.loss_type}: it forms each chunk's gradient "
+                        "before the micro-batch's selection threshold is known; drop --fused-lm-head")
+    return problems
+
+
 def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
                     kernel_support: Optional[kernels.KernelSupport] = None,
                     extra_problems: Sequence[str] = ()) -> List[str]:
@@ -232,6 +253,7 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
     if l.mile_entropy_threshold is not None:
         need(0 <= l.mile_entropy_threshold <= 1, "--mile-entropy-threshold must lie in [0, 1]")
     need(l.label_smoothing < 1, f"--label-smoothing must lie in [0, 1), got {l.label_smoothing}")
+    problems.extend(_selection_problems(config))
 
     need(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
     need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "--adam-beta1/2 must lie in [0, 1)")

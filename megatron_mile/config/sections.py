@@ -127,8 +127,10 @@ class LossConfig:
     """The training objective. `lm loss` is always logged as plain cross-entropy, whatever is trained."""
 
     loss_type: str = flag("cross_entropy", choices=list(LOSS_TYPES))
-    """cross_entropy, focal (weights (1 - p_target)^gamma), mile (weights (sigma + entropy)^gamma) or dft
-    (weights p_target). docs/loss-internals.md: adding another."""
+    """cross_entropy, focal (weights (1 - p_target)^gamma), mile (weights (sigma + entropy)^gamma), dft
+    (weights p_target), or a token selection: entropy_selection / ce_selection (weight 1 for the
+    --selection-fraction highest-entropy / highest-cross-entropy loss-masked tokens of each micro-batch, 0 for
+    the others). docs/loss-internals.md: adding another."""
     mile_gamma: Optional[float] = None
     """MiLe exponent gamma (default 1.0, as in the paper); 0 gives cross-entropy."""
     mile_sigma: Optional[float] = None
@@ -143,6 +145,9 @@ class LossConfig:
     z_loss_coeff: float = 0.0
     """z-loss coefficient: adds coeff * log(Z)^2 per token (PaLM uses 1e-4), weighted and normalised as the
     main loss, logged as `z loss`; with any --loss-type."""
+    selection_fraction: Optional[float] = None
+    """entropy_selection / ce_selection: the share k in (0, 1] of each micro-batch's loss-masked tokens
+    (over all data-parallel ranks) that is trained on (default 0.6, the share Rho-1 keeps); docs/mile-loss.md."""
 
     @property
     def gamma(self) -> float:

@@ -1,6 +1,8 @@
-"""MiLe, focal and cross-entropy losses inside the vocab-parallel cross-entropy.
+"""MiLe, focal, cross-entropy and the other weighted losses inside the vocab-parallel cross-entropy.
 
 - spec: the loss specification (LossSpec) and the registry of per-token weightings.
+- selection: the top-share token selection of entropy_selection / ce_selection (histogram threshold over the
+  micro-batch's loss-masked tokens, all-reduced over the data-parallel group).
 - shard: the per-shard steps (target ownership, shifted sums, ce / entropy / weight, logit gradient) that
   both vocab-parallel paths are built from.
 - vocab_parallel: the tensor-parallel per-token losses and weights on given logits (the default path).

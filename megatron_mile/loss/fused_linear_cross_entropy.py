@@ -353,7 +353,8 @@ def fused_linear_cross_entropy(
         target: [s, b] global token ids in [0, vocab_size), or ignore_index.
         loss_mask: [s, b], 1 where the token counts (None: all count). It must be known in forward,
             because the gradient is computed there.
-        spec: the loss (megatron_mile.loss.spec.LossSpec), as in vocab_parallel_weighted_cross_entropy.
+        spec: the loss (megatron_mile.loss.spec.LossSpec), as in vocab_parallel_weighted_cross_entropy, except
+            the weightings that select among the micro-batch's tokens (spec.needs_token_scope): ValueError.
         vocab_size: the real vocabulary; rows of `weight` at or beyond it (padding) take no part.
         tp_group: tensor-parallel group over which the vocabulary is split (default: megatron's).
         chunk_tokens: tokens per chunk; must be the same on every TP rank. Default: the largest count whose
@@ -371,6 +372,10 @@ def fused_linear_cross_entropy(
     all-reduce SUM of [s, b, h] fp32 (when reduce_grad_hidden and TP > 1).
     """
     _validate_operands(hidden, weight)
+    if spec.needs_token_scope:
+        raise ValueError(f"the fused linear cross-entropy cannot train {spec.loss_type}: it forms each chunk's "
+                         "gradient before the selection threshold over the whole micro-batch is known; use "
+                         "vocab_parallel_weighted_cross_entropy on the logits")
     shard = VocabShard.of(weight.size(0), vocab_size, tp_group, what="weight.size(0)")
     shard_steps.validate_targets(target, hidden.shape[:-1], shard.vocab_size, ignore_index, "hidden [s, b, h]")
     _validate_options(hidden, loss_mask, chunk_tokens)

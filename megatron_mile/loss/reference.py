@@ -6,6 +6,7 @@ obviously right rather than fast. megatron_mile.loss.vocab_parallel must agree w
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -38,6 +39,8 @@ def reference_token_losses(
     ignore_index: Optional[int] = -100,
     label_smoothing: float = 0.0,
     z_loss_coeff: float = 0.0,
+    selection_fraction: Optional[float] = None,
+    loss_mask: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """Per-token {loss, ce, weight, entropy, z_loss} for full logits [..., V_padded], straight from the
     definitions, in float64 (returned as fp32; loss keeps its gradient to `logits`).
@@ -46,7 +49,10 @@ def reference_token_losses(
       the loss is its cross-entropy with softmax(z): -(1 - alpha) log p_t - alpha / (V - 1) sum_{v != t} log p_v;
     - z-loss: z_loss_coeff * (logsumexp z)^2, added to the loss;
     - entropy: sum_v entr(p_v), so entries with p = 0 (logits of -inf) add 0;
-    - weights as reference_weighted_cross_entropy, plus dft: w = p_target.
+    - weights as reference_weighted_cross_entropy, plus dft: w = p_target, and the selections
+      entropy_selection / ce_selection: w = 1 on reference_top_fraction of the entropy / ce of the counted
+      tokens (loss_mask > 0, None: all, and not ignored), exactly, by sorting; selection_fraction None: 0.6.
+      All the tokens of `logits` form one selection pool (pass a whole micro-batch, every DP rank's share).
     """
     vocab_size = logits.size(-1) if vocab_size is None else vocab_size
     z = logits[..., :vocab_size].double()
@@ -77,11 +83,27 @@ def reference_token_losses(
             weight = p_target
         elif loss_type == "cross_entropy":
             weight = torch.ones_like(entropy)
+        elif loss_type in ("entropy_selection", "ce_selection"):
+            counted = ~ignored if loss_mask is None else (loss_mask > 0) & ~ignored
+            scores = entropy if loss_type == "entropy_selection" else ce
+            fraction = 0.6 if selection_fraction is None else selection_fraction
+            weight = reference_top_fraction(scores, counted, fraction).double()
         else:
             raise ValueError(f"unknown loss_type {loss_type!r}")
         keep = (~ignored).double()
     return {"loss": (loss * keep).float(), "ce": (ce * keep).detach().float(), "weight": (weight * keep).float(),
             "entropy": (entropy * keep).float(), "z_loss": (z_loss * keep).detach().float()}
+
+
+def reference_top_fraction(scores: torch.Tensor, counted: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The exact top share, by sorting: bool, the shape of `scores`, True on the ceil(fraction * n) highest
+    of the n counted scores and on every counted score tied with the lowest of them (at least one kept)."""
+    values = scores[counted].flatten()
+    if values.numel() == 0:
+        return torch.zeros_like(counted)
+    needed = max(1, math.ceil(round(fraction * values.numel(), 9)))
+    cutoff = values.sort(descending=True).values[needed - 1]
+    return counted & (scores >= cutoff)
 
 
 def reference_global_loss(

@@ -24,7 +24,9 @@ finite statistics: p_v = 0 entries add 0 to S and T (the shifted logits are clam
 float before T's product, so 0 * -inf never forms a NaN).
 
 Communication: `all_reduce_max` (MAX of [N] fp32) and `all_reduce_statistics` (one SUM of the packed [k, N]
-fp32) on the tensor-parallel group; nothing else here communicates.
+fp32) on the tensor-parallel group; a weighting that selects among the micro-batch's tokens
+(megatron_mile.loss.selection) adds its own collectives on the TokenScope's group (data parallel), inside
+`token_losses`; nothing else here communicates.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_mile.loss.spec import LossSpec, TokenStatistics
+from megatron_mile.loss import selection
+from megatron_mile.parallel import megatron_group_or_none
+from megatron_mile.loss.spec import LossSpec, TokenScope, TokenStatistics
 
 # Targets equal to this id take no part in the loss (ce = 0, weight = 0, zero gradient), as in
 # torch.nn.functional.cross_entropy. Megatron's data pipeline uses a loss mask instead; both work.
@@ -51,15 +55,7 @@ _LOWEST = torch.finfo(torch.float32).min
 
 def tp_group_or_default(tp_group):
     """`tp_group`, else megatron's tensor-parallel group, else None (a single process)."""
-    if tp_group is not None:
-        return tp_group
-    if not dist.is_initialized():
-        return None
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    return parallel_state.get_tensor_model_parallel_group()
+    return tp_group if tp_group is not None else megatron_group_or_none("tensor")
 
 
 @dataclass(frozen=True)
@@ -230,6 +226,19 @@ class TokenLosses:
     z_loss: torch.Tensor
 
 
+def token_scope(spec: LossSpec, loss_mask: Optional[torch.Tensor], targets: ShardTargets, token_group
+                ) -> Optional[TokenScope]:
+    """The TokenScope of a weighting that needs one (else None): the counted tokens [N] (loss_mask > 0, None:
+    all, and target not ignored) and the group holding the micro-batch's other tokens (None: megatron's
+    data-parallel x context-parallel group, or this process alone). No communication."""
+    if not spec.needs_token_scope:
+        return None
+    counted = torch.ones_like(targets.here) if loss_mask is None else loss_mask.reshape(-1) > 0
+    if targets.ignored is not None:
+        counted = counted & ~targets.ignored
+    return TokenScope(counted, selection.token_group_or_default(token_group))
+
+
 class ShardResults(NamedTuple):
     """token_losses' per-token values [N] fp32 for one call (or chunk), before ignore-masking."""
 
@@ -243,12 +252,13 @@ class ShardResults(NamedTuple):
 
 
 def token_losses(stats: torch.Tensor, spec: LossSpec, shard: "VocabShard", logits_max: torch.Tensor,
-                 layout: StatisticsLayout) -> ShardResults:
+                 layout: StatisticsLayout, scope: Optional[TokenScope] = None) -> ShardResults:
     """From the all-reduced packed statistics [k, N] and the global max m [N] to the per-token values.
 
     ce = log S - z_t; H = log S - T / S (clamped at 0 against rounding); log Z = log S + m; the loss
     l = (1 - s) ce - s (U / V - log S) + c (log Z)^2 (module docstring); weight = spec.token_weight of the
-    model's own statistics. No communication.
+    model's own statistics (and, for a selection, of the `scope`: token_scope). No communication, except a
+    selection weighting's on the scope's group (megatron_mile.loss.selection).
     """
     sum_exp = stats[SUM_EXP]
     log_sum_exp = torch.log(sum_exp)  # [N]
@@ -258,7 +268,8 @@ def token_losses(stats: torch.Tensor, spec: LossSpec, shard: "VocabShard", logit
         # H = log S - T / S >= 0; clamp the rounding error that can make it a hair negative.
         entropy = (log_sum_exp - stats[layout.entropy_row] / sum_exp).clamp_(min=0.0)
     log_z = log_sum_exp + logits_max
-    statistics = TokenStatistics(ce, entropy, shard.vocab_size, log_z=log_z, max_prob=sum_exp.reciprocal())
+    statistics = TokenStatistics(ce, entropy, shard.vocab_size, log_z=log_z, max_prob=sum_exp.reciprocal(),
+                                 scope=scope)
     weight = spec.token_weight(statistics)
     loss = ce
     if spec.label_smoothing > 0:

@@ -20,6 +20,11 @@ does not produce yet, one more row in the packed statistics of megatron_mile.los
         return stats.entropy.pow(spec.gamma)        # [N] fp32, detached
 
 It is then a `--loss-type` choice, and the reference tests can check it against a full-vocabulary version.
+
+A weighting whose token weights depend on the OTHER tokens of the micro-batch (a selection of the hardest
+tokens, megatron_mile.loss.selection) registers with `needs_token_scope=True`: the path then gives it a
+`TokenScope` (which tokens count, and the process group holding the rest of the micro-batch) and computes the
+weights of all the micro-batch's tokens at once.
 """
 
 from __future__ import annotations
@@ -29,6 +34,21 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+
+from megatron_mile.loss import selection
+
+
+@dataclass(frozen=True)
+class TokenScope:
+    """The tokens a weighting that compares tokens selects among, and where the rest of them are.
+
+    counted: [N] bool, the tokens the loss counts (loss_mask > 0 and target not ignored).
+    group: the process group whose ranks hold the other tokens of this micro-batch (the data-parallel x
+        context-parallel group in training), or None for this process alone.
+    """
+
+    counted: torch.Tensor
+    group: object = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,8 @@ class TokenStatistics:
     log_z: log Z = log sum_v exp(z_v), the log-partition function.
     max_prob: the largest predicted probability, max_v p_v = exp(max_v z_v - log Z).
     vocab_size: the real vocabulary size V (e.g. for the normalised entropy H / ln V).
+    scope: which tokens count and where the micro-batch's other tokens are; set when the weighting
+        needs_token_scope, else None.
     """
 
     ce: torch.Tensor
@@ -47,6 +69,7 @@ class TokenStatistics:
     vocab_size: int
     log_z: Optional[torch.Tensor] = None
     max_prob: Optional[torch.Tensor] = None
+    scope: Optional[TokenScope] = None
 
     @property
     def p_target(self) -> torch.Tensor:
@@ -63,18 +86,29 @@ class Weighting:
     needs_entropy: bool
     parameters: Tuple[str, ...]  # the LossSpec fields it reads (shown in logs and run descriptions)
     description: str
+    needs_token_scope: bool = False  # weights depend on the micro-batch's other tokens (TokenScope)
 
 
 WEIGHTINGS: Dict[str, Weighting] = {}
 
+# selection_fraction of the selection weightings when none is given: Rho-1 trains on 60% of the tokens.
+SELECTION_DEFAULT_FRACTION = 0.6
 
-def register_weighting(name: str, *, needs_entropy: bool, parameters: Tuple[str, ...] = (), description: str = ""):
-    """Decorator: register `fn(stats: TokenStatistics, spec: LossSpec) -> weight [N]` as loss type `name`."""
+
+def register_weighting(name: str, *, needs_entropy: bool, parameters: Tuple[str, ...] = (), description: str = "",
+                       needs_token_scope: bool = False):
+    """Decorator: register `fn(stats: TokenStatistics, spec: LossSpec) -> weight [N]` as loss type `name`.
+
+    needs_token_scope: the weight of a token depends on the other tokens of its micro-batch; `stats.scope`
+    is then set, and every token of the micro-batch is weighted in one call (the fused LM head, which weights
+    chunk by chunk, refuses such a weighting).
+    """
 
     def register(fn):
         if name in WEIGHTINGS:
             raise ValueError(f"a weighting named {name!r} is already registered")
-        WEIGHTINGS[name] = Weighting(name, fn, needs_entropy, tuple(parameters), description or (fn.__doc__ or ""))
+        WEIGHTINGS[name] = Weighting(name, fn, needs_entropy, tuple(parameters), description or (fn.__doc__ or ""),
+                                     needs_token_scope)
         return fn
 
     return register
@@ -110,12 +144,32 @@ def _dft_weight(stats: TokenStatistics, spec: "LossSpec") -> torch.Tensor:
     return stats.p_target
 
 
+@register_weighting("entropy_selection", needs_entropy=True, needs_token_scope=True,
+                    parameters=("selection_fraction",),
+                    description="w = 1 for the selection_fraction highest-entropy counted tokens, else 0")
+def _entropy_selection_weight(stats: TokenStatistics, spec: "LossSpec") -> torch.Tensor:
+    # Selective language modelling (Rho-1, arXiv 2404.07965) without a reference model: train on the
+    # tokens the model is most uncertain about. H lies in [0, log V]: fixed histogram bins, one collective.
+    keep = selection.top_fraction_mask(stats.entropy, stats.scope.counted, spec.selection_fraction,
+                                       stats.scope.group, upper=math.log(stats.vocab_size))
+    return keep.float()
+
+
+@register_weighting("ce_selection", needs_entropy=False, needs_token_scope=True, parameters=("selection_fraction",),
+                    description="w = 1 for the selection_fraction highest-cross-entropy counted tokens, else 0")
+def _ce_selection_weight(stats: TokenStatistics, spec: "LossSpec") -> torch.Tensor:
+    # The same selection scored by the plain cross-entropy (the hardest targets), which has no fixed bound:
+    # the histogram spans [0, the largest counted ce of the micro-batch].
+    keep = selection.top_fraction_mask(stats.ce, stats.scope.counted, spec.selection_fraction, stats.scope.group)
+    return keep.float()
+
+
 def loss_types() -> Tuple[str, ...]:
     """The registered loss types, in registration order (the --loss-type choices)."""
     return tuple(WEIGHTINGS)
 
 
-# The three built-in loss types (the flag parser's choices are taken from the registry at parse time).
+# The built-in loss types (the flag parser's choices are taken from the registry at parse time).
 LOSS_TYPES = loss_types()
 
 
@@ -123,13 +177,16 @@ LOSS_TYPES = loss_types()
 class LossSpec:
     """Frozen, validated description of the training loss.
 
-    loss_type: a registered weighting (`loss_types()`): cross_entropy, focal, mile or dft.
+    loss_type: a registered weighting (`loss_types()`): cross_entropy, focal, mile, dft, entropy_selection or
+        ce_selection.
     gamma: the exponent of focal and MiLe (>= 0; 0 gives cross-entropy).
     sigma: MiLe's offset (> 0; the paper uses 1).
     entropy_threshold: MiLe only, in [0, 1] or None (off).
     label_smoothing: alpha in [0, 1): the target distribution puts 1 - alpha on the target and spreads alpha
         evenly over the other V - 1 tokens (megatron-core's definition). Any weighting.
     z_loss_coeff: c >= 0: adds c * (log Z)^2 to every token's loss (PaLM's z-loss). Any weighting.
+    selection_fraction: entropy_selection / ce_selection only: the share k in (0, 1] of the counted tokens
+        of a micro-batch that are kept (weight 1; the others 0). None there resolves to 0.6 (Rho-1's 60%).
 
     The per-token training loss is l = (1 - s) ce - s mean_v log p_v + c (log Z)^2, s = alpha V / (V - 1),
     weighted and normalised as the main loss: L = sum_t w_t l_t / sum_t w_t. The weight w comes from the
@@ -144,6 +201,7 @@ class LossSpec:
     entropy_threshold: Optional[float] = None
     label_smoothing: float = 0.0
     z_loss_coeff: float = 0.0
+    selection_fraction: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.loss_type not in WEIGHTINGS:
@@ -175,12 +233,25 @@ class LossSpec:
         object.__setattr__(self, "sigma", float(sigma))
         if threshold is not None:
             object.__setattr__(self, "entropy_threshold", float(threshold))
+        self._resolve_selection_fraction()
+
+    def _resolve_selection_fraction(self) -> None:
+        fraction = self.selection_fraction
+        if "selection_fraction" not in self.weighting.parameters:
+            if fraction is not None:
+                raise ValueError(f"selection_fraction applies to the selection weightings only; leave it None for "
+                                 f"{self.loss_type}")
+            return
+        fraction = SELECTION_DEFAULT_FRACTION if fraction is None else fraction
+        if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
+            raise ValueError(f"selection_fraction is the share of tokens kept and must lie in (0, 1], got {fraction!r}")
+        object.__setattr__(self, "selection_fraction", float(fraction))
 
     @classmethod
     def from_config(cls, loss_config) -> "LossSpec":
         """The spec of a run's LossConfig (megatron_mile.config), whose defaults it resolves."""
         return cls(loss_config.loss_type, loss_config.gamma, loss_config.sigma, loss_config.mile_entropy_threshold,
-                   loss_config.label_smoothing, loss_config.z_loss_coeff)
+                   loss_config.label_smoothing, loss_config.z_loss_coeff, loss_config.selection_fraction)
 
     @property
     def weighting(self) -> Weighting:
@@ -192,6 +263,12 @@ class LossSpec:
         return self.weighting.needs_entropy
 
     @property
+    def needs_token_scope(self) -> bool:
+        """Whether the weight depends on the micro-batch's other tokens (a selection): the path must give
+        the loss mask and the group holding the rest of the micro-batch (TokenScope)."""
+        return self.weighting.needs_token_scope
+
+    @property
     def needs_logit_sum(self) -> bool:
         """Whether the loss needs sum_v z_v (label smoothing's mean log-probability): one more statistic."""
         return self.label_smoothing > 0.0
@@ -200,6 +277,9 @@ class LossSpec:
         """The detached per-token weight [N] fp32 from the statistics [N] (entropy set when needs_entropy)."""
         if self.needs_entropy and stats.entropy is None:
             raise ValueError(f"the {self.loss_type} weighting needs the entropy, and none was computed")
+        if self.needs_token_scope and stats.scope is None:
+            raise ValueError(f"the {self.loss_type} weighting selects among the micro-batch's tokens and needs "
+                             "their TokenScope (which tokens count, which group holds the rest)")
         return self.weighting.weight(stats, self)
 
     def describe(self) -> str:

@@ -8,10 +8,13 @@ H = log S - T / S and the detached weight of the LossSpec (megatron_mile.loss.sp
     MiLe:           w = (sigma + H) ** gamma      (optionally 1 where H / ln(V) < entropy_threshold)
     focal:          w = (1 - p_target) ** gamma
     cross-entropy:  w = 1
+    selections:     w = 1 for the hardest share of the micro-batch's counted tokens, else 0
+                    (entropy_selection, ce_selection: megatron_mile.loss.selection)
 
 Communication per call, on the tensor-parallel group: forward issues exactly two all-reduces, a MAX of
 the per-token local maxima ([N] fp32) and ONE SUM of the packed statistics ([k, N] fp32, k = 3 for MiLe,
-2 otherwise); backward issues none.
+2 otherwise); backward issues none. The selection weightings add their threshold's collectives on the
+data-parallel group only (vocab_parallel_weighted_cross_entropy).
 
 Memory: by default the caller's logits are never modified and never copied whole. The forward pass walks
 the logits in chunks of tokens through small fp32 scratch buffers (each 4 MiB, so they stay in cache) and
@@ -51,7 +54,8 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
     """The per-token loss l (ce = log S - z_t, with label smoothing and z-loss as the spec says) and its
     detached weight, entropy, plain ce and z-loss; see the module docstring and megatron_mile.loss.shard.
 
-    Forward collectives (shard.tp_group): all-reduce MAX [N], then all-reduce SUM [k, N]. Backward: none.
+    Forward collectives (shard.tp_group): all-reduce MAX [N], then all-reduce SUM [k, N]; a selection
+    weighting adds its own on token_group (megatron_mile.loss.selection). Backward: none.
     """
 
     @staticmethod
@@ -64,6 +68,8 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
         ignore_index: Optional[int],
         want_entropy: bool,
         reuse_logits_for_grad: bool,
+        loss_mask: Optional[torch.Tensor],  # [s, b] or None: the tokens a selection weighting selects among
+        token_group,  # the group holding the micro-batch's other tokens (selection weightings only)
     ):
         partition = shard.partition
         owned = shard.owned
@@ -107,7 +113,8 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
 
         # --- 3. collective 2: ONE SUM of the packed statistics ---
         shard_steps.all_reduce_statistics(stats, shard)
-        out = shard_steps.token_losses(stats, spec, shard, logits_max, layout)
+        scope = shard_steps.token_scope(spec, loss_mask, targets, token_group)
+        out = shard_steps.token_losses(stats, spec, shard, logits_max, layout, scope)
         shard_steps.zero_ignored_(targets.ignored, out.loss, out.ce, out.weight, out.entropy, out.z_loss)
 
         # Backward turns row r of the saved logits into softmax with one number per token: the log-sum-exp
@@ -167,7 +174,7 @@ class _VocabParallelWeightedCrossEntropy(torch.autograd.Function):
                                           None if uniform_grad is None else uniform_grad[start:end])
                 if not direct:
                     grad[start:end, :owned].copy_(out)
-        return grad.view_as(logits), None, None, None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None, None, None, None
 
 
 def _validate_logits(logits: torch.Tensor) -> None:
@@ -186,6 +193,8 @@ def vocab_parallel_weighted_cross_entropy(
     tp_group=None,
     compute_entropy: bool = False,
     reuse_logits_for_grad: bool = False,
+    loss_mask: Optional[torch.Tensor] = None,
+    token_group=None,
 ) -> TokenLosses:
     """Per-token loss, its detached `spec` weight, entropy, cross-entropy and z-loss, vocabulary split over TP.
 
@@ -209,6 +218,13 @@ def vocab_parallel_weighted_cross_entropy(
             fp32 allocation and the backward pass's exp. Only for callers that never read the logits
             after this call (a model's loss hook whose logits come straight from the output layer).
             Non-contiguous fp32 logits are left intact and backward recomputes the softmax into them.
+        loss_mask: [s, b], > 0 where the token counts (None: every token). Read only by a weighting that
+            selects among the micro-batch's tokens (spec.needs_token_scope: entropy_selection,
+            ce_selection), which selects among the counted, not ignored tokens; the returned values are
+            never multiplied by it.
+        token_group: for those weightings, the process group whose ranks hold the rest of the micro-batch
+            (training: the data-parallel x context-parallel group); default megatron's, or this process alone
+            when megatron's parallel state is not initialised.
 
     Returns:
         TokenLosses (megatron_mile.loss.shard): loss [s, b] fp32 with gradient to `logits` (the
@@ -219,16 +235,21 @@ def vocab_parallel_weighted_cross_entropy(
 
     Raises:
         ValueError naming the argument for non-float logits, a target of the wrong shape, dtype or range,
-        or a vocab_size that does not fit the shards.
+        a loss_mask of another shape than the target, or a vocab_size that does not fit the shards.
 
     Collectives on tp_group (forward only): all-reduce MAX of [N] fp32, then one all-reduce SUM of
     [k, N] fp32 (k = 2, plus 1 when the entropy is computed, plus 1 with label smoothing). Backward: none.
+    Selection weightings add, on token_group only (none when it has one rank, or with a fraction of 1): an
+    all-reduce SUM of [4096] int64 (the score histogram), preceded for ce_selection by an all-reduce MAX of
+    one fp32 (megatron_mile.loss.selection).
     """
     _validate_logits(logits)
     shard = VocabShard.of(logits.size(-1), vocab_size, tp_group)
     shard_steps.validate_targets(target, logits.shape[:-1], shard.vocab_size, ignore_index, "logits [s, b, V/tp]")
+    if loss_mask is not None and tuple(loss_mask.shape) != tuple(target.shape):
+        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal the target shape {tuple(target.shape)}")
     return TokenLosses(*_VocabParallelWeightedCrossEntropy.apply(
-        logits, target, spec, shard, ignore_index, compute_entropy, reuse_logits_for_grad
+        logits, target, spec, shard, ignore_index, compute_entropy, reuse_logits_for_grad, loss_mask, token_group
     ))
 
 

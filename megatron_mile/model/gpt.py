@@ -48,6 +48,7 @@ class MileGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         if fused_lm_head and self.config.mtp_num_layers:
             raise ValueError("the fused LM head does not cover multi-token prediction layers")
+        _check_loss_spec(loss_spec, fused_lm_head, self.config.mtp_num_layers)
         # Output layer + loss in chunks, without the [s, b, V/tp] logits (megatron_mile.model.fused_output_layer).
         self.fused_lm_head = fused_lm_head
         self.loss_spec = loss_spec
@@ -55,13 +56,25 @@ class MileGPTModel(GPTModel):
         # Compute the entropy for logging even when the loss does not need it. Written once per step, by
         # request_entropy (the training step and the evaluators), never per micro-batch.
         self.entropy_requested = False
+        # The micro-batch's loss mask [b, s] while _postprocess runs (None otherwise): megatron's _postprocess
+        # calls compute_language_model_loss(labels, logits) without the mask it was given, and a weighting that
+        # selects among the counted tokens (LossSpec.needs_token_scope) needs it.
+        self.loss_mask_in_postprocess: Optional[torch.Tensor] = None
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """labels [b, s], logits [s, b, V/tp] -> [b, s, 5]: loss (with gradient), ce, weight, entropy, z-loss.
 
-        Collectives: those of vocab_parallel_weighted_cross_entropy on the TP group (MAX, one SUM).
+        Collectives: those of vocab_parallel_weighted_cross_entropy on the TP group (MAX, one SUM); with a
+        selection weighting also its threshold's, on the data-parallel x context-parallel group (the group
+        that holds the rest of this micro-batch: every DP rank computes micro-batch i of a step in the same
+        schedule position).
         """
         labels = labels.transpose(0, 1).contiguous()  # [s, b]
+        loss_mask = token_group = None
+        if self.loss_spec.needs_token_scope:
+            if self.loss_mask_in_postprocess is not None:
+                loss_mask = self.loss_mask_in_postprocess.transpose(0, 1)  # [s, b]
+            token_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         losses = vocab_parallel_weighted_cross_entropy(
             logits,
             labels,
@@ -72,6 +85,8 @@ class MileGPTModel(GPTModel):
             compute_entropy=self.entropy_requested,
             # fp32 logits come straight from the output layer and die here: let backward reuse them.
             reuse_logits_for_grad=True,
+            loss_mask=loss_mask,
+            token_group=token_group,
         )
         return pack_token_losses(losses)
 
@@ -85,7 +100,24 @@ class MileGPTModel(GPTModel):
         labels = bound.get("labels")
         if self.fused_lm_head and self.post_process and labels is not None and bound.get("inference_context") is None:
             return fused_language_model_loss(self, hidden_states, labels, bound.get("loss_mask"))
-        return super()._postprocess(hidden_states, *args, **kwargs)
+        self.loss_mask_in_postprocess = bound.get("loss_mask")
+        try:
+            return super()._postprocess(hidden_states, *args, **kwargs)
+        finally:
+            self.loss_mask_in_postprocess = None
+
+
+def _check_loss_spec(spec: LossSpec, fused_lm_head: bool, mtp_num_layers) -> None:
+    """ValueError when the model cannot train `spec`: a selection weighting (spec.needs_token_scope) needs
+    the whole micro-batch's statistics before any gradient, and the micro-batch's own loss mask."""
+    if not spec.needs_token_scope:
+        return
+    if fused_lm_head:
+        raise ValueError(f"--fused-lm-head cannot train {spec.loss_type}: it forms each chunk's gradient before "
+                         "the micro-batch's selection threshold is known")
+    if mtp_num_layers:
+        # megatron's MTP losses go through compute_language_model_loss with a shifted mask it does not pass.
+        raise ValueError(f"{spec.loss_type} does not cover multi-token prediction layers")
 
 
 def _loss_chunks(model: Iterable) -> list:
@@ -108,6 +140,7 @@ def request_entropy(model: Iterable, requested: bool) -> None:
 def set_loss_spec(model: Iterable, spec: LossSpec) -> None:
     """Train `model` with another loss from now on (benchmarks compare loss types on one model)."""
     for chunk in _loss_chunks(model):
+        _check_loss_spec(spec, chunk.fused_lm_head, chunk.config.mtp_num_layers)
         chunk.loss_spec = spec
 
 
