@@ -42,7 +42,7 @@ torchrun --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29517}" pretrai
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234 \
   --data-path "${DATA_PATH[@]}" --split 98,2,0 --data-cache-path "$OUT/data/cache" "${TOKENIZER[@]}" \
   "${LOSS_FLAGS[@]}" \
-  --log-interval 25 --eval-interval 100 --eval-iters 4 \
+  --log-interval 25 --log-throughput --eval-interval 100 --eval-iters 4 \
   --save "$OUT/checkpoints" --save-interval 100 --tensorboard-dir "$OUT/tensorboard" \
   2>&1 | tee "$OUT/train.log"
 

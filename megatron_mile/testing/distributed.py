@@ -128,8 +128,8 @@ def _thread_count() -> int:
         return 0
 
 
-# A worker holding more threads than this after a call retires its pool (the dist_pool fixture starts a new
-# one). Why: megatron-core keeps the process groups of every training run's parallel state alive past
+# A worker holding more threads than this after a call retires its workers (the pool's next call starts new
+# ones). Why: megatron-core keeps the process groups of every training run's parallel state alive past
 # destroy_model_parallel (~50 gloo threads per pretrain() call at world size 2), and workers that ran hundreds
 # of calls held thousands of threads, driving the machine's load average into the thousands.
 RETIRE_AT_THREADS = 600
@@ -148,24 +148,29 @@ class DistributedPool:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
-        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+        self._threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+        # Set once a call timed out or left ranks stuck (the workers were killed): the pool is unusable.
+        self.broken = False
+        self._start_workers()
+
+    def _start_workers(self) -> None:
         ctx = mp.get_context("spawn")
         port = parallel.find_free_port()
         self._results = ctx.Queue()
-        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(rank, world_size, port, self._tasks[rank], self._results, threads),
+                args=(rank, self.world_size, port, self._tasks[rank], self._results, self._threads),
                 daemon=True,
             )
-            for rank in range(world_size)
+            for rank in range(self.world_size)
         ]
         for proc in self._procs:
             proc.start()
-        # Set once a call timed out or left ranks stuck (the workers were killed), or once the workers hold
-        # too many threads (RETIRE_AT_THREADS; they were stopped): the pool is unusable, start a new one.
-        self.broken = False
+        # Set when the workers hold too many threads after a call (RETIRE_AT_THREADS): they were stopped, and
+        # the next call starts fresh ones (callers that keep the pool across calls see no difference).
+        self.retired = False
 
     def run(
         self,
@@ -184,7 +189,9 @@ class DistributedPool:
         `broken`, so that one bad test cannot stall every test after it.
         """
         if self.broken:
-            raise RuntimeError("this DistributedPool was stopped (after a hang, or holding too many threads); start a new one")
+            raise RuntimeError("this DistributedPool was killed after a hang; start a new one")
+        if self.retired:
+            self._start_workers()
         layout = ParallelLayout(
             tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size
         )
@@ -214,7 +221,7 @@ class DistributedPool:
             most_threads = max(most_threads, threads)
         if most_threads > RETIRE_AT_THREADS:
             self.close()
-            self.broken = True
+            self.retired = True
         failures = self._failure_report(outcomes)
         if failures:
             raise RemoteError(failures)
