@@ -211,6 +211,8 @@ def test_bucket_perplexity_matches_the_reference(dist_pool, corpus, checkpoint, 
     names = {prefix: domain for domain, prefix in corpus["prefixes"].items()}
     assert_report_matches(report, reference, names)
     assert report["iteration"] == 3 and report["loss_type"] == "mile"
+    # MiLe's parameters as trained (the flags' defaults, gamma 1 and sigma 1; no entropy threshold).
+    assert report["loss_settings"] == {"gamma": 1.0, "sigma": 1.0}
     # The bucket rows describe the 80/15/5 split of the training occurrences.
     shares = [row["training_fraction"] for row in report["buckets"]]
     assert shares[0] >= 0.8 and shares[0] + shares[1] >= 0.95 and math.isclose(sum(shares), 1.0)

@@ -330,3 +330,14 @@ def test_drop_in_in_place_behaviour_is_as_documented():
     assert torch.equal(bf16, kept)  # bf16 logits are left as they were
     with pytest.raises(ValueError, match="label_smoothing"):
         vocab_parallel_cross_entropy(logits.clone(), target, 1.0)
+
+
+def test_a_spec_names_the_parameters_it_uses():
+    """What run descriptions and the evaluation report show of a loss (LossSpec.settings)."""
+    from megatron_mile.loss import LossSpec
+
+    assert LossSpec("cross_entropy").settings() == {}
+    assert LossSpec("mile", gamma=2.0, sigma=0.5, z_loss_coeff=1e-4).settings() == {
+        "gamma": 2.0, "sigma": 0.5, "z_loss_coeff": 1e-4}
+    assert LossSpec("focal", gamma=1.0, label_smoothing=0.1).settings() == {"gamma": 1.0, "label_smoothing": 0.1}
+    assert LossSpec("entropy_selection", selection_fraction=0.6).settings() == {"selection_fraction": 0.6}

@@ -37,6 +37,7 @@ from megatron_mile.evaluation.token_buckets import (
     count_tokens_distributed,
     validate_fractions,
 )
+from megatron_mile.loss import LossSpec
 from megatron_mile.model import build_model
 from megatron_mile.training import data as run_data
 from megatron_mile.training.initialize import initialize_parallel, print_rank_0, set_random_seeds
@@ -239,8 +240,7 @@ def evaluate(eval_config: BucketEvalConfig) -> dict:
         "checkpoint": os.path.abspath(eval_config.load),
         "iteration": iteration,
         "loss_type": loss.loss_type,
-        "loss_settings": {"gamma": loss.gamma if loss.loss_type != "cross_entropy" else None,
-                          "sigma": loss.sigma if loss.loss_type == "mile" else None},
+        "loss_settings": LossSpec.from_config(loss).settings(),
         "buckets": [{**row, **results["buckets"][row["bucket"]]} for row in buckets.summary()],
         "overall": results["overall"],
         "domains": results["domains"],

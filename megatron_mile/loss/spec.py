@@ -282,11 +282,16 @@ class LossSpec:
                              "their TokenScope (which tokens count, which group holds the rest)")
         return self.weighting.weight(stats, self)
 
-    def describe(self) -> str:
-        """One line for logs: the loss type and the parameters its weighting reads."""
+    def settings(self) -> Dict[str, float]:
+        """The parameters this loss uses: those its weighting reads (when set), and label smoothing and
+        z-loss when on. Plain data, for logs, reports and run descriptions."""
         names = list(self.weighting.parameters)
         names += [name for name in ("label_smoothing", "z_loss_coeff") if getattr(self, name) > 0]
-        params = ", ".join(f"{name}={getattr(self, name)}" for name in names)
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def describe(self) -> str:
+        """One line for logs: the loss type and the parameters it uses (settings)."""
+        params = ", ".join(f"{name}={value}" for name, value in self.settings().items())
         return f"{self.loss_type} ({params})" if params else self.loss_type
 
 

@@ -76,7 +76,7 @@ def format_train_log(
 def _throughput_text(tflops: float) -> str:
     """Megatron-LM's one decimal, or three significant digits below 10 TFLOP/s (small or CPU runs, which one
     decimal would show as 0.0)."""
-    return f"{tflops:.1f}" if tflops >= 10 else f"{tflops:.3g}"
+    return f"{tflops:.1f}" if tflops >= 10 else f"{tflops:#.3g}"
 
 
 def format_duration(seconds: float) -> str:
