@@ -257,3 +257,14 @@ def test_train_tokenizer_tool(tmp_path):
     text = "Zürich: the quick brown fox, 3.14!"
     assert tok.tokenize(text) == gpt2.tokenize(text)
     assert tok.detokenize(tok.tokenize(text)) == text
+
+
+def test_a_trained_tokenizer_names_its_end_of_document_token_for_transformers(tok_dir):
+    """tools/train_tokenizer.py's output loads in transformers' AutoTokenizer (which Megatron-LM's
+    HuggingFaceTokenizer uses) with <|endoftext|> as EOS, and encodes as the data pipeline does."""
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(tok_dir / "hf")
+    ours = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tok_dir / "hf" / "tokenizer.json"))
+    assert theirs.eos_token == "<|endoftext|>" and theirs.eos_token_id == ours.eod == 0
+    assert theirs(CORPUS[0])["input_ids"] == ours.tokenize(CORPUS[0])

@@ -220,6 +220,52 @@ def test_exported_tokenizer_encodes_like_the_runs(exported):
     assert json.loads((output / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
+def _tokenizer_with_post_processor(tmp_path, post_processor) -> Path:
+    """The sample tokenizer.json with another post-processor (as LLaMA's tokenizers add a BOS)."""
+    data = json.loads(TOKENIZER.read_text())
+    data["post_processor"] = post_processor
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+BOS_TEMPLATE = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}}
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+
+
+@pytest.mark.parametrize("post_processor", [BOS_TEMPLATE, {"type": "Sequence", "processors": [BYTE_LEVEL, BOS_TEMPLATE]}],
+                         ids=["template", "sequence"])
+def test_a_tokenizer_that_adds_a_bos_is_exported_encoding_as_trained(tmp_path, post_processor):
+    """Training encodes without added special tokens; transformers (and lm-eval) with them: the exported
+    tokenizer must give the training ids by default."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    source = _tokenizer_with_post_processor(tmp_path, post_processor)
+    text = "The quick brown fox jumps over the lazy dog.\nPile: 12345 tokens."
+    assert Tokenizer.from_file(str(source)).encode(text).ids[0] == 0  # the source does add a BOS
+    ours = HuggingFaceTokenizer(str(source))
+    prepared = prepare_tokenizer(DataConfig(), str(source), VOCAB)
+    output = tmp_path / "export"
+    output.mkdir()
+    write_tokenizer_files(output, prepared, 128)
+    theirs = AutoTokenizer.from_pretrained(output)
+    assert theirs(text)["input_ids"] == ours.tokenize(text)
+
+
+def test_the_sample_tokenizer_names_its_end_of_document_token():
+    """Megatron-LM's HuggingFaceTokenizer (transformers' AutoTokenizer) finds EOS through tokenizer_config.json."""
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(TOKENIZER.parent)
+    assert theirs.eos_token == "<|endoftext|>" and theirs.eos_token_id == HuggingFaceTokenizer(str(TOKENIZER)).eod
+    text = "def f(x):\n    return x + 1"
+    assert theirs(text)["input_ids"] == HuggingFaceTokenizer(str(TOKENIZER)).tokenize(text)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # lm-evaluation-harness, offline, on the tiny task shipped in examples/lm_eval_tasks
 # ----------------------------------------------------------------------------------------------------------

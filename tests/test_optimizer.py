@@ -99,3 +99,28 @@ def test_groups_the_kernel_cannot_take_and_other_optimizers_are_left_alone():
     assert [g["fused"] for g in adam.param_groups] == [True, None]
     assert use_fused_torch_adam_on_cpu(Wrapper(sgd)) == 0
     assert "fused" not in sgd.param_groups[0] or not sgd.param_groups[0]["fused"]
+
+
+@pytest.mark.parametrize("flags, reduce_in_fp32", [
+    (["--bf16"], True),  # Megatron-LM's default under bf16: fp32 accumulation and reduction
+    (["--bf16", "--accumulate-allreduce-grads-in-fp32"], True),
+    (["--bf16", "--grad-reduce-in-bf16"], False),
+    ([], True),
+])
+def test_gradient_reduction_dtype_reaches_megatrons_ddp_config(flags, reduce_in_fp32):
+    from megatron_mile.arguments import parse_args
+    from megatron_mile.training.optimizer import ddp_config
+    from tiny_model import TINY_LLAMA
+
+    assert ddp_config(parse_args(TINY_LLAMA + flags, world_size=1)).grad_reduce_in_fp32 is reduce_in_fp32
+
+
+def test_gradient_reduction_dtype_flag_misuse_is_refused():
+    from megatron_mile.arguments import parse_args
+    from megatron_mile.config import ConfigError
+    from tiny_model import TINY_LLAMA
+
+    with pytest.raises(ConfigError, match="--grad-reduce-in-bf16 needs --bf16"):
+        parse_args(TINY_LLAMA + ["--grad-reduce-in-bf16"], world_size=1)
+    with pytest.raises(ConfigError, match="give one of --grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32"):
+        parse_args(TINY_LLAMA + ["--bf16", "--grad-reduce-in-bf16", "--accumulate-allreduce-grads-in-fp32"], world_size=1)

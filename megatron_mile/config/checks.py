@@ -256,6 +256,10 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
     problems.extend(_selection_problems(config))
 
     need(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+    need(not o.grad_reduce_in_bf16 or o.bf16, "--grad-reduce-in-bf16 needs --bf16 (fp32 parameters have fp32 "
+         "gradients)")
+    need(not (o.grad_reduce_in_bf16 and o.accumulate_allreduce_grads_in_fp32),
+         "give one of --grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32")
     need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "--adam-beta1/2 must lie in [0, 1)")
     need(0 <= m.hidden_dropout < 1 and 0 <= m.attention_dropout < 1, "dropout probabilities must lie in [0, 1)")
     problems.extend(schedule_problems(config))

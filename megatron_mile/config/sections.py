@@ -188,6 +188,10 @@ class OptimizerConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     bf16: bool = False
     """bf16 model and activations with fp32 main weights and gradients in the optimizer."""
+    accumulate_allreduce_grads_in_fp32: bool = False
+    """Accumulate and all-reduce gradients in fp32: always so here unless --grad-reduce-in-bf16."""
+    grad_reduce_in_bf16: bool = False
+    """With --bf16: accumulate and reduce gradients in bf16 (half the traffic; sums lose precision)."""
 
     # Megatron-LM's schedule and optimizer flags (same names, defaults and units). The schedule counts
     # samples, as Megatron-LM's does: iteration flags are multiplied by --global-batch-size.

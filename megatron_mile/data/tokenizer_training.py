@@ -7,6 +7,7 @@ a special token (id 0) and serves as the end-of-document token. Everything runs 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -46,13 +47,23 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: i
     return tok
 
 
+# Beside tokenizer.json: transformers' AutoTokenizer (which Megatron-LM's HuggingFaceTokenizer uses) finds the
+# end-of-document token here; without it the tokenizer has no EOS there.
+TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOD_TOKEN,
+                    "clean_up_tokenization_spaces": False}
+
+
 def save_tokenizer(tok, output_dir: str, gpt2_files: bool = False) -> list:
-    """Write ``tokenizer.json`` (and, with ``gpt2_files``, ``vocab.json``/``merges.txt``) to ``output_dir``."""
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (naming the EOD token as EOS), and with
+    ``gpt2_files`` ``vocab.json``/``merges.txt``, to ``output_dir``."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "tokenizer.json")
     with atomic_path(path) as tmp:
         tok.save(str(tmp), pretty=False)
-    written = [path]
+    config_path = os.path.join(output_dir, "tokenizer_config.json")
+    with atomic_path(config_path) as tmp:
+        tmp.write_text(json.dumps(TOKENIZER_CONFIG, indent=2, sort_keys=True) + "\n")
+    written = [path, config_path]
     if gpt2_files:
         written += tok.model.save(output_dir)
     return written

@@ -87,7 +87,7 @@ def write_tokenizer_files(directory: Path, prepared: TokenizerToExport, model_ma
     if prepared.tokenizer is None:
         return
     tokenizer = prepared.tokenizer
-    (directory / "tokenizer.json").write_text(tokenizer.to_json())
+    (directory / "tokenizer.json").write_text(encoding_as_trained(tokenizer.to_json()))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": tokenizer.token_text(tokenizer.eod),
@@ -96,3 +96,39 @@ def write_tokenizer_files(directory: Path, prepared: TokenizerToExport, model_ma
         "clean_up_tokenization_spaces": False,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# Post-processors whose only effect on token ids is adding special tokens (BOS/EOS, [CLS]/[SEP] and the like).
+_SPECIAL_TOKEN_PROCESSORS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+
+
+def encoding_as_trained(tokenizer_json: str) -> str:
+    """`tokenizer_json` changed so that its default encoding gives the ids training used.
+
+    Training encodes without added special tokens (megatron_mile.data.tokenizers: add_special_tokens=False),
+    while transformers and lm-eval encode with them: a post-processor that adds e.g. a BOS (as LLaMA's
+    tokenizer.json does) would put before every text a token the model never saw there, and lower every
+    log-likelihood. Such post-processors are dropped (inside a Sequence too); the others (ByteLevel's offset
+    trimming) change no ids and stay. Raises ExportError when the result still adds tokens.
+    """
+    from tokenizers import Tokenizer
+
+    data = json.loads(tokenizer_json)
+    data["post_processor"] = _without_special_tokens(data.get("post_processor"))
+    result = json.dumps(data, ensure_ascii=False)
+    tokenizer = Tokenizer.from_str(result)
+    probe = "Hello world, this is a test.\nA second line."
+    if tokenizer.encode(probe).ids != tokenizer.encode(probe, add_special_tokens=False).ids:
+        raise ExportError("the tokenizer's post-processor adds tokens that training never saw and cannot be "
+                          "removed automatically; pass a tokenizer.json without it with --tokenizer")
+    return result
+
+
+def _without_special_tokens(processor):
+    if processor is None or processor.get("type") in _SPECIAL_TOKEN_PROCESSORS:
+        return None
+    if processor.get("type") == "Sequence":
+        kept = [p for p in map(_without_special_tokens, processor.get("processors", [])) if p is not None]
+        return dict(processor, processors=kept) if kept else None
+    return processor
+

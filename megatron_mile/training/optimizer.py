@@ -21,10 +21,10 @@ from megatron_mile.config import RunConfig
 def ddp_config(config: RunConfig) -> DistributedDataParallelConfig:
     """megatron's DistributedDataParallelConfig for this run, as Megatron-LM builds it from the same flags.
 
-    Gradients are kept and reduced in fp32 and SUMMED over the data-parallel (and context-parallel) ranks:
-    the model's TransformerConfig sets calculate_per_token_loss, so DDP scales nothing, and
-    finalize_model_grads divides the reduced sums once by the global weight sum W. With
-    --overlap-grad-reduce a bucket's reduction starts during the last micro-batch's backward, before W is
+    Gradients are kept and reduced in fp32 (in bf16 with --bf16 --grad-reduce-in-bf16) and SUMMED over the
+    data-parallel (and context-parallel) ranks: the model's TransformerConfig sets calculate_per_token_loss,
+    so DDP scales nothing, and finalize_model_grads divides the reduced sums once by the global weight sum
+    W. With --overlap-grad-reduce a bucket's reduction starts during the last micro-batch's backward, before W is
     known; a sum needs no W, and the division runs after finish_grad_sync has waited for every bucket, so
     the result is the exact gradient of L = sum(w * ce) / sum(w) (docs/scale.md). Needs megatron's
     parallel state (the default bucket size grows with the DP size).
@@ -38,7 +38,9 @@ def ddp_config(config: RunConfig) -> DistributedDataParallelConfig:
         # megatron's default: large enough that each rank's share of a bucket stays bandwidth-bound.
         bucket_size = p.ddp_bucket_size or max(40_000_000, 1_000_000 * dp_cp)
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        # As Megatron-LM: under --bf16 gradients accumulate and reduce in fp32 unless --grad-reduce-in-bf16
+        # (then in the parameters' bf16); fp32 parameters have fp32 gradients either way.
+        grad_reduce_in_fp32=not config.optimizer.grad_reduce_in_bf16,
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
         # As Megatron-LM: only the interleaved schedule launches aligned parameter all-gathers.
