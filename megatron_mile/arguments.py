@@ -178,7 +178,7 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1, gpu_availa
     config = config_from_namespace(namespace)
     config.finalize(world_size)
     config.validate(world_size, gpu_available, kernel_support, extra_problems=problems)
-    config.notes = megatron_lm_flags.provided_notes(namespace)
+    config.notes += megatron_lm_flags.provided_notes(namespace)
     return config
 
 

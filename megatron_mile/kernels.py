@@ -197,7 +197,6 @@ def config_problems(config: "RunConfig", gpu: bool, support: KernelSupport) -> L
     """Every invalid kernel / precision / sequence-parallel setting of `config`, one message per flag."""
     problems: List[str] = []
     k, m, p = config.kernels, config.model, config.parallel
-    tp = p.tensor_model_parallel_size
     te_impl = k.transformer_impl == "transformer_engine"
 
     if te_impl:
@@ -214,9 +213,6 @@ def config_problems(config: "RunConfig", gpu: bool, support: KernelSupport) -> L
         if not gpu:
             missing.append("CUDA GPUs")
             fixes.append("run on GPUs or drop --sequence-parallel (unsupported on CPU)")
-        if tp < 2:
-            missing.append("--tensor-model-parallel-size > 1")
-            fixes.append("raise the TP size or drop --sequence-parallel (it splits activations over TP ranks)")
         if not te_impl:
             if m.normalization == "RMSNorm":
                 missing.append("--transformer-impl transformer_engine")

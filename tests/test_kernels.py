@@ -72,8 +72,8 @@ def problems(extra, gpu, support, world_size=1):
                                                               "multiples of 16 in the feature dimensions and of 8 in "
                                                               "the tokens; got --hidden-size = 72"]),
         # Sequence parallelism
-        (["--sequence-parallel"], False, NO_GPU, 1, ["--sequence-parallel needs CUDA GPUs and "
-                                                     "--tensor-model-parallel-size > 1"]),
+        (["--sequence-parallel", "--tensor-model-parallel-size", "2"], False, NO_GPU, 2,
+         ["--sequence-parallel needs CUDA GPUs"]),
         (["--sequence-parallel", "--tensor-model-parallel-size", "2"], True, H100, 2,
          ["--sequence-parallel needs --transformer-impl transformer_engine: megatron-core's local RMSNorm"]),
         (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--normalization", "LayerNorm"], True,
@@ -341,3 +341,14 @@ def test_sequence_parallel_with_fused_lm_head_matches_tp2_without():
     for extra in (["--sequence-parallel"], ["--sequence-parallel", "--fused-lm-head"]):
         for (loss, norm), (loss_r, norm_r) in zip(torchrun_history(argv + extra, nproc=2), reference):
             assert abs(loss - loss_r) <= 1e-2 * abs(loss_r) and abs(norm - norm_r) <= 5e-2 * abs(norm_r), extra
+
+
+def test_sequence_parallel_at_tp1_is_turned_off_with_a_note():
+    """Megatron-LM turns --sequence-parallel off (with a warning) when TP is 1; so does the parser here."""
+    config = parse_args(TINY_LLAMA + ["--sequence-parallel"], world_size=1)
+    assert config.parallel.sequence_parallel is False
+    assert any("--sequence-parallel turned off" in note for note in config.notes)
+    at_tp2 = parse_args(TINY_LLAMA + TE + ["--sequence-parallel", "--tensor-model-parallel-size", "2"], world_size=2,
+                        gpu_available=True, kernel_support=H100)
+    assert at_tp2.parallel.sequence_parallel is True and not any("sequence" in n for n in at_tp2.notes)
+

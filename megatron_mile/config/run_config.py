@@ -41,6 +41,11 @@ class RunConfig:
     def finalize(self, world_size: int) -> None:
         """Fill defaults that depend on other fields (done before validate)."""
         m, t = self.model, self.training
+        if self.parallel.sequence_parallel and self.parallel.tensor_model_parallel_size == 1:
+            # As Megatron-LM: sequence parallelism splits activations over TP ranks; with one it is turned off.
+            self.parallel.sequence_parallel = False
+            self.notes.append("--sequence-parallel turned off: it needs --tensor-model-parallel-size > 1 "
+                              "(as Megatron-LM does)")
         if m.ffn_hidden_size is None:
             m.ffn_hidden_size = 4 * m.hidden_size
         if m.max_position_embeddings is None:
