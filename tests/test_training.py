@@ -195,7 +195,7 @@ def test_repeated_nan_losses_stop_training_with_a_clear_message(dist_pool):
         (["--global-batch-size", "6"], 2, "not divisible by --micro-batch-size * DP"),
         (["--mile-gamma", "2"], 1, "--mile-gamma needs --loss-type mile"),
         (["--focal-gamma", "2", "--loss-type", "mile"], 1, "--focal-gamma needs --loss-type focal"),
-        (["--sequence-parallel"], 1, "--sequence-parallel needs CUDA GPUs"),
+        (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2, "--sequence-parallel needs CUDA GPUs"),
         (["--loss-type", "mile", "--mile-sigma", "0"], 1, "--mile-sigma must be > 0"),
         (["--pipeline-model-parallel-size", "3"], 3, "does not divide --num-layers"),
         (["--lr-warmup-iters", "6", "--train-iters", "6"], 1, "--lr-warmup-iters 6 must be smaller than"),
