@@ -5,8 +5,10 @@ optimizer state and RNG states. Everything here runs inside the spawned gloo wor
 
 from __future__ import annotations
 
+import json
 import random
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -174,3 +176,20 @@ def assert_same_rng(a, b):
 LOOP_ARGS = model_flags(2, 64, seq_length=SEQ, llama=False, untie_embeddings=False, dropout=0.1) + mock_data_flags(
     VOCAB) + ("--eval-iters 0 --micro-batch-size 2 --global-batch-size 4 --log-interval 100 --no-progress --lr 1e-3 "
               "--train-iters 4 --seed 3").split()
+
+
+# The per-iteration columns of {save}/summary.json that two runs of the same training share ("seconds" is
+# wall time), and the checkpoint the tracker names: what resume tests compare.
+COMPARED_COLUMNS = ("iteration", "lm_loss", "loss", "skipped")
+
+
+def summary_history(save) -> dict:
+    """{column: values} of the run summary in directory `save`, for COMPARED_COLUMNS."""
+    summary = json.loads((Path(save) / "summary.json").read_text())
+    return {column: summary["history"][column] for column in COMPARED_COLUMNS}
+
+
+def latest_iteration(save) -> int:
+    """The iteration latest_checkpointed_iteration.txt in `save` names."""
+    return int((Path(save) / checkpointing.TRACKER_FILENAME).read_text())
+

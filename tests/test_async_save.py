@@ -8,20 +8,17 @@ in flight means is seen on any machine.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import pytest
-from checkpoint_cases import LOOP_ARGS
+from checkpoint_cases import LOOP_ARGS, latest_iteration, summary_history
 
 from megatron_mile.arguments import parse_args
 from megatron_mile.config import ConfigError
 
 TRAIN = ["--train-iters", "8", "--save-interval", "3"]
-COMPARED_COLUMNS = ("iteration", "lm_loss", "loss", "skipped")
 
 
 class SimulatedCrash(RuntimeError):
@@ -80,15 +77,6 @@ def worker_train(argv, writer_delay=None, crash_at_step=None):
     return [h.loss for h in result.history], commits
 
 
-def _latest(save: Path) -> int:
-    return int((save / "latest_checkpointed_iteration.txt").read_text())
-
-
-def _history(save: Path) -> dict:
-    summary = json.loads((save / "summary.json").read_text())
-    return {column: summary["history"][column] for column in COMPARED_COLUMNS}
-
-
 @pytest.fixture(scope="module")
 def synchronous(dist_pool, tmp_path_factory):
     save = tmp_path_factory.mktemp("sync")
@@ -105,15 +93,15 @@ def test_background_saves_commit_after_the_next_step_and_resume_exactly(dist_poo
     # Iterations 3 and 6 were written while the next steps ran: each committed only after a later step.
     background = [(saved, steps) for saved, steps, _ in commits if saved in (3, 6)]
     assert [saved for saved, _ in background] == [3, 6] and all(steps > saved for saved, steps in background), commits
-    assert _latest(save) == 8 and not list(save.glob("iter_*.tmp-*"))
+    assert latest_iteration(save) == 8 and not list(save.glob("iter_*.tmp-*"))
     # The checkpoint of iteration 6, written in the background, resumes to the same run as the synchronous one.
     (save / "latest_checkpointed_iteration.txt").write_text("6")
     resumed, _ = dist_pool(2).run(worker_train, [*argv, "--load", str(save)], 0.5)[0]
     assert resumed == sync_losses[6:]
-    assert _history(save) == _history(sync_save)
+    assert summary_history(save) == summary_history(sync_save)
 
 
-def test_a_crash_while_a_save_is_written_leaves_the_previous_checkpoint_as_latest(dist_pool, tmp_path):
+def test_a_crash_while_a_save_is_written_leaves_the_previous_checkpoint_aslatest_iteration(dist_pool, tmp_path):
     save = tmp_path / "async"
     argv = [*LOOP_ARGS, *TRAIN, "--save", str(save), "--async-save"]
     # The writer of iteration 3 never finishes; step 5 crashes (a killed job looks the same on disk).
@@ -127,7 +115,7 @@ def test_a_crash_while_a_save_is_written_leaves_the_previous_checkpoint_as_lates
     argv2 = [*LOOP_ARGS, "--train-iters", "8", "--save-interval", "2", "--save", str(save2), "--async-save"]
     outcome, commits = dist_pool(2).run(worker_train, argv2, [0.0, float("inf")], 6)[0]
     assert outcome == "crashed" and [saved for saved, _, _ in commits] == [2]
-    assert _latest(save2) == 2 and not (save2 / "iter_0000004").exists()
+    assert latest_iteration(save2) == 2 and not (save2 / "iter_0000004").exists()
     assert len(list(save2.glob("iter_0000004.tmp-*"))) == 1
     resumed, _ = dist_pool(2).run(worker_train, [*argv2, "--load", str(save2)])[0]
     assert len(resumed) == 6  # iterations 3..8
@@ -139,7 +127,7 @@ def test_a_run_that_ends_waits_for_its_last_save(dist_pool, tmp_path):
     losses, commits = dist_pool(2).run(worker_train, argv, 1.0)[0]
     assert len(losses) == 6
     assert commits[-1][0] == 6 and commits[-1][2]  # the save of the last iteration, waited for at the end
-    assert _latest(save) == 6 and (save / "iter_0000006" / "mile_checkpoint.json").is_file()
+    assert latest_iteration(save) == 6 and (save / "iter_0000006" / "mile_checkpoint.json").is_file()
 
 
 def test_async_save_needs_a_save_directory():

@@ -9,7 +9,6 @@ resume to exactly the uninterrupted run's losses (dropout on: the RNG states mus
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from checkpoint_cases import LOOP_ARGS
+from checkpoint_cases import LOOP_ARGS, latest_iteration, summary_history
 
 from megatron_mile.arguments import parse_args
 from megatron_mile.config import ConfigError
@@ -31,7 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_ITERS = 30
 RUN_ARGS = list(LOOP_ARGS) + ["--tensor-model-parallel-size", "2", "--train-iters", str(TRAIN_ITERS),
                               "--log-interval", "1"]
-COMPARED_COLUMNS = ("iteration", "lm_loss", "loss", "skipped")  # "seconds" is wall time
 ITERATION_LINE = re.compile(r"iteration\s+(\d+)/")
 EXIT_LINE = re.compile(r"exiting at iteration (\d+) \((.*)\); checkpoint saved")
 # Iterations after which the signal is sent, drawn once (fixed seed: a failure reproduces).
@@ -149,21 +147,12 @@ def signal_after_iteration(processes: list, log: Path, iteration: int, timeout: 
     pytest.fail(f"iteration {iteration} not reached in {timeout} s")
 
 
-def history(save: Path) -> dict:
-    summary = json.loads((save / "summary.json").read_text())
-    return {column: summary["history"][column] for column in COMPARED_COLUMNS}
-
-
-def latest_iteration(save: Path) -> int:
-    return int((save / "latest_checkpointed_iteration.txt").read_text())
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict:
     save = tmp_path_factory.mktemp("uninterrupted")
     processes = start_ranks([*RUN_ARGS, "--save", str(save)], save / "logs")
     assert wait_all(processes) == [0, 0], (save / "logs" / "rank1.log").read_text()[-3000:]
-    return history(save)
+    return summary_history(save)
 
 
 def resume_and_compare(argv: list, save: Path, stopped_at: int, uninterrupted: dict) -> None:
@@ -172,7 +161,7 @@ def resume_and_compare(argv: list, save: Path, stopped_at: int, uninterrupted: d
     processes = start_ranks(argv, save / "logs-resume")
     assert wait_all(processes) == [0, 0], (save / "logs-resume" / "rank1.log").read_text()[-3000:]
     assert latest_iteration(save) == TRAIN_ITERS
-    assert history(save) == uninterrupted  # every iteration, before and after the stop, bit for bit
+    assert summary_history(save) == uninterrupted  # every iteration, before and after the stop, bit for bit
 
 
 @pytest.mark.parametrize("after", SIGNAL_AFTER)

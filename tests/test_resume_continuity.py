@@ -11,14 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
-from checkpoint_cases import LOOP_ARGS
+from checkpoint_cases import COMPARED_COLUMNS, LOOP_ARGS
 
 from megatron_mile.training import summary as run_summary
 
 # Validation of 2 global batches after every iteration: each one reads new samples, so a validation that
 # restarted at the first sample would differ from the uninterrupted run's.
 EVAL_ARGS = ["--eval-iters", "2", "--eval-interval", "1"]
-COMPARED_COLUMNS = ("iteration", "lm_loss", "loss", "skipped")  # "seconds" is wall time
 
 
 class SimulatedCrash(RuntimeError):

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_mile import device
 from megatron_mile.atomic_io import replace_directory, write_json_atomic
 from megatron_mile.checkpointing import torch_dist
+from megatron_mile.checkpointing.async_save import PendingSave
 from megatron_mile.checkpointing.collectives import barrier, broadcast_from_rank0, gather_from_all
 from megatron_mile.checkpointing.collectives import rank as global_rank
 from megatron_mile.checkpointing.compatibility import CheckpointError, optimizer_format, parallel_layout, vocab_sizes
@@ -155,8 +156,6 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
     # The RNG states of now (the agreement after `start` guarantees the directory exists on every rank).
     attempt.run(lambda: save_rng_state(tmp) if save_rng else None)
     if async_group is not None:
-        from megatron_mile.checkpointing.async_save import PendingSave
-
         return PendingSave(attempt, torch_dist.write_sharded_async(sharded, tmp, async_group), metadata)
     attempt.run(lambda: torch_dist.write_sharded(sharded, tmp))
     attempt.finish(metadata)

@@ -46,6 +46,8 @@ class RunConfig:
             self.parallel.sequence_parallel = False
             self.notes.append("--sequence-parallel turned off: it needs --tensor-model-parallel-size > 1 "
                               "(as Megatron-LM does)")
+        if t.exit_signal_handler and t.exit_signal is None:
+            t.exit_signal = "SIGTERM"  # Megatron-LM's default --exit-signal
         if m.ffn_hidden_size is None:
             m.ffn_hidden_size = 4 * m.hidden_size
         if m.max_position_embeddings is None:

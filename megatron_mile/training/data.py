@@ -24,7 +24,7 @@ from megatron_mile.data.tokenizers import build_tokenizer
 from megatron_mile.data import index_cache, splits
 from megatron_mile.data.indexed_reader import check_indexed_dataset
 from megatron_mile.training.initialize import print_rank_0
-from megatron_mile.training.run_control import DEFAULT_EXIT_SIGNAL, ignore_signal_in_worker
+from megatron_mile.training.run_control import ignore_signal_in_worker
 
 T = TypeVar("T")
 
@@ -205,7 +205,7 @@ def micro_batch_iterator(dataset, config: RunConfig, consumed_samples: int, cycl
         sampler = MicroBatchSampler(len(dataset), consumed_samples, config.training.micro_batch_size, dp_rank, dp_size)
         if workers > 0:
             t = config.training
-            init = (functools.partial(ignore_signal_in_worker, t.exit_signal or DEFAULT_EXIT_SIGNAL)
+            init = (functools.partial(ignore_signal_in_worker, t.exit_signal)
                     if t.exit_signal_handler else None)
             # Its own generator: a DataLoader with workers otherwise draws its base seed from torch's global
             # RNG, which moves the dropout streams and makes a run depend on --num-workers.

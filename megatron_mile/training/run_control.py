@@ -76,7 +76,7 @@ class RunControl:
         self.t = t
         self.start_time = start_time  # the run's start: the exit budget counts from it, set-up included
         self.gc_was_enabled = gc.isenabled()
-        self.signal_handler = ExitSignalHandler(t.exit_signal or DEFAULT_EXIT_SIGNAL) if t.exit_signal_handler else None
+        self.signal_handler = ExitSignalHandler(t.exit_signal) if t.exit_signal_handler else None
 
     def start(self) -> None:
         if self.t.logging_level is not None:
