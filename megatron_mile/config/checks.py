@@ -16,7 +16,7 @@ from megatron_mile.loss.spec import WEIGHTINGS
 
 if TYPE_CHECKING:  # annotations only: run_config imports this module
     from megatron_mile.config.run_config import RunConfig
-    from megatron_mile.config.sections import TrainingConfig
+    from megatron_mile.config.training import TrainingConfig
 
 
 class ConfigError(ValueError):

@@ -8,8 +8,9 @@ from typing import List, Optional, Sequence
 
 from megatron_mile import kernels
 from megatron_mile.config.checks import ConfigError, config_problems
-from megatron_mile.config.sections import DataConfig, KernelConfig, LossConfig, ModelConfig
-from megatron_mile.config.sections import OptimizerConfig, ParallelConfig, RecomputeConfig, TrainingConfig
+from megatron_mile.config.layers import KernelConfig, RecomputeConfig
+from megatron_mile.config.sections import DataConfig, LossConfig, ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_mile.config.training import TrainingConfig
 
 
 @dataclass

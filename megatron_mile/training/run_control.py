@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mile.config import TrainingConfig
-from megatron_mile.config.sections import EXIT_SIGNALS
+from megatron_mile.config.training import EXIT_SIGNALS
 
 DEFAULT_EXIT_SIGNAL = "SIGTERM"
 
