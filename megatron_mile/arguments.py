@@ -48,7 +48,8 @@ FIELD_GROUPS = {
                      "log_params_norm", "log_num_zeros_in_grad", "timing_log_level", "log_timers_to_tensorboard",
                      "log_validation_ppl_to_tensorboard", "log_memory_to_tensorboard", "wandb_project",
                      "wandb_exp_name", "wandb_entity", "wandb_save_dir"), "logging"),
-    **dict.fromkeys(("profile", "profile_step_start", "profile_step_end", "profile_ranks"), "profiling"),
+    **dict.fromkeys(("profile", "profile_step_start", "profile_step_end", "profile_ranks",
+                     "use_pytorch_profiler"), "profiling"),
     **dict.fromkeys(("distributed_timeout_minutes",), "distributed"),
 }
 

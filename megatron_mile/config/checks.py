@@ -149,6 +149,28 @@ def logging_flag_problems(t: "TrainingConfig") -> List[str]:
     return problems
 
 
+def profiling_flag_problems(t: "TrainingConfig", world_size: int, gpu_available: bool) -> List[str]:
+    """The profiling flags' conflicts: an empty step range, ranks that do not exist, the nsys mode without a
+    GPU, the torch.profiler trace without a directory to write it to."""
+    if not t.profile:
+        return ["--use-pytorch-profiler only acts with --profile: add --profile (or drop it)"] if t.use_pytorch_profiler else []
+    problems = []
+    if not 0 <= t.profile_step_start < t.profile_step_end:
+        problems.append(f"--profile-step-start {t.profile_step_start} and --profile-step-end {t.profile_step_end}: "
+                        "need 0 <= start < end (the steps profiled are start .. end - 1)")
+    missing = sorted(rank for rank in set(t.profile_ranks) if not 0 <= rank < world_size)
+    if missing:
+        problems.append(f"--profile-ranks {' '.join(map(str, missing))}: no such rank in a world of {world_size}; "
+                        f"give ranks in 0 .. {world_size - 1}")
+    if not t.use_pytorch_profiler and not gpu_available:
+        problems.append("--profile without --use-pytorch-profiler starts and stops nsys's capture "
+                        "(cudaProfilerStart/Stop) and needs a CUDA GPU; on CPU add --use-pytorch-profiler "
+                        "(a torch.profiler trace in --tensorboard-dir)")
+    if t.use_pytorch_profiler and t.tensorboard_dir is None:
+        problems.append("--use-pytorch-profiler writes its trace into --tensorboard-dir: add --tensorboard-dir <dir>")
+    return problems
+
+
 def _selection_problems(config: "RunConfig") -> List[str]:
     """--selection-fraction only with a selection loss type, in (0, 1]; and not with the fused LM head."""
     l = config.loss
@@ -264,6 +286,7 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
     need(0 <= m.hidden_dropout < 1 and 0 <= m.attention_dropout < 1, "dropout probabilities must lie in [0, 1)")
     problems.extend(schedule_problems(config))
     problems.extend(logging_flag_problems(t))
+    problems.extend(profiling_flag_problems(t, world_size, gpu_available))
 
     # Data.
     need(

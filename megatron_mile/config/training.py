@@ -4,7 +4,7 @@ loading, run control (exit signals and budgets) and logging; one field per Megat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from megatron_mile.config.fields import flag
 
@@ -147,3 +147,19 @@ class TrainingConfig:
     runs hold no such cache."""
     logging_level: Optional[int] = None
     """Python logging level of the run (10 debug, 20 info, 30 warning, ...). Default: unchanged."""
+    # Megatron-LM's profiling flags (megatron_mile.training.profiling; same names, defaults and units).
+    profile: bool = False
+    """Profile the steps --profile-step-start to --profile-step-end on the ranks of --profile-ranks: with
+    --use-pytorch-profiler a torch.profiler trace of steps [start, end) into --tensorboard-dir; without it
+    (GPU) cudaProfilerStart/Stop around steps start+1 to end for an `nsys profile
+    --capture-range=cudaProfilerApi` launch, with NVTX ranges per operator."""
+    profile_step_start: int = 10
+    """Iteration (the number the log prints) at which profiling starts."""
+    profile_step_end: int = 12
+    """Iteration at which profiling ends (the torch.profiler trace covers the steps before it)."""
+    use_pytorch_profiler: bool = False
+    """With --profile: record with torch.profiler (CPU and GPU; operator shapes and Python stacks) and write
+    the trace as `<--tensorboard-dir>/rank<N>.<time>.pt.trace.json` (TensorBoard's profiler plugin, Perfetto
+    or chrome://tracing read it)."""
+    profile_ranks: List[int] = flag([0], nargs="+")
+    """Global ranks to profile."""

@@ -8,6 +8,7 @@
 - loop: pretrain(); train_log: what each step reports (log line every --log-interval, TensorBoard every
   --tensorboard-log-interval); reporting: log-line formats, the TensorBoard / W&B writer; flops: the step's
   FLOPs (--log-throughput); diagnostics: parameter norm, memory; timing: --timing-log-level's timers;
-  summary: {save}/summary.json; token_histograms: the entropy / weight histograms; cli: the entry point's
+  summary: {save}/summary.json; profiling: --profile's torch.profiler / nsys range; token_histograms: the
+  entropy / weight histograms; cli: the entry point's
   flags and exit codes.
 """

@@ -26,6 +26,7 @@ from megatron_mile.training import summary as run_summary
 from megatron_mile.training.initialize import is_logging_rank, print_rank_0, print_rank_last
 from megatron_mile.training.run_control import RunControl
 from megatron_mile.training.optimizer import finish_parameter_gather
+from megatron_mile.training.profiling import StepProfiler
 from megatron_mile.training.setup import num_micro_batches, setup_training
 from megatron_mile.training.step import evaluate, train_step
 from megatron_mile.training.train_log import TrainingLog
@@ -139,9 +140,11 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             result.final_iteration, result.consumed_samples = iteration, consumed_samples
             run_summary.write_summary(t.save, config, result, time.time() - run_start, earlier)
 
+    profiler = StepProfiler(t)  # --profile: on the ranks of --profile-ranks only
     try:
         control.start_training()
         while iteration < t.train_iters:
+            profiler.before_step(iteration + 1)
             histogram_step = histogram_every > 0 and (iteration + 1) % histogram_every == 0
             # The entropy for logging; a weighting that needs it (MiLe) computes it on every step anyway.
             want_entropy = (iteration + 1) % t.log_interval == 0 or histogram_step
@@ -191,6 +194,7 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             if t.save and (reason is not None or (t.save_interval and iteration % t.save_interval == 0)):
                 save(in_background=reason is None)  # a run about to exit saves in the foreground
                 last_saved_iteration = iteration
+            profiler.after_step(iteration)
             if reason is not None:
                 saved = "checkpoint saved" if t.save else "nothing saved: no --save"
                 print_rank_0(f" exiting at iteration {iteration} ({reason}); {saved}")
@@ -217,6 +221,7 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             run_summary.write_summary(t.save, config, result, time.time() - run_start, earlier)
         barrier()  # the summary is written before the --save lock is given up
     finally:
+        profiler.close()
         progress.finish()
         tensorboard.close()
         setup.release()  # the --save lock, on success and on failure alike
