@@ -37,7 +37,7 @@ FIELD_GROUPS = {
                      "end_weight_decay", "weight_decay_incr_style", "clip_grad", "adam_beta1", "adam_beta2",
                      "adam_eps", "sgd_momentum"), "regularization"),
     **dict.fromkeys(("seed", "init_method_std"), "initialization"),
-    **dict.fromkeys(("optimizer",), "training"),
+    **dict.fromkeys(("optimizer", "dataloader_type"), "training"),
     **dict.fromkeys(("bf16", "grad_reduce_in_bf16", "accumulate_allreduce_grads_in_fp32",
                      "attention_softmax_in_fp32"), "mixed precision"),
     **dict.fromkeys(("save", "load", "save_interval", "async_save"), "checkpointing"),

@@ -11,6 +11,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from megatron_mile import kernels, option_checks
+from megatron_mile.data.blends import source_flag_problems
 from megatron_mile.data.splits import data_flag_problems
 from megatron_mile.loss.spec import WEIGHTINGS
 
@@ -289,11 +290,13 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
     problems.extend(profiling_flag_problems(t, world_size, gpu_available))
 
     # Data.
-    need(
-        bool(d.mock_data) != bool(d.data_path),
-        "give exactly one of --data-path (prepared .bin/.idx prefixes) or --mock-data",
-    )
-    problems.extend(data_flag_problems(d.data_path, d.split, t.eval_iters))
+    problems.extend(source_flag_problems(d, t.eval_iters))  # the blends, from flags or files
+    if d.split is not None:
+        problems.extend(data_flag_problems(None, d.split, t.eval_iters))
+    need(d.dataloader_type != "external", "--dataloader-type external hands Megatron-LM the dataset as the user's "
+         "own data loader; this trainer has no hook for one: use single or cyclic")
+    need(d.num_dataset_builder_threads >= 1,
+         f"--num-dataset-builder-threads must be >= 1, got {d.num_dataset_builder_threads}")
     need(d.tokenizer_type is not None, "--tokenizer-type is required (NullTokenizer with --vocab-size for --mock-data)")
     if d.tokenizer_type == "NullTokenizer":
         need(d.vocab_size is not None and d.vocab_size >= 2, "NullTokenizer needs --vocab-size >= 2")

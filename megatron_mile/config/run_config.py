@@ -59,6 +59,9 @@ class RunConfig:
         if t.global_batch_size is None:
             t.global_batch_size = t.micro_batch_size * dp
         d = self.data
+        per_split = any((d.train_data_path, d.valid_data_path, d.test_data_path, d.per_split_data_args_path))
+        if d.split is None and not per_split:
+            d.split = "969, 30, 1"  # Megatron-LM's (legacy) default with --data-path
         if d.tokenizer_type is None and d.vocab_file and d.merge_file:
             d.tokenizer_type = "GPT2BPETokenizer"  # as Megatron-LM's GPT-3 script: a BPE vocabulary and merges
         if t.train_samples is not None and t.train_iters is None:

@@ -225,9 +225,36 @@ class DataConfig:
     """Where samples come from and how text becomes token ids."""
 
     data_path: Optional[List[str]] = flag(None, nargs="*")
-    """Dataset prefixes (without .bin/.idx), optionally weighted: `w1 prefix1 w2 prefix2 ...`."""
-    split: str = "969, 30, 1"
-    """Train/validation/test proportions of each dataset, comma-separated."""
+    """Dataset prefixes (without .bin/.idx), optionally weighted: `w1 prefix1 w2 prefix2 ...`; split into
+    training, validation and test samples by --split."""
+    split: Optional[str] = None
+    """Train/validation/test proportions of each --data-path dataset, comma-separated. Default: 969, 30, 1
+    (not with the per-split data paths)."""
+    data_args_path: Optional[str] = None
+    """A text file holding the --data-path value (whitespace-separated), for blends too long for a command
+    line; instead of --data-path."""
+    train_data_path: Optional[List[str]] = flag(None, nargs="*")
+    """Training datasets as one blend, as --data-path but not split: with --valid-data-path and
+    --test-data-path, instead of --data-path and --split."""
+    valid_data_path: Optional[List[str]] = flag(None, nargs="*")
+    """Validation datasets as one blend (whole datasets; see --train-data-path)."""
+    test_data_path: Optional[List[str]] = flag(None, nargs="*")
+    """Test datasets as one blend, evaluated with --eval-iters global batches at the end of training (as
+    Megatron-LM does)."""
+    per_split_data_args_path: Optional[str] = None
+    """A JSON file {"train": [...], "valid": [...], "test": [...]} holding the --train/valid/test-data-path
+    values (each a list of strings or one whitespace-separated string); instead of those flags."""
+    dataloader_type: str = flag("single", choices=["single", "cyclic", "external"])
+    """single: each data-parallel rank reads its consecutive micro-batches of each global batch in order
+    (Megatron-LM's pretraining sampler); cyclic: a random permutation per epoch of the dataset (Megatron-LM's
+    random sampler, seeded by the epoch number), repeating over epochs; external is refused (it hands
+    Megatron-LM the dataset as the user's own data loader)."""
+    data_sharding: bool = flag(True, action=argparse.BooleanOptionalAction)
+    """--dataloader-type cyclic: each data-parallel rank permutes its own contiguous share of the samples
+    (Megatron-LM's default); --no-data-sharding: one permutation of all samples, dealt out to the ranks."""
+    num_dataset_builder_threads: int = 1
+    """Threads per rank that build the blended datasets' indices (megatron-core's dataset builder; rank 0
+    builds first with up to twice as many on GPUs)."""
     mock_data: bool = False
     """Train on megatron-core's synthetic dataset (no files needed; use with --tokenizer-type NullTokenizer)."""
     data_cache_path: Optional[str] = None

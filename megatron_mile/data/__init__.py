@@ -6,6 +6,7 @@ Modules (each imports its heavy dependencies lazily, and none imports torch):
 - indexed_writer.py: the .bin/.idx format written with numpy, atomically.
 - indexed_reader.py: the .bin/.idx format read and validated with numpy (every dataset, before use).
 - splits.py: --split and --data-path blends parsed strictly; split ranges as megatron-core computes them.
+- blends.py: the run's data sources (--data-path / --data-args-path, or one blend per split), files read as data.
 - index_cache.py: megatron-core's dataset index caches checked to be plain arrays before it opens them.
 - sentences.py: offline Punkt sentence splitting (load a punkt_tab model or train one on the corpus).
 - preprocess.py: the preprocessing pipeline behind tools/preprocess_data.py; preprocess_report.py its

@@ -56,9 +56,10 @@ def parse_split(split: str) -> List[float]:
     return values
 
 
-def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
+def parse_blend(data_path: Sequence[str], flag: str = "--data-path") -> Tuple[List[str], Optional[List[float]]]:
     """(prefixes, weights or None) of a --data-path list, read as megatron's get_blend_from_list reads it:
     ``p1 p2 ...`` (odd length, or no entry at an even position is a number) or ``w1 p1 w2 p2 ...``.
+    `flag`: what the messages call the list (--train-data-path, a file, ...).
 
     Raises:
         DataSplitError: weights mixed with bare prefixes, or a weight that is not a finite number > 0.
@@ -72,12 +73,12 @@ def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[floa
         return [e.strip() for e in entries], None
     if any(w is None for w in parsed):
         raise DataSplitError(
-            "--data-path mixes weighted and unweighted datasets: give either prefixes only "
+            f"{flag} mixes weighted and unweighted datasets: give either prefixes only "
             "('p1 p2 ...') or a weight before every prefix ('w1 p1 w2 p2 ...')")
     prefixes = [p.strip() for p in entries[1::2]]
     for raw, weight, prefix in zip(candidates, parsed, prefixes):
         if not (math.isfinite(weight) and weight > 0):
-            raise DataSplitError(f"--data-path weight {raw!r} of {prefix!r} must be a finite number > 0 "
+            raise DataSplitError(f"{flag} weight {raw!r} of {prefix!r} must be a finite number > 0 "
                                  "(weights are relative sampling proportions)")
     return prefixes, parsed
 

@@ -142,6 +142,9 @@ def run_config_for(eval_config: BucketEvalConfig, saved_config: dict, saved_voca
     t.save_interval = t.exit_interval = None
     if eval_config.data_path:
         d.data_path, d.mock_data = list(eval_config.data_path), False
+        # The evaluation's data replaces every data source of the training run (a blend file, per-split blends).
+        d.data_args_path = d.per_split_data_args_path = None
+        d.train_data_path = d.valid_data_path = d.test_data_path = None
     if eval_config.split is not None:
         d.split = eval_config.split
     if eval_config.tokenizer_model is not None:
@@ -150,8 +153,9 @@ def run_config_for(eval_config: BucketEvalConfig, saved_config: dict, saved_voca
         d.data_cache_path = eval_config.data_cache_path
     if not d.data_path:
         raise EvaluationError(
-            f"the checkpoint {eval_config.load} was trained on --mock-data: give the training data whose token "
-            "frequencies define the buckets with --data-path (and held-out data with --valid-data-path)"
+            f"the checkpoint {eval_config.load} was trained without --data-path (on --mock-data, a --data-args-path "
+            "file or per-split data): give the training data whose token frequencies define the buckets with "
+            "--data-path (and held-out data with --valid-data-path)"
         )
     d.mock_data = False
     return config

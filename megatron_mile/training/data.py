@@ -21,7 +21,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 
 from megatron_mile.config import RunConfig
 from megatron_mile.data.tokenizers import build_tokenizer
-from megatron_mile.data import index_cache, splits
+from megatron_mile.data import blends, index_cache, splits
 from megatron_mile.data.indexed_reader import check_indexed_dataset
 from megatron_mile.training.initialize import print_rank_0
 from megatron_mile.training.run_control import ignore_signal_in_worker
@@ -52,10 +52,20 @@ def build_run_tokenizer(config: RunConfig):
     return tokenizer
 
 
-def gpt_dataset_config(config: RunConfig, tokenizer, blend, split: Optional[str] = None) -> GPTDatasetConfig:
+def run_sources(config: RunConfig) -> blends.DataSources:
+    """The run's blends: --data-path / --data-args-path, or one per split (--train-data-path, ... or
+    --per-split-data-args-path); none with --mock-data. Reads the blend files (checked at start-up)."""
+    d = config.data
+    return blends.resolve_sources(d.data_path, d.data_args_path, d.train_data_path, d.valid_data_path,
+                                  d.test_data_path, d.per_split_data_args_path)
+
+
+def gpt_dataset_config(config: RunConfig, tokenizer, blend, split: Optional[str] = None,
+                       blend_per_split=None) -> GPTDatasetConfig:
     """megatron-core's GPTDatasetConfig for this run's samples (training and evaluation tools alike).
 
-    `split` defaults to the run's --split. The document options are Megatron-LM's: --eod-mask-loss zeroes the
+    `split` defaults to the run's --split; with `blend_per_split` ([train, valid, test] blends) there is no
+    split (megatron-core refuses both). The document options are Megatron-LM's: --eod-mask-loss zeroes the
     loss mask where the input token is the tokenizer's EOD, --reset-position-ids restarts positions after
     it, --reset-attention-mask makes each sample's [1, s, s] mask block-diagonal causal (True = masked),
     built only with --create-attention-mask-in-dataloader (the default). No collectives.
@@ -65,7 +75,8 @@ def gpt_dataset_config(config: RunConfig, tokenizer, blend, split: Optional[str]
         random_seed=config.training.seed,
         sequence_length=config.model.seq_length,
         blend=blend,
-        split=split if split is not None else d.split,
+        blend_per_split=blend_per_split,
+        split=None if blend_per_split is not None else split if split is not None else d.split,
         tokenizer=tokenizer,
         reset_position_ids=d.reset_position_ids,
         reset_attention_mask=d.reset_attention_mask,
@@ -73,6 +84,7 @@ def gpt_dataset_config(config: RunConfig, tokenizer, blend, split: Optional[str]
         create_attention_mask=d.create_attention_mask_in_dataloader,
         path_to_cache=d.data_cache_path,
         mmap_bin_files=d.mmap_bin_files,
+        num_dataset_builder_threads=d.num_dataset_builder_threads,
     )
 
 
@@ -98,8 +110,8 @@ def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
 
     Before megatron builds anything, every rank alike checks (so that a refusal never leaves another rank
     waiting in a barrier): each dataset's .bin/.idx (check_dataset_files), that no split the run samples
-    from is empty (data.splits: train always, validation when num_eval_samples > 0; the test split is
-    never built), and, just before megatron opens them, that the index caches are plain arrays
+    from is empty (data.splits: train always, validation when num_eval_samples > 0; the test split of --split
+    is never built, a --test-data-path dataset only by build_test_dataset), and, just before megatron opens them, that the index caches are plain arrays
     (data.index_cache).
 
     Raises:
@@ -110,27 +122,45 @@ def build_datasets(config: RunConfig, tokenizer, num_eval_samples: int):
     d, t = config.data, config.training
     needed = _needed_splits(num_eval_samples)
     sizes = [t.train_iters * t.global_batch_size, num_eval_samples, 0]
-    prefixes: List[str] = []
-    blend = None
-    if d.data_path:
-        prefixes, weights = splits.parse_blend(d.data_path)
+    sources = run_sources(config)
+    prefixes = sources.prefixes()
+    if prefixes:
         cache = d.data_cache_path or "<prefix>/cache/ beside each dataset"
         print_rank_0(f" checking {len(prefixes)} dataset(s), then building their "
                      f"{' and '.join(splits.SPLIT_NAMES[i] for i in needed)} sample indices ({sizes[0]:,} training "
                      f"samples; cached in {cache}, reused by later runs with the same data, split, seed and "
                      "sequence length) ...")
         check_data(config, num_eval_samples)
-        blend = (prefixes, weights)
-    dataset_config = gpt_dataset_config(config, tokenizer, blend)
-    dataset_config.split_matrix = splits.only_splits(dataset_config.split_matrix, needed)
-    dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
+    per_split = None
+    if sources.blend_per_split is not None:  # splits the run does not sample from are not built
+        per_split = [blend if index in needed else None for index, blend in enumerate(sources.blend_per_split)]
+    dataset_config = gpt_dataset_config(config, tokenizer, sources.blend, blend_per_split=per_split)
+    if per_split is None:
+        dataset_config.split_matrix = splits.only_splits(dataset_config.split_matrix, needed)
+    train, valid, _ = _build(config, dataset_config, sizes, prefixes)
+    return train, valid
+
+
+def build_test_dataset(config: RunConfig, tokenizer, num_samples: int):
+    """The --test-data-path (or per-split file's "test") dataset of `num_samples` samples, None without one.
+    Collectives: barriers on the world group."""
+    sources = run_sources(config)
+    test = sources.blend_per_split[splits.TEST] if sources.blend_per_split else None
+    if test is None or num_samples <= 0:
+        return None
+    dataset_config = gpt_dataset_config(config, tokenizer, None, blend_per_split=[None, None, test])
+    return _build(config, dataset_config, [0, 0, num_samples], test[0])[splits.TEST]
+
+
+def _build(config: RunConfig, dataset_config: GPTDatasetConfig, sizes: List[int], prefixes: List[str]) -> list:
+    """megatron-core's [train, valid, test] datasets of `sizes` samples, built on rank 0 first."""
+    dataset_cls = MockGPTDataset if config.data.mock_data else GPTDataset
 
     def build():
-        index_cache.check_index_caches(prefixes, d.data_cache_path)
+        index_cache.check_index_caches(prefixes, config.data.data_cache_path)
         return BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, dataset_config).build()
 
-    train, valid, _ = build_on_rank0_first(build)
-    return train, valid
+    return build_on_rank0_first(build)
 
 
 def _needed_splits(num_eval_samples: int) -> list:
@@ -144,11 +174,17 @@ def check_data(config: RunConfig, num_eval_samples: int) -> None:
 
     Raises FileNotFoundError, IndexedDatasetError or DataSplitError naming the file or flag. No collectives.
     """
-    if not config.data.data_path:
-        return
-    prefixes, _ = splits.parse_blend(config.data.data_path)
-    sequences = check_dataset_files(prefixes)
-    splits.check_splits_not_empty(config.data.split, dict(zip(prefixes, sequences)), _needed_splits(num_eval_samples))
+    sources = run_sources(config)
+    if sources.blend is not None:
+        prefixes = sources.blend[0]
+        sequences = check_dataset_files(prefixes)
+        splits.check_splits_not_empty(config.data.split, dict(zip(prefixes, sequences)),
+                                      _needed_splits(num_eval_samples))
+    for blend, flag in zip(sources.blend_per_split or [], blends.PER_SPLIT_FLAGS):
+        if blend is not None:  # whole datasets, one per split: none may be empty (megatron would spin forever)
+            for prefix, count in zip(blend[0], check_dataset_files(blend[0], flag)):
+                if count == 0:
+                    raise splits.DataSplitError(f"{flag} {prefix}: the dataset holds no sequence (document)")
 
 
 def check_dataset_files(prefixes, flag: str = "--data-path") -> List[int]:
@@ -184,6 +220,51 @@ class MicroBatchSampler:
             start += stride
 
 
+@dataclass
+class CyclicMicroBatchSampler:
+    """Indices of this DP rank's micro-batches for --dataloader-type cyclic: Megatron-LM's random sampler.
+
+    An epoch is the largest multiple A of mbs * DP samples the dataset holds; epoch e = consumed // A is
+    permuted by torch.randperm seeded with e. With data_sharding (Megatron-LM's default) DP rank r permutes
+    its own share [r * A/DP, (r + 1) * A/DP) and reads it mbs at a time; without, one permutation of the
+    first (len // mbs) * mbs indices is dealt out round-robin, of which the epoch takes A (so that every rank
+    reads as many micro-batches). Resuming = starting at consumed_samples (a multiple of mbs * DP). One pass
+    yields the rest of the current epoch; `next_epoch_start` is where the next pass starts.
+    """
+
+    total_samples: int
+    consumed_samples: int
+    micro_batch_size: int
+    data_parallel_rank: int
+    data_parallel_size: int
+    data_sharding: bool = True
+
+    @property
+    def epoch_samples(self) -> int:
+        stride = self.micro_batch_size * self.data_parallel_size
+        return self.total_samples - self.total_samples % stride
+
+    @property
+    def next_epoch_start(self) -> int:
+        return (self.consumed_samples // self.epoch_samples + 1) * self.epoch_samples
+
+    def __iter__(self) -> Iterator[list]:
+        mbs, dp, rank = self.micro_batch_size, self.data_parallel_size, self.data_parallel_rank
+        active = self.epoch_samples
+        if active == 0:
+            return
+        epoch, offset = divmod(self.consumed_samples, active)
+        generator = torch.Generator().manual_seed(epoch)
+        if self.data_sharding:
+            share = active // dp
+            order = (torch.randperm(share, generator=generator)[offset // dp:] + rank * share).tolist()
+        else:
+            permutation = torch.randperm((self.total_samples // mbs) * mbs, generator=generator)
+            order = permutation[offset:active][rank::dp].tolist()
+        for first in range(0, len(order) - mbs + 1, mbs):
+            yield order[first:first + mbs]
+
+
 def collate(samples) -> dict:
     """Stack dataset samples into a micro-batch: tokens, labels, loss_mask, position_ids, each [mbs, seq], and
     attention_mask [mbs, 1, seq, seq] (bool, True = masked) when the dataset builds one."""
@@ -195,14 +276,22 @@ def micro_batch_iterator(dataset, config: RunConfig, consumed_samples: int, cycl
     """Micro-batches (dicts of [mbs, seq] tensors) for this DP rank, starting after consumed_samples.
 
     `cycle` restarts from the beginning when the dataset is exhausted (validation reuses its samples).
+    --dataloader-type single reads in MicroBatchSampler's order; cyclic in CyclicMicroBatchSampler's, epoch
+    after epoch whatever `cycle` says (as Megatron-LM cycles its loader).
     With --num-workers N > 0, as Megatron-LM, a torch DataLoader reads and collates the samples in N worker
     processes, in the same order as without workers.
     """
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     workers = config.data.num_workers
+    cyclic = config.data.dataloader_type == "cyclic"
     while True:
-        sampler = MicroBatchSampler(len(dataset), consumed_samples, config.training.micro_batch_size, dp_rank, dp_size)
+        if cyclic:
+            sampler = CyclicMicroBatchSampler(len(dataset), consumed_samples, config.training.micro_batch_size,
+                                              dp_rank, dp_size, config.data.data_sharding)
+        else:
+            sampler = MicroBatchSampler(len(dataset), consumed_samples, config.training.micro_batch_size, dp_rank,
+                                        dp_size)
         if workers > 0:
             t = config.training
             init = (functools.partial(ignore_signal_in_worker, t.exit_signal)
@@ -218,6 +307,6 @@ def micro_batch_iterator(dataset, config: RunConfig, consumed_samples: int, cycl
         for batch in batches:
             produced = True
             yield batch
-        if not cycle or not produced:
+        if not produced or not (cycle or cyclic):
             return
-        consumed_samples = 0
+        consumed_samples = sampler.next_epoch_start if cyclic else 0

@@ -53,6 +53,7 @@ class TrainingResult:
 
     history: List[IterationRecord] = field(default_factory=list)
     validation: List[tuple] = field(default_factory=list)  # (iteration, lm_loss, loss)
+    test: Optional[tuple] = None  # (iteration, lm_loss, loss) on --test-data-path at the end of training
     final_iteration: int = 0
     consumed_samples: int = 0
     checkpoint: Optional[str] = None
@@ -212,6 +213,12 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
                 and iteration % t.eval_interval != 0):
             validate(iteration)
         finish_parameter_gather(model)  # whoever uses the model next sees the final weights
+        if setup.test_iterators is not None and not exited_early:
+            # As Megatron-LM: the test data is evaluated once, on the final model (--eval-iters batches).
+            stats = evaluate(setup, setup.test_iterators)
+            result.test = (iteration, stats.lm_loss, stats.loss)
+            print_rank_last(reporting.format_validation_log(iteration, stats, label="test"))
+            tensorboard.scalars(iteration, {"test/lm loss": stats.lm_loss, "test/training loss": stats.loss})
         if t.save and last_saved_iteration != iteration:
             save()
         finish_pending_save(blocking=True)  # the run ends with its last checkpoint committed

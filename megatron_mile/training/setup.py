@@ -54,6 +54,8 @@ def _data_iterators(config: RunConfig, model: list, dataset, consumed_samples: i
 def _validation_start(config: RunConfig, dataset, consumed_valid_samples: int) -> int:
     """Where the validation iterator starts after `consumed_valid_samples` validation samples: wrapped the way
     run_data.micro_batch_iterator cycles, whole rounds of micro_batch_size * DP samples per pass."""
+    if config.data.dataloader_type == "cyclic":
+        return consumed_valid_samples  # its sampler counts epochs itself
     stride = config.training.micro_batch_size * parallel_state.get_data_parallel_world_size()
     period = (len(dataset) // stride) * stride
     return consumed_valid_samples % period if period else 0
@@ -78,6 +80,7 @@ class TrainingSetup:
     consumed_valid_samples: int = 0  # validation samples evaluated so far (pretrain's validate() counts them)
     save_lock: Optional[SaveDirectoryLock] = None  # rank 0's lock on --save; None elsewhere
     timers: Optional[Timers] = None  # --timing-log-level's timers (megatron_mile.training.timing)
+    test_iterators: Optional[list] = None  # --test-data-path: evaluated once at the end of training
 
     def release(self) -> None:
         """Give up what the run holds outside the process (the --save lock). Idempotent, no collectives."""
@@ -212,9 +215,11 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
         # A resumed run validates on the samples the uninterrupted run would (as Megatron-LM does).
         valid_start = _validation_start(config, valid_ds, consumed_valid_samples)
         valid_iterators = _data_iterators(config, model, valid_ds, valid_start, cycle=True)
+    test_ds = run_data.build_test_dataset(config, tokenizer, t.eval_iters * t.global_batch_size)
+    test_iterators = _data_iterators(config, model, test_ds, 0, cycle=True) if test_ds else None
 
     collector = LossCollector()
     configure_schedules(model, optimizer, collector, config, timers)
     return TrainingSetup(config, model, optimizer, scheduler, train_iterators, valid_iterators, num_micro, collector,
                          config_dict, tokenizer.vocab_size, iteration, consumed_samples,
-                         consumed_valid_samples=consumed_valid_samples, timers=timers)
+                         consumed_valid_samples=consumed_valid_samples, timers=timers, test_iterators=test_iterators)

@@ -259,8 +259,9 @@ def _discard_gradients(setup) -> None:
     setup.optimizer.zero_grad()
 
 
-def evaluate(setup) -> StepLoss:
-    """Validation loss over --eval-iters global batches of setup.valid_iterators (forward only, dropout off)."""
+def evaluate(setup, data_iterators=None) -> StepLoss:
+    """Validation loss over --eval-iters global batches of setup.valid_iterators, or of `data_iterators`
+    (the test data) (forward only, dropout off)."""
     model = setup.model
     for chunk in model:
         chunk.eval()
@@ -268,7 +269,8 @@ def evaluate(setup) -> StepLoss:
     request_entropy(model, True)
     with torch.no_grad():
         for _ in range(setup.config.training.eval_iters):
-            _run_schedule(setup, collector, forward_only=True, data_iterators=setup.valid_iterators)
+            _run_schedule(setup, collector, forward_only=True,
+                          data_iterators=setup.valid_iterators if data_iterators is None else data_iterators)
     for chunk in model:
         chunk.train()
     return step_statistics(collector.parts)
