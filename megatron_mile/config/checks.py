@@ -38,7 +38,8 @@ _AT_LEAST_ONE = (
 _AT_LEAST_ZERO = ("exit_duration_in_mins", "manual_gc_interval", "lr", "min_lr", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init", "weight_decay",
                   "start_weight_decay", "end_weight_decay", "decoupled_lr", "decoupled_min_lr", "sgd_momentum",
                   "clip_grad", "eval_iters", "num_workers", "seed", "label_smoothing", "z_loss_coeff")
-_POSITIVE = ("norm_epsilon", "init_method_std", "adam_eps")
+_POSITIVE = ("norm_epsilon", "init_method_std", "adam_eps", "rotary_seq_len_interpolation_factor",
+             "rope_scaling_factor")
 
 
 def _range_problems(config: "RunConfig") -> List[str]:
@@ -172,6 +173,19 @@ def profiling_flag_problems(t: "TrainingConfig", world_size: int, gpu_available:
     return problems
 
 
+def _rope_problems(m) -> List[str]:
+    """The rope modifiers act only on rope, and --rope-scaling-factor only with --use-rope-scaling."""
+    problems = []
+    if m.position_embedding_type != "rope":
+        for name in ("rotary_seq_len_interpolation_factor", "use_rope_scaling"):
+            if getattr(m, name):
+                problems.append(f"--{name.replace('_', '-')} modifies rotary position embeddings: add "
+                                "--position-embedding-type rope (or drop it)")
+    if m.rope_scaling_factor is not None and not m.use_rope_scaling:
+        problems.append("--rope-scaling-factor needs --use-rope-scaling")
+    return problems
+
+
 def _selection_problems(config: "RunConfig") -> List[str]:
     """--selection-fraction only with a selection loss type, in (0, 1]; and not with the fused LM head."""
     l = config.loss
@@ -238,10 +252,18 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
     # As Megatron-LM: also with rope, whose tables (and an exported model's advertised context) are sized
     # by --max-position-embeddings.
     need(0 < m.rotary_percent <= 1, f"--rotary-percent must lie in (0, 1], got {m.rotary_percent}")
+    problems.extend(_rope_problems(m))
+    need(not m.use_flash_attn or m.attention_backend == "flash",
+         f"--use-flash-attn asks for --attention-backend flash, but --attention-backend {m.attention_backend} is "
+         "given: keep one of them")
     if not gpu_available:
-        need(m.attention_backend in ("auto", "local", "unfused"),
-             f"--attention-backend {m.attention_backend} needs a CUDA GPU with Transformer Engine; on CPU use "
-             "--attention-backend auto (or local)")
+        if m.use_flash_attn:
+            need(False, "--use-flash-attn (--attention-backend flash) needs a CUDA GPU with Transformer Engine; "
+                 "on CPU drop it (megatron-core's local attention is used)")
+        else:
+            need(m.attention_backend in ("auto", "local", "unfused"),
+                 f"--attention-backend {m.attention_backend} needs a CUDA GPU with Transformer Engine; on CPU "
+                 "use --attention-backend auto (or local)")
         need(not m.apply_layernorm_1p, "--apply-layernorm-1p needs a CUDA GPU (Transformer Engine's or apex's "
              "fused norms); on CPU drop it")
     need(

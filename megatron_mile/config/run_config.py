@@ -49,6 +49,14 @@ class RunConfig:
                               "(as Megatron-LM does)")
         if t.exit_signal_handler and t.exit_signal is None:
             t.exit_signal = "SIGTERM"  # Megatron-LM's default --exit-signal
+        if m.use_rotary_position_embeddings:
+            m.position_embedding_type = "rope"  # as Megatron-LM: the older spelling wins
+        if m.use_rope_scaling and m.rope_scaling_factor is None:
+            m.rope_scaling_factor = 8.0  # Megatron-LM's default --rope-scaling-factor
+        if m.use_flash_attn and m.attention_backend == "auto":
+            m.attention_backend = "flash"
+            self.notes.append("--use-flash-attn: --attention-backend flash (megatron-core's FlashAttention via "
+                              "Transformer Engine)")
         if m.ffn_hidden_size is None:
             m.ffn_hidden_size = 4 * m.hidden_size
         if m.max_position_embeddings is None:

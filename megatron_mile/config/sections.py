@@ -45,6 +45,16 @@ class ModelConfig:
     """Position embedding type; LLaMA uses rope."""
     rotary_base: int = 10000
     """Base period of the rotary position embeddings."""
+    use_rotary_position_embeddings: bool = False
+    """Megatron-LM's older spelling of --position-embedding-type rope (it sets that)."""
+    rotary_seq_len_interpolation_factor: Optional[float] = None
+    """Rope: divide the positions by this factor (linear position interpolation, to run longer sequences
+    than trained with; megatron-core's seq_len_interpolation_factor). Default: none."""
+    use_rope_scaling: bool = False
+    """Rope: scale the frequencies as Llama 3.x does (wavelengths above 8192 positions divided by
+    --rope-scaling-factor, those below 2048 kept, a smooth blend between; megatron-core's rope_scaling)."""
+    rope_scaling_factor: Optional[float] = None
+    """The factor of --use-rope-scaling. Default: 8.0."""
     untie_embeddings_and_output_weights: bool = False
     """Separate input embedding and output layer weights, as LLaMA."""
     init_method_std: float = 0.02
@@ -72,6 +82,9 @@ class ModelConfig:
     attention_backend: str = flag("auto", choices=["auto", "local", "unfused", "fused", "flash"])
     """Attention implementation: auto picks the fastest available; local/unfused are megatron-core's own
     (CPU and GPU); fused (cuDNN) and flash need Transformer Engine on a GPU."""
+    use_flash_attn: bool = False
+    """FlashAttention (Megatron-LM's switch from before --attention-backend): --attention-backend flash
+    (Transformer Engine on a GPU)."""
 
 
 @dataclass

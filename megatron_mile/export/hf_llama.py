@@ -43,6 +43,9 @@ def check_llama_architecture(model: ModelConfig) -> None:
     if model.position_embedding_type != "rope":
         problems.append(f"position embeddings are {model.position_embedding_type}; Llama uses rope "
                         "(--position-embedding-type rope)")
+    if model.use_rope_scaling and model.rotary_seq_len_interpolation_factor:
+        problems.append("rope has both --use-rope-scaling and --rotary-seq-len-interpolation-factor; a Hugging "
+                        "Face Llama takes one rope scaling")
     if problems:
         raise ExportError("the checkpoint is not a LLaMA-architecture model, so it has no Hugging Face Llama "
                           "equivalent:\n  - " + "\n  - ".join(problems))
@@ -52,9 +55,23 @@ def _query_groups(model: ModelConfig) -> int:
     return model.num_query_groups if model.group_query_attention else model.num_attention_heads
 
 
+def rope_parameters(model: ModelConfig) -> dict:
+    """transformers' rope parameters for the model's rotary embedding: megatron-core's Llama 3.x scaling
+    (--use-rope-scaling: its fixed low/high frequency factors 1 and 4 and original context 8192) is
+    transformers' llama3 type; --rotary-seq-len-interpolation-factor (positions / factor) its linear type."""
+    theta = float(model.rotary_base)
+    if model.use_rope_scaling:
+        return {"rope_type": "llama3", "rope_theta": theta, "factor": float(model.rope_scaling_factor or 8.0),
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if model.rotary_seq_len_interpolation_factor:
+        return {"rope_type": "linear", "rope_theta": theta, "factor": float(model.rotary_seq_len_interpolation_factor)}
+    return {"rope_type": "default", "rope_theta": theta}
+
+
 def hf_config(model: ModelConfig, vocab_size: int, dtype: torch.dtype, eos_token_id: Optional[int]) -> dict:
     """config.json of the LlamaForCausalLM (keys read by transformers 4.x and 5.x alike)."""
     rope_theta = float(model.rotary_base)
+    rope = rope_parameters(model)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -70,8 +87,9 @@ def hf_config(model: ModelConfig, vocab_size: int, dtype: torch.dtype, eos_token
         "rms_norm_eps": model.norm_epsilon,
         # transformers < 5 reads rope_theta; 5.x reads rope_parameters (and converts rope_theta if alone).
         "rope_theta": rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "rope_scaling": None,
+        "rope_parameters": rope,
+        "rope_scaling": (None if rope["rope_type"] == "default"
+                         else {key: value for key, value in rope.items() if key != "rope_theta"}),
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,

@@ -252,6 +252,9 @@ def build_model_chunk(
         position_embedding_type=m.position_embedding_type,
         rotary_base=m.rotary_base,
         rotary_percent=m.rotary_percent,
+        seq_len_interpolation_factor=m.rotary_seq_len_interpolation_factor,
+        rope_scaling=m.use_rope_scaling,
+        rope_scaling_factor=m.rope_scaling_factor if m.use_rope_scaling else 8.0,  # read only with rope_scaling
         vp_stage=vp_stage,
         loss_spec=LossSpec.from_config(config.loss),
         real_vocab_size=real_vocab_size,
