@@ -46,9 +46,6 @@ PROVIDED: Dict[str, ProvidedFlag] = {
     "--no-check-for-nan-in-loss-and-grad": ProvidedFlag(
         "the training step always checks the loss and gradient norm and skips a non-finite update "
         "(--max-skipped-iterations bounds how many in a row)"),
-    "--tiktoken-pattern": ProvidedFlag(
-        "only the TikTokenizer reads it, and --tokenizer-type offers no TikTokenizer: no tokenizer here uses it "
-        "(as in Megatron-LM with any other tokenizer)", 1),
 }
 
 _FSDP = "Megatron-FSDP is not part of this project"

@@ -155,6 +155,82 @@ def test_sentencepiece_tokenizer_megatron_specials(tok_dir):
     assert tok.tokenize("one<EOD>two") == sp.encode_as_ids("one") + [n + 2] + sp.encode_as_ids("two")
 
 
+@pytest.mark.parametrize("kind, bos", [("GPTSentencePieceTokenizer", False), ("Llama2Tokenizer", True)])
+def test_sentencepiece_model_as_it_is_with_or_without_bos(tok_dir, kind, bos):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "sp.model"))
+    tok = build_tokenizer(kind, tokenizer_model=str(tok_dir / "sp.model"))
+    # No added tokens: the model's pieces are the vocabulary; EOD is its EOS piece.
+    assert (tok.vocab_size, tok.eod) == (sp.get_piece_size(), sp.eos_id())
+    prefix = [sp.bos_id()] if bos else []
+    for text in TEXTS + ["one<EOD>two"]:  # Megatron's special strings are plain text here
+        assert tok.tokenize(text) == prefix + sp.encode_as_ids(text)
+        assert tok.detokenize(tok.tokenize(text)) == sp.decode_ids(sp.encode_as_ids(text))
+    assert tok.tokenize_batch(TEXTS) == [prefix + sp.encode_as_ids(t) for t in TEXTS]
+
+
+def write_tiktoken_vocab(path, merges=(b"th", b"the", b" the")):
+    """A tiktoken vocabulary file: the 256 single bytes, then `merges`."""
+    import base64
+
+    tokens = [bytes([i]) for i in range(256)] + list(merges)
+    path.write_text(json.dumps([{"rank": i, "token_bytes": base64.b64encode(t).decode(), "token_str": t.decode("latin-1")}
+                                for i, t in enumerate(tokens)]))
+    return tokens
+
+
+def test_tiktokenizer_needs_the_tiktoken_package(tmp_path):
+    import importlib.util
+
+    from megatron_mile.arguments import parse_args
+    from megatron_mile.config import ConfigError
+
+    if importlib.util.find_spec("tiktoken") is not None:
+        pytest.skip("tiktoken is installed here")
+    write_tiktoken_vocab(tmp_path / "vocab.json")
+    with pytest.raises(TokenizerError, match="needs the tiktoken package, which is not installed: pip install tiktoken"):
+        build_tokenizer("TikTokenizer", tokenizer_model=str(tmp_path / "vocab.json"), tiktoken_pattern="v2",
+                        vocab_size=1259)
+    with pytest.raises(ConfigError, match="needs the tiktoken package"):
+        parse_args(["--mock-data", "--train-iters", "1", "--tokenizer-type", "TikTokenizer", "--tokenizer-model",
+                    str(tmp_path / "vocab.json"), "--tiktoken-pattern", "v2"])
+
+
+@pytest.mark.parametrize("pattern", ["v1", "v2"])
+def test_tiktokenizer_is_tiktokens_encoding_behind_the_special_ids(tmp_path, pattern):
+    tiktoken = pytest.importorskip("tiktoken")
+    from megatron_mile.data.tokenizers import TIKTOKEN_PATTERNS
+
+    tokens = write_tiktoken_vocab(tmp_path / "vocab.json")
+    tok = build_tokenizer("TikTokenizer", tokenizer_model=str(tmp_path / "vocab.json"), tiktoken_pattern=pattern,
+                          vocab_size=len(tokens) + 10, tiktoken_num_special_tokens=10)
+    reference = tiktoken.Encoding(name="reference", pat_str=TIKTOKEN_PATTERNS[pattern],
+                                  mergeable_ranks={t: i + 10 for i, t in enumerate(tokens)}, special_tokens={})
+    assert (tok.vocab_size, tok.eod) == (len(tokens) + 10, 2)
+    for text in TEXTS + ["the theme of the thesis"]:
+        assert tok.tokenize(text) == reference.encode_ordinary(text)
+        assert tok.detokenize(tok.tokenize(text)) == text
+
+
+@pytest.mark.parametrize("entries, message", [
+    ("{", "not a JSON tiktoken vocabulary"),
+    ("{}", "expected a JSON list"),
+    ('[{"rank": 1, "token_bytes": "AA==", "token_str": ""}]', "entry 0"),
+    ('[{"rank": 0, "token_bytes": "AQ==", "token_str": ""}]', "entry 0: the first 256 entries must be the single"),
+    ('[{"rank": 0, "token_bytes": "not base64!", "token_str": ""}]', "entry 0"),
+])
+def test_tiktoken_vocabulary_files_are_checked(tmp_path, entries, message):
+    from megatron_mile.data.tokenizers import read_tiktoken_vocab
+
+    path = tmp_path / "vocab.json"
+    path.write_text(entries)
+    with pytest.raises(TokenizerError, match=message):
+        read_tiktoken_vocab(str(path))
+    write_tiktoken_vocab(path)
+    assert read_tiktoken_vocab(str(path), max_vocab=257) == {**{bytes([i]): i for i in range(256)}, b"th": 256}
+
+
 def test_null_tokenizer():
     tok = build_tokenizer("NullTokenizer", vocab_size=1000)
     assert (tok.vocab_size, tok.eod) == (1001, 1000)
@@ -170,6 +246,8 @@ def test_null_tokenizer():
     (dict(tokenizer_type="GPT2BPETokenizer", vocab_file="/nonexistent.json", merge_file="/x"), "--vocab-file"),
     (dict(tokenizer_type="GPT2BPETokenizer", vocab_file=__file__), "--merge-file"),
     (dict(tokenizer_type="NullTokenizer"), "--vocab-size"),
+    (dict(tokenizer_type="Llama2Tokenizer", tokenizer_model="/nonexistent.model"), "--tokenizer-model"),
+    (dict(tokenizer_type="TikTokenizer", tokenizer_model="v.json"), "--tiktoken-pattern"),
     (dict(tokenizer_type=None), "--tokenizer-type"),
     (dict(tokenizer_type="BertWordPieceCase"), "--tokenizer-type"),
 ])
@@ -196,21 +274,21 @@ def test_add_tokenizer_args_has_megatron_flags():
 def _flags(kind, tok_dir):
     if kind == "HuggingFaceTokenizer":
         return ["--tokenizer-model", str(tok_dir / "hf")]
-    if kind == "SentencePieceTokenizer":
+    if kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         return ["--tokenizer-model", str(tok_dir / "sp.model")]
     if kind == "GPT2BPETokenizer":
         return ["--vocab-file", str(tok_dir / "hf" / "vocab.json"), "--merge-file", str(tok_dir / "hf" / "merges.txt")]
     return ["--vocab-size", "5000"]
 
 
-@pytest.mark.parametrize("kind", ["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer",
-                                  "NullTokenizer"])
+@pytest.mark.parametrize("kind", ["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                                  "Llama2Tokenizer", "GPT2BPETokenizer", "NullTokenizer"])
 def test_round_trip_through_megatron_indexed_dataset(kind, tok_dir, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     if kind == "NullTokenizer":
         texts = ["1 2 3", "", "4999 0 17 17"]
-    elif kind == "SentencePieceTokenizer":
+    elif "SentencePiece" in kind or kind == "Llama2Tokenizer":
         texts = ["The lazy dog jumps over the quick brown fox.", "", "A second sentence follows the first."]
     else:
         texts = TEXTS
@@ -219,23 +297,26 @@ def test_round_trip_through_megatron_indexed_dataset(kind, tok_dir, tmp_path):
     rc = preprocess_main(["--input", str(src), "--output-prefix", str(tmp_path / "out"), "--append-eod",
                           "--tokenizer-type", kind, *_flags(kind, tok_dir)])
     assert rc == 0
-    tok = build_tokenizer(kind, tokenizer_model=str(tok_dir / ("sp.model" if "Sentence" in kind else "hf")),
+    sentencepiece = "Sentence" in kind or kind == "Llama2Tokenizer"
+    tok = build_tokenizer(kind, tokenizer_model=str(tok_dir / ("sp.model" if sentencepiece else "hf")),
                           vocab_file=str(tok_dir / "hf" / "vocab.json"), merge_file=str(tok_dir / "hf" / "merges.txt"),
                           vocab_size=5000)
     ds = IndexedDataset(str(tmp_path / "out_text_document"))
     assert ds.index.dtype.__name__ == "uint16"
-    # One document-index entry per document; the empty one has no sequence.
+    # One document-index entry per document; the empty one has no sequence (with Llama2Tokenizer, as in
+    # Megatron-LM, it has one: the BOS that tokenize puts before every text, and the EOD).
     assert len(ds.document_indices) == len(texts) + 1
     sequences = iter(range(len(ds)))
     for i, text in enumerate(texts):
         start, end = ds.document_indices[i], ds.document_indices[i + 1]
-        if not text:
+        if not text and kind != "Llama2Tokenizer":
             assert start == end
             continue
         assert end - start == 1
         ids = ds[next(sequences)].tolist()
         assert ids[-1] == tok.eod
         assert tok.detokenize(ids[:-1]) == text
+        assert ids[:-1] == tok.tokenize(text)
 
 
 def test_train_tokenizer_tool(tmp_path):
@@ -268,3 +349,28 @@ def test_a_trained_tokenizer_names_its_end_of_document_token_for_transformers(to
     ours = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tok_dir / "hf" / "tokenizer.json"))
     assert theirs.eos_token == "<|endoftext|>" and theirs.eos_token_id == ours.eod == 0
     assert theirs(CORPUS[0])["input_ids"] == ours.tokenize(CORPUS[0])
+
+
+@pytest.mark.parametrize("kind", ["GPTSentencePieceTokenizer", "Llama2Tokenizer"])
+def test_the_run_builds_the_named_sentencepiece_tokenizer(tok_dir, kind):
+    import sentencepiece as spm
+
+    from megatron_mile.arguments import parse_args
+    from megatron_mile.config import ConfigError
+    from megatron_mile.training.data import build_run_tokenizer
+
+    base = ["--mock-data", "--train-iters", "1", "--tokenizer-type", kind]
+    with pytest.raises(ConfigError, match=f"{kind} needs --tokenizer-model"):
+        parse_args(base)
+    tok = build_run_tokenizer(parse_args(base + ["--tokenizer-model", str(tok_dir / "sp.model")]))
+    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "sp.model"))
+    assert type(tok).__name__ == kind and (tok.vocab_size, tok.eod) == (sp.get_piece_size(), sp.eos_id())
+
+
+def test_tiktoken_pattern_with_another_tokenizer_is_said_unused():
+    from megatron_mile.arguments import parse_args
+
+    base = ["--mock-data", "--train-iters", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"]
+    config = parse_args(base + ["--tiktoken-pattern", "v2"])
+    assert [n for n in config.notes if n.startswith("--tiktoken-pattern v2: only TikTokenizer reads it")]
+    assert parse_args(base).notes == []

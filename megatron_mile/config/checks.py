@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 from megatron_mile import kernels, option_checks
 from megatron_mile.data.blends import source_flag_problems
 from megatron_mile.data.splits import data_flag_problems
+from megatron_mile.data.tokenizers import SENTENCEPIECE_TYPES
 from megatron_mile.loss.spec import WEIGHTINGS
 
 if TYPE_CHECKING:  # annotations only: run_config imports this module
@@ -322,8 +323,12 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
     need(d.tokenizer_type is not None, "--tokenizer-type is required (NullTokenizer with --vocab-size for --mock-data)")
     if d.tokenizer_type == "NullTokenizer":
         need(d.vocab_size is not None and d.vocab_size >= 2, "NullTokenizer needs --vocab-size >= 2")
-    if d.tokenizer_type in ("HuggingFaceTokenizer", "SentencePieceTokenizer"):
+    if d.tokenizer_type in ("HuggingFaceTokenizer", "TikTokenizer") + SENTENCEPIECE_TYPES:
         need(d.tokenizer_model is not None, f"{d.tokenizer_type} needs --tokenizer-model")
+    if d.tokenizer_type == "TikTokenizer":
+        need(d.tiktoken_pattern is not None, "TikTokenizer needs --tiktoken-pattern (v1 or v2)")
+        need(kernels.module_available("tiktoken"), "--tokenizer-type TikTokenizer needs the tiktoken package, which is "
+             "not installed: pip install tiktoken")
     if d.tokenizer_type == "GPT2BPETokenizer":
         need(d.vocab_file is not None and d.merge_file is not None, "GPT2BPETokenizer needs --vocab-file and --merge-file")
 

@@ -72,6 +72,9 @@ class RunConfig:
             d.split = "969, 30, 1"  # Megatron-LM's (legacy) default with --data-path
         if d.tokenizer_type is None and d.vocab_file and d.merge_file:
             d.tokenizer_type = "GPT2BPETokenizer"  # as Megatron-LM's GPT-3 script: a BPE vocabulary and merges
+        if d.tiktoken_pattern is not None and d.tokenizer_type != "TikTokenizer":
+            self.notes.append(f"--tiktoken-pattern {d.tiktoken_pattern}: only TikTokenizer reads it; unused with "
+                              f"--tokenizer-type {d.tokenizer_type} (as in Megatron-LM)")
         if t.train_samples is not None and t.train_iters is None:
             t.train_iters = t.train_samples // t.global_batch_size  # as Megatron-LM (no batch ramp-up)
         o = self.optimizer

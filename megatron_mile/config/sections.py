@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from megatron_mile.config.fields import flag
+from megatron_mile.data.tokenizers import TIKTOKEN_PATTERNS, TOKENIZER_TYPES
 from megatron_mile.loss.spec import LOSS_TYPES
 
 
@@ -277,19 +278,22 @@ class DataConfig:
     training process."""
     mmap_bin_files: bool = flag(True, action=argparse.BooleanOptionalAction)
     """Memory-map the datasets' .bin files (--no-mmap-bin-files reads them with file reads instead)."""
-    tokenizer_type: Optional[str] = flag(
-        None,
-        choices=["NullTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer"],
-    )
-    """Tokenizer type."""
+    tokenizer_type: Optional[str] = flag(None, choices=list(TOKENIZER_TYPES))
+    """Tokenizer type (Megatron-LM's names; megatron_mile.data.tokenizers says what each one does)."""
     tokenizer_model: Optional[str] = None
-    """tokenizer.json (HuggingFaceTokenizer) or .model file (SentencePieceTokenizer)."""
+    """tokenizer.json (HuggingFaceTokenizer), .model file (SentencePieceTokenizer, GPTSentencePieceTokenizer,
+    Llama2Tokenizer) or JSON vocabulary (TikTokenizer)."""
+    tiktoken_pattern: Optional[str] = flag(None, choices=sorted(TIKTOKEN_PATTERNS))
+    """TikTokenizer: its pre-tokenisation regex, v1 or v2 (required there; other tokenizers do not read it,
+    as in Megatron-LM)."""
+    tiktoken_num_special_tokens: int = 1000
+    """TikTokenizer: ids 0 .. N-1 are special tokens (<unk>, <s>, </s>, fillers); the vocabulary's follow."""
     vocab_file: Optional[str] = None
     """GPT2BPETokenizer vocabulary (vocab.json)."""
     merge_file: Optional[str] = None
     """GPT2BPETokenizer merges (merges.txt)."""
     vocab_size: Optional[int] = None
-    """Vocabulary size for NullTokenizer."""
+    """Vocabulary size for NullTokenizer (ids before its EOD) and TikTokenizer (default 2**17)."""
     eod_mask_loss: bool = False
     """Loss mask 0 where the input token is the end-of-document token (the next document's first token is not
     predictable from the previous one): no loss there and no part in the MiLe / focal weights' sum."""

@@ -14,6 +14,13 @@ so that data preprocessed here trains the same as data preprocessed there.
 - ``SentencePieceTokenizer``: Megatron-LM's wrapper appends ``<CLS> <SEP> <EOD> <MASK>`` (and
   pad/bos/eos when the model has none) after the model's pieces; EOD is ``<EOD>``; those special
   strings in the text map to their ids.
+- ``GPTSentencePieceTokenizer`` and ``Llama2Tokenizer``: a SentencePiece ``.model`` as it is (no added
+  tokens: the vocabulary is the model's pieces), EOD is the model's EOS piece; ``Llama2Tokenizer`` puts the
+  model's BOS before every text it tokenizes (Megatron-LM's text-completion default), the other adds nothing.
+- ``TikTokenizer``: a tiktoken BPE vocabulary (``--tokenizer-model``: JSON list of ``{"rank", "token_bytes",
+  "token_str"}``) under ``--tiktoken-pattern`` v1/v2; ``--tiktoken-num-special-tokens`` ids come first
+  (``<unk>``, ``<s>``, ``</s>``, then fillers), the vocabulary is ``--vocab-size`` (default 2**17); EOD is
+  ``</s>``. Needs the optional ``tiktoken`` package.
 - ``GPT2BPETokenizer``: GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt``; EOD is
   ``<|endoftext|>``.
 - ``NullTokenizer``: the text is whitespace-separated integer ids; EOD is ``--vocab-size`` and the
@@ -24,11 +31,24 @@ Heavy libraries are imported inside the constructors so that importing this modu
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
-TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                   "TikTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+# The pre-tokenisation regexes Megatron-LM's TikTokenizer offers (--tiktoken-pattern): the ids depend on them.
+TIKTOKEN_PATTERNS = {
+    "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    "v2": (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+TIKTOKEN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+MAX_TIKTOKEN_VOCAB_BYTES = 512 * 1024 * 1024  # a 200k-token vocabulary file is ~20 MB
 
 # End-of-document candidates for a bare tokenizer.json, which (unlike a transformers directory) does not
 # say which token is EOS. Checked in this order.
@@ -43,24 +63,30 @@ def add_tokenizer_args(parser):
     """Add Megatron-LM's tokenizer flags to ``parser`` and return it.
 
     Only the flags this project's tokenizers use: --tokenizer-type, --tokenizer-model, --vocab-file,
-    --merge-file, --vocab-size.
+    --merge-file, --vocab-size, --tiktoken-pattern, --tiktoken-num-special-tokens.
     """
     group = parser.add_argument_group(title="tokenizer")
     group.add_argument("--tokenizer-type", type=str, default=None, choices=TOKENIZER_TYPES,
                        help="Which tokenizer to use.")
     group.add_argument("--tokenizer-model", type=str, default=None,
                        help="HuggingFaceTokenizer: tokenizer.json or a directory holding one; "
-                            "SentencePieceTokenizer: the .model file.")
+                            "SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer: the .model file; "
+                            "TikTokenizer: its JSON vocabulary.")
     group.add_argument("--vocab-file", type=str, default=None, help="GPT2BPETokenizer: vocab.json.")
     group.add_argument("--merge-file", type=str, default=None, help="GPT2BPETokenizer: merges.txt.")
     group.add_argument("--vocab-size", type=int, default=None,
-                       help="NullTokenizer: number of ids before the EOD id.")
+                       help="NullTokenizer: number of ids before the EOD id; TikTokenizer: the vocabulary size.")
+    group.add_argument("--tiktoken-pattern", type=str, default=None, choices=sorted(TIKTOKEN_PATTERNS),
+                       help="TikTokenizer: the pre-tokenisation regex.")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                       help="TikTokenizer: ids reserved for special tokens before the vocabulary's.")
     return parser
 
 
 def build_tokenizer(tokenizer_type: Optional[str], *, tokenizer_model: Optional[str] = None,
                     vocab_file: Optional[str] = None, merge_file: Optional[str] = None,
-                    vocab_size: Optional[int] = None, **unused):
+                    vocab_size: Optional[int] = None, tiktoken_pattern: Optional[str] = None,
+                    tiktoken_num_special_tokens: int = 1000, **unused):
     """Build the tokenizer named by ``tokenizer_type`` (Megatron-LM's --tokenizer-type names).
 
     Extra keyword arguments are accepted and ignored so that ``build_tokenizer(**vars(args))``-style
@@ -73,10 +99,15 @@ def build_tokenizer(tokenizer_type: Optional[str], *, tokenizer_model: Optional[
         raise TokenizerError(f"--tokenizer-type is required; choose one of {', '.join(TOKENIZER_TYPES)}")
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(_require(tokenizer_model, "--tokenizer-model", tokenizer_type))
-    if tokenizer_type == "SentencePieceTokenizer":
+    if tokenizer_type in SENTENCEPIECE_TYPES:
         path = _require(tokenizer_model, "--tokenizer-model", tokenizer_type)
         _require_file(path, "--tokenizer-model")
-        return SentencePieceTokenizer(path)
+        return {"SentencePieceTokenizer": SentencePieceTokenizer, "GPTSentencePieceTokenizer": GPTSentencePieceTokenizer,
+                "Llama2Tokenizer": Llama2Tokenizer}[tokenizer_type](path)
+    if tokenizer_type == "TikTokenizer":
+        path = _require(tokenizer_model, "--tokenizer-model", tokenizer_type)
+        pattern = _require(tiktoken_pattern, "--tiktoken-pattern (v1 or v2)", tokenizer_type)
+        return TikTokenizer(path, pattern, vocab_size, tiktoken_num_special_tokens)
     if tokenizer_type == "GPT2BPETokenizer":
         vocab = _require(vocab_file, "--vocab-file", tokenizer_type)
         merges = _require(merge_file, "--merge-file", tokenizer_type)
@@ -98,6 +129,8 @@ def tokenizer_kwargs_from_args(args) -> dict:
         "vocab_file": getattr(args, "vocab_file", None),
         "merge_file": getattr(args, "merge_file", None),
         "vocab_size": getattr(args, "vocab_size", None),
+        "tiktoken_pattern": getattr(args, "tiktoken_pattern", None),
+        "tiktoken_num_special_tokens": getattr(args, "tiktoken_num_special_tokens", 1000),
     }
 
 
@@ -304,6 +337,117 @@ class SentencePieceTokenizer(_BaseTokenizer):
                 run.append(i)
         pieces.append(self._sp.decode_ids(run))
         return "".join(pieces)
+
+
+class GPTSentencePieceTokenizer(_BaseTokenizer):
+    """A SentencePiece ``.model`` as it is: its pieces are the vocabulary, EOD is its EOS piece, and texts are
+    encoded without added tokens (special-token strings in a text are plain text)."""
+
+    add_bos = False
+
+    def __init__(self, model_file: str) -> None:
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        self._identify(model_file)
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos, self.eod = self._sp.bos_id(), self._sp.eos_id()
+        if self.eod < 0 or (self.add_bos and self.bos < 0):
+            raise TokenizerError(f"--tokenizer-model {model_file!r} defines no {'BOS' if self.eod >= 0 else 'EOS'} "
+                                 f"piece, which {type(self).__name__} needs; use SentencePieceTokenizer (its own <EOD>)")
+
+    @property
+    def vocab(self) -> dict:
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    def tokenize(self, text: str) -> List[int]:
+        return self.tokenize_batch([text])[0]
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return self._sp.encode(list(texts), out_type=int, add_bos=self.add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._sp.decode_ids([int(i) for i in ids])
+
+
+class Llama2Tokenizer(GPTSentencePieceTokenizer):
+    """GPTSentencePieceTokenizer that puts the model's BOS before every text it tokenizes (Llama 2)."""
+
+    add_bos = True
+
+
+def read_tiktoken_vocab(path: str, max_vocab: Optional[int] = None) -> Dict[bytes, int]:
+    """{token bytes: rank} of a tiktoken vocabulary file (a JSON list of {"rank", "token_bytes" (base64),
+    "token_str"}, ranks 0, 1, ... in order, the first 256 the single bytes), its first `max_vocab` entries.
+
+    The file is data: it is read as UTF-8 JSON of at most MAX_TIKTOKEN_VOCAB_BYTES and every entry checked.
+    Raises TokenizerError naming --tokenizer-model and the first bad entry.
+    """
+    flag = f"--tokenizer-model {path!r}"
+    if not os.path.isfile(path):
+        raise TokenizerError(f"{flag}: no such file")
+    if os.path.getsize(path) > MAX_TIKTOKEN_VOCAB_BYTES:
+        raise TokenizerError(f"{flag}: larger than {MAX_TIKTOKEN_VOCAB_BYTES:,} bytes; not a tiktoken vocabulary")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            entries = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TokenizerError(f"{flag}: not a JSON tiktoken vocabulary ({error})") from None
+    if not isinstance(entries, list):
+        raise TokenizerError(f"{flag}: expected a JSON list of {{'rank', 'token_bytes', 'token_str'}} entries")
+    ranks: Dict[bytes, int] = {}
+    for index, entry in enumerate(entries[:max_vocab]):
+        try:
+            if not isinstance(entry, dict) or set(entry) != {"rank", "token_bytes", "token_str"} or entry["rank"] != index:
+                raise ValueError("expected {'rank': %d, 'token_bytes': ..., 'token_str': ...}" % index)
+            token = base64.b64decode(entry["token_bytes"], validate=True)
+            if (index < 256 and token != bytes([index])) or token in ranks:
+                raise ValueError("the first 256 entries must be the single bytes, and no token may repeat")
+        except (ValueError, TypeError, binascii.Error) as error:
+            raise TokenizerError(f"{flag}: entry {index}: {error}") from None
+        ranks[token] = index
+    return ranks
+
+
+class TikTokenizer(_BaseTokenizer):
+    """Megatron-LM's TikTokenizer: special tokens take ids 0 .. num_special_tokens - 1 (``<unk>``, ``<s>``,
+    ``</s>``, then ``<SPECIAL_i>`` fillers), the vocabulary file's tokens follow; the vocabulary is exactly
+    `vocab_size` ids (default 2**17). Texts are encoded without special tokens; EOD is ``</s>``."""
+
+    def __init__(self, path: str, pattern: str, vocab_size: Optional[int] = None,
+                 num_special_tokens: int = 1000) -> None:
+        try:
+            import tiktoken
+        except ImportError:
+            raise TokenizerError("--tokenizer-type TikTokenizer needs the tiktoken package, which is not installed: "
+                                 "pip install tiktoken") from None
+        if pattern not in TIKTOKEN_PATTERNS:
+            raise TokenizerError(f"--tiktoken-pattern {pattern!r}: choose v1 or v2")
+        vocab_size = 2 ** 17 if vocab_size is None else int(vocab_size)
+        if not len(TIKTOKEN_SPECIAL_TOKENS) <= num_special_tokens < vocab_size:
+            raise TokenizerError(f"--tiktoken-num-special-tokens {num_special_tokens} must lie in "
+                                 f"[{len(TIKTOKEN_SPECIAL_TOKENS)}, --vocab-size {vocab_size})")
+        ranks = read_tiktoken_vocab(path, max_vocab=vocab_size - num_special_tokens)
+        if len(ranks) != vocab_size - num_special_tokens:
+            raise TokenizerError(f"--tokenizer-model {path!r} holds {len(ranks)} tokens; --vocab-size {vocab_size} "
+                                 f"minus {num_special_tokens} special tokens needs {vocab_size - num_special_tokens}")
+        specials = list(TIKTOKEN_SPECIAL_TOKENS) + [f"<SPECIAL_{i}>" for i in range(3, num_special_tokens)]
+        self._model = tiktoken.Encoding(
+            name=os.path.basename(os.path.dirname(os.path.abspath(path))), pat_str=TIKTOKEN_PATTERNS[pattern],
+            mergeable_ranks={token: rank + num_special_tokens for token, rank in ranks.items()},
+            special_tokens={token: index for index, token in enumerate(specials)})
+        self._identify(path, pattern=pattern, vocab_size=vocab_size, num_special_tokens=num_special_tokens)
+        self.vocab_size = vocab_size
+        self.bos, self.eod = 1, 2
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._model.encode_ordinary(text)
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return self._model.encode_ordinary_batch(list(texts))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._model.decode([int(i) for i in ids])
 
 
 class NullTokenizer(_BaseTokenizer):

@@ -38,6 +38,8 @@ def build_run_tokenizer(config: RunConfig):
         vocab_file=d.vocab_file,
         merge_file=d.merge_file,
         vocab_size=d.vocab_size,
+        tiktoken_pattern=d.tiktoken_pattern,
+        tiktoken_num_special_tokens=d.tiktoken_num_special_tokens,
     )
     if not hasattr(tokenizer, "unique_identifiers"):
         # megatron's datasets put this into the description (and hash) of their index caches, so a
