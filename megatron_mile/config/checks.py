@@ -156,7 +156,9 @@ def profiling_flag_problems(t: "TrainingConfig", world_size: int, gpu_available:
     """The profiling flags' conflicts: an empty step range, ranks that do not exist, the nsys mode without a
     GPU, the torch.profiler trace without a directory to write it to."""
     if not t.profile:
-        return ["--use-pytorch-profiler only acts with --profile: add --profile (or drop it)"] if t.use_pytorch_profiler else []
+        if t.use_pytorch_profiler:
+            return ["--use-pytorch-profiler only acts with --profile: add --profile (or drop it)"]
+        return []
     problems = []
     if not 0 <= t.profile_step_start < t.profile_step_end:
         problems.append(f"--profile-step-start {t.profile_step_start} and --profile-step-end {t.profile_step_end}: "

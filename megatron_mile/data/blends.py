@@ -147,9 +147,10 @@ def source_flag_problems(d, eval_iters: int) -> List[str]:
         ("--train/valid/test-data-path / --per-split-data-args-path",
          per_split_given or d.per_split_data_args_path)) if used]
     if len(sources) != 1:
+        got = f"; got {' and '.join(sources)}" if sources else ""
         problems.append("give exactly one data source: --data-path (prepared .bin/.idx prefixes, split by "
                         "--split), --data-args-path, --train-data-path with --valid-data-path (one blend per split), "
-                        "--per-split-data-args-path, or --mock-data" + (f"; got {' and '.join(sources)}" if sources else ""))
+                        "--per-split-data-args-path, or --mock-data" + got)
     if problems:
         return problems
     try:

@@ -102,8 +102,9 @@ def build_tokenizer(tokenizer_type: Optional[str], *, tokenizer_model: Optional[
     if tokenizer_type in SENTENCEPIECE_TYPES:
         path = _require(tokenizer_model, "--tokenizer-model", tokenizer_type)
         _require_file(path, "--tokenizer-model")
-        return {"SentencePieceTokenizer": SentencePieceTokenizer, "GPTSentencePieceTokenizer": GPTSentencePieceTokenizer,
-                "Llama2Tokenizer": Llama2Tokenizer}[tokenizer_type](path)
+        classes = {"SentencePieceTokenizer": SentencePieceTokenizer,
+                   "GPTSentencePieceTokenizer": GPTSentencePieceTokenizer, "Llama2Tokenizer": Llama2Tokenizer}
+        return classes[tokenizer_type](path)
     if tokenizer_type == "TikTokenizer":
         path = _require(tokenizer_model, "--tokenizer-model", tokenizer_type)
         pattern = _require(tiktoken_pattern, "--tiktoken-pattern (v1 or v2)", tokenizer_type)
@@ -353,8 +354,9 @@ class GPTSentencePieceTokenizer(_BaseTokenizer):
         self.vocab_size = self._sp.get_piece_size()
         self.bos, self.eod = self._sp.bos_id(), self._sp.eos_id()
         if self.eod < 0 or (self.add_bos and self.bos < 0):
-            raise TokenizerError(f"--tokenizer-model {model_file!r} defines no {'BOS' if self.eod >= 0 else 'EOS'} "
-                                 f"piece, which {type(self).__name__} needs; use SentencePieceTokenizer (its own <EOD>)")
+            missing = "BOS" if self.eod >= 0 else "EOS"
+            raise TokenizerError(f"--tokenizer-model {model_file!r} defines no {missing} piece, which "
+                                 f"{type(self).__name__} needs; use SentencePieceTokenizer (its own <EOD>)")
 
     @property
     def vocab(self) -> dict:
@@ -398,7 +400,8 @@ def read_tiktoken_vocab(path: str, max_vocab: Optional[int] = None) -> Dict[byte
     ranks: Dict[bytes, int] = {}
     for index, entry in enumerate(entries[:max_vocab]):
         try:
-            if not isinstance(entry, dict) or set(entry) != {"rank", "token_bytes", "token_str"} or entry["rank"] != index:
+            keys = set(entry) if isinstance(entry, dict) else set()
+            if keys != {"rank", "token_bytes", "token_str"} or entry["rank"] != index:
                 raise ValueError("expected {'rank': %d, 'token_bytes': ..., 'token_str': ...}" % index)
             token = base64.b64decode(entry["token_bytes"], validate=True)
             if (index < 256 and token != bytes([index])) or token in ranks:
