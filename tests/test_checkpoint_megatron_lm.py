@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import pickle
+import signal
 import types
 from pathlib import Path
 
@@ -84,6 +85,65 @@ def test_object_shards_admit_numpy_rng_state_and_common_state_does_not():
     assert np.array_equal(loaded[0]["np_rng_state"][1], state[0]["np_rng_state"][1])
 
 
+def _common_state_classes():
+    """(class, args field holding it in a Megatron-LM checkpoint, value), one per class the common state admits."""
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.enums import AttnBackend, CudaGraphScope
+
+    return [
+        (argparse.Namespace, "args", argparse.Namespace(num_layers=2)),
+        (ModelType, "model_type", ModelType.encoder_or_decoder),  # get_model sets it
+        (AttnBackend, "attention_backend", AttnBackend.auto),  # --attention-backend's default
+        (signal.Signals, "exit_signal", signal.SIGTERM),  # --exit-signal's default
+        (CudaGraphScope, "cuda_graph_scope", [CudaGraphScope.attn]),  # --cuda-graph-scope attn
+    ]
+
+
+@pytest.mark.parametrize("index", range(5), ids=["Namespace", "ModelType", "AttnBackend", "Signals", "CudaGraphScope"])
+def test_common_state_admits_each_class_megatron_lm_args_hold_and_needs_it(index):
+    import megatron.core  # noqa: F401 - registers megatron-core's own classes process-wide, as a run does
+
+    cls, field, value = _common_state_classes()[index]
+    common = {"args": argparse.Namespace(**{field: value, "num_layers": 2})}
+    assert safe_load.load_weights_only(_saved(common), "common.pt") == common
+    assert cls in safe_load.COMMON_STATE_ALLOWED
+    # Each admitted class is needed: without it, the same file is refused by the class's name.
+    without = tuple(c for c in safe_load.COMMON_STATE_ALLOWED if c is not cls)
+    with pytest.raises(checkpointing.CheckpointError, match=cls.__name__):
+        safe_load.load_weights_only(_saved(common), "common.pt", without)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8])
+def test_common_state_admits_torch_dtypes_without_an_entry(dtype):
+    """params_dtype, main_grads_dtype, ...: torch's weights-only unpickler admits dtypes itself."""
+    common = {"args": argparse.Namespace(params_dtype=dtype, main_grads_dtype=torch.float32)}
+    assert safe_load.load_weights_only(_saved(common), "common.pt", (argparse.Namespace,)) == common
+
+
+@pytest.mark.parametrize("index", range(4), ids=["_reconstruct", "ndarray", "dtype", "UInt32DType"])
+def test_rng_state_admits_each_numpy_class_and_needs_it(index):
+    """Megatron-LM's rng_state holds numpy's RNG state (an ndarray of uint32) and torch's RNG ByteTensor."""
+    state = [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state(),
+              "random_rng_state": __import__("random").getstate()}]
+    allowed = safe_load.COMMON_STATE_ALLOWED + safe_load.OBJECT_SHARD_ALLOWED
+    loaded = safe_load.load_weights_only(_saved(state), "rng shard", allowed)
+    assert np.array_equal(loaded[0]["np_rng_state"][1], state[0]["np_rng_state"][1])
+    assert loaded[0]["np_rng_state"][1].dtype == np.uint32
+    assert torch.equal(loaded[0]["torch_rng_state"], state[0]["torch_rng_state"])
+    assert loaded[0]["random_rng_state"] == state[0]["random_rng_state"]
+    needed = safe_load.OBJECT_SHARD_ALLOWED[index]
+    with pytest.raises(checkpointing.CheckpointError, match="rng shard"):  # refused (or unreadable) without it
+        safe_load.load_weights_only(_saved(state), "rng shard", tuple(c for c in allowed if c is not needed))
+
+
+def test_common_state_refuses_megatron_core_classes_outside_args():
+    """megatron-core registers its rerun-state classes process-wide; a checkpoint's common state never needs them."""
+    from megatron.core.rerun_state_machine import RerunMode
+
+    with pytest.raises(checkpointing.CheckpointError, match="RerunMode"):
+        safe_load.load_weights_only(_saved({"x": RerunMode.DISABLED}), "common.pt")
+
+
 def test_classes_registered_by_megatron_core_are_not_admitted():
     import megatron.core  # noqa: F401 - registers SimpleNamespace among others with torch
 
@@ -103,7 +163,10 @@ BATCH_FLAGS = ["--micro-batch-size", "2", "--global-batch-size", str(GLOBAL_BATC
 
 
 def worker_megatron_core_reads_ours(directory):
-    from megatron.core import dist_checkpointing, parallel_state
+    import random
+
+    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.utils import unwrap_model
 
     config = make_config(dropout=0.0, extra_flags=BATCH_FLAGS)
@@ -111,6 +174,9 @@ def worker_megatron_core_reads_ours(directory):
     for step in range(STEPS):
         run_step(model, optimizer, scheduler, step, samples_per_step=config.training.global_batch_size)
     saved_params = full_params(model)
+    # The RNG states of the moment of saving, read from the generators themselves.
+    saved_rng = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state(),
+                 {k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()})
     checkpointing.save_checkpoint(directory, STEPS, model, optimizer, scheduler, CONSUMED, config_to_dict(config),
                                   consumed_valid_samples=CONSUMED_VALID)
     path = f"{directory}/iter_{STEPS:07d}"
@@ -121,10 +187,23 @@ def worker_megatron_core_reads_ours(directory):
     metadata = dist_checkpointing.load_content_metadata(path)
     fresh, _, _ = build(make_config(dropout=0.0, seed=77))
     chunk = unwrap_model(fresh[0])
-    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict(metadata=metadata)}, path)
+    # Megatron-LM's rng_state: one entry per (PP, TP) rank, data-parallel ranks as replicas.
+    rng_request = ShardedObject("rng_state", None, (parallel_state.get_pipeline_model_parallel_world_size(),
+                                                    parallel_state.get_tensor_model_parallel_world_size()),
+                                (parallel_state.get_pipeline_model_parallel_rank(),
+                                 parallel_state.get_tensor_model_parallel_rank()),
+                                replica_id=parallel_state.get_data_parallel_rank())
+    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict(metadata=metadata), "rng_state": rng_request},
+                                     path)
     chunk.load_state_dict(loaded["model"], strict=True)
     args = common["args"]
+    (rng,) = loaded["rng_state"]
     return {
+        "rng_keys": sorted(rng),
+        "rng_equal": (rng["random_rng_state"] == saved_rng[0] and np.array_equal(rng["np_rng_state"][1], saved_rng[1])
+                      and torch.equal(rng["torch_rng_state"], saved_rng[2]) and rng["cuda_rng_state"] is None
+                      and rng["rng_tracker_states"].keys() == saved_rng[3].keys()
+                      and all(torch.equal(rng["rng_tracker_states"][k], v) for k, v in saved_rng[3].items())),
         "weights_equal": all(torch.equal(saved_params[k], v) for k, v in full_params(fresh).items()),
         "iteration": common["iteration"],
         "checkpoint_version": common["checkpoint_version"],
@@ -145,6 +224,9 @@ def test_megatron_core_public_load_reads_a_checkpoint_of_this_project(dist_pool,
     results = dist_pool(2).run(worker_megatron_core_reads_ours, str(tmp_path), tensor_model_parallel_size=2)
     for result in results:
         assert result["weights_equal"]
+        assert result["rng_keys"] == ["cuda_rng_state", "np_rng_state", "random_rng_state", "rng_tracker_states",
+                                      "torch_rng_state"]
+        assert result["rng_equal"]
         assert result["args_type"] == "Namespace"
         assert (result["iteration"], result["checkpoint_version"], result["flops"]) == (STEPS, 3.0, 0)
         global_batch = GLOBAL_BATCH
@@ -234,7 +316,8 @@ def worker_write_as_megatron_lm(directory):
 
 
 def worker_load_megatron_lm(directory):
-    """Its weights through load_model_weights (as --finetune), and load_checkpoint's refusal of the rest."""
+    """Its weights through load_model_weights (as --finetune), and load_checkpoint's refusal to resume it with
+    an optimizer (the checkpoint holds no optimizer state)."""
     config = make_config(dropout=0.0, seed=99)
     model, optimizer, scheduler = build(config)
     iteration = checkpointing.load_model_weights(directory, model, config_dict=config_to_dict(config))
@@ -267,7 +350,7 @@ def test_megatron_lm_weights_load_at_the_same_and_another_layout(dist_pool, tmp_
         if loss is not None:
             assert loss == pytest.approx(reference_loss, rel=1e-6)
         assert refusal is not None and "written by Megatron-LM, iteration 7, TP 2, PP 1" in refusal, refusal
-        assert "--finetune" in refusal and "latest_checkpointed_iteration" not in refusal
+        assert "--no-load-optim" in refusal and "latest_checkpointed_iteration" not in refusal
         assert wrong_model is not None and "num_layers: checkpoint 2, this run 4" in wrong_model, wrong_model
     assert any(loss is not None for _, _, loss, _, _ in loaded)
 

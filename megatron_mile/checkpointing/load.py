@@ -1,10 +1,12 @@
-"""load_checkpoint (resume training) and load_model_weights (evaluation, export).
+"""load_checkpoint (resume training), read_training_progress (the counters a resume continues) and
+load_model_weights (evaluation, export), for this project's checkpoints and Megatron-LM's alike.
 
 The model may use another TP/PP/VPP/DP layout than the saved one: torch_dist keeps every tensor with its
-global shape and offset. The per-rank RNG states load only at the saved layout (skipped with a note
-otherwise), and the distributed optimizer's state only at the saved TP/PP/VPP sizes (any DP size; a
-clear error otherwise, the weights still load with load_optimizer=False). The padded vocabulary size
-must match (it is a multiple of --make-vocab-size-divisible-by times TP).
+global shape and offset. The per-rank RNG states load only at the saved layout (Megatron-LM's rng_state at
+the saved TP/PP sizes; skipped with a note otherwise), and the distributed optimizer's state only at the
+saved TP/PP/VPP sizes (any DP size; a clear error otherwise, the weights still load with
+load_optimizer=False); the plain optimizer's state at any layout. The padded vocabulary size must match (it
+is a multiple of --make-vocab-size-divisible-by times TP).
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ from megatron_mile.checkpointing.compatibility import (
     check_model_config,
     check_optimizer_compatible,
     check_vocab,
+    optimizer_format,
     parallel_layout,
     vocab_sizes,
 )
-from megatron_mile.checkpointing.rng import load_rng_state
+from megatron_mile.checkpointing.rng import (
+    RNG_STATE_KEY,
+    load_rng_state,
+    restore_megatron_lm_rng_states,
+    rng_state_object,
+)
 from megatron_mile.checkpointing.scheduler import (
     check_schedule,
     flag_group_values,
@@ -36,9 +44,9 @@ from megatron_mile.checkpointing import megatron_lm
 from megatron_mile.checkpointing.tracker import (
     METADATA_FILENAME,
     TRACKER_FILENAME,
-    MegatronLMCheckpoint,
     read_metadata,
     resolve_checkpoint_dir,
+    written_by_megatron_lm,
 )
 from megatron_mile.training.initialize import print_rank_0
 from megatron_mile.training.optimizer import (
@@ -76,36 +84,52 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
     ValueError (CheckpointError) naming the path and the fix for a missing directory or iteration, a
     corrupt latest file, or a model whose architecture or vocabulary differs from the checkpoint's.
 
+    A checkpoint Megatron-LM wrote resumes the same way, from its common.pt (args, iteration, scheduler) and
+    its sharded model, optimizer and ``rng_state`` (restored at the same TP/PP sizes, as Megatron-LM does);
+    optimizer states that do not fit are refused with megatron_lm.check_optimizer's advice.
+
     Collectives: those of megatron's dist_checkpointing.load (all-gathers of shard metadata for
     validation; torch.distributed.checkpoint.load's plan gather/scatter); the distributed optimizer's scatter
     of its state when it is used; an all_gather_object agreeing on the RNG files; one final barrier. A
     refused or damaged file raises CheckpointError on every rank, one line naming the file.
     """
-    try:
-        checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration)
-    except MegatronLMCheckpoint as foreign:
-        raise megatron_lm.training_state_refusal(foreign.path) from None
+    checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration, megatron_lm=True)
     if checkpoint_dir is None:
         print_rank_0(f" no checkpoint in {load_dir} ({TRACKER_FILENAME} not found): training from scratch")
         return 0, 0
-    metadata = read_metadata(checkpoint_dir)
-    check_model_config(metadata.get("config", {}), config_dict, checkpoint_dir)
-    check_vocab(metadata.get("vocab", {}), model, checkpoint_dir)
+    common = megatron_lm.read_common(checkpoint_dir) if written_by_megatron_lm(checkpoint_dir) else None
+    # How messages name the checkpoint: its path, and for Megatron-LM's what it is.
+    what = f"{checkpoint_dir} ({megatron_lm.describe(common)})" if common is not None else str(checkpoint_dir)
+    if common is not None:
+        megatron_lm.check_model_args(common, config_dict, vocab_sizes(model)["padded"], checkpoint_dir)
+        metadata = megatron_lm.resume_description(common, torch_dist.stored_keys(checkpoint_dir))
+    else:
+        metadata = read_metadata(checkpoint_dir)
+        check_model_config(metadata.get("config", {}), config_dict, checkpoint_dir)
+        check_vocab(metadata.get("vocab", {}), model, checkpoint_dir)
     load_optimizer = load_optimizer and optimizer is not None
     policy = scheduler_policy(config_dict)
     if load_optimizer and not metadata.get("has_optimizer", False):
-        raise CheckpointError(f"{checkpoint_dir} holds no optimizer state (saved with --no-save-optim): load it "
+        raise CheckpointError(f"{what} holds no optimizer state (saved with --no-save-optim): load it "
                               "with --no-load-optim (load_optimizer=False)")
 
     if load_optimizer:
-        check_optimizer_compatible(metadata, optimizer, checkpoint_dir)
+        if common is not None:
+            megatron_lm.check_optimizer(common, config_dict, optimizer_format(optimizer), checkpoint_dir)
+        check_optimizer_compatible(metadata, optimizer, what)
         if scheduler is not None and metadata.get("scheduler") is not None:  # before any tensor is read
-            check_schedule(scheduler, metadata["scheduler"], policy, checkpoint_dir,
+            check_schedule(scheduler, metadata["scheduler"], policy, what,
                            metadata.get("config", {}).get("optimizer"), config_dict.get("optimizer"))
         own_group_values = flag_group_values(optimizer)
         init_empty_distributed_optimizer_state(optimizer)
     state = torch_dist.sharded_state_dict(model, optimizer if load_optimizer else None, is_loading=True)
-    loaded = _load_sharded(checkpoint_dir, state)
+    rng_in_shards = common is not None and load_rng and metadata["has_rng"] and _same_tp_pp(metadata, what)
+    if rng_in_shards:
+        state[RNG_STATE_KEY] = rng_state_object()
+    if common is not None:  # Megatron-LM stores a single model chunk under 'model'
+        loaded = megatron_lm.rename_chunks(_load_sharded(checkpoint_dir, megatron_lm.rename_chunks(state)), back=True)
+    else:
+        loaded = _load_sharded(checkpoint_dir, state)
     _load_chunks(model, loaded)
     if load_optimizer:
         # megatron's distributed-optimizer load copies into its fp32 main parameters (leaves that
@@ -116,17 +140,49 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
         use_fused_torch_adam_on_cpu(optimizer)  # the loaded param groups carry the saving run's kernel flags
         reapply_flag_group_values(optimizer, own_group_values, policy)
         if scheduler is not None and metadata.get("scheduler") is not None:
-            restore_scheduler(scheduler, metadata["scheduler"], policy, checkpoint_dir)
+            restore_scheduler(scheduler, metadata["scheduler"], policy, what)
 
     if load_rng and not metadata.get("has_rng", True):
-        print_rank_0(f" note: {checkpoint_dir} was saved without RNG states (--no-save-rng): the run continues "
+        print_rank_0(f" note: {what} was saved without RNG states (--no-save-rng): the run continues "
                      "with freshly seeded ones")
-    elif load_rng:
+    elif rng_in_shards:
+        note = restore_megatron_lm_rng_states(loaded[RNG_STATE_KEY], metadata["data_parallel_random_init"])
+        if note is not None:
+            print_rank_0(f" note: {what}: {note}")
+    elif load_rng and common is None:
         _load_rng(checkpoint_dir, metadata)
     barrier()
-    print_rank_0(f" loaded checkpoint {checkpoint_dir} (iteration {iteration}, "
+    print_rank_0(f" loaded checkpoint {what} (iteration {iteration}, "
                  f"{metadata['consumed_samples']} samples consumed)")
     return int(metadata["iteration"]), int(metadata["consumed_samples"])
+
+
+def _same_tp_pp(metadata: dict, what: str) -> bool:
+    """Whether Megatron-LM's rng_state (one entry per PP and TP rank) can be restored at this run's TP/PP
+    sizes; prints a note when not (as Megatron-LM, the run then keeps its freshly seeded states)."""
+    keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+    saved, current = [metadata["layout"][k] for k in keys], [parallel_layout()[k] for k in keys]
+    if saved != current:
+        print_rank_0(f" note: {what}; this run uses TP {current[0]}, PP {current[1]}: its RNG states are not "
+                     "restored (dropout masks will differ from an uninterrupted run)")
+    return saved == current
+
+
+def read_training_progress(load_dir, iteration: Optional[int] = None) -> dict:
+    """The counters a resume continues from the checkpoint load_checkpoint loads (latest, or `iteration`):
+    {'iteration', 'consumed_samples', 'consumed_valid_samples', 'num_floating_point_operations_so_far'},
+    for this project's checkpoints (mile_checkpoint.json; the last two 0 where older ones lack them) and for
+    Megatron-LM's (its common.pt). Raises FileNotFoundError when `load_dir` holds no checkpoint. No
+    collectives."""
+    checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration, megatron_lm=True)
+    if checkpoint_dir is None:
+        raise FileNotFoundError(f"{load_dir} holds no checkpoint (no {TRACKER_FILENAME})")
+    if written_by_megatron_lm(checkpoint_dir):
+        metadata = megatron_lm.resume_description(megatron_lm.read_common(checkpoint_dir), set())
+    else:
+        metadata = read_metadata(checkpoint_dir)
+    keys = ("iteration", "consumed_samples", "consumed_valid_samples", "num_floating_point_operations_so_far")
+    return {key: int(metadata.get(key, 0)) for key in keys}
 
 
 def _load_rng(checkpoint_dir: Path, metadata: dict) -> None:

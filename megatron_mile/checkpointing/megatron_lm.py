@@ -1,5 +1,5 @@
-"""Megatron-LM's common state: what its save_checkpoint puts into ``common.pt`` beside the sharded tensors, and
-what its loader reads back from there.
+"""Megatron-LM's checkpoints: what its save_checkpoint puts into ``common.pt`` beside the sharded tensors, and
+how this project resumes a checkpoint Megatron-LM wrote.
 
 A checkpoint of this project carries these items too, so that Megatron-LM (and megatron-core's public
 dist_checkpointing.load) finds what it expects:
@@ -9,25 +9,31 @@ dist_checkpointing.load) finds what it expects:
   add_position_embedding, params_dtype, ...) and its counters (iteration, consumed_train_samples,
   consumed_valid_samples); the loss settings under this project's names (loss_type, mile_gamma, ...);
 - ``checkpoint_version`` 3.0, ``iteration``, ``num_floating_point_operations_so_far``;
-- ``opt_param_scheduler``: megatron-core's OptimizerParamScheduler state in Megatron-LM's units (samples: the
-  project's iterations times the global batch size; megatron_mile.checkpointing.scheduler converts);
-- ``content_metadata``: how the sharded keys were laid out (megatron-core reads it back before loading).
+- ``opt_param_scheduler``: megatron-core's OptimizerParamScheduler state; both count samples (Megatron-LM
+  steps its scheduler by the global batch size with --train-iters and --train-samples alike), so the state
+  is the same in both;
+- ``content_metadata``: how the sharded keys were laid out (megatron-core reads it back before loading);
+- beside them, among the sharded items, Megatron-LM's ``rng_state`` object (megatron_mile.checkpointing.rng),
+  so that a Megatron-LM run resumes from this project's checkpoint without --no-load-rng (at the same TP/PP
+  sizes, as Megatron-LM restores RNG states; written on CPU, it holds no CUDA state).
 
-Not written: Megatron-LM's ``rng_state`` sharded object (this project keeps its per-rank RNG files,
-``rng/rank_*.pt``, which hold no numpy objects and so load without admitting numpy's classes); a Megatron-LM
-run resuming from this project's checkpoint needs ``--no-load-rng``. No collectives in this module.
+Resuming a checkpoint Megatron-LM wrote (no mile_checkpoint.json): `resume_description` turns its common.pt
+into the description this project's loader works from (iteration, consumed training and validation samples,
+FLOPs so far, scheduler, layout, optimizer format, Adam settings); `check_optimizer` refuses an optimizer
+state that does not fit, saying what the checkpoint is and what to do. No collectives in this module.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
+from typing import Optional
 
 import torch
 
 from megatron_mile.checkpointing import safe_load
 from megatron_mile.checkpointing.errors import CheckpointError
+from megatron_mile.checkpointing.rng import RNG_STATE_KEY
 
 # Megatron-LM's checkpoint_version for torch_dist checkpoints (the query/key/value layout of today's models).
 CHECKPOINT_VERSION = 3.0
@@ -74,7 +80,7 @@ def megatron_lm_common_state(config_dict: dict, layout: dict, vocab: dict, itera
                                  consumed_valid_samples),
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": int(iteration),
-        # Both count samples (megatron_mile.training.optimizer.scheduler_settings): no conversion.
+        # Both count samples (module docstring): no conversion.
         "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
         "num_floating_point_operations_so_far": int(floating_point_operations),
         "content_metadata": dict(content_metadata),
@@ -96,16 +102,6 @@ def describe(common: dict) -> str:
     return (f"written by Megatron-LM, iteration {common.get('iteration', getattr(args, 'iteration', '?'))}, "
             f"TP {getattr(args, 'tensor_model_parallel_size', '?')}, "
             f"PP {getattr(args, 'pipeline_model_parallel_size', '?')}")
-
-
-def training_state_refusal(checkpoint_dir: Path) -> CheckpointError:
-    """The error for resuming a Megatron-LM checkpoint's training state, saying what the checkpoint is and
-    what this project can do with it (its weights: --finetune or --pretrained-checkpoint)."""
-    return CheckpointError(
-        f"{checkpoint_dir} is {describe(read_common(checkpoint_dir))}. Its weights load into this project: "
-        "continue from them with --finetune (or --pretrained-checkpoint <dir>), which starts at iteration 0 with "
-        "a fresh optimizer and schedule; resuming its optimizer, scheduler and RNG states is not supported"
-    )
 
 
 def check_model_args(common: dict, config_dict: dict, padded_vocab_size: int, checkpoint_dir: Path) -> None:
@@ -141,3 +137,81 @@ def rename_chunks(state: dict, back: bool = False) -> dict:
         return dict(state)
     source, target = ("model", "model0") if back else ("model0", "model")
     return {(target if key == source else key): value for key, value in state.items()}
+
+
+# The distributed optimizer's layouts of its state (megatron-core's distrib_optim_sharding_type): the one this
+# project reads is dp_reshardable, Megatron-LM's default (see torch_dist.DISTRIBUTED_OPTIMIZER_SHARDING).
+_LEGACY_DISTRIBUTED_SHARDING = "dp_zero_gather_scatter"  # checkpoints of megatron-core < 0.13 (no content_metadata)
+
+
+def _optimizer_format(common: dict) -> str:
+    """'distributed/<sharding type>' or 'standard', in compatibility.optimizer_format's terms."""
+    if not getattr(common["args"], "use_distributed_optimizer", False):
+        return "standard"
+    sharding = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type", _LEGACY_DISTRIBUTED_SHARDING)
+    return f"distributed/{sharding}"
+
+
+def resume_description(common: dict, stored_keys: set) -> dict:
+    """What this project's loader needs to resume a Megatron-LM checkpoint, in the shape of its own
+    mile_checkpoint.json (save.common_state): iteration, consumed_samples and consumed_valid_samples (from
+    `args`, as Megatron-LM's loader takes them), num_floating_point_operations_so_far, scheduler, has_optimizer,
+    has_rng, optimizer_format, layout and the Adam settings under config.optimizer. `stored_keys` are the
+    checkpoint's sharded keys (torch_dist.stored_keys). No collectives."""
+    args = common["args"]
+    return {
+        "iteration": int(common.get("iteration", getattr(args, "iteration", 0))),
+        "consumed_samples": int(getattr(args, "consumed_train_samples", 0) or 0),
+        "consumed_valid_samples": int(getattr(args, "consumed_valid_samples", 0) or 0),
+        "num_floating_point_operations_so_far": int(common.get("num_floating_point_operations_so_far", 0) or 0),
+        "scheduler": common.get("opt_param_scheduler"),
+        "has_optimizer": "optimizer" in common or any(key.startswith("optimizer.") for key in stored_keys),
+        "has_rng": any(key.startswith(RNG_STATE_KEY + "/") for key in stored_keys),
+        "data_parallel_random_init": bool(getattr(args, "data_parallel_random_init", False)),
+        "optimizer_format": _optimizer_format(common),
+        "layout": {
+            "tensor_model_parallel_size": getattr(args, "tensor_model_parallel_size", 1),
+            "pipeline_model_parallel_size": getattr(args, "pipeline_model_parallel_size", 1),
+            "virtual_pipeline_model_parallel_size": getattr(args, "virtual_pipeline_model_parallel_size", None),
+            "data_parallel_size": getattr(args, "data_parallel_size", None),
+            "world_size": getattr(args, "world_size", None),
+        },
+        "config": {"optimizer": {name: getattr(args, name) for name in ("adam_beta1", "adam_beta2", "adam_eps")
+                                 if hasattr(args, name)}},
+    }
+
+
+def check_optimizer(common: dict, config_dict: dict, current_format: Optional[str], checkpoint_dir: Path) -> None:
+    """Refuse, before any tensor is read, a Megatron-LM optimizer state this run cannot take: another optimizer
+    (--optimizer), another precision (--bf16 / --fp16: the fp32 main weights are part of the state), the
+    distributed optimizer against the plain one or the other way round, and a distributed layout other than
+    dp_reshardable. The TP/PP sizes of a dp_reshardable state are compatibility.check_optimizer_compatible's.
+    Each message says what the checkpoint is and how to continue (matching flags, or --no-load-optim). No
+    collectives."""
+    args, optimizer = common["args"], config_dict["optimizer"]
+    saved_format = _optimizer_format(common)
+    differing = []
+    if getattr(args, "optimizer", "adam") != optimizer["optimizer"]:
+        differing.append(f"optimizer (--optimizer): checkpoint {getattr(args, 'optimizer', 'adam')!r}, "
+                         f"this run {optimizer['optimizer']!r}")
+    precision = "fp16" if getattr(args, "fp16", False) else "bf16" if getattr(args, "bf16", False) else "fp32"
+    if precision != ("bf16" if optimizer["bf16"] else "fp32"):
+        differing.append(f"precision (--bf16 / --fp16): checkpoint {precision}, this run "
+                         f"{'bf16' if optimizer['bf16'] else 'fp32'}")
+    if saved_format.startswith("distributed/") != (current_format or "").startswith("distributed/"):
+        differing.append(f"--use-distributed-optimizer: checkpoint {saved_format.startswith('distributed/')}, "
+                         f"this run {(current_format or '').startswith('distributed/')}")
+    if differing:
+        raise CheckpointError(
+            f"{checkpoint_dir} ({describe(common)}) holds optimizer state this run cannot take:\n  - "
+            + "\n  - ".join(differing)
+            + "\nUse the Megatron-LM run's flags, or resume with --no-load-optim (the weights, iteration, data "
+            "position and RNG states load; the optimizer starts afresh)"
+        )
+    if saved_format != current_format:
+        raise CheckpointError(
+            f"{checkpoint_dir} ({describe(common)}) holds the distributed optimizer's state in the "
+            f"'{saved_format.split('/', 1)[1]}' layout; this project reads its '{current_format.split('/', 1)[1]}' "
+            "layout only (Megatron-LM's default, without --dist-ckpt-optim-fully-reshardable). Resume with "
+            "--no-load-optim, or save from Megatron-LM in that layout"
+        )

@@ -5,7 +5,7 @@ A checkpoint directory is data a user hands us, and pickle runs whatever code a 
 - torch files (common.pt, rng/rank_*.pt, the tensor records inside ``__<rank>_0.distcp``) are read with
   ``torch.load(..., weights_only=True)``, whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says,
   admitting beyond tensors and plain data exactly the classes of `COMMON_STATE_ALLOWED` (Megatron-LM's
-  common state: its argparse ``args``) and, for the byte records of sharded objects, `OBJECT_SHARD_ALLOWED`
+  common state: its argparse ``args`` and the enums in it) and, for the byte records of sharded objects, `OBJECT_SHARD_ALLOWED`
   (numpy's RNG state in Megatron-LM's ``rng_state``); the classes other libraries registered with torch
   (megatron-core registers its own on import) are set aside while a checkpoint file is read;
 - the pickled torch_dist ``.metadata`` goes through `MetadataUnpickler`, which admits the checkpoint-metadata
@@ -22,12 +22,15 @@ import argparse
 import contextlib
 import pickle
 import re
+import signal
 import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Union
 
 import numpy as np
 import torch
+from megatron.core.enums import ModelType
+from megatron.core.transformer.enums import AttnBackend, CudaGraphScope
 
 from megatron_mile.checkpointing.errors import CheckpointError
 
@@ -57,9 +60,13 @@ METADATA_PICKLE_ALLOWED = {
     ("builtins", "frozenset"),
 }
 
-# Classes common.pt may hold beyond tensors and plain data: Megatron-LM's `args` is an argparse.Namespace
-# (of plain values, dtypes and the one megatron-core enum below). Rebuilding either runs no code of the file.
-COMMON_STATE_ALLOWED = (argparse.Namespace,)
+# Classes common.pt may hold beyond tensors and plain data: Megatron-LM's `args` is an argparse.Namespace of
+# plain values, torch dtypes (admitted by torch itself) and the enums its argument parser and get_model put
+# there (core_r0.16.0): `model_type` (ModelType), `attention_backend` (AttnBackend), `exit_signal`
+# (signal.Signals) and, with --cuda-graph-scope, CudaGraphScope members. An enum is rebuilt by looking its
+# member up by value, which runs no code of the file; admitting them keeps the args whole (a checkpoint's args
+# are also what --use-checkpoint-args reads), where mapping them to strings would need a custom unpickler.
+COMMON_STATE_ALLOWED = (argparse.Namespace, ModelType, AttnBackend, CudaGraphScope, signal.Signals)
 # Classes the byte records of sharded objects may hold: Megatron-LM's rng_state keeps numpy's RNG state, a
 # tuple with a uint32 array (numpy's array reconstruction, as torch's own numpy support admits it).
 _NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core

@@ -32,7 +32,7 @@ from megatron_mile.checkpointing.collectives import rank as global_rank
 from megatron_mile.checkpointing.compatibility import CheckpointError, optimizer_format, parallel_layout, vocab_sizes
 from megatron_mile.checkpointing.lock import run_id_for
 from megatron_mile.checkpointing.megatron_lm import megatron_lm_common_state
-from megatron_mile.checkpointing.rng import save_rng_state
+from megatron_mile.checkpointing.rng import RNG_STATE_KEY, rng_state_object, save_rng_state
 from megatron_mile.checkpointing.torch_dist import sharded_state_dict, unwrap_model
 from megatron_mile.checkpointing.tracker import (
     FORMAT,
@@ -49,11 +49,13 @@ from megatron_mile.checkpointing.write_failure import describe_write_failure, fa
 
 
 def common_state(iteration: int, consumed_samples: int, model: list, optimizer, scheduler, config_dict: dict,
-                 extra: Optional[dict] = None, consumed_valid_samples: int = 0, has_rng: bool = True) -> dict:
+                 extra: Optional[dict] = None, consumed_valid_samples: int = 0, has_rng: bool = True,
+                 num_floating_point_operations_so_far: int = 0) -> dict:
     """Everything a checkpoint keeps besides tensors and RNG states, as plain data (mile_checkpoint.json).
 
     The one place that decides what that is: iteration, consumed training and validation samples (a
-    resumed run continues both where they stopped), the run's config dict, the LR-scheduler state, the
+    resumed run continues both where they stopped), the floating-point operations trained so far
+    (Megatron-LM's counter, continued the same way), the run's config dict, the LR-scheduler state, the
     optimizer's state format, whether RNG states were saved, the parallel layout and the vocabulary sizes
     (which loading checks), and
     `extra` (JSON-serialisable data of the caller). No collectives.
@@ -64,6 +66,7 @@ def common_state(iteration: int, consumed_samples: int, model: list, optimizer, 
         "iteration": int(iteration),
         "consumed_samples": int(consumed_samples),
         "consumed_valid_samples": int(consumed_valid_samples),
+        "num_floating_point_operations_so_far": int(num_floating_point_operations_so_far),
         "config": config_dict,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "has_optimizer": optimizer is not None,
@@ -102,12 +105,13 @@ def check_finite(model: list) -> None:
 
 def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler, consumed_samples: int,
                     config_dict: dict, extra: Optional[dict] = None, consumed_valid_samples: int = 0,
-                    save_rng: bool = True, async_group=None):
+                    save_rng: bool = True, async_group=None, num_floating_point_operations_so_far: int = 0):
     """Save model chunks, optimizer, scheduler, RNG states, consumed samples and config as `iteration`.
 
     Must be called on every rank. Returns the final checkpoint directory. `optimizer` None saves no
-    optimizer state (--no-save-optim); `save_rng` False no RNG states (--no-save-rng). common.pt also holds
-    Megatron-LM's common items (megatron_mile.checkpointing.megatron_lm). `extra` is JSON-serialisable
+    optimizer state (--no-save-optim); `save_rng` False no RNG states (--no-save-rng: neither the per-rank files
+    nor Megatron-LM's rng_state object). common.pt also holds Megatron-LM's common items
+    (megatron_mile.checkpointing.megatron_lm), `num_floating_point_operations_so_far` among them. `extra` is JSON-serialisable
     plain data stored alongside (e.g. the loop's counters); `consumed_valid_samples` the validation samples
     evaluated so far (read back with read_checkpoint_metadata). Raises CheckpointError on every rank, writing
     nothing, when any parameter is non-finite; and, having removed the partial save, when a write fails on
@@ -139,12 +143,16 @@ def save_checkpoint(save_dir, iteration: int, model: list, optimizer, scheduler,
     # Megatron-LM's common items (args, iteration, scheduler, ...): its loader and megatron-core's find them.
     state.update(megatron_lm_common_state(config_dict, parallel_layout(), vocab_sizes(model), iteration,
                                           consumed_samples, consumed_valid_samples, scheduler,
-                                          torch_dist.content_metadata()))
+                                          torch_dist.content_metadata(), num_floating_point_operations_so_far))
+    if save_rng:  # Megatron-LM's rng_state object, which its loader reads (the per-rank files are this project's)
+        state[RNG_STATE_KEY] = rng_state_object()
     sharded, common = torch_dist.prepare_save(state)
     attempt = _SaveAttempt(save_dir, tmp, final, iteration, torch_dist.main_replica_bytes(sharded), run_id)
     # Taken now: by the time an asynchronous save commits, the scheduler and the RNG streams have moved on.
     metadata = common_state(iteration, consumed_samples, model, optimizer, scheduler, config_dict, extra,
-                            consumed_valid_samples, has_rng=save_rng) if rank == 0 else None
+                            consumed_valid_samples, has_rng=save_rng,
+                            num_floating_point_operations_so_far=num_floating_point_operations_so_far,
+                            ) if rank == 0 else None
 
     def start() -> None:
         if rank == 0:

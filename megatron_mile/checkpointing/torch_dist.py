@@ -217,6 +217,14 @@ def load_sharded(state: dict, checkpoint_dir: Path) -> dict:
     )
 
 
+def stored_keys(checkpoint_dir: Path) -> set:
+    """The sharded keys a checkpoint stores (tensor keys such as ``optimizer.state.exp_avg.<param>``, object
+    shards as ``<key>/shard_<offsets>_<shape>``), from its ``.metadata`` read safely. Raises CheckpointError
+    naming the file when it is missing, refused or damaged. No collectives."""
+    metadata = safe_load.load_checkpoint_metadata(Path(checkpoint_dir) / METADATA_FILENAME)
+    return set(metadata.state_dict_metadata)
+
+
 def refused_file(error: BaseException) -> Optional[CheckpointError]:
     """The CheckpointError of a file safe_load refused inside a failed load (on any rank), else None."""
     if isinstance(error, CheckpointError):

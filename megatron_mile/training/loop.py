@@ -132,6 +132,7 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             t.save, iteration, model, None if t.no_save_optim else optimizer, scheduler, consumed_samples,
             setup.config_dict, consumed_valid_samples=setup.consumed_valid_samples, save_rng=not t.no_save_rng,
             async_group=async_group if in_background else None,
+            num_floating_point_operations_so_far=setup.num_floating_point_operations_so_far,
         )
         if isinstance(saved, str):
             result.checkpoint = saved
@@ -154,6 +155,8 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             step_seconds = time.perf_counter() - step_start
             iteration += 1
             consumed_samples += t.global_batch_size
+            # As Megatron-LM counts them: every iteration's model FLOPs, skipped updates included (checkpointed).
+            setup.num_floating_point_operations_so_far += int(training_log.flops_per_iteration)
             control.after_step(iteration)
             finish_pending_save(blocking=False)  # an --async-save checkpoint whose writers are all done
             learning_rate = optimizer.param_groups[0]["lr"]

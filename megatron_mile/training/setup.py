@@ -78,6 +78,7 @@ class TrainingSetup:
     iteration: int = 0
     consumed_samples: int = 0
     consumed_valid_samples: int = 0  # validation samples evaluated so far (pretrain's validate() counts them)
+    num_floating_point_operations_so_far: int = 0  # Megatron-LM's counter: training FLOPs of all iterations so far
     save_lock: Optional[SaveDirectoryLock] = None  # rank 0's lock on --save; None elsewhere
     timers: Optional[Timers] = None  # --timing-log-level's timers (megatron_mile.training.timing)
     test_iterators: Optional[list] = None  # --test-data-path: evaluated once at the end of training
@@ -128,9 +129,9 @@ def setup_training(config: RunConfig, model_provider=None, dataset_provider=None
     return setup
 
 
-def _load_at_start(config: RunConfig, model, optimizer, scheduler, config_dict: dict) -> Tuple[int, int, int]:
-    """(iteration, consumed training samples, consumed validation samples) after loading what Megatron-LM's
-    flags ask for: --load (at --ckpt-step if given; without the optimizer and scheduler with --no-load-optim,
+def _load_at_start(config: RunConfig, model, optimizer, scheduler, config_dict: dict) -> Tuple[int, int, int, int]:
+    """(iteration, consumed training samples, consumed validation samples, floating-point operations so far)
+    after loading what Megatron-LM's flags ask for (from this project's checkpoints and Megatron-LM's alike): --load (at --ckpt-step if given; without the optimizer and scheduler with --no-load-optim,
     without RNG states with --no-load-rng), its weights only from iteration 0 with --finetune, and
     --pretrained-checkpoint's weights (as --finetune) when --load holds no checkpoint yet.
     Collectives: those of checkpointing.load_checkpoint / load_model_weights."""
@@ -139,20 +140,19 @@ def _load_at_start(config: RunConfig, model, optimizer, scheduler, config_dict: 
     if t.pretrained_checkpoint is not None and (load_dir is None or not _holds_checkpoint(load_dir)):
         load_dir, finetune = t.pretrained_checkpoint, True
     if load_dir is None:
-        return 0, 0, 0
+        return 0, 0, 0, 0
     if finetune:
         loaded = checkpointing.load_model_weights(load_dir, model, t.ckpt_step, config_dict)
         print_rank_0(f" --finetune: weights of iteration {loaded} of {load_dir}; training starts at iteration 0 "
                      "with a fresh optimizer, scheduler and data position")
-        return 0, 0, 0
+        return 0, 0, 0, 0
     iteration, consumed_samples = checkpointing.load_checkpoint(
         load_dir, model, optimizer, scheduler, config_dict, load_optimizer=not t.no_load_optim,
         load_rng=not t.no_load_rng, iteration=t.ckpt_step)
-    consumed_valid_samples = 0
-    if iteration > 0:
-        saved = checkpointing.read_checkpoint_metadata(load_dir, iteration)
-        consumed_valid_samples = int(saved.get("consumed_valid_samples", 0))
-    return iteration, consumed_samples, consumed_valid_samples
+    if iteration == 0:
+        return 0, consumed_samples, 0, 0
+    saved = checkpointing.read_training_progress(load_dir, iteration)
+    return iteration, consumed_samples, saved["consumed_valid_samples"], saved["num_floating_point_operations_so_far"]
 
 
 # The model flags --use-checkpoint-args takes from the checkpoint (Megatron-LM's names in both kinds).
@@ -204,8 +204,8 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
     optimizer, scheduler = build_optimizer(config, model, timers)
     config_dict = config_to_dict(config)
 
-    iteration, consumed_samples, consumed_valid_samples = _load_at_start(config, model, optimizer, scheduler,
-                                                                         config_dict)
+    iteration, consumed_samples, consumed_valid_samples, flops_so_far = _load_at_start(config, model, optimizer,
+                                                                                       scheduler, config_dict)
 
     num_micro = num_micro_batches(config)
     train_ds, valid_ds = dataset_provider(config, tokenizer, eval_samples)
@@ -222,4 +222,5 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
     configure_schedules(model, optimizer, collector, config, timers)
     return TrainingSetup(config, model, optimizer, scheduler, train_iterators, valid_iterators, num_micro, collector,
                          config_dict, tokenizer.vocab_size, iteration, consumed_samples,
-                         consumed_valid_samples=consumed_valid_samples, timers=timers, test_iterators=test_iterators)
+                         consumed_valid_samples=consumed_valid_samples, timers=timers, test_iterators=test_iterators,
+                         num_floating_point_operations_so_far=flops_so_far)
