@@ -105,7 +105,8 @@ def _run_config(flags: List[str], world_size: int):
     try:
         parse_args(flags + _CHECK_ONLY_FLAGS, world_size=world_size)
     except ConfigError as error:
-        raise HFImportError(f"this model cannot be built at the asked layout: {error}") from None
+        problems = "; ".join(line.removeprefix("  - ") for line in str(error).splitlines()[1:]) or str(error)
+        raise HFImportError(f"this model cannot be built at the asked layout: {problems}") from None
     config = config_from_namespace(build_parser().parse_args(flags))
     config.finalize(world_size)
     return config
