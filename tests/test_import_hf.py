@@ -172,26 +172,32 @@ def worker_first_step(flags):
 
 
 def test_training_continues_from_the_import_with_mile(imported, dist_pool, tmp_path):
+    """The printed flags (--pretrained-checkpoint, a new --load/--save) and, untied, --load <import> --finetune."""
     from megatron_mile.loss.reference import reference_global_loss, reference_token_losses
 
-    hf_dir, _, flags, _ = imported
+    hf_dir, save_dir, flags, tied = imported
     run = str(tmp_path / "run")
-    per_rank = dist_pool(TP * PP).run(worker_first_step, run_flags(flags, "--load", run, "--save", run),
-                                      tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP)
-    loss, lm_loss, batch = per_rank[-1]  # the last pipeline stage reports the losses
-    input_ids = torch.stack([torch.as_tensor(s["tokens"]) for s in batch])
-    labels = torch.stack([torch.as_tensor(s["labels"]) for s in batch])
-    loss_mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in batch])
-    assert input_ids.shape == (2 * BATCH, SEQ) and int(input_ids.max()) <= EOD
-    with torch.no_grad():
-        logits = hf_model(hf_dir)(input_ids).logits  # [G, s, V]
-    mile = reference_token_losses(logits, labels, "mile", gamma=1.0, sigma=1.0, ignore_index=None)
-    ce = reference_token_losses(logits, labels, "cross_entropy", ignore_index=None)
-    expected_loss = reference_global_loss(mile["ce"], mile["weight"], loss_mask)
-    expected_lm_loss = reference_global_loss(ce["ce"], ce["weight"], loss_mask)
-    assert float(expected_loss) != pytest.approx(float(expected_lm_loss), abs=1e-4)  # the weights matter
-    assert loss == pytest.approx(float(expected_loss), abs=2e-5)
-    assert lm_loss == pytest.approx(float(expected_lm_loss), abs=2e-5)
+    starts = {"printed": run_flags(flags, "--load", run, "--save", run)}
+    if not tied:
+        without = flags[:flags.index("--pretrained-checkpoint")] + flags[flags.index("--pretrained-checkpoint") + 2:]
+        starts["finetune"] = run_flags(without, "--load", str(save_dir), "--finetune")
+    for how, run_args in starts.items():
+        per_rank = dist_pool(TP * PP).run(worker_first_step, run_args, tensor_model_parallel_size=TP,
+                                          pipeline_model_parallel_size=PP)
+        loss, lm_loss, batch = per_rank[-1]  # the last pipeline stage reports the losses
+        input_ids = torch.stack([torch.as_tensor(s["tokens"]) for s in batch])
+        labels = torch.stack([torch.as_tensor(s["labels"]) for s in batch])
+        loss_mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in batch])
+        assert input_ids.shape == (2 * BATCH, SEQ) and int(input_ids.max()) <= EOD
+        with torch.no_grad():
+            logits = hf_model(hf_dir)(input_ids).logits  # [G, s, V]
+        mile = reference_token_losses(logits, labels, "mile", gamma=1.0, sigma=1.0, ignore_index=None)
+        ce = reference_token_losses(logits, labels, "cross_entropy", ignore_index=None)
+        expected_loss = reference_global_loss(mile["ce"], mile["weight"], loss_mask)
+        expected_lm_loss = reference_global_loss(ce["ce"], ce["weight"], loss_mask)
+        assert float(expected_loss) != pytest.approx(float(expected_lm_loss), abs=1e-4)  # the weights matter
+        assert loss == pytest.approx(float(expected_loss), abs=2e-5), how
+        assert lm_loss == pytest.approx(float(expected_lm_loss), abs=2e-5), how
 
 
 # ----------------------------------------------------------------------------------------------------------
