@@ -11,6 +11,7 @@ copies out only the rows or columns asked for, so a rank holds its own shard of 
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Dict, Iterable, Tuple
@@ -24,15 +25,20 @@ INDEX_FILENAME = "model.safetensors.index.json"
 SINGLE_FILENAME = "model.safetensors"
 # safetensors' dtype names that hold floating-point weights (converted to the model's dtype when read).
 FLOAT_DTYPES = ("F32", "BF16", "F16")
-INSTALL_HINT = "pip install -e .[eval]  (or: pip install safetensors)"
+INSTALL_HINT = "pip install -e .[eval]  (or: pip install safetensors transformers)"
+
+
+def safetensors_function(module: str, name: str, purpose: str):
+    """`name` of the optional safetensors package's `module` ("safetensors", "safetensors.torch"), imported when
+    first needed; ImportError saying that `purpose` ("importing", "exporting") needs it and how to install it."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as error:
+        raise ImportError(f"{purpose} needs the safetensors package: {INSTALL_HINT}") from error
 
 
 def _safe_open():
-    try:
-        from safetensors import safe_open  # noqa: PLC0415 - optional package (the eval extra)
-    except ImportError as error:
-        raise ImportError(f"importing needs the safetensors package: {INSTALL_HINT}") from error
-    return safe_open
+    return safetensors_function("safetensors", "safe_open", "importing")
 
 
 def _weight_files(hf_dir: Path) -> Dict[str, str]:
