@@ -11,6 +11,7 @@ tensors that, concatenated along one dimension, make its local tensor. T = 1 des
 - fused QKV: `self_attention.linear_qkv.weight` is [ng * (np/ng + 2) * d, h], grouped per query group g as
   [the np/ng query heads of g; the key head of g; the value head of g]. TP shards whole groups: rank r
   holds groups [r * ng/T, (r + 1) * ng/T). Llama keeps q_proj [np * d, h], k_proj and v_proj [ng * d, h].
+  Qwen2's query/key/value biases (megatron's --add-qkv-bias: `linear_qkv.bias`) follow the same rows.
 - fused SwiGLU: `mlp.linear_fc1.weight` is [2 * ffn, h] = [gate; up], and TP rank r holds
   [gate rows of r; up rows of r] (megatron splits gate and up separately, not the fused tensor).
 - row-parallel layers (`linear_proj`, `linear_fc2`) are split along their input columns; norms are whole.
@@ -58,6 +59,7 @@ class LlamaShape:
     vocab_size: int  # V: real tokens (the tokenizer's size)
     padded_vocab_size: int  # V_padded: rows of the megatron embedding and output layer
     tied_embeddings: bool  # the output layer shares the embedding
+    qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2; --add-qkv-bias)
 
     @property
     def heads_per_group(self) -> int:
@@ -82,6 +84,10 @@ class LlamaShape:
                 p + "mlp.up_proj.weight": (f, h),
                 p + "mlp.down_proj.weight": (h, f),
             })
+            if self.qkv_bias:
+                shapes.update({p + "self_attn.q_proj.bias": (self.num_attention_heads * d,),
+                               p + "self_attn.k_proj.bias": (self.num_query_groups * d,),
+                               p + "self_attn.v_proj.bias": (self.num_query_groups * d,)})
         return shapes
 
     def megatron_names(self) -> List[str]:
@@ -91,6 +97,8 @@ class LlamaShape:
             names.append("output_layer.weight")
         for i in range(self.num_layers):
             names += [f"decoder.layers.{i}.{suffix}" for suffix in _LAYER_SUFFIXES]
+            if self.qkv_bias:
+                names.append(f"decoder.layers.{i}.self_attention.linear_qkv.bias")
         return names
 
 
@@ -165,15 +173,19 @@ def shard_recipe(name: str, shape: LlamaShape, tp_rank: int = 0, tp_size: int = 
         return ShardRecipe((h,), 0, (Piece(hf + "input_layernorm.weight", 0, 0, h),))
     if suffix == "pre_mlp_layernorm.weight":
         return ShardRecipe((h,), 0, (Piece(hf + "post_attention_layernorm.weight", 0, 0, h),))
-    if suffix == "self_attention.linear_qkv.weight":
+    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        if suffix.endswith("bias") and not shape.qkv_bias:
+            raise KeyError(name)
+        kind = suffix.rsplit(".", 1)[1]  # weight [rows, h] or bias [rows]: the same rows
         first, last = _block(shape.num_query_groups, tp_rank, tp_size, "the query groups")
         per_group = shape.heads_per_group
         pieces = []
         for g in range(first, last):
-            pieces += [Piece(hf + "self_attn.q_proj.weight", 0, g * per_group * d, (g + 1) * per_group * d),
-                       Piece(hf + "self_attn.k_proj.weight", 0, g * d, (g + 1) * d),
-                       Piece(hf + "self_attn.v_proj.weight", 0, g * d, (g + 1) * d)]
-        return ShardRecipe(((last - first) * (per_group + 2) * d, h), 0, tuple(pieces))
+            pieces += [Piece(f"{hf}self_attn.q_proj.{kind}", 0, g * per_group * d, (g + 1) * per_group * d),
+                       Piece(f"{hf}self_attn.k_proj.{kind}", 0, g * d, (g + 1) * d),
+                       Piece(f"{hf}self_attn.v_proj.{kind}", 0, g * d, (g + 1) * d)]
+        rows = (last - first) * (per_group + 2) * d
+        return ShardRecipe((rows, h) if kind == "weight" else (rows,), 0, tuple(pieces))
     if suffix == "self_attention.linear_proj.weight":
         start, stop = _block(shape.num_attention_heads * d, tp_rank, tp_size, "the attention heads")
         return ShardRecipe((h, stop - start), 1, (Piece(hf + "self_attn.o_proj.weight", 1, start, stop),))

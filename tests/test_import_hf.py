@@ -35,21 +35,25 @@ BATCH = 2
 TP, PP = 2, 2
 
 
-def make_hf_model(directory: Path, tied: bool, head_dim=None) -> Path:
-    """A 4-layer Llama saved by transformers (safetensors) with a 250-token tokenizer.json beside it."""
+def make_hf_model(directory: Path, tied: bool, head_dim=None, qwen2: bool = False) -> Path:
+    """A 4-layer Llama (or Qwen2: Llama with query/key/value biases) saved by transformers (safetensors) with a
+    250-token tokenizer.json beside it."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(3 + tied)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim or 16,
-                         max_position_embeddings=64, rope_theta=1000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=tied, initializer_range=0.2)
-    model = LlamaForCausalLM(config)
+    torch.manual_seed(3 + tied + 2 * qwen2)
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if qwen2 else (LlamaConfig, LlamaForCausalLM)
+    config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim or 16,
+                          max_position_embeddings=64, rope_theta=1000.0, rms_norm_eps=1e-6,
+                          tie_word_embeddings=tied, initializer_range=0.2)
+    model = model_class(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:  # fresh norms are all ones, which would hide a swapped or missing norm
                 param.copy_(1.0 + 0.5 * torch.randn(param.shape))
+            if name.endswith("bias"):  # fresh biases are zeros, which would hide a misplaced one
+                param.copy_(0.5 * torch.randn(param.shape))
     model.save_pretrained(directory)
     vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<|endoftext|>": EOD}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
@@ -60,9 +64,9 @@ def make_hf_model(directory: Path, tied: bool, head_dim=None) -> Path:
 
 
 def hf_model(directory):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 def tokens():
@@ -83,14 +87,15 @@ def pool_runner(dist_pool):
     return run
 
 
-@pytest.fixture(scope="module", params=["untied", "tied"])
+@pytest.fixture(scope="module", params=["untied", "tied", "qwen2"])
 def imported(request, dist_pool, tmp_path_factory):
-    """(HF directory, save directory, training flags) of a model imported at TP 2 x PP 2."""
+    """(HF directory, save directory, training flags, tied) of a model imported at TP 2 x PP 2: untied; tied with
+    a head dimension of 32 (not hidden / heads = 16); Qwen2 (untied, query/key/value biases)."""
     from megatron_mile.hf_import.checkpoint import import_checkpoint
 
     tied = request.param == "tied"
     root = tmp_path_factory.mktemp(f"import_{request.param}")
-    hf_dir = make_hf_model(root / "hf", tied, head_dim=32 if tied else None)
+    hf_dir = make_hf_model(root / "hf", tied, head_dim=32 if tied else None, qwen2=request.param == "qwen2")
     lines = []
     result = import_checkpoint(hf_dir, root / "save", TP, PP, runner=pool_runner(dist_pool), log=lines.append)
     assert "256 rows" in "\n".join(lines)
@@ -113,6 +118,7 @@ def test_our_logits_equal_transformers(imported, dist_pool):
     hf_dir, save_dir, flags, tied = imported
     assert ("--untie-embeddings-and-output-weights" in flags) != tied
     assert ("--kv-channels" in flags) == tied  # head_dim 32 with hidden 64 over 4 heads
+    assert ("--add-qkv-bias" in flags) == ("qwen2" in str(hf_dir))
     for expected in (["--group-query-attention", "--num-query-groups", "2"], ["--rotary-base", "1000"],
                      ["--norm-epsilon", "1e-06"], ["--tokenizer-model", str(save_dir / "tokenizer.json")]):
         assert " ".join(expected) in " ".join(flags), expected
@@ -178,7 +184,7 @@ def test_training_continues_from_the_import_with_mile(imported, dist_pool, tmp_p
     hf_dir, save_dir, flags, tied = imported
     run = str(tmp_path / "run")
     starts = {"printed": run_flags(flags, "--load", run, "--save", run)}
-    if not tied:
+    if not tied and "--add-qkv-bias" not in flags:
         without = flags[:flags.index("--pretrained-checkpoint")] + flags[flags.index("--pretrained-checkpoint") + 2:]
         starts["finetune"] = run_flags(without, "--load", str(save_dir), "--finetune")
     for how, run_args in starts.items():
@@ -252,8 +258,10 @@ REFUSALS = {
     "hidden_act": (lambda d: _edit_config(d, hidden_act="gelu"), ["hidden_act is 'gelu'", "silu"]),
     "sliding_window": (lambda d: _edit_config(d, model_type="mistral", architectures=["MistralForCausalLM"],
                                               sliding_window=16), ["sliding_window is 16", "full causal"]),
-    "qwen2": (lambda d: _edit_config(d, model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
-              ["model_type is 'qwen2'"]),
+    "model_type": (lambda d: _edit_config(d, model_type="gemma", architectures=["GemmaForCausalLM"]),
+                   ["model_type is 'gemma'"]),
+    "qwen2_sliding": (lambda d: _edit_config(d, model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                                             use_sliding_window=True, sliding_window=32), ["sliding_window is 32"]),
     "missing_config": (lambda d: (d / "config.json").unlink(), ["config.json is missing"]),
     "pickle_only": (_pickle_only, ["pytorch_model.bin", "pickle", "safetensors"]),
     "no_tokenizer": (lambda d: (d / "tokenizer.json").unlink(), ["no tokenizer.json"]),

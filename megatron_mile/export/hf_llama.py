@@ -1,4 +1,5 @@
-"""Megatron LLaMA weights and settings -> a Hugging Face LlamaForCausalLM state dict and config.json.
+"""Megatron LLaMA weights and settings -> a Hugging Face LlamaForCausalLM state dict and config.json
+(Qwen2ForCausalLM when the query/key/value projections have biases, --add-qkv-bias).
 
 Where each megatron tensor goes (fused QKV grouped per query group, SwiGLU's fc1 = [gate; up], the
 vocabulary padding, tied embeddings) is megatron_mile.llama_layout's, shared with the import; this module
@@ -60,15 +61,22 @@ def llama_shape(model: ModelConfig, real_vocab_size: int, padded_vocab_size: int
     return LlamaShape(num_layers=model.num_layers, hidden_size=model.hidden_size,
                       num_attention_heads=model.num_attention_heads, num_query_groups=_query_groups(model),
                       head_dim=head_dim(model), ffn_hidden_size=model.ffn_hidden_size, vocab_size=real_vocab_size,
-                      padded_vocab_size=padded_vocab_size, tied_embeddings=tied)
+                      padded_vocab_size=padded_vocab_size, tied_embeddings=tied, qkv_bias=model.add_qkv_bias)
 
 
 def hf_config(model: ModelConfig, vocab_size: int, dtype: torch.dtype, eos_token_id: Optional[int]) -> dict:
-    """config.json of the LlamaForCausalLM (keys read by transformers 4.x and 5.x alike)."""
+    """config.json of the LlamaForCausalLM (keys read by transformers 4.x and 5.x alike); with --add-qkv-bias
+    of the Qwen2ForCausalLM, Llama's architecture with biases on the query, key and value projections only."""
     rope_theta = float(model.rotary_base)
+    if model.add_qkv_bias:
+        # Qwen2 attends fully in every layer when use_sliding_window is false.
+        architecture = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
+                        "sliding_window": None, "max_window_layers": model.num_layers}
+    else:
+        architecture = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+                        "mlp_bias": False}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        **architecture,
         "vocab_size": vocab_size,
         "hidden_size": model.hidden_size,
         "intermediate_size": model.ffn_hidden_size,
@@ -83,8 +91,6 @@ def hf_config(model: ModelConfig, vocab_size: int, dtype: torch.dtype, eos_token
         "rope_theta": rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
         "rope_scaling": None,
-        "attention_bias": False,
-        "mlp_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": model.init_method_std,
         "tie_word_embeddings": False,

@@ -96,7 +96,8 @@ def _check_save_dir(save_dir: Path) -> None:
 def _shape(hf: HFLlamaConfig, vocab_size: int, padded: int) -> LlamaShape:
     return LlamaShape(num_layers=hf.num_layers, hidden_size=hf.hidden_size, num_attention_heads=hf.num_attention_heads,
                       num_query_groups=hf.num_query_groups, head_dim=hf.head_dim, ffn_hidden_size=hf.ffn_hidden_size,
-                      vocab_size=vocab_size, padded_vocab_size=padded, tied_embeddings=hf.tied_embeddings)
+                      vocab_size=vocab_size, padded_vocab_size=padded, tied_embeddings=hf.tied_embeddings,
+                      qkv_bias=hf.qkv_bias)
 
 
 def _run_config(flags: List[str], world_size: int):

@@ -1,11 +1,12 @@
 """A Hugging Face model's config.json -> the LLaMA it describes, or one line saying which field is not supported.
 
 Accepted: LlamaForCausalLM (LLaMA 2 / 3) and MistralForCausalLM configs whose architecture is LLaMA's
-(RMSNorm, SwiGLU with SiLU, plain RoPE, no biases, full attention), grouped-query attention, a head
+(RMSNorm, SwiGLU with SiLU, plain RoPE, no biases, full attention), and Qwen2ForCausalLM (the same with
+biases on the query, key and value projections: megatron's --add-qkv-bias); grouped-query attention, a head
 dimension other than hidden / heads (megatron's --kv-channels), tied or untied embeddings. Refused, each
 naming the field: rope_scaling / rope_parameters of a scaled type (this project's rotary embedding is plain
-RoPE), an active sliding window, attention or MLP biases, a non-SiLU activation, quantized weights, other
-model types (Qwen2's query/key/value biases are not mapped).
+RoPE), an active sliding window, Llama's attention_bias (it also puts a bias on the output projection) or
+mlp_bias, a non-SiLU activation, quantized weights, other model types.
 
 Both spellings of the rotary settings are read: rope_theta / rope_scaling (transformers 4) and
 rope_parameters (transformers 5).
@@ -22,7 +23,9 @@ from typing import List, Optional
 CONFIG_FILENAME = "config.json"
 
 # model_type -> the architecture name transformers writes for it.
-SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Model types whose attention always has query/key/value biases (and no other).
+QKV_BIAS_MODEL_TYPES = ("qwen2",)
 
 
 class HFImportError(ValueError):
@@ -46,6 +49,8 @@ class HFLlamaConfig:
     rotary_base: int
     tied_embeddings: bool
     attention_dropout: float
+    qkv_bias: bool
+    """Biases on the query, key and value projections (Qwen2): --add-qkv-bias."""
 
     @property
     def kv_channels(self) -> Optional[int]:
@@ -86,6 +91,8 @@ def _rope(config: dict) -> int:
 
 
 def _sliding_window_active(config: dict, max_positions: int) -> bool:
+    if "sliding_attention" in (config.get("layer_types") or ()):
+        return True
     window = config.get("sliding_window")
     if window is None or config.get("use_sliding_window") is False:
         return False
@@ -127,8 +134,9 @@ def parse_hf_config(config: dict) -> HFLlamaConfig:
     max_positions = _field(config, "max_position_embeddings")
     if _sliding_window_active(config, max_positions):
         raise HFImportError(
-            f"config.json: sliding_window is {config['sliding_window']} (< max_position_embeddings "
-            f"{max_positions}): this project's attention is full causal attention, which would see further back")
+            f"config.json: sliding_window is {config.get('sliding_window')} (< max_position_embeddings "
+            f"{max_positions}, or layer_types with sliding_attention): this project's attention is full causal "
+            "attention, which would see further back")
     return HFLlamaConfig(
         num_layers=_field(config, "num_hidden_layers"),
         hidden_size=hidden,
@@ -140,9 +148,10 @@ def parse_hf_config(config: dict) -> HFLlamaConfig:
         max_position_embeddings=max_positions,
         norm_epsilon=float(_field(config, "rms_norm_eps", float)),
         rotary_base=_rope(config),
-        # LlamaConfig's and MistralConfig's default: untied.
+        # LlamaConfig's, MistralConfig's and Qwen2Config's default: untied.
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_dropout=float(_field(config, "attention_dropout", float, default=0.0)),
+        qkv_bias=model_type in QKV_BIAS_MODEL_TYPES,
     )
 
 
@@ -183,7 +192,7 @@ def model_flags(model: HFLlamaConfig, make_vocab_size_divisible_by: int) -> List
         "--seq-length", str(model.max_position_embeddings),
         "--position-embedding-type", "rope", "--rotary-base", str(model.rotary_base),
         "--normalization", "RMSNorm", "--norm-epsilon", repr(model.norm_epsilon),
-        "--swiglu", "--disable-bias-linear",
+        "--swiglu", "--disable-bias-linear", *(["--add-qkv-bias"] if model.qkv_bias else []),
         "--hidden-dropout", "0.0", "--attention-dropout", repr(model.attention_dropout),
         "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by),
     ]
