@@ -35,9 +35,10 @@ BATCH = 2
 TP, PP = 2, 2
 
 
-def make_hf_model(directory: Path, tied: bool, head_dim=None, qwen2: bool = False) -> Path:
-    """A 4-layer Llama (or Qwen2: Llama with query/key/value biases) saved by transformers (safetensors) with a
-    250-token tokenizer.json beside it."""
+def make_hf_model(directory: Path, tied: bool, head_dim=None, qwen2: bool = False, shards: bool = False) -> Path:
+    """A 4-layer Llama (or Qwen2: Llama with query/key/value biases) saved by transformers (safetensors; with
+    `shards` in several files and model.safetensors.index.json, as large models are) with a 250-token
+    tokenizer.json beside it."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -54,7 +55,7 @@ def make_hf_model(directory: Path, tied: bool, head_dim=None, qwen2: bool = Fals
                 param.copy_(1.0 + 0.5 * torch.randn(param.shape))
             if name.endswith("bias"):  # fresh biases are zeros, which would hide a misplaced one
                 param.copy_(0.5 * torch.randn(param.shape))
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size="100KB" if shards else "1GB")
     vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<|endoftext|>": EOD}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -89,17 +90,18 @@ def pool_runner(dist_pool):
 
 @pytest.fixture(scope="module", params=["untied", "tied", "qwen2"])
 def imported(request, dist_pool, tmp_path_factory):
-    """(HF directory, save directory, training flags, tied) of a model imported at TP 2 x PP 2: untied; tied with
-    a head dimension of 32 (not hidden / heads = 16); Qwen2 (untied, query/key/value biases)."""
+    """(HF directory, save directory, training flags, kind) of a model imported at TP 2 x PP 2: untied (in several
+    files); tied with a head dimension of 32 (not hidden / heads = 16); Qwen2 (untied, query/key/value biases)."""
     from megatron_mile.hf_import.checkpoint import import_checkpoint
 
     tied = request.param == "tied"
     root = tmp_path_factory.mktemp(f"import_{request.param}")
-    hf_dir = make_hf_model(root / "hf", tied, head_dim=32 if tied else None, qwen2=request.param == "qwen2")
+    hf_dir = make_hf_model(root / "hf", tied, head_dim=32 if tied else None, qwen2=request.param == "qwen2",
+                           shards=request.param == "untied")
     lines = []
     result = import_checkpoint(hf_dir, root / "save", TP, PP, runner=pool_runner(dist_pool), log=lines.append)
     assert "256 rows" in "\n".join(lines)
-    return hf_dir, result.save_dir, result.training_flags, tied
+    return hf_dir, result.save_dir, result.training_flags, request.param
 
 
 def worker_logits(flags, save_dir, input_ids):
@@ -115,10 +117,10 @@ def worker_logits(flags, save_dir, input_ids):
 
 
 def test_our_logits_equal_transformers(imported, dist_pool):
-    hf_dir, save_dir, flags, tied = imported
-    assert ("--untie-embeddings-and-output-weights" in flags) != tied
-    assert ("--kv-channels" in flags) == tied  # head_dim 32 with hidden 64 over 4 heads
-    assert ("--add-qkv-bias" in flags) == ("qwen2" in str(hf_dir))
+    hf_dir, save_dir, flags, kind = imported
+    assert ("--untie-embeddings-and-output-weights" in flags) == (kind != "tied")
+    assert ("--kv-channels" in flags) == (kind == "tied")  # head_dim 32 with hidden 64 over 4 heads
+    assert ("--add-qkv-bias" in flags) == (kind == "qwen2")
     for expected in (["--group-query-attention", "--num-query-groups", "2"], ["--rotary-base", "1000"],
                      ["--norm-epsilon", "1e-06"], ["--tokenizer-model", str(save_dir / "tokenizer.json")]):
         assert " ".join(expected) in " ".join(flags), expected
@@ -141,11 +143,14 @@ def worker_export(save_dir, output):
 def test_export_of_the_import_gives_back_every_tensor(imported, dist_pool, tmp_path):
     from safetensors.torch import load_file
 
-    hf_dir, save_dir, _, tied = imported
+    hf_dir, save_dir, _, kind = imported
     output = tmp_path / "exported"
     dist_pool(1).run(worker_export, str(save_dir), str(output))
-    original, exported = load_file(hf_dir / "model.safetensors"), load_file(output / "model.safetensors")
-    if tied:  # the export writes the shared matrix as lm_head too
+    original = {name: tensor for path in sorted(hf_dir.glob("*.safetensors")) for name, tensor in load_file(path).items()}
+    exported = load_file(output / "model.safetensors")
+    if kind == "untied":  # read through model.safetensors.index.json
+        assert (hf_dir / "model.safetensors.index.json").is_file() and len(list(hf_dir.glob("*.safetensors"))) > 2
+    if kind == "tied":  # the export writes the shared matrix as lm_head too
         assert "lm_head.weight" not in original
         original["lm_head.weight"] = original["model.embed_tokens.weight"]
     assert sorted(exported) == sorted(original)
@@ -181,10 +186,10 @@ def test_training_continues_from_the_import_with_mile(imported, dist_pool, tmp_p
     """The printed flags (--pretrained-checkpoint, a new --load/--save) and, untied, --load <import> --finetune."""
     from megatron_mile.loss.reference import reference_global_loss, reference_token_losses
 
-    hf_dir, save_dir, flags, tied = imported
+    hf_dir, save_dir, flags, kind = imported
     run = str(tmp_path / "run")
     starts = {"printed": run_flags(flags, "--load", run, "--save", run)}
-    if not tied and "--add-qkv-bias" not in flags:
+    if kind == "untied":
         without = flags[:flags.index("--pretrained-checkpoint")] + flags[flags.index("--pretrained-checkpoint") + 2:]
         starts["finetune"] = run_flags(without, "--load", str(save_dir), "--finetune")
     for how, run_args in starts.items():
@@ -265,7 +270,8 @@ REFUSALS = {
     "missing_config": (lambda d: (d / "config.json").unlink(), ["config.json is missing"]),
     "pickle_only": (_pickle_only, ["pytorch_model.bin", "pickle", "safetensors"]),
     "no_tokenizer": (lambda d: (d / "tokenizer.json").unlink(), ["no tokenizer.json"]),
-    "shape": (lambda d: _edit_config(d, intermediate_size=128), ["mlp.gate_proj.weight has shape (96, 64)", "(128, 64)"]),
+    "shape": (lambda d: _edit_config(d, intermediate_size=128),
+              ["mlp.gate_proj.weight has shape (96, 64)", "(128, 64)"]),
     "tp_divides_heads": (_one_kv_head, ["--tensor-model-parallel-size 2 does not divide --num-query-groups 1"]),
 }
 

@@ -16,8 +16,8 @@ from typing import List, Optional
 def import_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="import_hf.py",
-        description="Convert a Hugging Face LlamaForCausalLM (or Llama-architecture Mistral) directory with "
-                    "safetensors weights into a megatron_mile checkpoint at the given TP/PP layout (iteration 0, "
+        description="Convert a Hugging Face LlamaForCausalLM (or Llama-architecture Mistral or Qwen2) directory "
+                    "with safetensors weights into a megatron_mile checkpoint at the given TP/PP layout (iteration 0, "
                     "weights only), and print the training command that starts from it. Runs TP x PP local "
                     "processes.")
     parser.add_argument("--hf", required=True, help="The Hugging Face model directory (config.json, safetensors "

@@ -53,7 +53,8 @@ def _weight_files(hf_dir: Path) -> Dict[str, str]:
             raise HFImportError(f"{index}: weight_map is not an object")
         for name, file_name in weight_map.items():
             # Files are named relative to the directory; anything else could read outside it.
-            if not isinstance(file_name, str) or Path(file_name).name != file_name or not file_name.endswith(".safetensors"):
+            plain = isinstance(file_name, str) and Path(file_name).name == file_name
+            if not plain or not file_name.endswith(".safetensors"):
                 raise HFImportError(f"{index}: {name} is mapped to {file_name!r}, not a .safetensors file in {hf_dir}")
             if not (hf_dir / file_name).is_file():
                 raise HFImportError(f"{index} names {file_name}, which is missing from {hf_dir}")
