@@ -121,7 +121,7 @@ def plan_import(hf_dir, save_dir, tensor_model_parallel_size: int = 1, pipeline_
     """
     hf_dir, save_dir = Path(hf_dir).resolve(), Path(save_dir).resolve()
     hf = read_hf_config(hf_dir)
-    source = SafetensorsSource(hf_dir)
+    source = SafetensorsSource(hf_dir)  # finds the weight files (refuses pickles) before anything else is read
     tokenizer = find_tokenizer(hf_dir)
     if tokenizer.vocab_size > hf.vocab_size:
         raise HFImportError(f"the tokenizer has {tokenizer.vocab_size} tokens, config.json's vocab_size is only "
@@ -130,7 +130,8 @@ def plan_import(hf_dir, save_dir, tensor_model_parallel_size: int = 1, pipeline_
     padded = padded_vocab_size(tokenizer.vocab_size, tp, make_vocab_size_divisible_by)
     shape = _shape(hf, tokenizer.vocab_size, padded)
     # The files hold config.json's vocab_size rows; the rows past the tokenizer's are left out.
-    check_weights(source, dataclasses.replace(shape, vocab_size=hf.vocab_size))
+    with source:
+        check_weights(source, dataclasses.replace(shape, vocab_size=hf.vocab_size))
     _check_save_dir(save_dir)
 
     parallel = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
