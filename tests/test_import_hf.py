@@ -303,3 +303,32 @@ def test_a_non_empty_save_directory_is_refused(hf_source, tmp_path, capsys):
     assert import_main(["--hf", str(hf_source), "--save", str(save)]) == 1
     assert "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in save.iterdir()) == ["keep.txt"]
+
+
+def test_the_command_line_prints_a_training_command_that_matches_the_checkpoint(hf_source, dist_pool, tmp_path,
+                                                                               capsys):
+    """tools/import_hf.py's main at TP 1: the printed command parses, and its model flags are the saved run's."""
+    import shlex
+
+    from megatron_mile import checkpointing
+    from megatron_mile.arguments import config_to_dict, parse_args
+
+    save = tmp_path / "save"
+    capsys.readouterr()
+    assert import_main(["--hf", str(hf_source), "--save", str(save)], runner=pool_runner(dist_pool)) == 0
+    printed = capsys.readouterr().out
+    command = shlex.split(printed[printed.index("torchrun"):].replace("\\\n", " ").split("<")[0])
+    assert command[:4] == ["torchrun", "--nproc_per_node", "1", "pretrain_gpt_mile.py"]
+    assert command[-4:] == ["--load", "RUN_DIR", "--save", "RUN_DIR"]
+    config = parse_args(command[4:-4] + ["--mock-data", "--train-iters", "1"])
+    assert config.training.pretrained_checkpoint == str(save)
+    assert config.data.tokenizer_model == str(save / "tokenizer.json")
+
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000000", "latest_checkpointed_iteration.txt",
+                                                       "tokenizer.json", "tokenizer_config.json"]
+    metadata = checkpointing.read_checkpoint_metadata(save)
+    assert metadata["iteration"] == 0 and metadata["vocab"] == {"real": VOCAB, "padded": 256}
+    assert not metadata["has_optimizer"] and not metadata["has_rng"]
+    saved_model, printed_model = metadata["config"]["model"], config_to_dict(config)["model"]
+    for name in checkpointing.ARCHITECTURE_FIELDS + ("kv_channels", "add_qkv_bias", "max_position_embeddings"):
+        assert saved_model[name] == printed_model[name], name
