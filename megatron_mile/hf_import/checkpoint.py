@@ -1,7 +1,7 @@
 """A Hugging Face Llama directory -> a checkpoint of this project at a chosen TP x PP layout, whole or not at all.
 
 How: every check that needs no weights runs first (config.json, the weight files' headers, the tokenizer,
-the flags of the model it implies, the output directory). Then T * P processes (a gloo group, spawned by
+the flags of the model it implies, the output directory). Then T * P CPU processes (a gloo group, spawned by
 megatron_mile.testing.distributed) each build their stage and tensor-parallel shard of the model with the
 project's own model code, fill it with the slices of the Hugging Face tensors they own
 (megatron_mile.llama_layout says which; safetensors reads only those bytes), and write it with the project's
@@ -21,6 +21,7 @@ are memory-mapped, never loaded whole.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -149,9 +150,19 @@ def plan_import(hf_dir, save_dir, tensor_model_parallel_size: int = 1, pipeline_
 
 
 def _default_runner(fn: Callable, world_size: int, *args, **kwargs):
+    """fn on `world_size` spawned CPU processes (gloo). Why CPU even on a GPU machine: the import only copies
+    tensors and writes files, and T x P processes would otherwise all build their shard on the same GPU."""
     from megatron_mile.testing.distributed import run_distributed  # noqa: PLC0415 - spawns processes
 
-    return run_distributed(fn, world_size, *args, timeout_s=IMPORT_TIMEOUT_S, **kwargs)
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the processes spawned now
+    try:
+        return run_distributed(fn, world_size, *args, timeout_s=IMPORT_TIMEOUT_S, **kwargs)
+    finally:
+        if hidden is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
 
 
 def import_checkpoint(hf_dir, save_dir, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
