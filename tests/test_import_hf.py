@@ -332,3 +332,24 @@ def test_the_command_line_prints_a_training_command_that_matches_the_checkpoint(
     saved_model, printed_model = metadata["config"]["model"], config_to_dict(config)["model"]
     for name in checkpointing.ARCHITECTURE_FIELDS + ("kv_channels", "add_qkv_bias", "max_position_embeddings"):
         assert saved_model[name] == printed_model[name], name
+
+
+def test_bf16_weights_import_exactly(hf_source, dist_pool, tmp_path):
+    """A model saved in bf16 (as most released ones are) is stored in fp32 without rounding: its export gives
+    back the bf16 values exactly."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_mile.hf_import.checkpoint import import_checkpoint
+
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(hf_source, hf_dir)
+    original = load_file(hf_dir / "model.safetensors")
+    bf16 = {name: tensor.to(torch.bfloat16) for name, tensor in original.items()}
+    save_file(bf16, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    import_checkpoint(hf_dir, tmp_path / "save", runner=pool_runner(dist_pool), log=lambda _: None)
+    dist_pool(1).run(worker_export, str(tmp_path / "save"), str(tmp_path / "exported"))
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert sorted(exported) == sorted(bf16)
+    for name, tensor in bf16.items():
+        assert exported[name].dtype == torch.float32 and torch.equal(exported[name], tensor.float()), name
+    assert not torch.equal(bf16["lm_head.weight"].float(), original["lm_head.weight"])  # bf16 did round

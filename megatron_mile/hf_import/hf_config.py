@@ -59,7 +59,8 @@ class HFLlamaConfig:
 
 
 def _field(config: dict, name: str, kind=int, default=None):
-    value = config.get(name, default)
+    value = config.get(name)
+    value = default if value is None else value  # an absent field and a null one both take the default
     if value is None:
         raise HFImportError(f"config.json: {name} is missing; a Llama config needs it")
     if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
