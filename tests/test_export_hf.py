@@ -27,7 +27,7 @@ from megatron_mile.data.tokenizers import HuggingFaceTokenizer
 from megatron_mile.export.cli import export_main
 from megatron_mile.export.hf_llama import ExportError, to_hf_state_dict
 from megatron_mile.export.hf_tokenizer import prepare_tokenizer, write_tokenizer_files
-from tiny_model import build_tiny_model, model_flags, tiny_config
+from tiny_model import build_tiny_model, layout_logits, model_flags, tiny_config
 
 # Nothing may be downloaded: huggingface_hub reads these when it is imported (by transformers below).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,33 +76,6 @@ def _perturb_norms(chunks):
                 if "layernorm" in name:
                     generator = torch.Generator().manual_seed(1000 * pp_rank + index)
                     param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=generator))
-
-
-def layout_logits(chunks, input_ids):
-    """Full-vocabulary logits [b, s, V_padded] of `input_ids` through megatron's pipeline schedule, on the
-    last pipeline stage (None elsewhere); the TP shards of the vocabulary are gathered."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    captured = []
-    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ).contiguous()
-
-    def forward_step(data_iterator, model):
-        output = model(next(data_iterator), positions, None)  # [b, s, V/tp] on the last stage
-
-        def collect(output_tensor):
-            captured.append(gather_from_tensor_model_parallel_region(output_tensor).detach().clone())
-            return output_tensor.sum() * 0, torch.tensor(1, dtype=torch.int), {}
-
-        return output, collect
-
-    for chunk in chunks:
-        chunk.eval()
-    with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([input_ids]), model=chunks,
-                                    num_microbatches=1, seq_length=SEQ, micro_batch_size=BATCH, forward_only=True)
-    return captured[0] if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
 
 
 def worker_save(directory, group_query_attention=True, tied=False):

@@ -8,6 +8,7 @@ Every test that needs a small model composes it from here, so that "a tiny LLaMA
 - `tiny_config`: a finalised, validated RunConfig from such flags, at the TP/PP layout and world size of the
   calling process when megatron's parallel state is set up (a DistributedPool worker);
 - `build_tiny_model`: the model chunks of this rank, seeded from the config as a training run seeds them;
+- `layout_logits`: a model's full-vocabulary logits at any TP/PP layout, through megatron's schedules;
 - `TINY_LLAMA` and `LOSS_FLAGS`: the 4-layer LLaMA that the training, kernel, bf16 and fused-head tests run,
   and the flags of each loss type.
 
@@ -95,3 +96,33 @@ def build_tiny_model(config: RunConfig, real_vocab_size: int) -> list:
 
     set_random_seeds(config.training.seed)
     return build_model(config, real_vocab_size)
+
+
+def layout_logits(chunks: list, input_ids):
+    """Full-vocabulary logits [b, s, V_padded] of `input_ids` [b, s] through megatron's pipeline schedule, on the
+    last pipeline stage (None elsewhere); the TP shards of the vocabulary are gathered. Collectives: the
+    schedule's pipeline sends/receives and the TP all-gather of the logits."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    captured = []
+    batch, seq = input_ids.shape
+    positions = torch.arange(seq).unsqueeze(0).expand(batch, seq).contiguous()
+
+    def forward_step(data_iterator, model):
+        output = model(next(data_iterator), positions, None)  # [b, s, V/tp] on the last stage
+
+        def collect(output_tensor):
+            captured.append(gather_from_tensor_model_parallel_region(output_tensor).detach().clone())
+            return output_tensor.sum() * 0, torch.tensor(1, dtype=torch.int), {}
+
+        return output, collect
+
+    for chunk in chunks:
+        chunk.eval()
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([input_ids]), model=chunks,
+                                    num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True)
+    return captured[0] if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None

@@ -19,16 +19,11 @@ from megatron_mile.atomic_io import atomic_directory, write_json_atomic
 from megatron_mile.export import checkpoint
 from megatron_mile.export.hf_llama import ExportError, check_llama_architecture, hf_config, to_hf_state_dict
 from megatron_mile.export.hf_tokenizer import prepare_tokenizer, write_tokenizer_files
-
-INSTALL_HINT = "pip install -e .[eval]  (or: pip install safetensors transformers)"
+from megatron_mile.hf_import.safetensors_source import safetensors_function
 
 
 def _safetensors_writer():
-    try:
-        from safetensors.torch import save_file  # noqa: PLC0415
-    except ImportError as error:
-        raise ImportError(f"exporting needs the safetensors package: {INSTALL_HINT}") from error
-    return save_file
+    return safetensors_function("safetensors.torch", "save_file", "exporting")
 
 
 def save_safetensors(state_dict: Dict[str, torch.Tensor], path: Path) -> None:

@@ -1,18 +1,16 @@
-"""Megatron LLaMA weights and settings -> a Hugging Face LlamaForCausalLM state dict and config.json.
+"""Megatron LLaMA weights and settings -> a Hugging Face LlamaForCausalLM state dict and config.json
+(Qwen2ForCausalLM when the query/key/value projections have biases, --add-qkv-bias).
 
-Layout differences handled here (single-process megatron names of megatron_mile.model's local layer spec):
+Where each megatron tensor goes (fused QKV grouped per query group, SwiGLU's fc1 = [gate; up], the
+vocabulary padding, tied embeddings) is megatron_mile.llama_layout's, shared with the import; this module
+applies it to the full (single-process) tensors of a checkpoint and checks that they are all there, with
+the shapes the run's settings imply. Export choices:
 
-- fused QKV: `self_attention.linear_qkv.weight` is [ng * (np/ng + 2) * d, h], grouped per query group g
-  as [the np/ng query heads of g, the key head of g, the value head of g]; Llama keeps q_proj [np * d, h],
-  k_proj and v_proj [ng * d, h] apart.
-- fused SwiGLU: `mlp.linear_fc1.weight` is [2 * ffn, h] = [gate; up]; Llama has gate_proj and up_proj.
-- norms: the local spec has separate `input_layernorm` / `pre_mlp_layernorm` modules; Transformer Engine
-  specs fold them into `linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight`. Both are read.
-- RoPE: megatron's default (non-interleaved, rotate_half over the two halves of each head) is Llama's.
-- vocabulary: megatron pads the embedding and output rows to a multiple of the TP size; the export keeps
-  the real tokens only (vocab_size = the tokenizer's size). Why: the padded rows are never trained and
-  take no part in the training loss, but a Llama softmax would spread probability over them, so every
-  log-likelihood an evaluation computes would differ from the trained model's.
+- norms: Transformer Engine specs fold them into `linear_qkv.layer_norm_weight` /
+  `linear_fc1.layer_norm_weight`; both spellings are read.
+- vocabulary: only the real tokens are written (vocab_size = the tokenizer's size). Why: the padded rows
+  are never trained and take no part in the training loss, but a Llama softmax would spread probability
+  over them, so every log-likelihood an evaluation computes would differ from the trained model's.
 - tied embeddings: written as a separate lm_head copy (tie_word_embeddings stays false).
 
 Pure mapping, no files: megatron_mile.export.hf_directory writes the directory; transformers is not imported.
@@ -25,6 +23,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 
 from megatron_mile.config import ModelConfig
+from megatron_mile.llama_layout import TRANSFORMER_ENGINE_ALIASES, LlamaShape, shard_recipe, split_layer_name
 
 
 class ExportError(ValueError):
@@ -68,20 +67,40 @@ def rope_parameters(model: ModelConfig) -> dict:
     return {"rope_type": "default", "rope_theta": theta}
 
 
+def head_dim(model: ModelConfig) -> int:
+    """Channels per attention head: --kv-channels, else hidden size / heads (megatron's default)."""
+    return model.kv_channels or model.hidden_size // model.num_attention_heads
+
+
+def llama_shape(model: ModelConfig, real_vocab_size: int, padded_vocab_size: int, tied: bool) -> LlamaShape:
+    """The run's sizes as the shared megatron <-> Llama layout takes them."""
+    return LlamaShape(num_layers=model.num_layers, hidden_size=model.hidden_size,
+                      num_attention_heads=model.num_attention_heads, num_query_groups=_query_groups(model),
+                      head_dim=head_dim(model), ffn_hidden_size=model.ffn_hidden_size, vocab_size=real_vocab_size,
+                      padded_vocab_size=padded_vocab_size, tied_embeddings=tied, qkv_bias=model.add_qkv_bias)
+
+
 def hf_config(model: ModelConfig, vocab_size: int, dtype: torch.dtype, eos_token_id: Optional[int]) -> dict:
-    """config.json of the LlamaForCausalLM (keys read by transformers 4.x and 5.x alike)."""
+    """config.json of the LlamaForCausalLM (keys read by transformers 4.x and 5.x alike); with --add-qkv-bias
+    of the Qwen2ForCausalLM, Llama's architecture with biases on the query, key and value projections only."""
     rope_theta = float(model.rotary_base)
     rope = rope_parameters(model)
+    if model.add_qkv_bias:
+        # Qwen2 attends fully in every layer when use_sliding_window is false.
+        architecture = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
+                        "sliding_window": None, "max_window_layers": model.num_layers}
+    else:
+        architecture = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+                        "mlp_bias": False}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        **architecture,
         "vocab_size": vocab_size,
         "hidden_size": model.hidden_size,
         "intermediate_size": model.ffn_hidden_size,
         "num_hidden_layers": model.num_layers,
         "num_attention_heads": model.num_attention_heads,
         "num_key_value_heads": _query_groups(model),
-        "head_dim": model.hidden_size // model.num_attention_heads,
+        "head_dim": head_dim(model),
         "hidden_act": "silu",
         "max_position_embeddings": model.max_position_embeddings,
         "rms_norm_eps": model.norm_epsilon,
@@ -90,8 +109,6 @@ def hf_config(model: ModelConfig, vocab_size: int, dtype: torch.dtype, eos_token
         "rope_parameters": rope,
         "rope_scaling": (None if rope["rope_type"] == "default"
                          else {key: value for key, value in rope.items() if key != "rope_theta"}),
-        "attention_bias": False,
-        "mlp_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": model.init_method_std,
         "tie_word_embeddings": False,
@@ -120,49 +137,33 @@ def to_hf_state_dict(megatron_params: Mapping[str, torch.Tensor], model: ModelCo
     mapping does not know, e.g. qk-layernorm or experts): better no export than a silently wrong one.
     """
     params = dict(megatron_params)
-    h, heads, groups = model.hidden_size, model.num_attention_heads, _query_groups(model)
-    d, ffn = h // heads, model.ffn_hidden_size
-    per_group = heads // groups
-    out: Dict[str, torch.Tensor] = {}
-
-    def put(name: str, tensor: torch.Tensor, shape: tuple) -> None:
-        if tuple(tensor.shape) != shape:
-            raise ExportError(f"{name}: expected shape {shape}, the checkpoint gives {tuple(tensor.shape)}")
-        out[name] = tensor.contiguous().clone()
-
     embedding = _take(params, "embedding.word_embeddings.weight")  # [V_padded, h]
-    put("model.embed_tokens.weight", embedding[:real_vocab_size], (real_vocab_size, h))
     if model.untie_embeddings_and_output_weights:
         output = _take(params, "output_layer.weight")  # [V_padded, h]
     else:
         output = params.pop("output_layer.weight", embedding)
-    put("lm_head.weight", output[:real_vocab_size], (real_vocab_size, h))
-    put("model.norm.weight", _take(params, "decoder.final_layernorm.weight"), (h,))
-
-    for i in range(model.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        put(dst + "input_layernorm.weight",
-            _take(params, src + "input_layernorm.weight", src + "self_attention.linear_qkv.layer_norm_weight"), (h,))
-        qkv = _take(params, src + "self_attention.linear_qkv.weight")  # [ng * (np/ng + 2) * d, h]
-        if tuple(qkv.shape) != (groups * (per_group + 2) * d, h):
-            raise ExportError(f"{src}self_attention.linear_qkv.weight has shape {tuple(qkv.shape)}, expected "
-                              f"{(groups * (per_group + 2) * d, h)} for {heads} heads in {groups} query groups")
-        qkv = qkv.view(groups, per_group + 2, d, h)  # [ng, np/ng + 2, d, h]
-        put(dst + "self_attn.q_proj.weight", qkv[:, :per_group].reshape(heads * d, h), (heads * d, h))
-        put(dst + "self_attn.k_proj.weight", qkv[:, per_group].reshape(groups * d, h), (groups * d, h))
-        put(dst + "self_attn.v_proj.weight", qkv[:, per_group + 1].reshape(groups * d, h), (groups * d, h))
-        put(dst + "self_attn.o_proj.weight", _take(params, src + "self_attention.linear_proj.weight"), (h, heads * d))
-        put(dst + "post_attention_layernorm.weight",
-            _take(params, src + "pre_mlp_layernorm.weight", src + "mlp.linear_fc1.layer_norm_weight"), (h,))
-        fc1 = _take(params, src + "mlp.linear_fc1.weight")  # [2 * ffn, h] = [gate; up]
-        if tuple(fc1.shape) != (2 * ffn, h):
-            raise ExportError(f"{src}mlp.linear_fc1.weight has shape {tuple(fc1.shape)}, expected {(2 * ffn, h)} "
-                              "(SwiGLU: gate and up stacked)")
-        put(dst + "mlp.gate_proj.weight", fc1[:ffn], (ffn, h))
-        put(dst + "mlp.up_proj.weight", fc1[ffn:], (ffn, h))
-        put(dst + "mlp.down_proj.weight", _take(params, src + "mlp.linear_fc2.weight"), (h, ffn))
-
+    # Untied on the Llama side: the output layer (or the shared embedding) is written as lm_head.
+    shape = llama_shape(model, real_vocab_size, embedding.shape[0], tied=False)
+    full = {"embedding.word_embeddings.weight": embedding, "output_layer.weight": output}
+    for name in shape.megatron_names():
+        if name not in full:
+            layer, suffix = split_layer_name(name)
+            alias = TRANSFORMER_ENGINE_ALIASES.get(suffix)
+            full[name] = _take(params, name, *([f"decoder.layers.{layer}.{alias}"] if alias else []))
     if params:
         raise ExportError(f"the checkpoint holds weights a Llama has no place for: {sorted(params)[:8]}"
                           f"{' ...' if len(params) > 8 else ''}")
+
+    out = {name: torch.empty(size, dtype=embedding.dtype) for name, size in shape.hf_shapes().items()}
+    for name, tensor in full.items():
+        recipe = shard_recipe(name, shape)
+        if tuple(tensor.shape) != recipe.shape:
+            raise ExportError(f"{name} has shape {tuple(tensor.shape)}, expected {recipe.shape} for the run's "
+                              f"settings ({shape.num_attention_heads} heads in {shape.num_query_groups} query "
+                              f"groups of {shape.head_dim} channels, ffn {shape.ffn_hidden_size})")
+        offset = 0
+        for piece in recipe.pieces:
+            out[piece.hf_name].narrow(piece.dim, piece.start, piece.length).copy_(
+                tensor.narrow(recipe.concat_dim, offset, piece.length))
+            offset += piece.length
     return out

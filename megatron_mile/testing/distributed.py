@@ -1,7 +1,7 @@
 """Run a function in N local processes with torch.distributed and megatron's parallel state set up.
 
-Used by the tests and the benchmarks: a plain `pytest` exercises tensor, pipeline and data parallelism on
-CPU over gloo, with no torchrun. Starting a process costs seconds (importing torch and megatron), so a
+Used by the tests and the benchmarks (a plain `pytest` exercises tensor, pipeline and data parallelism on
+CPU over gloo, with no torchrun) and by tools/import_hf.py (its T x P processes). Starting a process costs seconds (importing torch and megatron), so a
 `DistributedPool` keeps its workers alive and runs many functions on them; each call re-initialises
 megatron's parallel state with the layout it asks for and tears it down in `finally`.
 
