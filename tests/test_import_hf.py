@@ -35,10 +35,17 @@ BATCH = 2
 TP, PP = 2, 2
 
 
-def make_hf_model(directory: Path, tied: bool, head_dim=None, qwen2: bool = False, shards: bool = False) -> Path:
+# LLaMA 3.1's RoPE scaling with megatron-core's fixed constants, and linear position interpolation.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
+
+
+def make_hf_model(directory: Path, tied: bool, head_dim=None, qwen2: bool = False, shards: bool = False,
+                  rope_scaling=None, rope_theta=1000.0) -> Path:
     """A 4-layer Llama (or Qwen2: Llama with query/key/value biases) saved by transformers (safetensors; with
     `shards` in several files and model.safetensors.index.json, as large models are) with a 250-token
-    tokenizer.json beside it."""
+    tokenizer.json beside it; `rope_scaling` a scaled RoPE (transformers' rope_scaling argument)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -46,8 +53,8 @@ def make_hf_model(directory: Path, tied: bool, head_dim=None, qwen2: bool = Fals
     config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if qwen2 else (LlamaConfig, LlamaForCausalLM)
     config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim or 16,
-                          max_position_embeddings=64, rope_theta=1000.0, rms_norm_eps=1e-6,
-                          tie_word_embeddings=tied, initializer_range=0.2)
+                          max_position_embeddings=64, rope_theta=rope_theta, rms_norm_eps=1e-6,
+                          tie_word_embeddings=tied, initializer_range=0.2, rope_scaling=rope_scaling)
     model = model_class(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -88,16 +95,20 @@ def pool_runner(dist_pool):
     return run
 
 
-@pytest.fixture(scope="module", params=["untied", "tied", "qwen2"])
+@pytest.fixture(scope="module", params=["untied", "tied", "qwen2", "llama3_rope", "linear_rope"])
 def imported(request, dist_pool, tmp_path_factory):
     """(HF directory, save directory, training flags, kind) of a model imported at TP 2 x PP 2: untied (in several
-    files); tied with a head dimension of 32 (not hidden / heads = 16); Qwen2 (untied, query/key/value biases)."""
+    files); tied with a head dimension of 32 (not hidden / heads = 16); Qwen2 (untied, query/key/value biases);
+    untied with LLaMA 3.1's RoPE scaling (rope base 500000, so that its long wavelengths are rescaled) and with
+    linear position interpolation."""
     from megatron_mile.hf_import.checkpoint import import_checkpoint
 
     tied = request.param == "tied"
     root = tmp_path_factory.mktemp(f"import_{request.param}")
+    rope = {"llama3_rope": LLAMA3_ROPE, "linear_rope": LINEAR_ROPE}.get(request.param)
     hf_dir = make_hf_model(root / "hf", tied, head_dim=32 if tied else None, qwen2=request.param == "qwen2",
-                           shards=request.param == "untied")
+                           shards=request.param == "untied", rope_scaling=rope,
+                           rope_theta=500000.0 if request.param == "llama3_rope" else 1000.0)
     lines = []
     result = import_checkpoint(hf_dir, root / "save", TP, PP, runner=pool_runner(dist_pool), log=lines.append)
     assert "256 rows" in "\n".join(lines)
@@ -121,7 +132,10 @@ def test_our_logits_equal_transformers(imported, dist_pool):
     assert ("--untie-embeddings-and-output-weights" in flags) == (kind != "tied")
     assert ("--kv-channels" in flags) == (kind == "tied")  # head_dim 32 with hidden 64 over 4 heads
     assert ("--add-qkv-bias" in flags) == (kind == "qwen2")
-    for expected in (["--group-query-attention", "--num-query-groups", "2"], ["--rotary-base", "1000"],
+    assert ("--use-rope-scaling --rope-scaling-factor 8.0" in " ".join(flags)) == (kind == "llama3_rope")
+    assert ("--rotary-seq-len-interpolation-factor 2.0" in " ".join(flags)) == (kind == "linear_rope")
+    base = "500000" if kind == "llama3_rope" else "1000"
+    for expected in (["--group-query-attention", "--num-query-groups", "2"], ["--rotary-base", base],
                      ["--norm-epsilon", "1e-06"], ["--tokenizer-model", str(save_dir / "tokenizer.json")]):
         assert " ".join(expected) in " ".join(flags), expected
     per_rank = dist_pool(TP * PP).run(worker_logits, run_flags(flags), str(save_dir), tokens(),
@@ -160,7 +174,8 @@ def test_export_of_the_import_gives_back_every_tensor(imported, dist_pool, tmp_p
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings"):
         assert ours[key] == theirs[key], key
-    assert ours["rope_theta"] == theirs["rope_parameters"]["rope_theta"] == 1000
+    assert ours["rope_theta"] == theirs["rope_parameters"]["rope_theta"] == (500000 if kind == "llama3_rope" else 1000)
+    assert ours["rope_parameters"] == theirs["rope_parameters"]  # the scaled RoPE's type and constants too
 
 
 def worker_first_step(flags):
@@ -253,11 +268,14 @@ def _pickle_only(directory: Path) -> None:
 
 
 REFUSALS = {
-    "rope_scaling": (lambda d: _edit_config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 1000.0,
-                                                                 "factor": 8.0}),
-                     ["rope_parameters", "'llama3'", "plain RoPE"]),
-    "rope_scaling_v4": (lambda d: _edit_config(d, rope_scaling={"type": "linear", "factor": 2.0}),
-                        ["rope_scaling", "'linear'"]),
+    "rope_llama3_constants": (lambda d: _edit_config(d, rope_parameters={**LLAMA3_ROPE, "rope_theta": 1000.0,
+                                                                          "high_freq_factor": 2.0}),
+                              ["rope_parameters high_freq_factor is 2.0", "fixed at 4"]),
+    "rope_scaling_v4": (lambda d: _edit_config(d, rope_scaling={"type": "dynamic", "factor": 2.0}),
+                        ["rope_scaling", "'dynamic'", "default, llama3 and linear"]),
+    "rope_disagreement": (lambda d: _edit_config(d, rope_scaling=LINEAR_ROPE,
+                                                 rope_parameters={**LLAMA3_ROPE, "rope_theta": 1000.0}),
+                          ["describe different RoPE scalings"]),
     "attention_bias": (lambda d: _edit_config(d, attention_bias=True), ["attention_bias is true", "biases"]),
     "mlp_bias": (lambda d: _edit_config(d, mlp_bias=True), ["mlp_bias is true"]),
     "hidden_act": (lambda d: _edit_config(d, hidden_act="gelu"), ["hidden_act is 'gelu'", "silu"]),

@@ -1,11 +1,13 @@
 """A Hugging Face model's config.json -> the LLaMA it describes, or one line saying which field is not supported.
 
 Accepted: LlamaForCausalLM (LLaMA 2 / 3) and MistralForCausalLM configs whose architecture is LLaMA's
-(RMSNorm, SwiGLU with SiLU, plain RoPE, no biases, full attention), and Qwen2ForCausalLM (the same with
+(RMSNorm, SwiGLU with SiLU, RoPE, no biases, full attention), and Qwen2ForCausalLM (the same with
 biases on the query, key and value projections: megatron's --add-qkv-bias); grouped-query attention, a head
 dimension other than hidden / heads (megatron's --kv-channels), tied or untied embeddings. Refused, each
-naming the field: rope_scaling / rope_parameters of a scaled type (this project's rotary embedding is plain
-RoPE), an active sliding window, Llama's attention_bias (it also puts a bias on the output projection) or
+naming the field: rope_scaling / rope_parameters of a type megatron-core's rotary embedding does not
+compute (accepted: default; llama3 with megatron-core's fixed low/high frequency factors 1 and 4 and original
+context 8192, as LLaMA 3.1+ has it: --use-rope-scaling --rope-scaling-factor; linear: --rotary-seq-len-
+interpolation-factor; refused: dynamic, yarn, longrope, llama3 with other constants), an active sliding window, Llama's attention_bias (it also puts a bias on the output projection) or
 mlp_bias, a non-SiLU activation, quantized weights, other model types.
 
 Both spellings of the rotary settings are read: rope_theta / rope_scaling (transformers 4) and
@@ -18,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 CONFIG_FILENAME = "config.json"
 
@@ -51,6 +53,10 @@ class HFLlamaConfig:
     attention_dropout: float
     qkv_bias: bool
     """Biases on the query, key and value projections (Qwen2): --add-qkv-bias."""
+    rope_scaling_factor: Optional[float] = None
+    """LLaMA 3.1's frequency scaling (rope_type llama3): --use-rope-scaling --rope-scaling-factor."""
+    rotary_seq_len_interpolation_factor: Optional[float] = None
+    """Linear position interpolation (rope_type linear): --rotary-seq-len-interpolation-factor."""
 
     @property
     def kv_channels(self) -> Optional[int]:
@@ -71,24 +77,52 @@ def _field(config: dict, name: str, kind=int, default=None):
     return value
 
 
-def _rope(config: dict) -> int:
-    """rope_theta as an integer (--rotary-base), after refusing any scaled RoPE."""
-    parameters = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling")
-    for field_name, value in (("rope_scaling", scaling), ("rope_parameters", parameters)):
+# The constants megatron-core's RotaryEmbedding uses for LLaMA 3.1's scaling (only the factor is a setting).
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_scaling(field_name: str, value: dict) -> Tuple[Optional[float], Optional[float]]:
+    """(llama3 factor, linear factor) of one rope_scaling / rope_parameters object; HFImportError for a type
+    or a constant megatron-core's rotary embedding does not compute."""
+    kind = value.get("rope_type", value.get("type", "default"))
+    if kind in (None, "default"):
+        return None, None
+    factor = value.get("factor")
+    if kind not in ("llama3", "linear"):
+        raise HFImportError(
+            f"config.json: {field_name} has rope_type {kind!r}: megatron-core's rotary embedding computes default, "
+            "llama3 and linear RoPE only; the model's positions would be encoded differently")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise HFImportError(f"config.json: {field_name} factor is {factor!r}; expected a positive number")
+    if kind == "linear":
+        return None, float(factor)
+    for key, expected in MEGATRON_LLAMA3_ROPE.items():
+        if float(value.get(key, float("nan"))) != expected:
+            raise HFImportError(
+                f"config.json: {field_name} {key} is {value.get(key)!r}: megatron-core's llama3 RoPE scaling is "
+                f"fixed at {expected:g}; the model's positions would be encoded differently")
+    return float(factor), None
+
+
+def _rope(config: dict) -> Tuple[int, Optional[float], Optional[float]]:
+    """(rope_theta as an integer for --rotary-base, llama3 scaling factor, linear interpolation factor)."""
+    parameters = config.get("rope_parameters")
+    found = set()
+    for field_name, value in (("rope_scaling", config.get("rope_scaling")), ("rope_parameters", parameters)):
         if value is None:
             continue
         if not isinstance(value, dict):
             raise HFImportError(f"config.json: {field_name} is {value!r}; expected an object or null")
-        kind = value.get("rope_type", value.get("type", "default"))
-        if kind not in (None, "default"):
-            raise HFImportError(
-                f"config.json: {field_name} has rope_type {kind!r}: this project implements plain RoPE only "
-                "(--rotary-base), not scaled variants; the model's positions would be encoded differently")
+        found.add(_rope_scaling(field_name, value))
+    # transformers 5 may write both spellings; they must agree (a disagreement is a hand-edited config).
+    if len(found) > 1:
+        raise HFImportError("config.json: rope_scaling and rope_parameters describe different RoPE scalings")
+    llama3, linear = found.pop() if found else (None, None)
+    parameters = parameters or {}
     theta = config.get("rope_theta", parameters.get("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0 or float(theta) != int(theta):
         raise HFImportError(f"config.json: rope_theta is {theta!r}; --rotary-base takes a positive integer")
-    return int(theta)
+    return int(theta), llama3, linear
 
 
 def _sliding_window_active(config: dict, max_positions: int) -> bool:
@@ -138,6 +172,7 @@ def parse_hf_config(config: dict) -> HFLlamaConfig:
             f"config.json: sliding_window is {config.get('sliding_window')} (< max_position_embeddings "
             f"{max_positions}, or layer_types with sliding_attention): this project's attention is full causal "
             "attention, which would see further back")
+    rotary_base, rope_scaling_factor, interpolation_factor = _rope(config)
     return HFLlamaConfig(
         num_layers=_field(config, "num_hidden_layers"),
         hidden_size=hidden,
@@ -148,11 +183,13 @@ def parse_hf_config(config: dict) -> HFLlamaConfig:
         vocab_size=_field(config, "vocab_size"),
         max_position_embeddings=max_positions,
         norm_epsilon=float(_field(config, "rms_norm_eps", float)),
-        rotary_base=_rope(config),
+        rotary_base=rotary_base,
         # LlamaConfig's, MistralConfig's and Qwen2Config's default: untied.
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_dropout=float(_field(config, "attention_dropout", float, default=0.0)),
         qkv_bias=model_type in QKV_BIAS_MODEL_TYPES,
+        rope_scaling_factor=rope_scaling_factor,
+        rotary_seq_len_interpolation_factor=interpolation_factor,
     )
 
 
@@ -192,6 +229,10 @@ def model_flags(model: HFLlamaConfig, make_vocab_size_divisible_by: int) -> List
         "--max-position-embeddings", str(model.max_position_embeddings),
         "--seq-length", str(model.max_position_embeddings),
         "--position-embedding-type", "rope", "--rotary-base", str(model.rotary_base),
+        *(["--use-rope-scaling", "--rope-scaling-factor", repr(model.rope_scaling_factor)]
+          if model.rope_scaling_factor is not None else []),
+        *(["--rotary-seq-len-interpolation-factor", repr(model.rotary_seq_len_interpolation_factor)]
+          if model.rotary_seq_len_interpolation_factor is not None else []),
         "--normalization", "RMSNorm", "--norm-epsilon", repr(model.norm_epsilon),
         "--swiglu", "--disable-bias-linear", *(["--add-qkv-bias"] if model.qkv_bias else []),
         "--hidden-dropout", "0.0", "--attention-dropout", repr(model.attention_dropout),
