@@ -68,8 +68,6 @@ REFUSED: Dict[str, RefusedFlag] = {
     "--step-batch-size-schedule": RefusedFlag(
         "batch-size schedules are not supported (the number of micro-batches per step is fixed)",
         "train with a constant --global-batch-size", "+"),
-    "--fp16": RefusedFlag(
-        "fp16 training with loss scaling is not supported", "use --bf16 (no loss scaling needed)"),
     "--num-experts": RefusedFlag("mixture-of-experts models are not supported", "train a dense model", 1),
     "--moe-router-topk": RefusedFlag("mixture-of-experts models are not supported", "train a dense model", 1),
     "--expert-model-parallel-size": RefusedFlag(

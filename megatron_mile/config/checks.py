@@ -16,6 +16,7 @@ from megatron_mile.loss.spec import WEIGHTINGS
 
 if TYPE_CHECKING:  # annotations only: run_config imports this module
     from megatron_mile.config.run_config import RunConfig
+    from megatron_mile.config.sections import OptimizerConfig
     from megatron_mile.config.training import TrainingConfig
 
 
@@ -33,11 +34,13 @@ _AT_LEAST_ONE = (
     "global_batch_size", "train_iters", "train_samples", "lr_decay_iters", "lr_decay_samples", "exit_interval",
     "log_interval", "eval_interval", "max_skipped_iterations", "distributed_timeout_minutes", "recompute_num_layers",
     "ddp_bucket_size", "context_parallel_size", "tensorboard_log_interval", "tensorboard_queue_size",
+    "hysteresis",
 )
 _AT_LEAST_ZERO = ("exit_duration_in_mins", "manual_gc_interval", "lr", "min_lr", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init", "weight_decay",
                   "start_weight_decay", "end_weight_decay", "decoupled_lr", "decoupled_min_lr", "sgd_momentum",
                   "clip_grad", "eval_iters", "num_workers", "seed", "label_smoothing", "z_loss_coeff")
-_POSITIVE = ("norm_epsilon", "init_method_std", "adam_eps")
+_POSITIVE = ("norm_epsilon", "init_method_std", "adam_eps", "loss_scale", "initial_loss_scale", "min_loss_scale",
+             "loss_scale_window")
 
 
 def _range_problems(config: "RunConfig") -> List[str]:
@@ -118,6 +121,33 @@ def checkpoint_flag_problems(t: "TrainingConfig") -> List[str]:
 WANDB_FLAGS = ("wandb_project", "wandb_exp_name", "wandb_entity", "wandb_save_dir")
 # Flags that only choose what goes to TensorBoard: without --tensorboard-dir they would do nothing.
 _TENSORBOARD_ONLY = ("log_timers_to_tensorboard", "log_validation_ppl_to_tensorboard", "log_memory_to_tensorboard")
+
+
+# The dynamic loss scaler's flags, with their defaults: only --fp16 without --loss-scale reads them.
+_DYNAMIC_LOSS_SCALE_DEFAULTS = {"initial_loss_scale": 2.0 ** 32, "min_loss_scale": 1.0, "loss_scale_window": 1000,
+                                "hysteresis": 2}
+
+
+def loss_scaling_problems(o: "OptimizerConfig") -> List[str]:
+    """--fp16 and --bf16 exclude each other; a loss-scaling flag that nothing would read is refused.
+
+    As megatron-core's get_megatron_optimizer: --loss-scale (a ConstantGradScaler) scales the loss under
+    --fp16 or --bf16 (fp32 training has no loss scale); the dynamic scaler's flags only act with --fp16
+    and no --loss-scale."""
+    problems = []
+    if o.fp16 and o.bf16:
+        problems.append("give one of --fp16 and --bf16, not both")
+    if o.loss_scale is not None and not o.half_precision:
+        problems.append("--loss-scale needs --fp16 (or --bf16): fp32 training does not scale the loss")
+    dynamic = o.fp16 and o.loss_scale is None
+    changed = [name for name, default in _DYNAMIC_LOSS_SCALE_DEFAULTS.items() if getattr(o, name) != default]
+    if changed and not dynamic:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        problems.append(f"{flags}: dynamic loss scaling only (--fp16 without --loss-scale); drop "
+                        f"{'them' if len(changed) > 1 else 'it'} or train with --fp16")
+    if dynamic and o.min_loss_scale > o.initial_loss_scale:
+        problems.append(f"--min-loss-scale {o.min_loss_scale} exceeds --initial-loss-scale {o.initial_loss_scale}")
+    return problems
 
 
 def wandb_available() -> bool:
@@ -256,6 +286,7 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
     problems.extend(_selection_problems(config))
 
     need(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+    problems += loss_scaling_problems(o)
     need(not o.grad_reduce_in_bf16 or o.bf16, "--grad-reduce-in-bf16 needs --bf16 (fp32 parameters have fp32 "
          "gradients)")
     need(not (o.grad_reduce_in_bf16 and o.accumulate_allreduce_grads_in_fp32),

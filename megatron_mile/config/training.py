@@ -88,7 +88,7 @@ class TrainingConfig:
     (Megatron-LM's count: 3 x the matrix multiplications, recomputation not counted) over the interval's
     time per iteration and the world size."""
     log_params_norm: bool = False
-    """Add the L2 norm of all parameters (over every rank; fp32 main weights under --bf16) to the log line and
+    """Add the L2 norm of all parameters (over every rank; fp32 main weights under --bf16 / --fp16) to the log line and
     TensorBoard (`train/params norm`), after the logged iteration's update."""
     log_num_zeros_in_grad: bool = False
     """Add the number of gradient entries equal to zero (over all ranks; a tensor-parallel shard counts,

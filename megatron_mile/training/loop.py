@@ -153,7 +153,12 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             control.after_step(iteration)
             finish_pending_save(blocking=False)  # an --async-save checkpoint whose writers are all done
             learning_rate = optimizer.param_groups[0]["lr"]
-            if step.skipped:
+            if step.skipped and step.overflowed:
+                # fp16 loss scaling found inf/NaN in the scaled gradients: the scaler lowers the scale and
+                # training goes on. Counted as skipped, as Megatron-LM does; neither a nan iteration nor one
+                # towards --max-skipped-iterations (the dynamic scale starts high and comes down this way).
+                skipped_total += 1
+            elif step.skipped:
                 skipped_total += 1
                 consecutive_skips += 1
                 nan_total += 1
@@ -200,8 +205,9 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             # Every update was discarded: the model is the one the run started from, so the run produced
             # nothing, and must not end as a success (nor save a checkpoint that looks trained).
             raise TrainingStopped(
-                f"all {iteration - start_iteration} iterations were skipped (non-finite loss or gradient); "
-                "the model is unchanged. Lower --lr or --init-method-std, or check the data"
+                f"all {iteration - start_iteration} iterations were skipped (non-finite loss or gradient, or an "
+                "fp16 overflow); the model is unchanged. Lower --lr or --init-method-std, check the data, or "
+                "with --fp16 lower --initial-loss-scale (or --loss-scale)"
             )
         # As Megatron-LM does, the run ends with a validation of the final model unless it just had one.
         if (setup.valid_iterators is not None and not exited_early and iteration > start_iteration

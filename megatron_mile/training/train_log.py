@@ -58,7 +58,7 @@ class TrainingLog:
                  progress: reporting.ProgressLine, start_iteration: int, run_start: float) -> None:
         t = config.training
         self.config, self.training = config, t
-        self.model, self.timers = setup.model, setup.timers
+        self.model, self.timers, self.optimizer = setup.model, setup.timers, setup.optimizer
         self.tensorboard, self.progress = tensorboard, progress
         self.start_iteration, self.run_start = start_iteration, run_start
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -87,12 +87,16 @@ class TrainingLog:
         tensorboard_now = writes_scalars and iteration % t.tensorboard_log_interval == 0
         params_norm = None
         if t.log_params_norm and (log_now or tensorboard_now):
-            params_norm = diagnostics.params_l2_norm(self.model, self.config.optimizer.bf16)
+            params_norm = diagnostics.params_l2_norm(self.model, self.config.optimizer.half_precision)
         if tensorboard_now:
             self.tensorboard.scalars(iteration, self._iteration_scalars(step, learning_rate, params_norm))
         if log_now:
             self._log_interval(iteration, consumed_samples, step, learning_rate, skipped_total, nan_total,
                                params_norm)
+
+    def loss_scale(self) -> float:
+        """The optimizer's current loss scale (megatron's grad scaler under --fp16; 1.0 otherwise)."""
+        return float(self.optimizer.get_loss_scale())
 
     def _iteration_scalars(self, step, learning_rate: float, params_norm: Optional[float]) -> Dict[str, float]:
         """The scalars of one iteration (--tensorboard-log-interval)."""
@@ -102,6 +106,8 @@ class TrainingLog:
                   "train/params norm": params_norm, "train/num zeros": step.num_zeros_in_grad}
         if stats.z_loss:
             values["train/z loss"] = stats.z_loss
+        if self.config.optimizer.fp16:
+            values["train/loss scale"] = self.loss_scale()  # Megatron-LM's loss-scale scalar
         if self.training.log_memory_to_tensorboard:
             values.update(diagnostics.memory_scalars())
         return values
@@ -130,6 +136,7 @@ class TrainingLog:
                     skipped_total, nan_total, self.config.loss.loss_type, rate, eta,
                     throughput=throughput if t.log_throughput else None,
                     num_zeros_in_grad=step.num_zeros_in_grad, params_norm=params_norm,
+                    loss_scale=self.loss_scale(),
                 ),
                 flush=True,
             )
