@@ -191,3 +191,25 @@ def test_the_scale_doubles_after_loss_scale_window_clean_steps(dist_pool):
     records, _ = dist_pool(1).run(step_scales, argv, 4)[0]
     assert [r["scale"] for r in records] == [128.0, 256.0, 256.0, 512.0]
     assert [r["scheduler_steps"] for r in records] == [8, 16, 24, 32]  # applied: the schedule counts samples
+
+
+def test_a_resumed_fp16_run_continues_the_loss_scale(dist_pool, tmp_path):
+    # The dynamic scaler's state (scale, growth and hysteresis trackers) is in the checkpoint: with a window
+    # of 2 and overflows early on, a scaler restarted from its flags would scale differently after the resume.
+    argv = ARGV + ["--fp16", "--initial-loss-scale", str(2.0 ** 15), "--hysteresis", "1", "--loss-scale-window", "2",
+                   "--train-iters", "8", "--log-interval", "1"]
+
+    def scales(stdout):
+        return [float(s) for s in re.findall(r"\| loss scale: ([0-9.]+) \|", stdout)]
+
+    def losses(stdout):
+        return re.findall(r"\| lm loss: ([^ ]+) \|", stdout)
+
+    _, whole = dist_pool(1).run(train_capturing_stdout, argv + ["--save", str(tmp_path / "whole")])[0]
+    save = str(tmp_path / "parts")
+    _, first = dist_pool(1).run(train_capturing_stdout, argv + ["--save", save, "--exit-interval", "3"])[0]
+    _, second = dist_pool(1).run(train_capturing_stdout, argv + ["--save", save, "--load", save])[0]
+    moves = list(zip(scales(whole), scales(whole)[1:]))
+    assert len(scales(whole)) == 8 and any(b > a for a, b in moves) and any(b < a for a, b in moves)  # grew and fell
+    assert scales(first) + scales(second) == scales(whole)
+    assert losses(first) + losses(second) == losses(whole)

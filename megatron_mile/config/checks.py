@@ -103,6 +103,32 @@ def schedule_problems(config: "RunConfig") -> List[str]:
     return problems
 
 
+def rampup_problems(t: "TrainingConfig", data_parallel_size: int = 0) -> List[str]:
+    """--rampup-batch-size START INCREMENT SAMPLES as megatron-core's ramp calculator needs it: with
+    --train-samples (as Megatron-LM), START below --global-batch-size, the difference a multiple of INCREMENT,
+    and (when the DP size is known) every batch of the ramp a whole number of micro-batches on each rank."""
+    if not t.rampup_batch_size:
+        return []
+    start, increment, samples = t.rampup_batch_size
+    problems = []
+    if t.train_samples is None:
+        problems.append("--rampup-batch-size needs --train-samples (as in Megatron-LM, only a run counted in "
+                        "samples ramps its batch size)")
+    if start < 1 or increment < 1 or samples < 0:
+        return problems + [f"--rampup-batch-size {start} {increment} {samples}: the start batch and the "
+                           "increment must be >= 1 and the ramp samples >= 0"]
+    gbs = t.global_batch_size
+    if gbs is not None and (start >= gbs or (gbs - start) % increment):
+        problems.append(f"--rampup-batch-size {start} {increment} {samples}: the start batch must be smaller than "
+                        f"--global-batch-size {gbs} and their difference a multiple of the increment")
+    step = t.micro_batch_size * data_parallel_size
+    if step >= 1 and (start % step or increment % step):
+        problems.append(f"--rampup-batch-size {start} {increment} {samples}: the start batch and the increment "
+                        f"must be multiples of --micro-batch-size * DP = {step} (every batch of the ramp is whole "
+                        "micro-batches on each rank)")
+    return problems
+
+
 def checkpoint_flag_problems(t: "TrainingConfig") -> List[str]:
     """The checkpoint loading/saving flags' conflicts, each with its fix."""
     problems = []
@@ -265,6 +291,7 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
             f"= {pp} * {v}",
         )
     dp = config.data_parallel_size(world_size) if sizes_valid else 0
+    problems += rampup_problems(t, dp)
     if dp >= 1 and t.micro_batch_size >= 1:
         need(
             t.global_batch_size % (t.micro_batch_size * dp) == 0,

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from megatron_mile import kernels
-from megatron_mile.config.checks import ConfigError, config_problems
+from megatron_mile.config.checks import ConfigError, config_problems, rampup_problems
 from megatron_mile.config.layers import KernelConfig, RecomputeConfig
 from megatron_mile.config.sections import DataConfig, LossConfig, ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_mile.config.training import TrainingConfig
+from megatron_mile.training.batch_size import train_iters_for_samples
 
 
 @dataclass
@@ -62,7 +63,10 @@ class RunConfig:
         if d.tokenizer_type is None and d.vocab_file and d.merge_file:
             d.tokenizer_type = "GPT2BPETokenizer"  # as Megatron-LM's GPT-3 script: a BPE vocabulary and merges
         if t.train_samples is not None and t.train_iters is None:
-            t.train_iters = t.train_samples // t.global_batch_size  # as Megatron-LM (no batch ramp-up)
+            # As Megatron-LM: whole global batches, the ramp's smaller ones first with --rampup-batch-size.
+            # A ramp that validate will refuse is not counted (megatron's calculator asserts on it).
+            ramp = t.rampup_batch_size if not rampup_problems(t) else None
+            t.train_iters = train_iters_for_samples(t.train_samples, t.global_batch_size, ramp)
         o = self.optimizer
         if o.lr_decay_iters is None and t.train_samples is None:
             o.lr_decay_iters = t.train_iters

@@ -4,7 +4,7 @@ loading, run control (exit signals and budgets) and logging; one field per Megat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from megatron_mile.config.fields import flag
 
@@ -21,6 +21,10 @@ class TrainingConfig:
     global_batch_size: Optional[int] = None
     """Samples per optimizer step over all ranks; gradient accumulation = global / (micro * DP).
     Default: micro-batch size * DP."""
+    rampup_batch_size: Optional[List[int]] = flag(None, nargs=3, metavar=("START", "INCREMENT", "SAMPLES"))
+    """Batch-size ramp-up (needs --train-samples): the global batch starts at START and grows by INCREMENT
+    in equal shares of the first SAMPLES samples until it reaches --global-batch-size (megatron-core's
+    num-microbatches calculator; e.g. `16 16 5859375` with --global-batch-size 1536)."""
     train_iters: Optional[int] = None
     """Optimizer steps to train for (or give --train-samples)."""
     train_samples: Optional[int] = None

@@ -36,6 +36,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config, unw
 from megatron_mile import device
 from megatron_mile.loss import MicroBatchLoss, StepLoss, all_reduce_step_loss, reduce_micro_batch
 from megatron_mile.model import CE, ENTROPY, LOSS, WEIGHT, Z_LOSS, request_entropy
+from megatron_mile.training.batch_size import num_micro_batches
 from megatron_mile.training.optimizer import step_unless_non_finite
 
 _STEP_LOSS_FIELDS = ("loss", "lm_loss", "weight_sum", "tokens", "mean_entropy", "weight_mean", "weight_min", "weight_max",
@@ -218,14 +219,15 @@ def configure_schedules(model: list, optimizer, collector: LossCollector, run_co
     config.param_sync_func = per_chunk("start_param_sync") if aligned_gather else None
 
 
-def _run_schedule(setup, collector: LossCollector, forward_only: bool, data_iterators: list) -> None:
-    """One pass of megatron's schedule over setup.num_micro_batches micro-batches."""
+def _run_schedule(setup, collector: LossCollector, forward_only: bool, data_iterators: list,
+                  num_micro_batches: int) -> None:
+    """One pass of megatron's schedule over `num_micro_batches` micro-batches."""
     model = setup.model
     get_forward_backward_func()(
         forward_step_func=make_forward_step(collector, timers=getattr(setup, "timers", None)),
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
         model=model,
-        num_microbatches=setup.num_micro_batches,
+        num_microbatches=num_micro_batches,
         seq_length=setup.config.model.seq_length,
         micro_batch_size=setup.config.training.micro_batch_size,
         forward_only=forward_only,
@@ -256,8 +258,9 @@ def train_step(setup, want_entropy: bool = False, keep_token_values: bool = Fals
     if timers is not None:
         timers("optimizer").stop()
     if update.applied:
-        # The schedule counts samples, as Megatron-LM's (training.optimizer.scheduler_settings).
-        setup.scheduler.step(increment=setup.config.training.global_batch_size)
+        # The schedule counts samples, as Megatron-LM's (training.optimizer.scheduler_settings): this step's
+        # global batch, smaller than --global-batch-size during a --rampup-batch-size ramp.
+        setup.scheduler.step(increment=step_global_batch_size(setup))
     else:
         _discard_gradients(setup)
     return StepResult(stats, update.grad_norm, skipped=not update.applied, skipped_because=update.skipped_because,
@@ -277,8 +280,15 @@ def compute_gradients(setup, want_entropy: bool = False, keep_token_values: bool
     collector.start_step(keep_token_values, loss_scale_normaliser(setup))
     request_entropy(setup.model, want_entropy)
     _discard_gradients(setup)  # the previous step's gradients
-    _run_schedule(setup, collector, forward_only=False, data_iterators=setup.train_iterators)
+    _run_schedule(setup, collector, forward_only=False, data_iterators=setup.train_iterators,
+                  num_micro_batches=setup.num_micro_batches)
     return step_statistics(collector.parts)
+
+
+def step_global_batch_size(setup) -> int:
+    """Samples in the coming training step over all data-parallel ranks: micro-batches x micro-batch size x DP."""
+    dp = parallel_state.get_data_parallel_world_size()
+    return setup.num_micro_batches * setup.config.training.micro_batch_size * dp
 
 
 def loss_scale_normaliser(setup) -> float:
@@ -304,7 +314,9 @@ def evaluate(setup) -> StepLoss:
     request_entropy(model, True)
     with torch.no_grad():
         for _ in range(setup.config.training.eval_iters):
-            _run_schedule(setup, collector, forward_only=True, data_iterators=setup.valid_iterators)
+            # As Megatron-LM, validation batches are full --global-batch-size ones, ramp or not.
+            _run_schedule(setup, collector, forward_only=True, data_iterators=setup.valid_iterators,
+                          num_micro_batches=num_micro_batches(setup.config))
     for chunk in model:
         chunk.train()
     return step_statistics(collector.parts)
