@@ -177,7 +177,7 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1, gpu_availa
         # Checked here: finalize derives --train-iters from --train-samples.
         problems.append("give one of --train-iters or --train-samples, not both")
     config = config_from_namespace(namespace)
-    config.finalize(world_size)
+    config.finalize(world_size, gpu_available, kernel_support)
     config.validate(world_size, gpu_available, kernel_support, extra_problems=problems)
     config.notes += megatron_lm_flags.provided_notes(namespace)
     return config

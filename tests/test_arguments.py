@@ -104,10 +104,12 @@ def test_help_groups_flags_as_megatron_lm_does():
 
 
 def test_provided_flags_are_accepted_and_said_once():
-    config = parse_args(TINY_LLAMA + ["--use-mcore-models", "--cross-entropy-loss-fusion"], world_size=1)
+    # --transformer-impl given: its default would add a note of its own (tests/test_kernels.py).
+    local = ["--transformer-impl", "local"]
+    config = parse_args(TINY_LLAMA + local + ["--use-mcore-models", "--cross-entropy-loss-fusion"], world_size=1)
     assert len(config.notes) == 2
     assert config.notes[0].startswith("--use-mcore-models: ") and "own loss" in config.notes[1]
-    assert parse_args(TINY_LLAMA, world_size=1).notes == []
+    assert parse_args(TINY_LLAMA + local, world_size=1).notes == []
 
 
 @pytest.mark.parametrize("flag", sorted(REFUSED))

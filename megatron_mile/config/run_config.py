@@ -40,9 +40,16 @@ class RunConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size()
 
-    def finalize(self, world_size: int) -> None:
-        """Fill defaults that depend on other fields (done before validate)."""
+    def finalize(self, world_size: int, gpu_available: Optional[bool] = None,
+                 kernel_support: Optional[kernels.KernelSupport] = None) -> None:
+        """Fill defaults that depend on other fields (done before validate).
+
+        gpu_available / kernel_support: the machine the run is for, as validate takes them (default: this
+        one's); they decide the default --transformer-impl.
+        """
         m, t = self.model, self.training
+        if self.kernels.transformer_impl is None:
+            self._resolve_transformer_impl(gpu_available, kernel_support)
         if self.parallel.sequence_parallel and self.parallel.tensor_model_parallel_size == 1:
             # As Megatron-LM: sequence parallelism splits activations over TP ranks; with one it is turned off.
             self.parallel.sequence_parallel = False
@@ -74,6 +81,24 @@ class RunConfig:
             o.start_weight_decay = o.weight_decay
         if o.end_weight_decay is None:
             o.end_weight_decay = o.weight_decay
+
+    def _resolve_transformer_impl(self, gpu_available: Optional[bool],
+                                  kernel_support: Optional[kernels.KernelSupport]) -> None:
+        """The default --transformer-impl: Megatron-LM's transformer_engine where it can run (Transformer
+        Engine installed, a GPU visible), megatron-core's local layers otherwise; noted in the log."""
+        if gpu_available is None:
+            from megatron_mile import device  # imports torch: only where the caller did not say
+
+            gpu_available = device.gpu_available()
+        support = kernel_support or kernels.detect_kernel_support(gpu_available)
+        if gpu_available and support.transformer_engine:
+            self.kernels.transformer_impl = "transformer_engine"
+            why = "Transformer Engine is installed and a GPU is visible"
+        else:
+            self.kernels.transformer_impl = "local"
+            why = ("no GPU is visible" if not gpu_available else "Transformer Engine is not installed") + (
+                "; Megatron-LM's default transformer_engine needs both")
+        self.notes.append(f"--transformer-impl {self.kernels.transformer_impl} (the default here: {why})")
 
     def validate(self, world_size: int, gpu_available: bool,
                  kernel_support: Optional[kernels.KernelSupport] = None, extra_problems: Sequence[str] = ()) -> None:
