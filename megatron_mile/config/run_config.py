@@ -57,14 +57,15 @@ class RunConfig:
                               "(as Megatron-LM does)")
         if t.exit_signal_handler and t.exit_signal is None:
             t.exit_signal = "SIGTERM"  # Megatron-LM's default --exit-signal
-        if m.ffn_hidden_size is None:
+        # Unset required flags (a config built without parse_args, e.g. a model only) stay unset.
+        if m.ffn_hidden_size is None and m.hidden_size is not None:
             m.ffn_hidden_size = 4 * m.hidden_size
         if m.max_position_embeddings is None:
             m.max_position_embeddings = m.seq_length
         if not m.group_query_attention:
             m.num_query_groups = m.num_attention_heads
         dp = max(1, self.data_parallel_size(world_size))
-        if t.global_batch_size is None:
+        if t.global_batch_size is None and t.micro_batch_size is not None:
             t.global_batch_size = t.micro_batch_size * dp
         d = self.data
         if d.tokenizer_type is None and d.vocab_file and d.merge_file:

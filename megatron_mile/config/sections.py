@@ -17,20 +17,21 @@ from megatron_mile.loss.spec import LOSS_TYPES
 class ModelConfig:
     """Transformer shape and regularisation (LLaMA-style when the RMSNorm/SwiGLU/rope flags are set)."""
 
-    num_layers: int = 2
-    """Number of transformer layers."""
-    hidden_size: int = 128
-    """Transformer hidden size."""
+    # The shape flags Megatron-LM requires have no default here either (megatron_mile.arguments.REQUIRED_FLAGS).
+    num_layers: Optional[int] = None
+    """Number of transformer layers. Required."""
+    hidden_size: Optional[int] = None
+    """Transformer hidden size. Required."""
     ffn_hidden_size: Optional[int] = None
     """MLP hidden size. Default: 4 * hidden_size (LLaMA uses about 8/3 * hidden_size with --swiglu)."""
-    num_attention_heads: int = 4
-    """Number of attention heads; must divide hidden_size and be divisible by the TP size."""
+    num_attention_heads: Optional[int] = None
+    """Number of attention heads; must divide hidden_size and be divisible by the TP size. Required."""
     group_query_attention: bool = False
     """Use grouped-query attention with --num-query-groups key/value heads."""
     num_query_groups: int = 1
     """Key/value head groups with --group-query-attention."""
-    seq_length: int = 128
-    """Tokens per training sample."""
+    seq_length: Optional[int] = None
+    """Tokens per training sample. Required."""
     max_position_embeddings: Optional[int] = None
     """Largest position the model supports. Default: --seq-length."""
     normalization: str = flag("LayerNorm", choices=["LayerNorm", "RMSNorm"])

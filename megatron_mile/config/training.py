@@ -16,8 +16,8 @@ EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 class TrainingConfig:
     """Batch sizes, iteration counts, checkpoints and logging."""
 
-    micro_batch_size: int = 1
-    """Samples per micro-batch on each data-parallel rank."""
+    micro_batch_size: Optional[int] = None
+    """Samples per micro-batch on each data-parallel rank. Required."""
     global_batch_size: Optional[int] = None
     """Samples per optimizer step over all ranks; gradient accumulation = global / (micro * DP).
     Default: micro-batch size * DP."""
@@ -26,7 +26,7 @@ class TrainingConfig:
     in equal shares of the first SAMPLES samples until it reaches --global-batch-size (megatron-core's
     num-microbatches calculator; e.g. `16 16 5859375` with --global-batch-size 1536)."""
     train_iters: Optional[int] = None
-    """Optimizer steps to train for (or give --train-samples)."""
+    """Optimizer steps to train for (or give --train-samples: one of them is required)."""
     train_samples: Optional[int] = None
     """Samples to train for, instead of --train-iters: the run takes train_samples // global batch size steps
     and the learning-rate flags count samples (--lr-decay-samples, --lr-warmup-samples, ...)."""
