@@ -126,3 +126,32 @@ def test_provided_and_refused_are_apart_from_the_config_fields():
     config_flags = {a.option_strings[0] for a in parser._actions if not a.dest.startswith("megatron_lm__")
                     and a.option_strings}
     assert not (set(PROVIDED) | set(REFUSED)) & config_flags
+
+
+# ---------------------------------------------------------------------- the flags Megatron-LM requires
+
+REQUIRED = {"--num-layers": "4", "--hidden-size": "64", "--num-attention-heads": "4", "--seq-length": "32",
+            "--micro-batch-size": "2", "--train-iters": "3"}
+
+
+def test_the_flags_megatron_lm_requires_are_required():
+    data = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "300"]
+    with pytest.raises(ConfigError) as error:
+        parse_args(data)
+    lines = str(error.value).splitlines()[1:]
+    assert len(lines) == 1  # one line names them all
+    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--micro-batch-size",
+                 "--train-iters"):
+        assert flag in lines[0], lines
+    complete = [item for flag, value in REQUIRED.items() for item in (flag, value)]
+    config = parse_args(data + complete)  # nothing else is required
+    assert (config.model.num_layers, config.model.hidden_size, config.training.micro_batch_size) == (4, 64, 2)
+    for flag in REQUIRED:
+        without = [item for name, value in REQUIRED.items() if name != flag for item in (name, value)]
+        with pytest.raises(ConfigError) as error:
+            parse_args(data + without)
+        (line,) = str(error.value).splitlines()[1:]
+        named = [other for other in REQUIRED if other in line]
+        assert named == [flag], (flag, line)
+    assert parse_args(data + [item for name, value in REQUIRED.items() if name != "--train-iters"
+                              for item in (name, value)] + ["--train-samples", "12"]).training.train_iters == 6
