@@ -110,7 +110,8 @@ def shape_and_layout(argv: List[str]) -> Tuple[ModelShape, Layout, argparse.Name
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
     )
-    precision = "fp8" if args.fp8_format else ("bf16" if config.optimizer.bf16 else "fp32")
+    # fp16 holds the same 2-byte weights, gradients-to-be and fp32 main copies as bf16: planned as bf16.
+    precision = "fp8" if args.fp8_format else ("bf16" if config.optimizer.half_precision else "fp32")
     layout = Layout(
         tensor_parallel=tp,
         pipeline_parallel=pp,
