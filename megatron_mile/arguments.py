@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Dict, List, Optional, Sequence
 
 from megatron_mile import megatron_lm_flags
-from megatron_mile.config import RunConfig
+from megatron_mile.config import ConfigError, RunConfig
 
 # --help groups, in Megatron-LM's order and with its titles (megatron/training/arguments.py), so a user finds
 # a flag where Megatron-LM lists it. A field goes into the group of its section (SECTION_GROUPS) unless
@@ -38,7 +38,8 @@ FIELD_GROUPS = {
                      "adam_eps", "sgd_momentum"), "regularization"),
     **dict.fromkeys(("seed", "init_method_std"), "initialization"),
     **dict.fromkeys(("optimizer", "dataloader_type"), "training"),
-    **dict.fromkeys(("bf16", "grad_reduce_in_bf16", "accumulate_allreduce_grads_in_fp32",
+    **dict.fromkeys(("bf16", "fp16", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window",
+                     "hysteresis", "grad_reduce_in_bf16", "accumulate_allreduce_grads_in_fp32",
                      "attention_softmax_in_fp32"), "mixed precision"),
     **dict.fromkeys(("save", "load", "save_interval", "async_save"), "checkpointing"),
     **dict.fromkeys(("eval_interval", "eval_iters"), "validation"),
@@ -165,6 +166,32 @@ def config_from_namespace(namespace: argparse.Namespace) -> RunConfig:
     return config
 
 
+# The flags Megatron-LM requires of every run (its validate_args / pretrain_gpt.py stop without them): the model
+# shape, the micro-batch size, and the run length (one of the two).
+REQUIRED_FLAGS = ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--micro-batch-size")
+RUN_LENGTH_FLAGS = ("--train-iters", "--train-samples")
+
+
+def missing_required_flags(namespace: argparse.Namespace) -> List[str]:
+    """The required flags (REQUIRED_FLAGS, and one of RUN_LENGTH_FLAGS) the command line did not give."""
+    def given(flag: str) -> bool:
+        return getattr(namespace, flag[2:].replace("-", "_"), None) is not None
+
+    missing = [flag for flag in REQUIRED_FLAGS if not given(flag)]
+    if not any(given(flag) for flag in RUN_LENGTH_FLAGS):
+        missing.append(" or ".join(RUN_LENGTH_FLAGS))
+    return missing
+
+
+def missing_flags_problem(missing: List[str]) -> str:
+    """The one start-up line naming every missing required flag."""
+    shape = [flag for flag in missing if flag in REQUIRED_FLAGS]
+    parts = [f"missing required flags (as in Megatron-LM): {', '.join(shape)}"] if shape else []
+    if len(shape) < len(missing):
+        parts.append("the run length is required: give --train-iters (steps) or --train-samples")
+    return "; ".join(parts)
+
+
 def parse_args(argv: Optional[List[str]] = None, world_size: int = 1, gpu_available: bool = False,
                kernel_support=None) -> RunConfig:
     """Parse flags into a finalised, validated RunConfig (raises ConfigError with every problem).
@@ -174,11 +201,16 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1, gpu_availa
     """
     namespace = build_parser().parse_args(argv)
     problems = megatron_lm_flags.refusal_problems(namespace)
+    missing = missing_required_flags(namespace)
+    if missing:
+        # Before finalize, which derives defaults from them: no further check is meaningful without them.
+        problems.append(missing_flags_problem(missing))
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {problem}" for problem in problems))
     if namespace.train_iters is not None and namespace.train_samples is not None:
         # Checked here: finalize derives --train-iters from --train-samples.
         problems.append("give one of --train-iters or --train-samples, not both")
     config = config_from_namespace(namespace)
-    config.finalize(world_size)
+    config.finalize(world_size, gpu_available, kernel_support)
     config.validate(world_size, gpu_available, kernel_support, extra_problems=problems)
     config.notes += megatron_lm_flags.provided_notes(namespace)
     return config

@@ -59,14 +59,9 @@ REFUSED: Dict[str, RefusedFlag] = {
     "--use-nccl-ub": RefusedFlag("NCCL user buffers are only used by Megatron-FSDP here", "drop it"),
     "--init-model-with-meta-device": RefusedFlag(
         "meta-device initialisation is only for Megatron-FSDP", "drop it (weights are created on the CPU or GPU)"),
-    "--rampup-batch-size": RefusedFlag(
-        "batch-size ramp-up is not supported (the number of micro-batches per step is fixed)",
-        "train with a constant --global-batch-size", "+"),
     "--step-batch-size-schedule": RefusedFlag(
         "batch-size schedules are not supported (the number of micro-batches per step is fixed)",
         "train with a constant --global-batch-size", "+"),
-    "--fp16": RefusedFlag(
-        "fp16 training with loss scaling is not supported", "use --bf16 (no loss scaling needed)"),
     "--num-experts": RefusedFlag("mixture-of-experts models are not supported", "train a dense model", 1),
     "--moe-router-topk": RefusedFlag("mixture-of-experts models are not supported", "train a dense model", 1),
     "--expert-model-parallel-size": RefusedFlag(

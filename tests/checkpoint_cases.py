@@ -30,7 +30,8 @@ def make_config(dropout=0.1, distributed_optimizer=False, seed=1234, num_layers=
                         dropout=dropout) + mock_data_flags(VOCAB)
     # 100 tokens pad to 128 rows at TP 1 and 2 alike, so layouts can exchange checkpoints.
     flags += ["--make-vocab-size-divisible-by", "64", "--lr", "1e-2", "--lr-warmup-iters", "2",
-              "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--seed", str(seed), "--train-iters", "10"]
+              "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--seed", str(seed), "--train-iters", "10",
+              "--micro-batch-size", "1"]
     flags += ["--disable-bias-linear"] * disable_bias_linear + ["--use-distributed-optimizer"] * distributed_optimizer
     return tiny_config(flags + ["--bf16"] * bf16 + list(extra_flags))
 

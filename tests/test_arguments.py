@@ -104,10 +104,12 @@ def test_help_groups_flags_as_megatron_lm_does():
 
 
 def test_provided_flags_are_accepted_and_said_once():
-    config = parse_args(TINY_LLAMA + ["--use-mcore-models", "--cross-entropy-loss-fusion"], world_size=1)
+    # --transformer-impl given: its default would add a note of its own (tests/test_kernels.py).
+    local = ["--transformer-impl", "local"]
+    config = parse_args(TINY_LLAMA + local + ["--use-mcore-models", "--cross-entropy-loss-fusion"], world_size=1)
     assert len(config.notes) == 2
     assert config.notes[0].startswith("--use-mcore-models: ") and "own loss" in config.notes[1]
-    assert parse_args(TINY_LLAMA, world_size=1).notes == []
+    assert parse_args(TINY_LLAMA + local, world_size=1).notes == []
 
 
 @pytest.mark.parametrize("flag", sorted(REFUSED))
@@ -124,3 +126,32 @@ def test_provided_and_refused_are_apart_from_the_config_fields():
     config_flags = {a.option_strings[0] for a in parser._actions if not a.dest.startswith("megatron_lm__")
                     and a.option_strings}
     assert not (set(PROVIDED) | set(REFUSED)) & config_flags
+
+
+# ---------------------------------------------------------------------- the flags Megatron-LM requires
+
+REQUIRED = {"--num-layers": "4", "--hidden-size": "64", "--num-attention-heads": "4", "--seq-length": "32",
+            "--micro-batch-size": "2", "--train-iters": "3"}
+
+
+def test_the_flags_megatron_lm_requires_are_required():
+    data = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "300"]
+    with pytest.raises(ConfigError) as error:
+        parse_args(data)
+    lines = str(error.value).splitlines()[1:]
+    assert len(lines) == 1  # one line names them all
+    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--micro-batch-size",
+                 "--train-iters"):
+        assert flag in lines[0], lines
+    complete = [item for flag, value in REQUIRED.items() for item in (flag, value)]
+    config = parse_args(data + complete)  # nothing else is required
+    assert (config.model.num_layers, config.model.hidden_size, config.training.micro_batch_size) == (4, 64, 2)
+    for flag in REQUIRED:
+        without = [item for name, value in REQUIRED.items() if name != flag for item in (name, value)]
+        with pytest.raises(ConfigError) as error:
+            parse_args(data + without)
+        (line,) = str(error.value).splitlines()[1:]
+        named = [other for other in REQUIRED if other in line]
+        assert named == [flag], (flag, line)
+    assert parse_args(data + [item for name, value in REQUIRED.items() if name != "--train-iters"
+                              for item in (name, value)] + ["--train-samples", "12"]).training.train_iters == 6

@@ -18,6 +18,8 @@ from megatron_mile.arguments import config_to_dict, parse_args
 
 BASE = ["--lr", "1e-2", "--min-lr", "0", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
         "--weight-decay", "0.1", "--train-iters", "20"]
+# The model and batch flags every run gives (for the flag checks parsed here without checkpoint_cases).
+SHAPE = "--num-layers 2 --hidden-size 128 --num-attention-heads 4 --seq-length 128 --micro-batch-size 1".split()
 SAVED_AT = 12  # mid-decay: every schedule value changes the learning rate
 
 
@@ -102,7 +104,7 @@ def test_override_takes_every_flag_value(dist_pool, tmp_path, change):
     message, state, group = dist_pool(1).run(worker_resume_with, str(tmp_path),
                                              flags + ["--override-opt-param-scheduler"])[0]
     assert message is None
-    o = parse_args(BASE + flags + ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "9"]).optimizer
+    o = parse_args(SHAPE + BASE + flags + ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "9"]).optimizer
     assert (state["max_lr"], state["min_lr"], state["lr_warmup_steps"], state["lr_decay_steps"],
             state["start_wd"]) == (o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters, o.weight_decay)
     assert state["num_steps"] == SAVED_AT
@@ -129,7 +131,7 @@ def test_use_checkpoint_keeps_the_checkpoint_schedule(dist_pool, tmp_path):
 
 
 def test_both_scheduler_flags_are_refused():
-    flags = BASE + ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "9",
+    flags = SHAPE + BASE + ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "9",
                     "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"]
     with pytest.raises(ValueError, match="at most one of --override-opt_param-scheduler"):
         parse_args(flags)

@@ -201,10 +201,12 @@ def test_reset_attention_mask_is_refused_where_the_attention_ignores_masks():
     h100 = dict(world_size=1, gpu_available=True, kernel_support=KernelSupport.full((9, 0)))
     with pytest.raises(ConfigError, match="Transformer Engine's causal attention takes no explicit mask"):
         parse_args(TINY_LLAMA + ["--reset-attention-mask", "--transformer-impl", "transformer_engine"], **h100)
+    # The local attention (given: on this GPU machine the default would be Transformer Engine's).
+    local = ["--reset-attention-mask", "--transformer-impl", "local"]
     with pytest.raises(ConfigError, match="--masked-softmax-fusion does not apply to this model: its causal kernel"):
-        parse_args(TINY_LLAMA + ["--reset-attention-mask", "--masked-softmax-fusion"], **h100)
+        parse_args(TINY_LLAMA + local + ["--masked-softmax-fusion"], **h100)
     # Left unset, the fused softmax is simply off for such a run.
     from megatron_mile.kernels import resolve_fusions
 
-    config = parse_args(TINY_LLAMA + ["--reset-attention-mask"], **h100)
+    config = parse_args(TINY_LLAMA + local, **h100)
     assert resolve_fusions(config, True, KernelSupport.full((9, 0)))["masked_softmax_fusion"] is False

@@ -332,6 +332,8 @@ def fake_checkpoint(directory, llama=True, iteration=3):
     from megatron_mile import checkpointing
 
     config = RunConfig()
+    m, t = config.model, config.training
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length, t.micro_batch_size = 2, 128, 4, 128, 1
     if llama:
         m = config.model
         m.normalization, m.swiglu, m.disable_bias_linear, m.position_embedding_type = "RMSNorm", True, True, "rope"

@@ -30,6 +30,7 @@ A100 = KernelSupport.full(compute_capability=(8, 0))
 H100 = KernelSupport.full(compute_capability=(9, 0))
 
 TE = ["--transformer-impl", "transformer_engine"]
+LOCAL = ["--transformer-impl", "local"]  # where a GPU machine with Transformer Engine would default to TE
 FP8 = ["--fp8-format", "hybrid"]
 FP8_READY = FP8 + TE + ["--bf16"]
 
@@ -53,7 +54,7 @@ def problems(extra, gpu, support, world_size=1):
                                   "Transformer Engine (pip install .[gpu]"]),
         # FP8: each missing piece is named in the one message of --fp8-format
         (FP8 + TE, True, H100, 1, ["--fp8-format hybrid needs --bf16: add --bf16"]),
-        (FP8 + ["--bf16"], True, H100, 1, ["--fp8-format hybrid needs --transformer-impl transformer_engine: add "
+        (FP8 + ["--bf16"] + LOCAL, True, H100, 1, ["--fp8-format hybrid needs --transformer-impl transformer_engine: add "
                                            "--transformer-impl transformer_engine (megatron-core's local layers "
                                            "have no FP8)"]),
         (FP8, False, NO_GPU, 1, ["--fp8-format hybrid needs --bf16 and --transformer-impl transformer_engine and a "
@@ -74,7 +75,7 @@ def problems(extra, gpu, support, world_size=1):
         # Sequence parallelism
         (["--sequence-parallel", "--tensor-model-parallel-size", "2"], False, NO_GPU, 2,
          ["--sequence-parallel needs CUDA GPUs"]),
-        (["--sequence-parallel", "--tensor-model-parallel-size", "2"], True, H100, 2,
+        (["--sequence-parallel", "--tensor-model-parallel-size", "2"] + LOCAL, True, H100, 2,
          ["--sequence-parallel needs --transformer-impl transformer_engine: megatron-core's local RMSNorm"]),
         (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--normalization", "LayerNorm"], True,
          BARE_H100, 2, ["--sequence-parallel needs apex's fused LayerNorm (or --transformer-impl transformer_engine)"]),
@@ -352,3 +353,18 @@ def test_sequence_parallel_at_tp1_is_turned_off_with_a_note():
                         gpu_available=True, kernel_support=H100)
     assert at_tp2.parallel.sequence_parallel is True and not any("sequence" in n for n in at_tp2.notes)
 
+
+
+@pytest.mark.parametrize("gpu, support, impl, why", [
+    (True, H100, "transformer_engine", "Transformer Engine is installed and a GPU is visible"),
+    (True, BARE_H100, "local", "Transformer Engine is not installed"),
+    (False, NO_GPU, "local", "no GPU is visible"),
+])
+def test_the_default_transformer_impl_is_transformer_engine_where_it_can_run(gpu, support, impl, why):
+    config = parse_args(TINY_LLAMA, gpu_available=gpu, kernel_support=support)
+    assert config.kernels.transformer_impl == impl
+    assert [note for note in config.notes if note.startswith("--transformer-impl")] == [
+        f"--transformer-impl {impl} (the default here: {why}" + (
+            "; Megatron-LM's default transformer_engine needs both)" if impl == "local" else ")")]
+    explicit = parse_args(TINY_LLAMA + LOCAL, gpu_available=gpu, kernel_support=support)
+    assert explicit.kernels.transformer_impl == "local" and explicit.notes == []  # a given flag is not noted

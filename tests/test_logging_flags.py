@@ -56,11 +56,11 @@ def test_flops_per_step_match_the_hand_count():
     from megatron_mile.training.flops import num_floating_point_operations
 
     mha = parse_args(model_flags(num_layers=2, hidden_size=64, seq_length=32, llama=False) + mock_data_flags(300)
-                     + ["--ffn-hidden-size", "256", "--train-iters", "1"])
+                     + ["--ffn-hidden-size", "256", "--micro-batch-size", "1", "--train-iters", "1"])
     assert num_floating_point_operations(mha.model, 4, 384) == hand_count_mha_gelu()
     gqa = parse_args(model_flags(num_layers=3, hidden_size=48, num_attention_heads=6, seq_length=16)
                      + mock_data_flags(200) + "--group-query-attention --num-query-groups 2 --kv-channels 16 "
-                     "--ffn-hidden-size 80 --train-iters 1".split())
+                     "--ffn-hidden-size 80 --micro-batch-size 1 --train-iters 1".split())
     assert num_floating_point_operations(gqa.model, 2, 256) == hand_count_gqa_swiglu()
 
 

@@ -40,7 +40,7 @@ def training_flags(shape: dict) -> list:
              f"{s.num_attention_heads} --ffn-hidden-size {s.ffn_hidden_size} --seq-length {s.seq_length} "
              f"--normalization {s.normalization} --position-embedding-type {s.position_embedding_type} "
              f"--mock-data --tokenizer-type NullTokenizer --vocab-size {s.vocab_size} "
-             "--hidden-dropout 0 --attention-dropout 0 --train-iters 1").split()
+             "--hidden-dropout 0 --attention-dropout 0 --micro-batch-size 1 --train-iters 1").split()
     flags += ["--swiglu"] if s.swiglu else []
     flags += ["--untie-embeddings-and-output-weights"] if s.untie_embeddings_and_output_weights else []
     flags += [] if s.add_bias_linear else ["--disable-bias-linear"]

@@ -52,9 +52,9 @@ def test_interval_defaults_to_the_eval_interval_with_tensorboard_and_zero_is_off
     assert histogram_interval(0, 200, "tb") == 0
     assert histogram_interval(5, 200, "tb") == 5
     with pytest.raises(ConfigError, match="add --tensorboard-dir"):
-        parse_args(TINY + ["--log-entropy-histogram-interval", "5"])
+        parse_args(TINY + ["--train-iters", "1", "--log-entropy-histogram-interval", "5"])
     with pytest.raises(ConfigError, match="must be >= 0"):
-        parse_args(TINY + ["--log-entropy-histogram-interval", "-1", "--tensorboard-dir", "x"])
+        parse_args(TINY + ["--train-iters", "1", "--log-entropy-histogram-interval", "-1", "--tensorboard-dir", "x"])
 
 
 def train_with_histograms(argv, world_size):

@@ -60,8 +60,8 @@ def megatron_lm_args(config_dict: dict, layout: dict, vocab: dict, iteration: in
         # Megatron-LM's derived switches, which its check_checkpoint_args and model builders read.
         add_bias_linear=not model["disable_bias_linear"],
         add_position_embedding=model["position_embedding_type"] == "learned_absolute",
-        params_dtype=torch.bfloat16 if optimizer["bf16"] else torch.float32,
-        fp16=False,
+        params_dtype=(torch.bfloat16 if optimizer["bf16"] else
+                      torch.float16 if optimizer.get("fp16") else torch.float32),
         num_experts=None,
         lr_decay_iters=optimizer["lr_decay_iters"] or training["train_iters"],
         ckpt_format="torch_dist",

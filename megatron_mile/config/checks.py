@@ -18,6 +18,7 @@ from megatron_mile.loss.spec import WEIGHTINGS
 
 if TYPE_CHECKING:  # annotations only: run_config imports this module
     from megatron_mile.config.run_config import RunConfig
+    from megatron_mile.config.sections import OptimizerConfig
     from megatron_mile.config.training import TrainingConfig
 
 
@@ -35,12 +36,13 @@ _AT_LEAST_ONE = (
     "global_batch_size", "train_iters", "train_samples", "lr_decay_iters", "lr_decay_samples", "exit_interval",
     "log_interval", "eval_interval", "max_skipped_iterations", "distributed_timeout_minutes", "recompute_num_layers",
     "ddp_bucket_size", "context_parallel_size", "tensorboard_log_interval", "tensorboard_queue_size",
+    "hysteresis",
 )
 _AT_LEAST_ZERO = ("exit_duration_in_mins", "manual_gc_interval", "lr", "min_lr", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init", "weight_decay",
                   "start_weight_decay", "end_weight_decay", "decoupled_lr", "decoupled_min_lr", "sgd_momentum",
                   "clip_grad", "eval_iters", "num_workers", "seed", "label_smoothing", "z_loss_coeff")
 _POSITIVE = ("norm_epsilon", "init_method_std", "adam_eps", "rotary_seq_len_interpolation_factor",
-             "rope_scaling_factor")
+             "rope_scaling_factor", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window")
 
 
 def _range_problems(config: "RunConfig") -> List[str]:
@@ -103,6 +105,32 @@ def schedule_problems(config: "RunConfig") -> List[str]:
     return problems
 
 
+def rampup_problems(t: "TrainingConfig", data_parallel_size: int = 0) -> List[str]:
+    """--rampup-batch-size START INCREMENT SAMPLES as megatron-core's ramp calculator needs it: with
+    --train-samples (as Megatron-LM), START below --global-batch-size, the difference a multiple of INCREMENT,
+    and (when the DP size is known) every batch of the ramp a whole number of micro-batches on each rank."""
+    if not t.rampup_batch_size:
+        return []
+    start, increment, samples = t.rampup_batch_size
+    problems = []
+    if t.train_samples is None:
+        problems.append("--rampup-batch-size needs --train-samples (as in Megatron-LM, only a run counted in "
+                        "samples ramps its batch size)")
+    if start < 1 or increment < 1 or samples < 0:
+        return problems + [f"--rampup-batch-size {start} {increment} {samples}: the start batch and the "
+                           "increment must be >= 1 and the ramp samples >= 0"]
+    gbs = t.global_batch_size
+    if gbs is not None and (start >= gbs or (gbs - start) % increment):
+        problems.append(f"--rampup-batch-size {start} {increment} {samples}: the start batch must be smaller than "
+                        f"--global-batch-size {gbs} and their difference a multiple of the increment")
+    step = t.micro_batch_size * data_parallel_size
+    if step >= 1 and (start % step or increment % step):
+        problems.append(f"--rampup-batch-size {start} {increment} {samples}: the start batch and the increment "
+                        f"must be multiples of --micro-batch-size * DP = {step} (every batch of the ramp is whole "
+                        "micro-batches on each rank)")
+    return problems
+
+
 def checkpoint_flag_problems(t: "TrainingConfig") -> List[str]:
     """The checkpoint loading/saving flags' conflicts, each with its fix."""
     problems = []
@@ -121,6 +149,33 @@ def checkpoint_flag_problems(t: "TrainingConfig") -> List[str]:
 WANDB_FLAGS = ("wandb_project", "wandb_exp_name", "wandb_entity", "wandb_save_dir")
 # Flags that only choose what goes to TensorBoard: without --tensorboard-dir they would do nothing.
 _TENSORBOARD_ONLY = ("log_timers_to_tensorboard", "log_validation_ppl_to_tensorboard", "log_memory_to_tensorboard")
+
+
+# The dynamic loss scaler's flags, with their defaults: only --fp16 without --loss-scale reads them.
+_DYNAMIC_LOSS_SCALE_DEFAULTS = {"initial_loss_scale": 2.0 ** 32, "min_loss_scale": 1.0, "loss_scale_window": 1000,
+                                "hysteresis": 2}
+
+
+def loss_scaling_problems(o: "OptimizerConfig") -> List[str]:
+    """--fp16 and --bf16 exclude each other; a loss-scaling flag that nothing would read is refused.
+
+    As megatron-core's get_megatron_optimizer: --loss-scale (a ConstantGradScaler) scales the loss under
+    --fp16 or --bf16 (fp32 training has no loss scale); the dynamic scaler's flags only act with --fp16
+    and no --loss-scale."""
+    problems = []
+    if o.fp16 and o.bf16:
+        problems.append("give one of --fp16 and --bf16, not both")
+    if o.loss_scale is not None and not o.half_precision:
+        problems.append("--loss-scale needs --fp16 (or --bf16): fp32 training does not scale the loss")
+    dynamic = o.fp16 and o.loss_scale is None
+    changed = [name for name, default in _DYNAMIC_LOSS_SCALE_DEFAULTS.items() if getattr(o, name) != default]
+    if changed and not dynamic:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        problems.append(f"{flags}: dynamic loss scaling only (--fp16 without --loss-scale); drop "
+                        f"{'them' if len(changed) > 1 else 'it'} or train with --fp16")
+    if dynamic and o.min_loss_scale > o.initial_loss_scale:
+        problems.append(f"--min-loss-scale {o.min_loss_scale} exceeds --initial-loss-scale {o.initial_loss_scale}")
+    return problems
 
 
 def wandb_available() -> bool:
@@ -283,6 +338,7 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
             f"= {pp} * {v}",
         )
     dp = config.data_parallel_size(world_size) if sizes_valid else 0
+    problems += rampup_problems(t, dp)
     if dp >= 1 and t.micro_batch_size >= 1:
         need(
             t.global_batch_size % (t.micro_batch_size * dp) == 0,
@@ -304,6 +360,7 @@ def config_problems(config: "RunConfig", world_size: int, gpu_available: bool,
     problems.extend(_selection_problems(config))
 
     need(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+    problems += loss_scaling_problems(o)
     need(not o.grad_reduce_in_bf16 or o.bf16, "--grad-reduce-in-bf16 needs --bf16 (fp32 parameters have fp32 "
          "gradients)")
     need(not (o.grad_reduce_in_bf16 and o.accumulate_allreduce_grads_in_fp32),

@@ -50,9 +50,11 @@ class KernelConfig:
     """Layer implementation and fused kernels: Transformer Engine and FP8, apex / jit fusions, the fused LM
     head (megatron_mile.kernels explains what each needs)."""
 
-    transformer_impl: str = flag("local", choices=["local", "transformer_engine"])
+    transformer_impl: Optional[str] = flag(None, choices=["local", "transformer_engine"])
     """Transformer layers: megatron-core's local modules (CPU and GPU), or Transformer Engine's (GPU; fused
-    norm + linear, fused attention; needed for FP8 and for --sequence-parallel with RMSNorm)."""
+    norm + linear, fused attention; needed for FP8 and for --sequence-parallel with RMSNorm). Default:
+    transformer_engine where Transformer Engine is installed and a GPU is visible (Megatron-LM's default),
+    local otherwise; the log says which and why."""
     fp8_format: Optional[str] = flag(None, choices=["e4m3", "hybrid"])
     """FP8 GEMMs in the transformer layers (Transformer Engine, needs --bf16 and a GPU with FP8, e.g. H100):
     e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients). The output layer stays bf16 and the loss

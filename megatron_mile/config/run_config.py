@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from megatron_mile import kernels
-from megatron_mile.config.checks import ConfigError, config_problems
+from megatron_mile.config.checks import ConfigError, config_problems, rampup_problems
 from megatron_mile.config.layers import KernelConfig, RecomputeConfig
 from megatron_mile.config.sections import DataConfig, LossConfig, ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_mile.config.training import TrainingConfig
+from megatron_mile.training.batch_size import train_iters_for_samples
 
 
 @dataclass
@@ -39,9 +40,16 @@ class RunConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size()
 
-    def finalize(self, world_size: int) -> None:
-        """Fill defaults that depend on other fields (done before validate)."""
+    def finalize(self, world_size: int, gpu_available: Optional[bool] = None,
+                 kernel_support: Optional[kernels.KernelSupport] = None) -> None:
+        """Fill defaults that depend on other fields (done before validate).
+
+        gpu_available / kernel_support: the machine the run is for, as validate takes them (default: this
+        one's); they decide the default --transformer-impl.
+        """
         m, t = self.model, self.training
+        if self.kernels.transformer_impl is None:
+            self._resolve_transformer_impl(gpu_available, kernel_support)
         if self.parallel.sequence_parallel and self.parallel.tensor_model_parallel_size == 1:
             # As Megatron-LM: sequence parallelism splits activations over TP ranks; with one it is turned off.
             self.parallel.sequence_parallel = False
@@ -57,14 +65,15 @@ class RunConfig:
             m.attention_backend = "flash"
             self.notes.append("--use-flash-attn: --attention-backend flash (megatron-core's FlashAttention via "
                               "Transformer Engine)")
-        if m.ffn_hidden_size is None:
+        # Unset required flags (a config built without parse_args, e.g. a model only) stay unset.
+        if m.ffn_hidden_size is None and m.hidden_size is not None:
             m.ffn_hidden_size = 4 * m.hidden_size
         if m.max_position_embeddings is None:
             m.max_position_embeddings = m.seq_length
         if not m.group_query_attention:
             m.num_query_groups = m.num_attention_heads
         dp = max(1, self.data_parallel_size(world_size))
-        if t.global_batch_size is None:
+        if t.global_batch_size is None and t.micro_batch_size is not None:
             t.global_batch_size = t.micro_batch_size * dp
         d = self.data
         per_split = any((d.train_data_path, d.valid_data_path, d.test_data_path, d.per_split_data_args_path))
@@ -76,7 +85,10 @@ class RunConfig:
             self.notes.append(f"--tiktoken-pattern {d.tiktoken_pattern}: only TikTokenizer reads it; unused with "
                               f"--tokenizer-type {d.tokenizer_type} (as in Megatron-LM)")
         if t.train_samples is not None and t.train_iters is None:
-            t.train_iters = t.train_samples // t.global_batch_size  # as Megatron-LM (no batch ramp-up)
+            # As Megatron-LM: whole global batches, the ramp's smaller ones first with --rampup-batch-size.
+            # A ramp that validate will refuse is not counted (megatron's calculator asserts on it).
+            ramp = t.rampup_batch_size if not rampup_problems(t) else None
+            t.train_iters = train_iters_for_samples(t.train_samples, t.global_batch_size, ramp)
         o = self.optimizer
         if o.lr_decay_iters is None and t.train_samples is None:
             o.lr_decay_iters = t.train_iters
@@ -84,6 +96,24 @@ class RunConfig:
             o.start_weight_decay = o.weight_decay
         if o.end_weight_decay is None:
             o.end_weight_decay = o.weight_decay
+
+    def _resolve_transformer_impl(self, gpu_available: Optional[bool],
+                                  kernel_support: Optional[kernels.KernelSupport]) -> None:
+        """The default --transformer-impl: Megatron-LM's transformer_engine where it can run (Transformer
+        Engine installed, a GPU visible), megatron-core's local layers otherwise; noted in the log."""
+        if gpu_available is None:
+            from megatron_mile import device  # imports torch: only where the caller did not say
+
+            gpu_available = device.gpu_available()
+        support = kernel_support or kernels.detect_kernel_support(gpu_available)
+        if gpu_available and support.transformer_engine:
+            self.kernels.transformer_impl = "transformer_engine"
+            why = "Transformer Engine is installed and a GPU is visible"
+        else:
+            self.kernels.transformer_impl = "local"
+            why = ("no GPU is visible" if not gpu_available else "Transformer Engine is not installed") + (
+                "; Megatron-LM's default transformer_engine needs both")
+        self.notes.append(f"--transformer-impl {self.kernels.transformer_impl} (the default here: {why})")
 
     def validate(self, world_size: int, gpu_available: bool,
                  kernel_support: Optional[kernels.KernelSupport] = None, extra_problems: Sequence[str] = ()) -> None:

@@ -18,20 +18,21 @@ from megatron_mile.loss.spec import LOSS_TYPES
 class ModelConfig:
     """Transformer shape and regularisation (LLaMA-style when the RMSNorm/SwiGLU/rope flags are set)."""
 
-    num_layers: int = 2
-    """Number of transformer layers."""
-    hidden_size: int = 128
-    """Transformer hidden size."""
+    # The shape flags Megatron-LM requires have no default here either (megatron_mile.arguments.REQUIRED_FLAGS).
+    num_layers: Optional[int] = None
+    """Number of transformer layers. Required."""
+    hidden_size: Optional[int] = None
+    """Transformer hidden size. Required."""
     ffn_hidden_size: Optional[int] = None
     """MLP hidden size. Default: 4 * hidden_size (LLaMA uses about 8/3 * hidden_size with --swiglu)."""
-    num_attention_heads: int = 4
-    """Number of attention heads; must divide hidden_size and be divisible by the TP size."""
+    num_attention_heads: Optional[int] = None
+    """Number of attention heads; must divide hidden_size and be divisible by the TP size. Required."""
     group_query_attention: bool = False
     """Use grouped-query attention with --num-query-groups key/value heads."""
     num_query_groups: int = 1
     """Key/value head groups with --group-query-attention."""
-    seq_length: int = 128
-    """Tokens per training sample."""
+    seq_length: Optional[int] = None
+    """Tokens per training sample. Required."""
     max_position_embeddings: Optional[int] = None
     """Largest position the model supports. Default: --seq-length."""
     normalization: str = flag("LayerNorm", choices=["LayerNorm", "RMSNorm"])
@@ -196,8 +197,24 @@ class OptimizerConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     bf16: bool = False
     """bf16 model and activations with fp32 main weights and gradients in the optimizer."""
+    fp16: bool = False
+    """fp16 model and activations with fp32 main weights and gradients in the optimizer, and loss scaling:
+    the loss is multiplied by the loss scale before backward and the gradients divided by it after; a step
+    whose gradients overflow is skipped (megatron-core's mixed-precision optimizer and grad scaler)."""
+    loss_scale: Optional[float] = None
+    """Static loss scale with --fp16 (positive; powers of 2 are exact). Default: dynamic loss scaling."""
+    initial_loss_scale: float = 2.0 ** 32
+    """Dynamic loss scaling: the loss scale of the first step."""
+    min_loss_scale: float = 1.0
+    """Dynamic loss scaling: the loss scale never goes below this."""
+    loss_scale_window: float = 1000
+    """Dynamic loss scaling: the loss scale doubles after this many consecutive steps without overflow
+    (Megatron-LM's float; counted in whole steps)."""
+    hysteresis: int = 2
+    """Dynamic loss scaling: overflowing steps tolerated before the loss scale is halved; after that each
+    overflow halves it, until the scale next grows (--loss-scale-window clean steps) and restores the tolerance."""
     accumulate_allreduce_grads_in_fp32: bool = False
-    """Accumulate and all-reduce gradients in fp32: always so here unless --grad-reduce-in-bf16."""
+    """Accumulate and all-reduce gradients in fp32: always so here (--fp16 included) unless --grad-reduce-in-bf16."""
     grad_reduce_in_bf16: bool = False
     """With --bf16: accumulate and reduce gradients in bf16 (half the traffic; sums lose precision)."""
 
@@ -232,6 +249,11 @@ class OptimizerConfig:
     """A separate peak learning rate for the input embedding and output layer. Default: --lr."""
     decoupled_min_lr: Optional[float] = None
     """The minimum learning rate of the input embedding and output layer with --decoupled-lr."""
+
+    @property
+    def half_precision(self) -> bool:
+        """Whether the model runs in half precision (--bf16 or --fp16: Float16Module, fp32 main weights)."""
+        return self.bf16 or self.fp16
 
 
 @dataclass

@@ -16,13 +16,17 @@ EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 class TrainingConfig:
     """Batch sizes, iteration counts, checkpoints and logging."""
 
-    micro_batch_size: int = 1
-    """Samples per micro-batch on each data-parallel rank."""
+    micro_batch_size: Optional[int] = None
+    """Samples per micro-batch on each data-parallel rank. Required."""
     global_batch_size: Optional[int] = None
     """Samples per optimizer step over all ranks; gradient accumulation = global / (micro * DP).
     Default: micro-batch size * DP."""
+    rampup_batch_size: Optional[List[int]] = flag(None, nargs=3, metavar=("START", "INCREMENT", "SAMPLES"))
+    """Batch-size ramp-up (needs --train-samples): the global batch starts at START and grows by INCREMENT
+    in equal shares of the first SAMPLES samples until it reaches --global-batch-size (megatron-core's
+    num-microbatches calculator; e.g. `16 16 5859375` with --global-batch-size 1536)."""
     train_iters: Optional[int] = None
-    """Optimizer steps to train for (or give --train-samples)."""
+    """Optimizer steps to train for (or give --train-samples: one of them is required)."""
     train_samples: Optional[int] = None
     """Samples to train for, instead of --train-iters: the run takes train_samples // global batch size steps
     and the learning-rate flags count samples (--lr-decay-samples, --lr-warmup-samples, ...)."""
@@ -88,7 +92,7 @@ class TrainingConfig:
     (Megatron-LM's count: 3 x the matrix multiplications, recomputation not counted) over the interval's
     time per iteration and the world size."""
     log_params_norm: bool = False
-    """Add the L2 norm of all parameters (over every rank; fp32 main weights under --bf16) to the log line and
+    """Add the L2 norm of all parameters (over every rank; fp32 main weights under --bf16 / --fp16) to the log line and
     TensorBoard (`train/params norm`), after the logged iteration's update."""
     log_num_zeros_in_grad: bool = False
     """Add the number of gradient entries equal to zero (over all ranks; a tensor-parallel shard counts,

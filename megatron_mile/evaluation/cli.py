@@ -192,8 +192,8 @@ def _load_model(eval_config: BucketEvalConfig, config, vocab_size: int):
     chunks = build_model(config, vocab_size)
     iteration = checkpointing.load_model_weights(eval_config.load, chunks, eval_config.iteration,
                                                  config_dict=config_to_dict(config))
-    if config.optimizer.bf16:
-        # As in training: bf16 weights and activations; the loss statistics are fp32 whatever the input.
+    if config.optimizer.half_precision:
+        # As in training: bf16 / fp16 weights and activations; the loss statistics are fp32 whatever the input.
         chunks = [Float16Module(chunks[0].config, chunk) for chunk in chunks]
     return chunks, iteration
 

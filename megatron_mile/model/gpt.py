@@ -169,7 +169,7 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
     (megatron_mile.kernels; all of them off on CPU)."""
     m, p, o, k, r = config.model, config.parallel, config.optimizer, config.kernels, config.recompute
     on_gpu = device.gpu_available()
-    dtype = torch.bfloat16 if o.bf16 else torch.float32
+    dtype = torch.bfloat16 if o.bf16 else torch.float16 if o.fp16 else torch.float32
     fusions = kernels.resolve_fusions(config, on_gpu, kernels.detect_kernel_support(on_gpu))
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -205,6 +205,7 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         recompute_num_layers=r.recompute_num_layers,
         recompute_modules=list(r.recompute_modules) if r.recompute_modules else None,
         bf16=o.bf16,
+        fp16=o.fp16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         # Weights are created on the CPU from one full-size master tensor, split across TP ranks, so a

@@ -21,7 +21,7 @@ import json
 import sys
 from typing import List, Optional, Tuple
 
-from megatron_mile.arguments import build_parser, config_from_namespace
+from megatron_mile.arguments import RUN_LENGTH_FLAGS, build_parser, config_from_namespace, missing_required_flags
 from megatron_mile.planning.memory import (
     GPU_MEMORY_GB,
     GPU_PEAK_TFLOPS,
@@ -74,6 +74,10 @@ def shape_and_layout(argv: List[str]) -> Tuple[ModelShape, Layout, argparse.Name
     pre, _ = recipe_pre.parse_known_args(argv)
     recipe = RECIPES[pre.recipe] if pre.recipe else None
     args = parser.parse_args((recipe.flags if recipe else []) + list(argv))
+    # The model shape and micro-batch size a run requires; a plan needs no run length.
+    missing = [flag for flag in missing_required_flags(args) if flag != " or ".join(RUN_LENGTH_FLAGS)]
+    if missing:
+        raise PlanError(f"give {', '.join(missing)} (or --recipe)")
     config = config_from_namespace(args)
     m, p, t = config.model, config.parallel, config.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -106,7 +110,8 @@ def shape_and_layout(argv: List[str]) -> Tuple[ModelShape, Layout, argparse.Name
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
     )
-    precision = "fp8" if args.fp8_format else ("bf16" if config.optimizer.bf16 else "fp32")
+    # fp16 holds the same 2-byte weights, gradients-to-be and fp32 main copies as bf16: planned as bf16.
+    precision = "fp8" if args.fp8_format else ("bf16" if config.optimizer.half_precision else "fp32")
     layout = Layout(
         tensor_parallel=tp,
         pipeline_parallel=pp,

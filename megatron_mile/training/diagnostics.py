@@ -23,11 +23,11 @@ def _sum_of_squares(tensors: List[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def params_l2_norm(model: list, bf16: bool) -> float:
+def params_l2_norm(model: list, half_precision: bool) -> float:
     """L2 norm of all the model's parameters, over every rank, as Megatron-LM's calc_params_l2_norm.
 
     Each parameter counts once: tensor-parallel duplicates (norm weights, replicated biases) and the
-    second copy of tied embeddings (`shared`) are left out. Under --bf16 the fp32 main weights are used;
+    second copy of tied embeddings (`shared`) are left out. Under --bf16 / --fp16 the fp32 main weights are used;
     with the distributed optimizer each data-parallel rank holds a shard of them, so their squares are
     summed over the DP x CP group. Collectives, on every rank: an all-reduce of one value over the DP x CP
     group, then one over the model-parallel (TP x PP) group.
@@ -38,8 +38,8 @@ def params_l2_norm(model: list, bf16: bool) -> float:
         for param in chunk.parameters():
             if not (param_is_not_tensor_parallel_duplicate(param) and param_is_not_shared(param)):
                 continue
-            main = getattr(param, "main_param", None) if bf16 else None
-            if bf16 and getattr(param, "main_param_sharded", False):
+            main = getattr(param, "main_param", None) if half_precision else None
+            if half_precision and getattr(param, "main_param_sharded", False):
                 if main is not None:  # this rank's shard of the fp32 weight (None: no part of it here)
                     sharded.append(main)
             else:

@@ -27,7 +27,8 @@ from megatron_mile.training.initialize import is_logging_rank, print_rank_0, pri
 from megatron_mile.training.run_control import RunControl
 from megatron_mile.training.optimizer import finish_parameter_gather
 from megatron_mile.training.profiling import StepProfiler
-from megatron_mile.training.setup import num_micro_batches, setup_training
+from megatron_mile.training.batch_size import current_global_batch_size, micro_batches_for_step, num_micro_batches
+from megatron_mile.training.setup import setup_training
 from megatron_mile.training.step import evaluate, train_step
 from megatron_mile.training.train_log import TrainingLog
 
@@ -147,6 +148,15 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
         control.start_training()
         while iteration < t.train_iters:
             profiler.before_step(iteration + 1)
+            # As Megatron-LM: the step's micro-batches from the samples consumed so far (--rampup-batch-size),
+            # and a checkpoint (with --save) whenever that number changes.
+            previous_micro_batches = setup.num_micro_batches
+            setup.num_micro_batches = micro_batches_for_step(consumed_samples)
+            if (setup.num_micro_batches != previous_micro_batches and t.save and iteration > start_iteration
+                    and last_saved_iteration != iteration):
+                save(in_background=True)
+                last_saved_iteration = iteration
+            global_batch_size = current_global_batch_size()
             histogram_step = histogram_every > 0 and (iteration + 1) % histogram_every == 0
             # The entropy for logging; a weighting that needs it (MiLe) computes it on every step anyway.
             want_entropy = (iteration + 1) % t.log_interval == 0 or histogram_step
@@ -154,13 +164,18 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             step = train_step(setup, want_entropy, keep_token_values=histogram_step)
             step_seconds = time.perf_counter() - step_start
             iteration += 1
-            consumed_samples += t.global_batch_size
+            consumed_samples += global_batch_size
             # As Megatron-LM counts them: every iteration's model FLOPs, skipped updates included (checkpointed).
             setup.num_floating_point_operations_so_far += int(training_log.flops_per_iteration)
             control.after_step(iteration)
             finish_pending_save(blocking=False)  # an --async-save checkpoint whose writers are all done
             learning_rate = optimizer.param_groups[0]["lr"]
-            if step.skipped:
+            if step.skipped and step.overflowed:
+                # fp16 loss scaling found inf/NaN in the scaled gradients: the scaler lowers the scale and
+                # training goes on. Counted as skipped, as Megatron-LM does; neither a nan iteration nor one
+                # towards --max-skipped-iterations (the dynamic scale starts high and comes down this way).
+                skipped_total += 1
+            elif step.skipped:
                 skipped_total += 1
                 consecutive_skips += 1
                 nan_total += 1
@@ -187,7 +202,8 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             if histogram_step:
                 _log_token_histograms(tensorboard, iteration, step)
 
-            training_log.after_step(iteration, consumed_samples, step, learning_rate, skipped_total, nan_total)
+            training_log.after_step(iteration, consumed_samples, step, learning_rate, skipped_total, nan_total,
+                                    global_batch_size)
 
             if setup.valid_iterators is not None and iteration % t.eval_interval == 0:
                 validate(iteration)
@@ -208,8 +224,9 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             # Every update was discarded: the model is the one the run started from, so the run produced
             # nothing, and must not end as a success (nor save a checkpoint that looks trained).
             raise TrainingStopped(
-                f"all {iteration - start_iteration} iterations were skipped (non-finite loss or gradient); "
-                "the model is unchanged. Lower --lr or --init-method-std, or check the data"
+                f"all {iteration - start_iteration} iterations were skipped (non-finite loss or gradient, or an "
+                "fp16 overflow); the model is unchanged. Lower --lr or --init-method-std, check the data, or "
+                "with --fp16 lower --initial-loss-scale (or --loss-scale)"
             )
         # As Megatron-LM does, the run ends with a validation of the final model unless it just had one.
         if (setup.valid_iterators is not None and not exited_early and iteration > start_iteration
@@ -259,7 +276,7 @@ def _print_run_summary(config: RunConfig, vocab_size: int, model: list) -> None:
         # Parameters of this rank only; the sum over the model-parallel group is the model size.
         dist.all_reduce(totals, group=parallel_state.get_model_parallel_group())
     loss_desc = LossSpec.from_config(config.loss).describe()
-    p = config.parallel
+    p, t = config.parallel, config.training
     hidden = known_warnings.summary_line()
     if hidden:
         print_rank_0(hidden)
@@ -270,4 +287,6 @@ def _print_run_summary(config: RunConfig, vocab_size: int, model: list) -> None:
         f" > parallel: world {dist.get_world_size() if dist.is_initialized() else 1} = TP {p.tensor_model_parallel_size}"
         f" x PP {p.pipeline_model_parallel_size} x DP {parallel_state.get_data_parallel_world_size()}"
         f" | micro-batches per step: {num_micro_batches(config)}"
+        + (f" (--rampup-batch-size: from {num_micro_batches(config, t.rampup_batch_size[0])} over the first "
+           f"{t.rampup_batch_size[2]:,} samples)" if t.rampup_batch_size else "")
     )

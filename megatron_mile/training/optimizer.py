@@ -1,4 +1,4 @@
-"""Wrapping model chunks for training (bf16, megatron DDP), building the optimizer and LR schedule, and the
+"""Wrapping model chunks for training (bf16 / fp16, megatron DDP), building the optimizer and LR schedule, and the
 distributed optimizer's state fix-ups around a checkpoint load."""
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ def ddp_config(config: RunConfig) -> DistributedDataParallelConfig:
 
 
 def wrap_for_training(config: RunConfig, chunks: list) -> list:
-    """bf16 chunks go into Float16Module; every chunk into megatron's DistributedDataParallel (ddp_config).
+    """bf16 and fp16 chunks go into Float16Module; every chunk into megatron's DistributedDataParallel (ddp_config).
 
     DDP owns the contiguous gradient buffers that the optimizer (and the distributed optimizer's
     reduce-scatter) works on. Collectives: DDP's parameter broadcast over the data-parallel group.
     """
     tf_config = chunks[0].config
-    if config.optimizer.bf16:
+    if config.optimizer.half_precision:
         chunks = [Float16Module(tf_config, chunk) for chunk in chunks]
     settings = ddp_config(config)
     return [
@@ -98,6 +98,15 @@ def build_optimizer(config: RunConfig, model: List, timers=None) -> Tuple[object
             sgd_momentum=o.sgd_momentum,
             clip_grad=o.clip_grad,
             bf16=o.bf16,
+            # --fp16: megatron's mixed-precision optimizer with a ConstantGradScaler (--loss-scale) or a
+            # DynamicGradScaler (growth x2 every --loss-scale-window clean steps, backoff x0.5 after
+            # --hysteresis overflows), as Megatron-LM configures it from the same flags.
+            fp16=o.fp16,
+            loss_scale=o.loss_scale,
+            initial_loss_scale=o.initial_loss_scale,
+            min_loss_scale=o.min_loss_scale,
+            loss_scale_window=o.loss_scale_window,
+            hysteresis=o.hysteresis,
             params_dtype=model[0].config.params_dtype,
             use_distributed_optimizer=config.parallel.use_distributed_optimizer,
             overlap_param_gather=config.parallel.overlap_param_gather,  # mirrors DDP's, as megatron asks
@@ -158,6 +167,9 @@ class UpdateResult(NamedTuple):
     grad_norm: Optional[float]  # the global norm before clipping; None when not computed (fp16 overflow)
     skipped_because: Optional[str]  # None when applied
     num_zeros_in_grad: Optional[int] = None  # with --log-num-zeros-in-grad, when the update was applied
+    # The loss scaler (--fp16) found inf/NaN in the scaled gradients: an expected event of loss scaling (the
+    # dynamic scale is too large), not a divergence; the scaler has already lowered the scale if due.
+    overflowed: bool = False
 
 
 def step_unless_non_finite(optimizer) -> UpdateResult:
@@ -174,12 +186,16 @@ def step_unless_non_finite(optimizer) -> UpdateResult:
     gradient entries equal to zero, as megatron's step does: over the main gradients the optimizer
     updates, one all-reduce over the same group (the whole world with the distributed optimizer).
 
+    Under --fp16 megatron's prepare_grads unscales the gradients by the loss scale, checks them for inf/NaN
+    (over the model-parallel group) and updates the grad scaler; an overflowing step is not applied
+    (UpdateResult.overflowed), as in Megatron-LM.
+
     Collectives: those of megatron's prepare_grads (the grad scaler's found-inf all-reduce) and
     get_grad_norm (all-reduce of the squared norm over the model-parallel gradient-statistics group).
     Every rank reaches the same decision because the norm is global.
     """
     if optimizer.prepare_grads():
-        return UpdateResult(False, None, "the gradients overflowed (loss scaling found inf/NaN)")
+        return UpdateResult(False, None, "the gradients overflowed (loss scaling found inf/NaN)", overflowed=True)
     grad_norm = float(optimizer.get_grad_norm())
     if not math.isfinite(grad_norm):
         return UpdateResult(False, grad_norm, f"the gradient norm is {grad_norm}")

@@ -33,12 +33,14 @@ def format_train_log(
     throughput: Optional[float] = None,
     num_zeros_in_grad: Optional[int] = None,
     params_norm: Optional[float] = None,
+    loss_scale: float = 1.0,
 ) -> str:
     """One training log line in Megatron-LM's format, extended with the weighted-loss scalars and, when
     given, the run's rate (iterations/s since this run started) and the time left to --train-iters.
 
     Given, Megatron-LM's optional fields in its places: `throughput` (TFLOP/s per GPU, --log-throughput)
-    after the time per iteration, `num_zeros_in_grad` and `params_norm` after the grad norm."""
+    after the time per iteration, `num_zeros_in_grad` and `params_norm` after the grad norm. `loss_scale`: the
+    optimizer's loss scale after the step (--fp16; 1.0 otherwise), printed as Megatron-LM does."""
     timestamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     parts = [
         f" [{timestamp}] iteration {iteration:8d}/{train_iters:8d}",
@@ -54,7 +56,7 @@ def format_train_log(
     ]
     if stats.z_loss:
         parts.append(f" z loss: {stats.z_loss:.6E}")
-    parts.append(f" loss scale: {1.0:.1f}")
+    parts.append(f" loss scale: {loss_scale:.1f}")
     if grad_norm is not None:
         parts.append(f" grad norm: {grad_norm:.3f}")
     if num_zeros_in_grad is not None:

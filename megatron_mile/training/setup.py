@@ -24,17 +24,12 @@ from megatron_mile.checkpointing.lock import SaveDirectoryLock
 from megatron_mile.checkpointing.tracker import read_metadata, resolve_checkpoint_dir
 from megatron_mile.config import RunConfig
 from megatron_mile.model import build_model
+from megatron_mile.training import batch_size
 from megatron_mile.training import data as run_data
 from megatron_mile.training.initialize import initialize_parallel, print_rank_0, set_random_seeds
 from megatron_mile.training.optimizer import build_optimizer, wrap_for_training
 from megatron_mile.training.step import LossCollector, configure_schedules
 from megatron_mile.training.timing import build_timers
-
-
-def num_micro_batches(config: RunConfig) -> int:
-    t = config.training
-    dp = parallel_state.get_data_parallel_world_size()
-    return t.global_batch_size // (t.micro_batch_size * dp)
 
 
 def _data_iterators(config: RunConfig, model: list, dataset, consumed_samples: int, cycle: bool) -> list:
@@ -71,7 +66,7 @@ class TrainingSetup:
     scheduler: object
     train_iterators: list
     valid_iterators: Optional[list]
-    num_micro_batches: int
+    num_micro_batches: int  # of the coming training step (set before each step with --rampup-batch-size)
     loss_collector: LossCollector  # the schedules' finalize hook is bound to it (configure_schedules)
     config_dict: dict
     vocab_size: int
@@ -207,7 +202,9 @@ def _build_training_state(config: RunConfig, model_provider, dataset_provider) -
     iteration, consumed_samples, consumed_valid_samples, flops_so_far = _load_at_start(config, model, optimizer,
                                                                                        scheduler, config_dict)
 
-    num_micro = num_micro_batches(config)
+    # As Megatron-LM: megatron-core's calculator gives each step's micro-batches from the consumed samples.
+    batch_size.init_calculator(config)
+    num_micro = batch_size.micro_batches_for_step(consumed_samples)
     train_ds, valid_ds = dataset_provider(config, tokenizer, eval_samples)
     train_iterators = _data_iterators(config, model, train_ds, consumed_samples, cycle=False)
     valid_iterators = None

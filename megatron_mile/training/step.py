@@ -9,6 +9,14 @@ function returns the UN-normalised sum(w * ce), whose gradients accumulate in DD
 `finalize_model_grads` divides all gradients once by the global W = sum(w), which it first broadcasts from
 the last pipeline stage and all-reduces over data-parallel ranks. Because w is detached this is the exact
 gradient of L, whatever the TP/PP/DP sizes and micro-batch count.
+
+Loss scaling (--fp16, or --loss-scale): Megatron-LM's loss scale multiplies the gradient of the step's MEAN
+loss (its schedules scale the per-micro-batch mean divided by the number of micro-batches). The sums here
+would put W times larger values into the fp16 gradients, so a scale from a Megatron-LM script would
+overflow. The schedules' grad_scale_func therefore multiplies each micro-batch's sum by
+loss_scale / T, with T = this rank's tokens in the step (micro-batch size x sequence length x micro-batches),
+and finalize divides by W / T instead of W: T cancels (to fp32 rounding), and the fp16 gradients hold
+loss scale x the gradient of the mean loss, as in Megatron-LM. The optimizer divides by the loss scale.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config, unw
 from megatron_mile import device
 from megatron_mile.loss import MicroBatchLoss, StepLoss, all_reduce_step_loss, reduce_micro_batch
 from megatron_mile.model import CE, ENTROPY, LOSS, WEIGHT, Z_LOSS, request_entropy
+from megatron_mile.training.batch_size import num_micro_batches
 from megatron_mile.training.optimizer import step_unless_non_finite
 
 _STEP_LOSS_FIELDS = ("loss", "lm_loss", "weight_sum", "tokens", "mean_entropy", "weight_mean", "weight_min", "weight_max",
@@ -44,9 +53,12 @@ class LossCollector:
     def __init__(self, keep_token_values: bool = False) -> None:
         self.start_step(keep_token_values)
 
-    def start_step(self, keep_token_values: bool = False) -> None:
-        """Forget the previous step's micro-batches; keep per-token values this step when asked."""
+    def start_step(self, keep_token_values: bool = False, token_normaliser: float = 1.0) -> None:
+        """Forget the previous step's micro-batches; keep per-token values this step when asked.
+
+        token_normaliser: T of the module docstring (loss scaling only; 1 leaves the sums as they are)."""
         self.parts: List[MicroBatchLoss] = []
+        self.token_normaliser = token_normaliser
         self.global_weight_sum: Optional[float] = None
         # Per-token [weight, entropy] of the loss-masked tokens, kept only when asked (histogram steps).
         self.keep_token_values = keep_token_values
@@ -79,8 +91,19 @@ class LossCollector:
         """
         del num_tokens  # an int token count; the weighted loss needs the float W
         weight_sum = self.local_weight_sum()
+        if self.token_normaliser != 1.0:  # loss scaling divided the sums by T (module docstring)
+            weight_sum /= self.token_normaliser
         finalize_model_grads(model, num_tokens=weight_sum, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
-        self.global_weight_sum = float(weight_sum)
+        self.global_weight_sum = float(weight_sum) * self.token_normaliser
+
+    def scaled_loss_func(self, optimizer) -> Callable:
+        """The schedules' grad_scale_func: the micro-batch's loss sum times the optimizer's loss scale / T,
+        applied once, to the loss tensor backward starts from (megatron's backward_step)."""
+
+        def scale(loss: torch.Tensor) -> torch.Tensor:
+            return optimizer.scale_loss(loss) / self.token_normaliser
+
+        return scale
 
 
 def step_statistics(parts: List[MicroBatchLoss]) -> StepLoss:
@@ -163,6 +186,8 @@ class StepResult:
     token_values: Optional[torch.Tensor] = None
     # Gradient entries equal to zero, over all ranks (--log-num-zeros-in-grad, applied updates only).
     num_zeros_in_grad: Optional[int] = None
+    # Skipped because the fp16 loss scaler found an overflow (megatron_mile.training.optimizer.UpdateResult).
+    overflowed: bool = False
 
 
 def configure_schedules(model: list, optimizer, collector: LossCollector, run_config, timers=None) -> None:
@@ -181,7 +206,10 @@ def configure_schedules(model: list, optimizer, collector: LossCollector, run_co
         hooks = [getattr(chunk, method) for chunk in model]
         return hooks if len(hooks) > 1 else hooks[0]
 
-    config.grad_scale_func = optimizer.scale_loss
+    # Under loss scaling the scale is applied with the normaliser T (module docstring); otherwise the
+    # optimizer's scale is 1 and the sums go to backward as they are.
+    scaled = run_config.optimizer.fp16 or run_config.optimizer.loss_scale is not None
+    config.grad_scale_func = collector.scaled_loss_func(optimizer) if scaled else optimizer.scale_loss
     config.no_sync_func = per_chunk("no_sync")
     config.finalize_model_grads_func = collector.finalize_grads
     config.timers = timers
@@ -191,14 +219,15 @@ def configure_schedules(model: list, optimizer, collector: LossCollector, run_co
     config.param_sync_func = per_chunk("start_param_sync") if aligned_gather else None
 
 
-def _run_schedule(setup, collector: LossCollector, forward_only: bool, data_iterators: list) -> None:
-    """One pass of megatron's schedule over setup.num_micro_batches micro-batches."""
+def _run_schedule(setup, collector: LossCollector, forward_only: bool, data_iterators: list,
+                  num_micro_batches: int) -> None:
+    """One pass of megatron's schedule over `num_micro_batches` micro-batches."""
     model = setup.model
     get_forward_backward_func()(
         forward_step_func=make_forward_step(collector, timers=getattr(setup, "timers", None)),
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
         model=model,
-        num_microbatches=setup.num_micro_batches,
+        num_microbatches=num_micro_batches,
         seq_length=setup.config.model.seq_length,
         micro_batch_size=setup.config.training.micro_batch_size,
         forward_only=forward_only,
@@ -229,12 +258,14 @@ def train_step(setup, want_entropy: bool = False, keep_token_values: bool = Fals
     if timers is not None:
         timers("optimizer").stop()
     if update.applied:
-        # The schedule counts samples, as Megatron-LM's (training.optimizer.scheduler_settings).
-        setup.scheduler.step(increment=setup.config.training.global_batch_size)
+        # The schedule counts samples, as Megatron-LM's (training.optimizer.scheduler_settings): this step's
+        # global batch, smaller than --global-batch-size during a --rampup-batch-size ramp.
+        setup.scheduler.step(increment=step_global_batch_size(setup))
     else:
         _discard_gradients(setup)
     return StepResult(stats, update.grad_norm, skipped=not update.applied, skipped_because=update.skipped_because,
-                      token_values=token_values, num_zeros_in_grad=update.num_zeros_in_grad)
+                      token_values=token_values, num_zeros_in_grad=update.num_zeros_in_grad,
+                      overflowed=update.overflowed)
 
 
 def compute_gradients(setup, want_entropy: bool = False, keep_token_values: bool = False) -> StepLoss:
@@ -246,11 +277,26 @@ def compute_gradients(setup, want_entropy: bool = False, keep_token_values: bool
     and of step_statistics.
     """
     collector = setup.loss_collector
-    collector.start_step(keep_token_values)
+    collector.start_step(keep_token_values, loss_scale_normaliser(setup))
     request_entropy(setup.model, want_entropy)
     _discard_gradients(setup)  # the previous step's gradients
-    _run_schedule(setup, collector, forward_only=False, data_iterators=setup.train_iterators)
+    _run_schedule(setup, collector, forward_only=False, data_iterators=setup.train_iterators,
+                  num_micro_batches=setup.num_micro_batches)
     return step_statistics(collector.parts)
+
+
+def step_global_batch_size(setup) -> int:
+    """Samples in the coming training step over all data-parallel ranks: micro-batches x micro-batch size x DP."""
+    dp = parallel_state.get_data_parallel_world_size()
+    return setup.num_micro_batches * setup.config.training.micro_batch_size * dp
+
+
+def loss_scale_normaliser(setup) -> float:
+    """T: this rank's tokens in the coming step under loss scaling (module docstring), 1.0 without."""
+    config = setup.config
+    if not (config.optimizer.fp16 or config.optimizer.loss_scale is not None):
+        return 1.0
+    return float(config.training.micro_batch_size * config.model.seq_length * setup.num_micro_batches)
 
 
 def _discard_gradients(setup) -> None:
@@ -269,8 +315,10 @@ def evaluate(setup, data_iterators=None) -> StepLoss:
     request_entropy(model, True)
     with torch.no_grad():
         for _ in range(setup.config.training.eval_iters):
+            # As Megatron-LM, validation batches are full --global-batch-size ones, ramp or not.
             _run_schedule(setup, collector, forward_only=True,
-                          data_iterators=setup.valid_iterators if data_iterators is None else data_iterators)
+                          data_iterators=setup.valid_iterators if data_iterators is None else data_iterators,
+                          num_micro_batches=num_micro_batches(setup.config))
     for chunk in model:
         chunk.train()
     return step_statistics(collector.parts)

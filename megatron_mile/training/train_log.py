@@ -58,21 +58,23 @@ class TrainingLog:
                  progress: reporting.ProgressLine, start_iteration: int, run_start: float) -> None:
         t = config.training
         self.config, self.training = config, t
-        self.model, self.timers = setup.model, setup.timers
+        self.model, self.timers, self.optimizer = setup.model, setup.timers, setup.optimizer
         self.tensorboard, self.progress = tensorboard, progress
         self.start_iteration, self.run_start = start_iteration, run_start
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.tokens_per_iteration = t.global_batch_size * config.model.seq_length
-        vocab = padded_vocab_size(setup.vocab_size, config.parallel.tensor_model_parallel_size,
-                                  config.model.make_vocab_size_divisible_by)
-        self.flops_per_iteration = num_floating_point_operations(config.model, t.global_batch_size, vocab)
+        self.vocab = padded_vocab_size(setup.vocab_size, config.parallel.tensor_model_parallel_size,
+                                       config.model.make_vocab_size_divisible_by)
         self.losses = IntervalLosses()
         self.interval_start = time.time()
-        self.interval_iterations = 0
+        # Over the iterations since the last log line: their count, samples (each step's global batch, which
+        # --rampup-batch-size grows) and floating-point operations.
+        self.interval_iterations = self.interval_samples = 0
+        self.interval_flops = 0.0
 
     def after_step(self, iteration: int, consumed_samples: int, step, learning_rate: float, skipped_total: int,
-                   nan_total: int) -> None:
-        """Report the step just taken (`step`: a megatron_mile.training.step.StepResult).
+                   nan_total: int, global_batch_size: int) -> None:
+        """Report the step just taken (`step`: a megatron_mile.training.step.StepResult) of `global_batch_size`
+        samples.
 
         Collectives, on every rank and only when asked for: the parameters' norm (--log-params-norm, on the
         iterations that log or write TensorBoard scalars) and the timers' all-gathers (--timing-log-level
@@ -80,6 +82,8 @@ class TrainingLog:
         """
         t = self.training
         self.interval_iterations += 1
+        self.interval_samples += global_batch_size
+        self.interval_flops += num_floating_point_operations(self.config.model, global_batch_size, self.vocab)
         self.losses.add(step.stats, step.skipped)
         log_now = iteration % t.log_interval == 0
         # From the flags, not from this rank's writer: the norm is a collective every rank joins.
@@ -87,12 +91,16 @@ class TrainingLog:
         tensorboard_now = writes_scalars and iteration % t.tensorboard_log_interval == 0
         params_norm = None
         if t.log_params_norm and (log_now or tensorboard_now):
-            params_norm = diagnostics.params_l2_norm(self.model, self.config.optimizer.bf16)
+            params_norm = diagnostics.params_l2_norm(self.model, self.config.optimizer.half_precision)
         if tensorboard_now:
             self.tensorboard.scalars(iteration, self._iteration_scalars(step, learning_rate, params_norm))
         if log_now:
             self._log_interval(iteration, consumed_samples, step, learning_rate, skipped_total, nan_total,
-                               params_norm)
+                               params_norm, global_batch_size)
+
+    def loss_scale(self) -> float:
+        """The optimizer's current loss scale (megatron's grad scaler under --fp16; 1.0 otherwise)."""
+        return float(self.optimizer.get_loss_scale())
 
     def _iteration_scalars(self, step, learning_rate: float, params_norm: Optional[float]) -> Dict[str, float]:
         """The scalars of one iteration (--tensorboard-log-interval)."""
@@ -102,18 +110,21 @@ class TrainingLog:
                   "train/params norm": params_norm, "train/num zeros": step.num_zeros_in_grad}
         if stats.z_loss:
             values["train/z loss"] = stats.z_loss
+        if self.config.optimizer.fp16:
+            values["train/loss scale"] = self.loss_scale()  # Megatron-LM's loss-scale scalar
         if self.training.log_memory_to_tensorboard:
             values.update(diagnostics.memory_scalars())
         return values
 
     def _log_interval(self, iteration: int, consumed_samples: int, step, learning_rate: float,
-                      skipped_total: int, nan_total: int, params_norm: Optional[float]) -> None:
-        """The log line, the interval's TensorBoard scalars and the timers, then a new interval."""
+                      skipped_total: int, nan_total: int, params_norm: Optional[float], global_batch_size: int) -> None:
+        """The log line (with the logged step's global batch size, as Megatron-LM's), the interval's TensorBoard
+        scalars and the timers, then a new interval."""
         t = self.training
         elapsed = time.time() - self.interval_start
         per_iteration = elapsed / self.interval_iterations
-        tokens_per_second = self.tokens_per_iteration / per_iteration
-        throughput = throughput_per_gpu(self.flops_per_iteration, per_iteration, self.world_size)
+        tokens_per_second = self.interval_samples * self.config.model.seq_length / elapsed
+        throughput = throughput_per_gpu(self.interval_flops / self.interval_iterations, per_iteration, self.world_size)
         # The run's average rate so far (validation and saves included, as the ETA must count them).
         rate = (iteration - self.start_iteration) / max(time.time() - self.run_start, 1e-9)
         eta = (t.train_iters - iteration) / rate
@@ -126,10 +137,11 @@ class TrainingLog:
             print(
                 reporting.format_train_log(
                     iteration, t.train_iters, consumed_samples, per_iteration * 1000.0, learning_rate,
-                    t.global_batch_size, self.losses.mean(step.stats), step.grad_norm, tokens_per_second,
+                    global_batch_size, self.losses.mean(step.stats), step.grad_norm, tokens_per_second,
                     skipped_total, nan_total, self.config.loss.loss_type, rate, eta,
                     throughput=throughput if t.log_throughput else None,
                     num_zeros_in_grad=step.num_zeros_in_grad, params_norm=params_norm,
+                    loss_scale=self.loss_scale(),
                 ),
                 flush=True,
             )
@@ -143,3 +155,4 @@ class TrainingLog:
         self.tensorboard.scalars(iteration, interval)
         self.losses.reset()
         self.interval_start, self.interval_iterations = time.time(), 0
+        self.interval_samples, self.interval_flops = 0, 0.0
