@@ -15,6 +15,10 @@ import regex
 from megatron_mile.data.cli import preprocess_main
 from megatron_mile.data.tokenizers import TokenizerError, build_tokenizer
 
+# The model-shape flags a run requires (as in Megatron-LM); tiny, since only the tokenizer matters here.
+SHAPE = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+         "--micro-batch-size", "1"]
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. It was not amused!",
     "Python's standard library is very extensive, offering a wide range of facilities.",
@@ -193,7 +197,7 @@ def test_tiktokenizer_needs_the_tiktoken_package(tmp_path):
         build_tokenizer("TikTokenizer", tokenizer_model=str(tmp_path / "vocab.json"), tiktoken_pattern="v2",
                         vocab_size=1259)
     with pytest.raises(ConfigError, match="needs the tiktoken package"):
-        parse_args(["--mock-data", "--train-iters", "1", "--tokenizer-type", "TikTokenizer", "--tokenizer-model",
+        parse_args(["--mock-data", *SHAPE, "--train-iters", "1", "--tokenizer-type", "TikTokenizer", "--tokenizer-model",
                     str(tmp_path / "vocab.json"), "--tiktoken-pattern", "v2"])
 
 
@@ -359,7 +363,7 @@ def test_the_run_builds_the_named_sentencepiece_tokenizer(tok_dir, kind):
     from megatron_mile.config import ConfigError
     from megatron_mile.training.data import build_run_tokenizer
 
-    base = ["--mock-data", "--train-iters", "1", "--tokenizer-type", kind]
+    base = ["--mock-data", *SHAPE, "--train-iters", "1", "--tokenizer-type", kind]
     with pytest.raises(ConfigError, match=f"{kind} needs --tokenizer-model"):
         parse_args(base)
     tok = build_run_tokenizer(parse_args(base + ["--tokenizer-model", str(tok_dir / "sp.model")]))
@@ -370,7 +374,7 @@ def test_the_run_builds_the_named_sentencepiece_tokenizer(tok_dir, kind):
 def test_tiktoken_pattern_with_another_tokenizer_is_said_unused():
     from megatron_mile.arguments import parse_args
 
-    base = ["--mock-data", "--train-iters", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"]
+    base = ["--mock-data", *SHAPE, "--train-iters", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"]
     config = parse_args(base + ["--tiktoken-pattern", "v2"])
     assert [n for n in config.notes if n.startswith("--tiktoken-pattern v2: only TikTokenizer reads it")]
-    assert parse_args(base).notes == []
+    assert not [n for n in parse_args(base).notes if n.startswith("--tiktoken-pattern")]

@@ -38,7 +38,7 @@ from megatron_mile.vocab import padded_vocab_size
 # Seconds the processes may take to build, fill and save (a large model on CPU takes minutes).
 IMPORT_TIMEOUT_S = 24 * 3600.0
 # Flags a configuration check needs but the checkpoint does not depend on (data and length of a run).
-_CHECK_ONLY_FLAGS = ["--mock-data", "--train-iters", "1"]
+_CHECK_ONLY_FLAGS = ["--mock-data", "--train-iters", "1", "--micro-batch-size", "1"]
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,7 @@ def _train(config: RunConfig, control: RunControl, setup) -> TrainingResult:
             iteration += 1
             consumed_samples += global_batch_size
             # As Megatron-LM counts them: every iteration's model FLOPs, skipped updates included (checkpointed).
-            setup.num_floating_point_operations_so_far += int(training_log.flops_per_iteration)
+            setup.num_floating_point_operations_so_far += int(training_log.step_flops(global_batch_size))
             control.after_step(iteration)
             finish_pending_save(blocking=False)  # an --async-save checkpoint whose writers are all done
             learning_rate = optimizer.param_groups[0]["lr"]

@@ -71,6 +71,11 @@ class TrainingLog:
         self.interval_iterations = self.interval_samples = 0
         self.interval_flops = 0.0
 
+    def step_flops(self, global_batch_size: int) -> float:
+        """The model's floating-point operations of one step of `global_batch_size` samples (forward and
+        backward, as Megatron-LM counts them: megatron_mile.training.flops)."""
+        return num_floating_point_operations(self.config.model, global_batch_size, self.vocab)
+
     def after_step(self, iteration: int, consumed_samples: int, step, learning_rate: float, skipped_total: int,
                    nan_total: int, global_batch_size: int) -> None:
         """Report the step just taken (`step`: a megatron_mile.training.step.StepResult) of `global_batch_size`
@@ -83,7 +88,7 @@ class TrainingLog:
         t = self.training
         self.interval_iterations += 1
         self.interval_samples += global_batch_size
-        self.interval_flops += num_floating_point_operations(self.config.model, global_batch_size, self.vocab)
+        self.interval_flops += self.step_flops(global_batch_size)
         self.losses.add(step.stats, step.skipped)
         log_now = iteration % t.log_interval == 0
         # From the flags, not from this rank's writer: the norm is a collective every rank joins.
