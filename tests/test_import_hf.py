@@ -338,7 +338,7 @@ def test_the_command_line_prints_a_training_command_that_matches_the_checkpoint(
     command = shlex.split(printed[printed.index("torchrun"):].replace("\\\n", " ").split("<")[0])
     assert command[:4] == ["torchrun", "--nproc_per_node", "1", "pretrain_gpt_mile.py"]
     assert command[-4:] == ["--load", "RUN_DIR", "--save", "RUN_DIR"]
-    config = parse_args(command[4:-4] + ["--mock-data", "--train-iters", "1"])
+    config = parse_args(command[4:-4] + ["--mock-data", "--train-iters", "1", "--micro-batch-size", "1"])  # the run's own
     assert config.training.pretrained_checkpoint == str(save)
     assert config.data.tokenizer_model == str(save / "tokenizer.json")
 
