@@ -1,27 +1,25 @@
 """The megatron-core releases this project runs on, and the seams where they differ.
 
-Supported: megatron-core 0.16.1 (Python 3.10/3.11, the newest release that installs there) and 0.19.x
-(Python >= 3.12). Every other module of the project imports the names below from here instead of from
-the megatron-core module that holds them in one release, so a release change is adapted in this package
+Supported: megatron-core 0.16.1 (Python 3.10/3.11, the newest release that installs there) and 0.19.x from
+0.19.2 (Python >= 3.12; 0.19.2 is the release checked). What differs between them is imported from here, not
+from the megatron-core module that holds it in one release, so a release change is adapted in this package
 alone. Each seam uses megatron-core's public API where the installed release has it, and a narrow adapter
 where it does not:
 
-=====================  ==========================================  ==========================================
-seam                   0.16.1                                      0.19.x
-=====================  ==========================================  ==========================================
-checkpoint.load_       ``dist_checkpointing.load`` with a           ``dist_checkpointing.load`` has no common
-torch_dist             ``common_strategy`` (a                       strategy (``TorchCommonLoadStrategy`` was
-                       ``TorchCommonLoadStrategy`` subclass) that   removed in 0.17) and reads ``common.pt``
-                       reads ``common.pt`` the caller's way         itself: its load steps are composed here
-                                                                    from megatron-core's public helpers
-                                                                    around the caller's ``common.pt`` reader
-checkpoint.TorchDist   ``TorchDistSaveShardedStrategy`` (public     the same class (its ``strategies.base``
-SaveStrategy           in both; derives from ``strategies.base``)   base module was deleted in 0.19);
-                                                                    ``dist_checkpointing.save`` accepts no
-                                                                    other strategy type
-model.GPTModelWith     overrides GPTModel's private                 the public ``output_processor`` hook of
-OutputHook             ``_postprocess`` (the only way in)           ``GPTModel.forward`` (0.18+)
-=====================  ==========================================  ==========================================
+- `checkpoint.load_torch_dist` (reading ``common.pt`` the project's safe way)
+    0.16.1: public ``dist_checkpointing.load`` with a ``common_strategy`` (a ``TorchCommonLoadStrategy``
+    subclass around the caller's reader).
+    0.19.x: ``TorchCommonLoadStrategy`` was removed (0.17) and ``load`` reads ``common.pt`` itself with a
+    plain ``torch.load``: its steps are composed from megatron-core's public checkpoint helpers around the
+    caller's reader.
+- `checkpoint.TorchDistSaveStrategy` / `TorchDistLoadStrategy` (bases of the in-process writer and the safe
+  reader)
+    both: megatron-core's public ``TorchDistSaveShardedStrategy`` / ``TorchDistLoadShardedStrategy``; 0.19
+    deleted their 0.16.1 base module ``strategies.base``, and its ``dist_checkpointing.save`` accepts no other
+    strategy type.
+- `model.GPTModelWithLossHook` (the loss mask and the fused LM head where megatron computes the LM loss)
+    0.16.1: overrides GPTModel's private ``_postprocess`` (there is no public way in).
+    0.19.x: the public ``output_processor`` hook of ``GPTModel.forward`` (0.18+).
 
 Not adapted (the same public names in both releases, checked): ``parallel_state``, ``tensor_parallel``,
 ``get_forward_backward_func``, ``OptimizerParamScheduler``, ``get_megatron_optimizer``, megatron DDP,
@@ -39,7 +37,7 @@ from importlib import metadata
 from packaging.version import Version
 
 # The releases whose seams this package was written and tested against: (first, first not supported).
-SUPPORTED_RANGES = ((Version("0.16.1"), Version("0.16.2")), (Version("0.19.0"), Version("0.20.0")))
+SUPPORTED_RANGES = ((Version("0.16.1"), Version("0.16.2")), (Version("0.19.2"), Version("0.20.0")))
 
 
 class UnsupportedMegatronCore(ImportError):
