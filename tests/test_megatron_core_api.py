@@ -91,3 +91,57 @@ def test_every_cpu_patch_target_exists_on_the_installed_release():
     finally:
         if not was_enabled:
             cpu_compat.disable()
+
+
+def _seam_worker(fused: bool):
+    """Worker body: one tiny model forward with labels and a loss mask, and one without labels. Returns what
+    compute_language_model_loss saw, whether the fused head ran, and the output shapes."""
+    from tiny_model import TINY_LLAMA, build_tiny_model, tiny_config
+
+    argv = TINY_LLAMA + ["--loss-type", "cross_entropy"] + (["--fused-lm-head"] if fused else [])
+    config = tiny_config(argv)
+    (chunk,) = build_tiny_model(config, 300)
+    seen = {"masks": [], "fused_calls": 0}
+    original_loss = chunk.compute_language_model_loss
+
+    def capture(labels, logits):
+        seen["masks"].append(None if chunk.loss_mask_in_flight is None else chunk.loss_mask_in_flight.clone())
+        return original_loss(labels, logits)
+
+    chunk.compute_language_model_loss = capture
+    gpt_module = importlib.import_module("megatron_mile.model.gpt")
+    original_fused = gpt_module.fused_language_model_loss
+
+    def count_fused(*args, **kwargs):
+        seen["fused_calls"] += 1
+        return original_fused(*args, **kwargs)
+
+    gpt_module.fused_language_model_loss = count_fused
+    try:
+        gen = torch.Generator().manual_seed(5)
+        seq = config.model.seq_length
+        tokens = torch.randint(0, 300, (2, seq), generator=gen)
+        labels = torch.randint(0, 300, (2, seq), generator=gen)
+        loss_mask = (torch.rand(2, seq, generator=gen) > 0.3).float()
+        positions = torch.arange(seq).expand(2, -1)
+        packed = chunk(tokens, positions, None, labels=labels, loss_mask=loss_mask)
+        logits = chunk(tokens, positions, None)
+    finally:
+        gpt_module.fused_language_model_loss = original_fused
+    return dict(masks=seen["masks"], fused_calls=seen["fused_calls"], loss_mask=loss_mask,
+                packed_shape=tuple(packed.shape), logits_shape=tuple(logits.shape),
+                mask_after=chunk.loss_mask_in_flight)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused_lm_head"])
+def test_loss_hook_sees_the_micro_batch_loss_mask(dist_pool, fused):
+    report = dist_pool(1).run(_seam_worker, fused)[0]
+    if fused:
+        assert report["fused_calls"] == 1 and report["masks"] == []
+    else:
+        assert report["fused_calls"] == 0 and len(report["masks"]) == 1
+        assert torch.equal(report["masks"][0], report["loss_mask"])
+    seq = report["loss_mask"].shape[1]
+    assert report["packed_shape"] == (2, seq, 5)  # [b, s, (loss, ce, weight, entropy, z-loss)]
+    assert report["logits_shape"][:2] == (2, seq)  # without labels: megatron's logits [b, s, V]
+    assert report["mask_after"] is None
