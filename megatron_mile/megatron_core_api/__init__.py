@@ -17,6 +17,9 @@ where it does not:
     both: megatron-core's public ``TorchDistSaveShardedStrategy`` / ``TorchDistLoadShardedStrategy``; 0.19
     deleted their 0.16.1 base module ``strategies.base``, and its ``dist_checkpointing.save`` accepts no other
     strategy type.
+- `parallel.batch_on_this_context_parallel_rank` (this CP rank's chunks of every sequence)
+    0.16.1: ``get_batch_on_this_cp_rank(batch)``.
+    0.19.x: the same function with a required ``is_hybrid_cp`` (False here).
 - `model.GPTModelWithLossHook` (the loss mask and the fused LM head where megatron computes the LM loss)
     0.16.1: overrides GPTModel's private ``_postprocess`` (there is no public way in).
     0.19.x: the public ``output_processor`` hook of ``GPTModel.forward`` (0.18+).
