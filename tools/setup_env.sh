@@ -48,7 +48,7 @@ if ! installed; then
   CONSTRAINTS="$(mktemp)"
   echo "$TORCH_PIN" > "$CONSTRAINTS"
   if [ -n "$MCORE_PIN" ]; then echo "$MCORE_PIN" >> "$CONSTRAINTS"; fi
-  echo "[setup] installing $TORCH_PIN (CPU build) into $VENV"
+  echo "[setup] installing $TORCH_PIN into $VENV"
   progress_pip "$TORCH_PIN"
   echo "[setup] installing megatron_mile${EXTRAS:+[$EXTRAS]} and its dependencies (megatron-core, ...)"
   progress_pip -c "$CONSTRAINTS" -e "$SPEC"
