@@ -26,8 +26,10 @@ where it does not:
 
 Not adapted (the same public names in both releases, checked): ``parallel_state``, ``tensor_parallel``,
 ``get_forward_backward_func``, ``OptimizerParamScheduler``, ``get_megatron_optimizer``, megatron DDP,
-``megatron.core.datasets``. The CPU layer's patch table (megatron_mile.cpu_compat) states per release what
-each patch covers.
+``megatron.core.datasets``. One behaviour differs and is not adapted yet: 0.19's optimizer
+``load_state_dict`` matches saved parameter groups by their learning-rate bounds, so a resume that changes
+``--lr`` / ``--min-lr`` fails there (docs/megatron-core-versions.md). The CPU layer's patch table
+(megatron_mile.cpu_compat) states per release what each patch covers.
 
 Importing this package reads megatron-core's distribution metadata only; the submodules import what they
 adapt.
