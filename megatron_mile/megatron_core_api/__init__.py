@@ -58,7 +58,9 @@ def installed_version() -> Version:
     except metadata.PackageNotFoundError:
         from megatron.core import package_info  # noqa: PLC0415 - only without distribution metadata
 
-        return Version(package_info.__version__)
+        # Not __version__: it appends the short hash of whatever git checkout holds megatron-core's files
+        # (a venv inside this project's clone gets this project's hash).
+        return Version(package_info.__shortversion__ + package_info.PRE_RELEASE)
 
 
 def _check(version: Version) -> Version:
