@@ -1,8 +1,9 @@
 # megatron-mile on NVIDIA's PyTorch container: CUDA, NCCL, torch, Transformer Engine and apex come from
 # the base image; this image adds megatron-core and this project. Usage: docs/docker.md.
 #
-# Pinned release: 25.01 ships Python 3.12, torch 2.6 (NVIDIA build) and Transformer Engine 1.x/2.x.
-FROM nvcr.io/nvidia/pytorch:25.01-py3
+# Pinned release: 25.12 (NVIDIA's release notes: Python 3.12, CUDA 13.1.0, torch 2.10.0a0), so megatron-core
+# 0.19.x installs (it needs Python >= 3.12 and torch >= 2.6; its wheel is built for CPython 3.12 only).
+FROM nvcr.io/nvidia/pytorch:25.12-py3
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -17,7 +18,7 @@ WORKDIR /workspace/megatron-mile
 # Pin whatever torch the base image has, so no dependency resolution can reinstall it; then the
 # dependencies (setup.py's install_requires), in a layer that stays cached while the sources change.
 RUN python -c "import torch; print('torch==' + torch.__version__)" > /etc/pip-constraints.txt \
-    && pip install --no-cache-dir "megatron-core>=0.16.1,<0.17" "nltk>=3.9" "tokenizers>=0.19" \
+    && pip install --no-cache-dir "megatron-core>=0.19.2,<0.20" "nltk>=3.9" "tokenizers>=0.19" \
         "sentencepiece>=0.2" "zstandard>=0.22"
 
 COPY . .

@@ -1,9 +1,11 @@
 """Package metadata for megatron-mile.
 
 Pins, and why:
-- Python 3.11 (this project's CPU machines): megatron-core 0.16.1 is the newest release that installs.
-  NVIDIA's PyTorch containers ship Python 3.12, where megatron-core >=0.16.1,<0.17 is what the tests cover;
-  newer 0.17+ releases import triton unconditionally and are not yet supported.
+- megatron-core, per Python version (environment markers): on Python < 3.12, 0.16.1, the newest release that
+  installs there; on Python >= 3.12 (NVIDIA's PyTorch containers, the CI's second lane), 0.19.x from 0.19.2
+  (0.17+ need Python 3.12). The two releases differ in a few seams, adapted in megatron_mile.megatron_core_api;
+  0.17 and 0.18 are not supported. 0.19 imports triton at module level, which the torch wheels from the index
+  bring (a CPU-only torch build does not).
 - torch: a range that the 2.13.0 CPU wheel satisfies, so an install never pulls a CUDA build by itself.
 - eval (also in test, so CI runs the export, lm-evaluation-harness and plot tests): transformers and lm-eval are
   pinned to the releases the export was checked against; lm-eval's `hf` extra brings accelerate, which its
@@ -28,15 +30,16 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.10,<3.13",
     packages=find_packages(include=["megatron_mile", "megatron_mile.*"]),
     include_package_data=True,
     package_data={"megatron_mile": ["data/*.json"]},
     install_requires=[
         "torch>=2.4,<=2.13.0",
-        # Pinned where it is the newest release (Python 3.11); the range tested in NVIDIA's 3.12 containers.
+        # The releases megatron_mile.megatron_core_api supports (SUPPORTED_RANGES), per Python version.
         'megatron-core==0.16.1; python_version < "3.12"',
-        'megatron-core>=0.16.1,<0.17; python_version >= "3.12"',
+        'megatron-core>=0.19.2,<0.20; python_version >= "3.12"',
+        "packaging",
         "numpy",
         "nltk>=3.9",
         "tokenizers>=0.19",

@@ -1,6 +1,6 @@
 """CPU compatibility layer: lets megatron-core's training stack run on a machine without a GPU (gloo).
 
-megatron-core 0.16.1 assumes CUDA in many places (model build, buffers, RNG, pipeline schedules, optimizer).
+megatron-core (0.16.1 and 0.19.x alike) assumes CUDA in many places (model build, buffers, RNG, pipeline schedules, optimizer).
 `enable()` neutralises those assumptions for the whole process, before any model is built;
 `megatron_mile.device.prepare_backend` calls it only when no GPU is visible, and `enable()` refuses to run
 where CUDA is available, so nothing here ever touches the GPU path.
@@ -22,8 +22,9 @@ the hot path of a training step pay (almost) nothing:
   fork and restore, and the tensor-parallel state differs across TP ranks as megatron seeds it.
 
 Every patch is a `Patch` in `PATCHES` (owner, attribute, replacement, why + megatron call site); `disable()`
-restores the originals, which the tests and the benchmark use. The table was checked against the megatron-core
-releases in `CHECKED_MEGATRON_CORE_VERSIONS` (0.16.1). Every target must already exist: `enable()` refuses,
+restores the originals, which the tests and the benchmark use. The table was checked, call site by call
+site, against the megatron-core releases in `CHECKED_MEGATRON_CORE_VERSIONS`; docs/megatron-core-versions.md
+states what each patch covers in each of them. Every target must already exist: `enable()` refuses,
 before patching anything, a table entry whose attribute its owner lacks (`PatchTargetMissing`, naming
 module.attribute and the installed megatron-core), since a renamed megatron function would otherwise get a
 replacement set beside it that nothing calls, and the CUDA path it was meant to neutralise would fail later,
@@ -56,7 +57,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 # megatron-core releases whose call sites the patch table below was checked against (module docstring).
-CHECKED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
+CHECKED_MEGATRON_CORE_VERSIONS = ("0.16.1", "0.19.2")
 
 _CPU = torch.device("cpu")
 _lock = threading.Lock()

@@ -27,11 +27,18 @@ KNOWN = (
      r"full scope is deprecated\. Use empty cuda_graph_scope"),
     ("dataset index caches of mock/blended datasets", r"(Unable|Cannot) to save \w+ indexes because path_to_cache is None"),
     ("torch's ShardedTensor deprecation inside megatron's checkpointing", r"ShardedTensor.*deprecated|Please use DTensor"),
+    # The torch wheel with CUDA libraries (Python 3.12 environments: megatron-core 0.19 imports the triton it
+    # brings) logs this when megatron imports torch.utils.cpp_extension on a machine without a GPU.
+    ("a CUDA build of torch on a machine without a GPU", r"No CUDA runtime is found, using CUDA_HOME="),
+    # megatron-core 0.19 logs it at every model build; docs/hybrid-model.md says what moving would take.
+    ("megatron-core 0.19's deprecation of GPTModel in favour of HybridModel", r"GPTModel IS DEPRECATED"),
 )
 _PATTERN = re.compile("|".join(f"(?:{pattern})" for _, pattern in KNOWN))
-# megatron-core's dataset modules log the cache messages through these loggers (log_single_rank).
+# megatron-core's dataset modules log the cache messages through these loggers (log_single_rank), its GPT
+# model the deprecation; torch's extension builder logs the CUDA_HOME one.
 _LOGGERS = ("megatron.core.datasets.gpt_dataset", "megatron.core.datasets.blended_dataset",
-            "megatron.core.datasets.blended_megatron_dataset_builder", "megatron.core.datasets.megatron_dataset")
+            "megatron.core.datasets.blended_megatron_dataset_builder", "megatron.core.datasets.megatron_dataset",
+            "torch.utils.cpp_extension", "megatron.core.models.gpt.gpt_model")
 
 _hidden = 0
 _original_showwarning = None

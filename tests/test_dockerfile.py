@@ -47,7 +47,7 @@ def test_torch_is_pinned_and_megatron_core_range_installed():
     runs = " ".join(args for op, args in ops if op == "RUN")
     env = " ".join(args for op, args in ops if op == "ENV")
     assert "PIP_CONSTRAINT=" in env and "torch.__version__" in runs
-    assert '"megatron-core>=0.16.1,<0.17"' in runs
+    assert '"megatron-core>=0.19.2,<0.20"' in runs  # setup.py's range for Python 3.12, the image's Python
     assert "pip install --no-cache-dir --no-deps -e ." in runs
     assert not re.search(r"pip install[^&]*\btorch\b", runs), "the image must keep the container's torch"
     assert "apex" not in runs  # NVIDIA apex is in the base image; PyPI's `apex` is another project
@@ -61,3 +61,12 @@ def test_runs_as_non_root_with_torchrun_entrypoint():
     assert any(op == "WORKDIR" for op, _ in ops)
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".git" in ignored and ".venv" in ignored
+
+
+def test_megatron_core_range_is_setup_pys_for_the_images_python():
+    """The image (Python 3.12) installs the megatron-core range setup.py declares for Python >= 3.12."""
+    setup_py = (REPO / "setup.py").read_text()
+    declared = re.search(r"""['"]megatron-core([^;'"]+);\s*python_version\s*>=\s*"3\.12"['"]""", setup_py)
+    assert declared, "setup.py declares no megatron-core range for Python >= 3.12"
+    runs = " ".join(args for op, args in instructions() if op == "RUN")
+    assert f'"megatron-core{declared.group(1).strip()}"' in runs

@@ -96,8 +96,12 @@ def checkpoint(corpus, dist_pool):
 
 
 def run_main(argv):
-    """Worker body: the tool's main() with its stdout and stderr captured: (exit code, stdout, stderr)."""
+    """Worker body: the tool's main() with its stdout and stderr captured: (exit code, stdout, stderr). The
+    known harmless warnings are hidden first, as tools/eval_token_buckets.py does."""
+    from megatron_mile import known_warnings
     from megatron_mile.evaluation.cli import main
+
+    known_warnings.install()
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

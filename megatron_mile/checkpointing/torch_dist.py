@@ -1,7 +1,8 @@
 """megatron-core's torch_dist checkpoint format, read safely and written in-process.
 
-The one module that touches megatron-core's dist_checkpointing strategies and torch.distributed.checkpoint:
-a new megatron-core version is adapted here (the strategy base classes moved between releases).
+The one module that touches megatron-core's dist_checkpointing strategies and torch.distributed.checkpoint.
+Where megatron-core releases differ (strategy base classes, how ``common.pt`` is read on load), the names come
+from megatron_mile.megatron_core_api.checkpoint.
 
 What is stored: megatron's sharded state dict of the model chunks (and optionally the optimizer). Every
 tensor is kept with its global shape and offset, so a checkpoint written at one TP/PP/VPP/DP layout loads
@@ -28,17 +29,13 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, CheckpointingException, save_config
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
-from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreLoadPlanner,
     MCoreSavePlanner,
-    TorchDistLoadShardedStrategy,
     _replace_sharded_keys_with_state_dict_keys,
     _replace_state_dict_keys_with_sharded_keys,
     _restore_dict_types,
@@ -53,6 +50,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 
 from megatron_mile.checkpointing import safe_load
 from megatron_mile.checkpointing.errors import CheckpointError
+from megatron_mile.megatron_core_api.checkpoint import TorchDistLoadStrategy, TorchDistSaveStrategy, load_torch_dist
 
 # How the distributed optimizer lays out its state in a checkpoint: dp_reshardable (Megatron-LM's default,
 # one tensor per gradient bucket; the DP size may change, TP/PP may not). megatron-core 0.16.1's
@@ -209,12 +207,7 @@ def load_sharded(state: dict, checkpoint_dir: Path) -> dict:
     # Read first on every rank: a refused `.metadata` stops all of them here with the same one line, instead
     # of inside torch's loader, which logs the failure with a traceback and reports another error.
     safe_load.load_checkpoint_metadata(Path(checkpoint_dir) / METADATA_FILENAME)
-    return dist_checkpointing.load(
-        state,
-        str(checkpoint_dir),
-        sharded_strategy=_SafeTorchDistLoadStrategy(),
-        common_strategy=_SafeCommonLoadStrategy(),
-    )
+    return load_torch_dist(state, Path(checkpoint_dir), _SafeTorchDistLoadStrategy(), _read_common)
 
 
 def stored_keys(checkpoint_dir: Path) -> set:
@@ -296,14 +289,15 @@ class _SafeLoadPlanner(MCoreLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = loaded
 
 
-class _SafeTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
+class _SafeTorchDistLoadStrategy(TorchDistLoadStrategy):
     """megatron-core's torch_dist load, with the safe reader and planner above (same on-disk format).
 
     Collectives: those of torch.distributed.checkpoint.load (a gather and a scatter of the load plans
     over the default group).
     """
 
-    def load(self, sharded_state_dict, checkpoint_dir: Path):
+    def load(self, sharded_state_dict, checkpoint_dir: Path, *_release_specific):
+        # (0.19's load also takes an async_strategy name, which names megatron's own reader: unused here.)
         shape_checked = [
             t for t in nested_values(sharded_state_dict)
             if isinstance(t, ShardedTensor) and not t.allow_shape_mismatch
@@ -334,15 +328,10 @@ class _SafeTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
         return super().load_tensors_metadata(checkpoint_dir, metadata)
 
 
-class _SafeCommonLoadStrategy(TorchCommonLoadStrategy):
-    """common.pt (and object shards, were any stored as files) read with weights_only=True explicitly,
-    whatever torch's default or the TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD environment variable says."""
-
-    def load_common(self, checkpoint_dir):
-        return safe_load.load_weights_only(Path(checkpoint_dir) / COMMON_FILENAME)
-
-    def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
-        raise NotImplementedError("megatron_mile checkpoints keep no per-object files")
+def _read_common(checkpoint_dir: Path) -> dict:
+    """common.pt read with weights_only=True explicitly, whatever torch's default or the
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD environment variable says."""
+    return safe_load.load_weights_only(Path(checkpoint_dir) / COMMON_FILENAME)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,7 +339,7 @@ class _SafeCommonLoadStrategy(TorchCommonLoadStrategy):
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _InProcessTorchDistSaveStrategy(SaveShardedStrategy):
+class _InProcessTorchDistSaveStrategy(TorchDistSaveStrategy):
     """Writes megatron-core's torch_dist format with torch's FileSystemWriter, in the calling thread.
 
     Collectives: those of torch.distributed.checkpoint.save (gather of the save plans to rank 0, scatter
@@ -364,5 +353,6 @@ class _InProcessTorchDistSaveStrategy(SaveShardedStrategy):
         torch_dcp.save(_torch_state_dict(sharded_state_dict), storage_writer=_writer(checkpoint_dir),
                        planner=_planner())
 
-    def can_handle_sharded_objects(self) -> bool:
-        return True
+    def async_save(self, *args, **kwargs):
+        # megatron's async save forks writer processes, which is what this strategy exists to avoid.
+        raise NotImplementedError("the in-process strategy saves synchronously; see write_sharded_async")

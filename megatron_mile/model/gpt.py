@@ -1,6 +1,7 @@
 """megatron-core's GPTModel with the MiLe / focal / cross-entropy loss where it computes its LM loss.
 
-`MileGPTModel.compute_language_model_loss` replaces megatron's vocab-parallel cross-entropy with
+`MileGPTModel.compute_language_model_loss` (megatron-core's loss hook, reached through the release-specific
+seam of megatron_mile.megatron_core_api.model) replaces megatron's vocab-parallel cross-entropy with
 megatron_mile.loss and returns, per token, the training loss (with gradient), the plain cross-entropy, the
 detached weight, entropy and z-loss, packed as [b, s, 5] (megatron_mile.model.output). The training step's loss function turns
 those into the exact global normalisation L = sum(w * ce) / sum(w) (megatron_mile.training.step). With
@@ -14,13 +15,11 @@ ColumnParallelLinear either way (never FP8: bf16 logits, upcast to fp32 statisti
 
 from __future__ import annotations
 
-import inspect
 from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -33,15 +32,12 @@ from megatron.core.utils import unwrap_model
 from megatron_mile import device, kernels, parallel
 from megatron_mile.config import RunConfig
 from megatron_mile.loss import LossSpec, vocab_parallel_weighted_cross_entropy
+from megatron_mile.megatron_core_api.model import GPTModelWithLossHook
 from megatron_mile.model.fused_output_layer import fused_language_model_loss
 from megatron_mile.model.output import pack_token_losses
 from megatron_mile.vocab import padded_vocab_size
 
-# GPTModel._postprocess's parameters, to find labels / loss_mask however megatron passes them.
-_POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
-
-
-class MileGPTModel(GPTModel):
+class MileGPTModel(GPTModelWithLossHook):
     """GPTModel whose language-model loss is the weighted vocab-parallel loss of megatron_mile.loss."""
 
     def __init__(self, *args, loss_spec: LossSpec, real_vocab_size: int, fused_lm_head: bool = False, **kwargs):
@@ -56,10 +52,6 @@ class MileGPTModel(GPTModel):
         # Compute the entropy for logging even when the loss does not need it. Written once per step, by
         # request_entropy (the training step and the evaluators), never per micro-batch.
         self.entropy_requested = False
-        # The micro-batch's loss mask [b, s] while _postprocess runs (None otherwise): megatron's _postprocess
-        # calls compute_language_model_loss(labels, logits) without the mask it was given, and a weighting that
-        # selects among the counted tokens (LossSpec.needs_token_scope) needs it.
-        self.loss_mask_in_postprocess: Optional[torch.Tensor] = None
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """labels [b, s], logits [s, b, V/tp] -> [b, s, 5]: loss (with gradient), ce, weight, entropy, z-loss.
@@ -72,8 +64,10 @@ class MileGPTModel(GPTModel):
         labels = labels.transpose(0, 1).contiguous()  # [s, b]
         loss_mask = token_group = None
         if self.loss_spec.needs_token_scope:
-            if self.loss_mask_in_postprocess is not None:
-                loss_mask = self.loss_mask_in_postprocess.transpose(0, 1)  # [s, b]
+            # A weighting that selects among the counted tokens needs the micro-batch's mask (the seam holds
+            # it while megatron computes the loss: megatron_mile.megatron_core_api.model).
+            if self.loss_mask_in_flight is not None:
+                loss_mask = self.loss_mask_in_flight.transpose(0, 1)  # [s, b]
             token_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         losses = vocab_parallel_weighted_cross_entropy(
             logits,
@@ -90,21 +84,13 @@ class MileGPTModel(GPTModel):
         )
         return pack_token_losses(losses)
 
-    def _postprocess(self, hidden_states, *args, **kwargs):
-        """megatron's output layer + loss, or with fused_lm_head the fused one when a loss is asked for.
-
-        Logits (no labels) and inference always take megatron's path. Collectives: those of the path taken
-        (megatron_mile.model.fused_output_layer.fused_language_model_loss for the fused one).
-        """
-        bound = _POSTPROCESS_SIGNATURE.bind(self, hidden_states, *args, **kwargs).arguments
-        labels = bound.get("labels")
-        if self.fused_lm_head and self.post_process and labels is not None and bound.get("inference_context") is None:
-            return fused_language_model_loss(self, hidden_states, labels, bound.get("loss_mask"))
-        self.loss_mask_in_postprocess = bound.get("loss_mask")
-        try:
-            return super()._postprocess(hidden_states, *args, **kwargs)
-        finally:
-            self.loss_mask_in_postprocess = None
+    def fused_output(self, hidden_states, labels, loss_mask) -> Optional[torch.Tensor]:
+        """With fused_lm_head, the output layer and the loss as one (the seam calls it for a forward with
+        labels outside inference); None takes megatron's output layer and compute_language_model_loss.
+        Collectives: those of megatron_mile.model.fused_output_layer.fused_language_model_loss."""
+        if not self.fused_lm_head:
+            return None
+        return fused_language_model_loss(self, hidden_states, labels, loss_mask)
 
 
 def _check_loss_spec(spec: LossSpec, fused_lm_head: bool, mtp_num_layers) -> None:

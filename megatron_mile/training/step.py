@@ -31,10 +31,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config, unwrap_model
+from megatron.core.utils import get_model_config, unwrap_model
 
 from megatron_mile import device
 from megatron_mile.loss import MicroBatchLoss, StepLoss, all_reduce_step_loss, reduce_micro_batch
+from megatron_mile.megatron_core_api.parallel import batch_on_this_context_parallel_rank
 from megatron_mile.model import CE, ENTROPY, LOSS, WEIGHT, Z_LOSS, request_entropy
 from megatron_mile.training.batch_size import num_micro_batches
 from megatron_mile.training.optimizer import step_unless_non_finite
@@ -172,7 +173,7 @@ def _this_context_parallel_rank(batch):
     """This context-parallel rank's share of the batch's sequences (the batch itself without CP)."""
     if batch is None or parallel_state.get_context_parallel_world_size() == 1:
         return batch
-    return get_batch_on_this_cp_rank(batch)
+    return batch_on_this_context_parallel_rank(batch)
 
 
 @dataclass
