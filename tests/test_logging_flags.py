@@ -2,21 +2,26 @@
 line's loss averaged over --log-interval, and the TensorBoard content of --tensorboard-log-interval,
 --tensorboard-queue-size, --log-params-norm, --log-num-zeros-in-grad, --timing-log-level,
 --log-timers-to-tensorboard, --log-validation-ppl-to-tensorboard and --log-memory-to-tensorboard (present with
-the flag, absent without, values checked against the model where they can be computed); the W&B flags."""
+the flag, absent without, values checked against the model where they can be computed); the W&B flags, with
+a stand-in wandb module and, where the `wandb` extra is installed, the real package in offline mode."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.machinery
+import importlib.util
 import io
+import json
 import math
+import os
 import re
+import struct
 import sys
 import types
 
 import pytest
 
-from megatron_mile.arguments import parse_args
+from megatron_mile.arguments import config_to_dict, parse_args
 from megatron_mile.config import ConfigError
 from tiny_model import mock_data_flags, model_flags
 
@@ -263,11 +268,15 @@ def train_with_fake_wandb(argv):
     fake = types.ModuleType("wandb")
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     fake.init = lambda **kwargs: calls["init"].append(kwargs) or Run()
+    real = sys.modules.get("wandb")  # a real wandb that an earlier test imported in this worker comes back
     sys.modules["wandb"] = fake
     try:
         history, _ = train_capturing_stdout(argv)
     finally:
-        del sys.modules["wandb"]
+        if real is None:
+            del sys.modules["wandb"]
+        else:
+            sys.modules["wandb"] = real
     return history, calls
 
 
@@ -280,3 +289,103 @@ def test_wandb_gets_the_scalars(dist_pool, tmp_path):
     lm_losses = {step: values["train/lm loss"] for step, values in calls["log"] if "train/lm loss" in values}
     assert lm_losses == pytest.approx({i + 1: lm for i, (lm, _) in enumerate(history)}, rel=1e-6)
     assert calls["finished"] == 1
+
+
+# W&B in offline mode: no network, nothing outside the test's directory. Offline runs write their records
+# to a local transaction log (wandb sync uploads it later); WANDB_CONSOLE=off keeps wandb from wrapping the
+# stdout that the worker captures; WANDB_INIT_TIMEOUT bounds the wait for wandb's local service.
+def offline_wandb_env(directory) -> dict:
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
+            "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off", "WANDB_ERROR_REPORTING": "false",
+            "WANDB_X_DISABLE_STATS": "true", "WANDB_X_DISABLE_META": "true", "WANDB_INIT_TIMEOUT": "60",
+            "WANDB_CONFIG_DIR": str(directory / "config"), "WANDB_CACHE_DIR": str(directory / "cache"),
+            "WANDB_DATA_DIR": str(directory / "data"), "WANDB_ARTIFACT_DIR": str(directory / "artifacts")}
+
+
+def train_with_offline_wandb(argv, env):
+    """Worker body: pretrain with the real wandb package under `env`; the history (lm loss per iteration).
+    wandb's local service is shut down after the run, so the pool worker holds no child process."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        history, _ = train_capturing_stdout(argv)
+        import wandb
+
+        wandb.teardown()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return [lm for lm, _ in history]
+
+
+# The transaction log (`run-<id>.wandb`): a 7-byte header (":W&B", magic 0xBEE1, version), then LevelDB's
+# log format in 32 KiB blocks: records of (crc32c, length, type) + payload, split over blocks as
+# FIRST/MIDDLE/LAST; each whole payload is one serialized wandb.proto Record. wandb 0.31 has no Python
+# reader of its own (its Go service reads it), so this reads the format directly.
+_LOG_BLOCK, _LOG_HEADER, _FULL, _FIRST, _MIDDLE, _LAST = 32768, 7, 1, 2, 3, 4
+
+
+def read_wandb_records(path) -> list:
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:_LOG_HEADER]
+    records, pending, pos = [], b"", _LOG_HEADER
+    while pos + _LOG_HEADER <= len(data):
+        left = _LOG_BLOCK - pos % _LOG_BLOCK
+        if left < _LOG_HEADER:  # a block's tail too short for a record header is zero padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + _LOG_HEADER])
+        if kind == 0 and length == 0:  # zero padding (preallocated or the block's tail)
+            pos += left
+            continue
+        assert kind in (_FULL, _FIRST, _MIDDLE, _LAST), (pos, kind)
+        pending += data[pos + _LOG_HEADER:pos + _LOG_HEADER + length]
+        pos += _LOG_HEADER + length
+        if kind in (_FULL, _LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def _item_name(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                    reason="needs the `wandb` package: pip install -e .[wandb] (the test extra includes it)")
+def test_wandb_offline_run_holds_the_run(dist_pool, tmp_path):
+    save_dir = tmp_path / "wandb_save"
+    save_dir.mkdir()
+    argv = TINY + ["--log-interval", "2", "--eval-iters", "0", "--wandb-project", "p", "--wandb-exp-name", "e",
+                   "--wandb-save-dir", str(save_dir), "--tensorboard-dir", str(tmp_path / "tb")]
+    lm_losses = dist_pool(1).run(train_with_offline_wandb, argv, offline_wandb_env(tmp_path), timeout_s=240)[0]
+    (log,) = save_dir.glob("wandb/offline-run-*/run-*.wandb")
+    records = read_wandb_records(log)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.display_name, run.project) == ("e", "p")
+    # The config: the run's flags by section, as parsing the same command line gives them.
+    config = {u.key: json.loads(u.value_json) for u in run.config.update if u.key != "_wandb"}
+    assert config["loss"]["loss_type"] == "mile" and config["training"]["wandb_project"] == "p"
+    expected = json.loads(json.dumps(config_to_dict(parse_args(argv)), default=str))
+    assert config == expected
+    # The history: one row per logged step; every TensorBoard scalar of the run is there with its value.
+    history = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            row = {_item_name(i): json.loads(i.value_json) for i in record.history.item}
+            history.setdefault(record.history.step.num, {}).update(row)
+    tensorboard = read_scalars(tmp_path / "tb")
+    assert {"train/lm loss", "train/training loss", "train/learning rate"} <= set(tensorboard)
+    for tag, values in tensorboard.items():
+        logged = {step: row[tag] for step, row in history.items() if tag in row}
+        assert logged == pytest.approx(values, rel=1e-6), tag
+    # The loss the run itself returns, iteration by iteration (TensorBoard stores float32: rel 1e-6).
+    assert {step: row["train/lm loss"] for step, row in history.items()} == pytest.approx(
+        {i + 1: lm for i, lm in enumerate(lm_losses)}, rel=1e-6)
