@@ -355,6 +355,33 @@ def test_megatron_lm_weights_load_at_the_same_and_another_layout(dist_pool, tmp_
     assert any(loss is not None for _, _, loss, _, _ in loaded)
 
 
+def worker_load_release(directory):
+    """load_model_weights (as --finetune) of Megatron-LM's 'release' checkpoint; load_checkpoint's refusal."""
+    config = make_config(dropout=0.0, seed=99)
+    model, optimizer, scheduler = build(config)
+    iteration = checkpointing.load_model_weights(directory, model, config_dict=config_to_dict(config))
+    try:
+        checkpointing.load_checkpoint(directory, model, optimizer, scheduler, config_to_dict(config),
+                                      load_optimizer=False, load_rng=False)
+        refusal = None
+    except checkpointing.CheckpointError as error:
+        refusal = str(error)
+    return iteration, full_params(model), refusal
+
+
+def test_megatron_lm_release_checkpoint_loads_its_weights_at_iteration_0(dist_pool, tmp_path):
+    """Megatron-LM's converters write `release` into the tracker and the checkpoint into release/: its weights
+    start a run (iteration 0), and resuming it is refused with the flag that starts from it."""
+    written = dist_pool(2).run(worker_write_as_megatron_lm, str(tmp_path), tensor_model_parallel_size=2)
+    (tmp_path / f"iter_{ML_ITERATION:07d}").rename(tmp_path / "release")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("release\n")
+    loaded = dist_pool(2).run(worker_load_release, str(tmp_path), tensor_model_parallel_size=2)
+    for rank, (iteration, params, refusal) in enumerate(loaded):
+        assert iteration == 0
+        assert_same_params(written[rank][0], params)
+        assert refusal is not None and "'release' checkpoint: weights only" in refusal and "--finetune" in refusal
+
+
 def assert_same_params(a, b):
     assert a.keys() == b.keys()
     for key in a:

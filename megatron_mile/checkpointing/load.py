@@ -43,6 +43,7 @@ from megatron_mile.checkpointing.scheduler import (
 from megatron_mile.checkpointing import megatron_lm
 from megatron_mile.checkpointing.tracker import (
     METADATA_FILENAME,
+    RELEASE,
     TRACKER_FILENAME,
     read_metadata,
     resolve_checkpoint_dir,
@@ -100,6 +101,10 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
     common = megatron_lm.read_common(checkpoint_dir) if written_by_megatron_lm(checkpoint_dir) else None
     # How messages name the checkpoint: its path, and for Megatron-LM's what it is.
     what = f"{checkpoint_dir} ({megatron_lm.describe(common)})" if common is not None else str(checkpoint_dir)
+    if checkpoint_dir.name == RELEASE:
+        # As Megatron-LM: a release checkpoint (a converter's output) is weights to start from, never resumed.
+        raise CheckpointError(f"{what} is Megatron-LM's '{RELEASE}' checkpoint: weights only, nothing to resume; "
+                              "start from it with --finetune (or --pretrained-checkpoint)")
     if common is not None:
         megatron_lm.check_model_args(common, config_dict, vocab_sizes(model)["padded"], checkpoint_dir)
         metadata = megatron_lm.resume_description(common, torch_dist.stored_keys(checkpoint_dir))

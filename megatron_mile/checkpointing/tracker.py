@@ -7,6 +7,9 @@ Layout of a save directory (Megatron-LM's names)::
     {dir}/iter_0000100/                         one checkpoint (see megatron_mile.checkpointing)
     {dir}/iter_0000200.tmp-<run>-<hex>/         a save in progress, or one that crashed: never loaded
     {dir}/megatron_mile.lock                    the run writing the directory (checkpointing.lock)
+
+Megatron-LM also knows a tracker holding the word ``release`` with the checkpoint in ``{dir}/release/`` (what its
+checkpoint converters write): weights only, loaded at iteration 0 (resolve_checkpoint_dir reads it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ METADATA_FILENAME = "mile_checkpoint.json"
 RNG_DIRNAME = "rng"
 FORMAT = "torch_dist"
 FORMAT_VERSION = 1
+# Megatron-LM's tracker word and directory name for a converted checkpoint (weights only, iteration 0).
+RELEASE = "release"
 
 _ITER_DIR_RE = re.compile(r"^iter_(\d{7,})$")
 
@@ -121,6 +126,8 @@ def resolve_checkpoint_dir(load_dir, iteration: Optional[int],
             f"checkpoint directory {load_dir} does not exist: check the --load path, or drop --load to "
             "train from scratch"
         )
+    if iteration is None and _tracks_release(load_dir):
+        return _release_checkpoint(load_dir, megatron_lm)
     if iteration is None:
         iteration = read_latest_iteration(load_dir)
         if iteration is None:
@@ -160,6 +167,30 @@ def resolve_checkpoint_dir(load_dir, iteration: Optional[int],
             f"Point {TRACKER_FILENAME} at another iteration"
         )
     return path, iteration
+
+
+def _tracks_release(load_dir: Path) -> bool:
+    tracker = load_dir / TRACKER_FILENAME
+    return tracker.is_file() and tracker.stat().st_size < 64 and tracker.read_text(errors="replace").strip() == RELEASE
+
+
+def _release_checkpoint(load_dir: Path, megatron_lm: bool) -> Tuple[Path, int]:
+    """(load_dir/release, 0) for Megatron-LM's release tracker; FileNotFoundError when the directory is not
+    there or is not a Megatron-LM torch_dist checkpoint, MegatronLMCheckpoint where such are not read."""
+    path = load_dir / RELEASE
+    if not path.is_dir():
+        raise FileNotFoundError(f"{load_dir / TRACKER_FILENAME} says '{RELEASE}' but {path} does not exist")
+    if any(path.glob("mp_rank_*")):
+        raise FileNotFoundError(
+            f"{path} is a Megatron-LM checkpoint in its legacy 'torch' format (mp_rank_* files); only torch_dist "
+            "is read: convert it with Megatron-LM (--ckpt-convert-format torch_dist, or tools/checkpoint/convert.py)"
+        )
+    if not written_by_megatron_lm(path):
+        raise FileNotFoundError(f"{path} (Megatron-LM's '{RELEASE}' checkpoint) is not a torch_dist checkpoint "
+                                "written by Megatron-LM (no metadata.json and common.pt)")
+    if not megatron_lm:
+        raise MegatronLMCheckpoint(path)
+    return path, 0
 
 
 def read_metadata(checkpoint_dir: Path) -> dict:
