@@ -49,6 +49,7 @@ from megatron_mile.checkpointing.tracker import (
     resolve_checkpoint_dir,
     written_by_megatron_lm,
 )
+from megatron_mile.megatron_core_api.optimizer import load_optimizer_state, restore_saved_group_values
 from megatron_mile.training.initialize import print_rank_0
 from megatron_mile.training.optimizer import (
     init_empty_distributed_optimizer_state,
@@ -140,9 +141,10 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
         # megatron's distributed-optimizer load copies into its fp32 main parameters (leaves that
         # require grad) outside no_grad on some paths; the copy is a state restore, not a computation.
         with torch.no_grad():
-            optimizer.load_state_dict(loaded["optimizer"])
+            saved_group_values = load_optimizer_state(optimizer, loaded["optimizer"])
         restore_distributed_optimizer_step(optimizer)
         use_fused_torch_adam_on_cpu(optimizer)  # the loaded param groups carry the saving run's kernel flags
+        restore_saved_group_values(optimizer, saved_group_values)  # the checkpoint's, as a positional load
         reapply_flag_group_values(optimizer, own_group_values, policy)
         if scheduler is not None and metadata.get("scheduler") is not None:
             restore_scheduler(scheduler, metadata["scheduler"], policy, what)

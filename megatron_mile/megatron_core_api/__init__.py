@@ -20,15 +20,18 @@ where it does not:
 - `parallel.batch_on_this_context_parallel_rank` (this CP rank's chunks of every sequence)
     0.16.1: ``get_batch_on_this_cp_rank(batch)``.
     0.19.x: the same function with a required ``is_hybrid_cp`` (False here).
+- `optimizer.load_optimizer_state` (a checkpoint's optimizer state into this run's optimizer)
+    0.16.1: megatron's ``load_state_dict`` pairs saved parameter groups by structural keys only.
+    0.19.x: also by the groups' learning-rate and weight-decay bounds, so a resume that changes ``--lr`` /
+    ``--min-lr`` found no group: the saved groups take their positional partners' bounds before the load and
+    get theirs back after it.
 - `model.GPTModelWithLossHook` (the loss mask and the fused LM head where megatron computes the LM loss)
     0.16.1: overrides GPTModel's private ``_postprocess`` (there is no public way in).
     0.19.x: the public ``output_processor`` hook of ``GPTModel.forward`` (0.18+).
 
 Not adapted (the same public names in both releases, checked): ``parallel_state``, ``tensor_parallel``,
 ``get_forward_backward_func``, ``OptimizerParamScheduler``, ``get_megatron_optimizer``, megatron DDP,
-``megatron.core.datasets``. One behaviour differs and is not adapted yet: 0.19's optimizer
-``load_state_dict`` matches saved parameter groups by their learning-rate bounds, so a resume that changes
-``--lr`` / ``--min-lr`` fails there (docs/megatron-core-versions.md). The CPU layer's patch table
+``megatron.core.datasets``. The CPU layer's patch table
 (megatron_mile.cpu_compat) states per release what each patch covers.
 
 Importing this package reads megatron-core's distribution metadata only; the submodules import what they
