@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 import logging
 
+import pytest
+
 from megatron_mile.arguments import parse_args
 from megatron_mile.training import initialize
 from tiny_model import LOSS_FLAGS, TINY_LLAMA
@@ -14,32 +16,45 @@ ARGV = TINY_LLAMA + LOSS_FLAGS["cross_entropy"]
 
 
 def run_counting(argv):
-    """Worker body: train, counting gc.collect() and torch.cuda.empty_cache() calls (CUDA made to look
-    present so the cache release is seen); return the counts, the steps run and the logging level after."""
-    import torch
-
+    """Worker body: train, counting gc.collect() calls and the loop's releases of cached GPU memory
+    (run_control.empty_cached_memory, whose own behaviour test_empty_cached_memory_releases_only_with_cuda
+    checks; torch.cuda itself stays untouched: torch's optimizer asks it about the device); return the counts,
+    the steps run and the logging level after."""
     from megatron_mile.training import run_control
     from megatron_mile.training.loop import pretrain
 
     counts = {"gc": 0, "empty": 0, "gc_enabled_during": []}
-    real_collect, real_available = gc.collect, torch.cuda.is_available
+    real_collect, real_empty = gc.collect, run_control.empty_cached_memory
 
     def collect(*args):
         counts["gc"] += 1
         counts["gc_enabled_during"].append(gc.isenabled())
         return real_collect(*args)
 
-    def empty_cache():
+    def empty_cached_memory():
         counts["empty"] += 1
+        real_empty()
 
     run_control.gc.collect = collect
-    run_control.torch.cuda.is_available = lambda: True
-    run_control.torch.cuda.empty_cache = empty_cache
+    run_control.empty_cached_memory = empty_cached_memory
     try:
         steps = len(pretrain(parse_args(argv, world_size=1)).history)
     finally:
-        run_control.gc.collect, run_control.torch.cuda.is_available = real_collect, real_available
+        run_control.gc.collect, run_control.empty_cached_memory = real_collect, real_empty
     return dict(counts, steps=steps, level=logging.getLogger().level, gc_enabled_after=gc.isenabled())
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_empty_cached_memory_releases_only_with_cuda(monkeypatch, cuda):
+    import torch
+
+    from megatron_mile.training import run_control
+
+    released = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(1))
+    run_control.empty_cached_memory()
+    assert released == ([1] if cuda else [])
 
 
 def test_defaults_do_none_of_it(dist_pool):
