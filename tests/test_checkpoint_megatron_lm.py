@@ -386,3 +386,14 @@ def assert_same_params(a, b):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("tracked", ["7", "release"])
+def test_megatron_lm_legacy_torch_format_is_refused_with_the_conversion(tmp_path, tracked):
+    from megatron_mile.checkpointing.tracker import resolve_checkpoint_dir
+
+    directory = tmp_path / ("release" if tracked == "release" else "iter_0000007")
+    (directory / "mp_rank_00").mkdir(parents=True)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text(tracked)
+    with pytest.raises(FileNotFoundError, match="legacy 'torch' format .*--ckpt-convert-format torch_dist"):
+        resolve_checkpoint_dir(tmp_path, None, megatron_lm=True)

@@ -152,11 +152,7 @@ def resolve_checkpoint_dir(load_dir, iteration: Optional[int],
             f"{[checkpoint_name(i) for i in list_iterations(load_dir)] or 'none'}. Write one of their "
             f"iterations into {TRACKER_FILENAME}"
         )
-    if any(path.glob("mp_rank_*")):
-        raise FileNotFoundError(
-            f"{path} is a Megatron-LM checkpoint in its legacy 'torch' format (mp_rank_* files); only torch_dist "
-            "is read: convert it with Megatron-LM (--ckpt-convert-format torch_dist, or tools/checkpoint/convert.py)"
-        )
+    _refuse_legacy_torch_format(path)
     if written_by_megatron_lm(path):
         if megatron_lm:
             return path, iteration
@@ -167,6 +163,15 @@ def resolve_checkpoint_dir(load_dir, iteration: Optional[int],
             f"Point {TRACKER_FILENAME} at another iteration"
         )
     return path, iteration
+
+
+def _refuse_legacy_torch_format(path: Path) -> None:
+    """FileNotFoundError when `path` holds Megatron-LM's legacy 'torch' checkpoint format (mp_rank_* files)."""
+    if any(path.glob("mp_rank_*")):
+        raise FileNotFoundError(
+            f"{path} is a Megatron-LM checkpoint in its legacy 'torch' format (mp_rank_* files); only torch_dist "
+            "is read: convert it with Megatron-LM (--ckpt-convert-format torch_dist, or tools/checkpoint/convert.py)"
+        )
 
 
 def _tracks_release(load_dir: Path) -> bool:
@@ -180,11 +185,7 @@ def _release_checkpoint(load_dir: Path, megatron_lm: bool) -> Tuple[Path, int]:
     path = load_dir / RELEASE
     if not path.is_dir():
         raise FileNotFoundError(f"{load_dir / TRACKER_FILENAME} says '{RELEASE}' but {path} does not exist")
-    if any(path.glob("mp_rank_*")):
-        raise FileNotFoundError(
-            f"{path} is a Megatron-LM checkpoint in its legacy 'torch' format (mp_rank_* files); only torch_dist "
-            "is read: convert it with Megatron-LM (--ckpt-convert-format torch_dist, or tools/checkpoint/convert.py)"
-        )
+    _refuse_legacy_torch_format(path)
     if not written_by_megatron_lm(path):
         raise FileNotFoundError(f"{path} (Megatron-LM's '{RELEASE}' checkpoint) is not a torch_dist checkpoint "
                                 "written by Megatron-LM (no metadata.json and common.pt)")
