@@ -194,3 +194,61 @@ def latest_iteration(save) -> int:
     """The iteration latest_checkpointed_iteration.txt in `save` names."""
     return int((Path(save) / checkpointing.TRACKER_FILENAME).read_text())
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints as megatron-core releases write them
+# ----------------------------------------------------------------------------------------------------------
+
+# Where a torch_dist checkpoint keeps its common (non-sharded) items: megatron-core <= 0.16's
+# dist_checkpointing.save writes them into common.pt; 0.17+ writes a ShardedObject "common_state" (global
+# shape (1,), offset (0,), replica_id = the global rank) among the shards instead (0.19's serialization.save).
+COMMON_LAYOUTS = ("common.pt", "common_state")
+
+
+def _native_common_layout() -> str:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return "common_state" if Version(version("megatron-core")) >= Version("0.17") else "common.pt"
+
+
+def save_as_megatron_core(state: dict, path: Path, content_metadata: dict, common_layout: str) -> None:
+    """Every rank: `state` saved into `path` (which exists) as megatron-core's dist_checkpointing.save does, with
+    its common items in `common_layout`. The installed release's own layout is its save itself; the other one
+    is built from the same steps that release's save takes (save_preprocess splits the common items off, then
+    the torch_dist shards, the common part where that release puts it, the format tag), so that both layouts
+    are read under either release, as users' checkpoints of both ages are."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+    from megatron_mile.checkpointing.torch_dist import _InProcessTorchDistSaveStrategy
+
+    strategy = _InProcessTorchDistSaveStrategy()
+    rank = torch.distributed.get_rank()
+    if common_layout == _native_common_layout():
+        dist_checkpointing.save(state, str(path), sharded_strategy=strategy, content_metadata=content_metadata)
+        return
+    sharded, common = save_preprocess({**state, "content_metadata": content_metadata})
+    if common_layout == "common_state":  # 0.17+ under 0.16.1
+        sharded["common_state"] = ShardedObject("common_state", common, (1,), (0,), replica_id=rank)
+    strategy.save(sharded, Path(path))
+    if rank == 0:
+        if common_layout == "common.pt":  # 0.16 under 0.17+
+            torch.save(common, Path(path) / "common.pt")
+        save_config(CheckpointingConfig("torch_dist", 1), str(path))
+    torch.distributed.barrier()
+
+
+def common_layout_of(path: Path) -> str:
+    """Which layout checkpoint directory `path` keeps its common items in (read from its file names and its
+    torch .metadata, with the project's safe unpickler)."""
+    from megatron_mile.checkpointing import safe_load
+
+    if (Path(path) / "common.pt").is_file():
+        return "common.pt"
+    keys = safe_load.load_checkpoint_metadata(Path(path) / ".metadata").state_dict_metadata
+    return "common_state" if "common_state/shard_0_1" in keys else "none"

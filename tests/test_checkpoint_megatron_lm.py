@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoint_cases import build, full_params, make_config, run_step
+from checkpoint_cases import build, common_layout_of, full_params, make_config, run_step, save_as_megatron_core
 
 from megatron_mile import checkpointing
 from megatron_mile.arguments import config_to_dict
@@ -246,6 +246,111 @@ def test_megatron_core_public_load_reads_a_checkpoint_of_this_project(dist_pool,
 
 
 # ----------------------------------------------------------------------------------------------------------
+# megatron-core 0.17+'s place for the common items: a "common_state" object among the shards, no common.pt.
+# Built here with torch.distributed.checkpoint alone (the object's key and its [state] payload as megatron-core
+# 0.19's serialization.save stores them); the worker tests below write it with megatron-core's own save.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _RunsCode:
+    """Unpickling this calls os.mkdir(marker): the marker directory exists only if code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def _write_common_state_checkpoint(path: Path, payload, with_object: bool = True) -> Path:
+    """A torch_dist checkpoint directory with one tensor and, with `with_object`, `payload` pickled as the
+    common_state object's bytes; megatron's format tag beside it."""
+    import json
+
+    from torch.distributed import checkpoint as torch_dcp
+
+    state = {"model.weight": torch.arange(6.0).reshape(2, 3)}
+    if with_object:
+        state["common_state/shard_0_1"] = payload  # torch.save()d whole into one byte record (no flattening)
+    path.mkdir(parents=True)
+    torch_dcp.save(state, storage_writer=torch_dcp.FileSystemWriter(str(path)), no_dist=True,
+                   planner=torch_dcp.DefaultSavePlanner(flatten_state_dict=False))
+    (path / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
+    return path
+
+
+def test_common_state_object_is_read_without_common_pt(tmp_path):
+    from megatron_mile.checkpointing.torch_dist import read_common_state
+    from megatron_mile.checkpointing.tracker import written_by_megatron_lm
+
+    from megatron.core.enums import ModelType
+
+    common = {"args": argparse.Namespace(num_layers=2, model_type=ModelType.encoder_or_decoder), "iteration": 7,
+              "content_metadata": {"distrib_optim_sharding_type": "dp_reshardable"}}
+    path = _write_common_state_checkpoint(tmp_path / "iter_0000007", [common])
+    assert not (path / "common.pt").exists()
+    assert written_by_megatron_lm(path)
+    assert read_common_state(path) == common
+    assert checkpointing.megatron_lm.read_common(path)["iteration"] == 7
+
+
+def test_common_state_object_megatron_core_reads_the_same(tmp_path):
+    """Where the installed megatron-core has its own reader of the object (0.17+), it returns the same dict."""
+    from importlib.metadata import version
+
+    from megatron.core.dist_checkpointing import serialization
+    from packaging.version import Version
+
+    from megatron_mile.checkpointing.torch_dist import read_common_state
+
+    if Version(version("megatron-core")) < Version("0.17"):
+        pytest.skip("megatron-core 0.16.1 writes and reads common.pt only")
+    common = {"args": argparse.Namespace(num_layers=2), "iteration": 3, "checkpoint_version": 3.0}
+    path = _write_common_state_checkpoint(tmp_path / "ckpt", [common])
+    assert read_common_state(path) == serialization.load_common_state_dict(str(path)) == common
+
+
+def test_tampered_common_state_object_is_refused_in_one_line(tmp_path):
+    from megatron_mile.checkpointing.torch_dist import read_common_state
+
+    marker = tmp_path / "code_ran"
+    path = _write_common_state_checkpoint(tmp_path / "ckpt", [{"args": _RunsCode(str(marker))}])
+    with pytest.raises(checkpointing.CheckpointError) as refused:
+        read_common_state(path)
+    assert not marker.exists(), "unpickling ran code"
+    message = str(refused.value)
+    assert "\n" not in message and "mkdir" in message and str(path / "__0_0.distcp") in message, message
+    assert "weights_only" not in message.replace(str(path), ""), message
+
+
+@pytest.mark.parametrize("payload,expected", [
+    ({"args": argparse.Namespace()}, "is not a state dict"),  # not the [state] list the writer stores
+    ([1, 2], "is not a state dict"),
+    (None, "holds neither common.pt nor a 'common_state' object"),
+], ids=["unwrapped", "not_a_dict", "missing"])
+def test_common_state_object_that_is_not_one_is_refused(tmp_path, payload, expected):
+    from megatron_mile.checkpointing.torch_dist import read_common_state
+
+    path = _write_common_state_checkpoint(tmp_path / "ckpt", payload, with_object=payload is not None)
+    with pytest.raises(checkpointing.CheckpointError, match=expected):
+        read_common_state(path)
+
+
+def test_common_state_object_size_is_checked_before_it_is_read(tmp_path, monkeypatch):
+    from megatron_mile.checkpointing import torch_dist
+
+    path = _write_common_state_checkpoint(tmp_path / "ckpt", [{"args": argparse.Namespace(), "pad": "x" * 4096}])
+    monkeypatch.setattr(torch_dist, "MAX_COMMON_STATE_BYTES", 4096)
+    read = []
+    monkeypatch.setattr(torch_dist._SafeLoadPlanner, "load_bytes", lambda *a: read.append(a))
+    with pytest.raises(checkpointing.CheckpointError, match="size of .* bytes \\(at most 4096 are read\\)"):
+        torch_dist.read_common_state(path)
+    assert not read
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Checkpoints Megatron-LM wrote: built with megatron-core's public dist_checkpointing.save and the common
 # state Megatron-LM's save_checkpoint writes (its documented fields), then loaded here
 # ----------------------------------------------------------------------------------------------------------
@@ -270,16 +375,15 @@ def _megatron_lm_args(config, consumed):
     )
 
 
-def worker_write_as_megatron_lm(directory):
-    """A checkpoint in Megatron-LM's layout: model under 'model', its common items, its rng_state object."""
+def worker_write_as_megatron_lm(directory, common_layout):
+    """A checkpoint in Megatron-LM's layout: model under 'model', its common items (in `common_layout`, see
+    checkpoint_cases.save_as_megatron_core), its rng_state object."""
     import random
 
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from megatron.core.utils import unwrap_model
-
-    from megatron_mile.checkpointing.torch_dist import _InProcessTorchDistSaveStrategy
 
     config = make_config(dropout=0.0)
     model, optimizer, scheduler = build(config)
@@ -307,8 +411,8 @@ def worker_write_as_megatron_lm(directory):
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(state, str(path), sharded_strategy=_InProcessTorchDistSaveStrategy(),
-                            content_metadata=content_metadata)
+    save_as_megatron_core(state, path, content_metadata, common_layout)
+    assert common_layout_of(path) == common_layout
     if torch.distributed.get_rank() == 0:
         (Path(directory) / "latest_checkpointed_iteration.txt").write_text(str(ML_ITERATION))
     torch.distributed.barrier()
@@ -337,10 +441,15 @@ def worker_load_megatron_lm(directory):
 
 
 
-@pytest.mark.parametrize("load_layout", [{"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}],
-                         ids=["same_tp2", "other_pp2"])
-def test_megatron_lm_weights_load_at_the_same_and_another_layout(dist_pool, tmp_path, load_layout):
-    written = dist_pool(2).run(worker_write_as_megatron_lm, str(tmp_path), tensor_model_parallel_size=2)
+@pytest.mark.parametrize("load_layout,common_layout", [
+    ({"tensor_model_parallel_size": 2}, "common.pt"),
+    ({"tensor_model_parallel_size": 2}, "common_state"),
+    ({"pipeline_model_parallel_size": 2}, "common_state"),
+], ids=["same_tp2-common.pt", "same_tp2-common_state", "other_pp2-common_state"])
+def test_megatron_lm_weights_load_at_the_same_and_another_layout(dist_pool, tmp_path, load_layout, common_layout):
+    """Both places megatron-core keeps the common items (common.pt up to 0.16, a common_state object from 0.17)
+    are read under either installed release."""
+    written = dist_pool(2).run(worker_write_as_megatron_lm, str(tmp_path), common_layout, tensor_model_parallel_size=2)
     reference_loss = next(loss for _, loss in written if loss is not None)
     loaded = dist_pool(2).run(worker_load_megatron_lm, str(tmp_path), **load_layout)
     for rank, (iteration, params, loss, refusal, wrong_model) in enumerate(loaded):
@@ -372,7 +481,7 @@ def worker_load_release(directory):
 def test_megatron_lm_release_checkpoint_loads_its_weights_at_iteration_0(dist_pool, tmp_path):
     """Megatron-LM's converters write `release` into the tracker and the checkpoint into release/: its weights
     start a run (iteration 0), and resuming it is refused with the flag that starts from it."""
-    written = dist_pool(2).run(worker_write_as_megatron_lm, str(tmp_path), tensor_model_parallel_size=2)
+    written = dist_pool(2).run(worker_write_as_megatron_lm, str(tmp_path), "common_state", tensor_model_parallel_size=2)
     (tmp_path / f"iter_{ML_ITERATION:07d}").rename(tmp_path / "release")
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("release\n")
     loaded = dist_pool(2).run(worker_load_release, str(tmp_path), tensor_model_parallel_size=2)

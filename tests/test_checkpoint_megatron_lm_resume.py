@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoint_cases import LOOP_ARGS
+from checkpoint_cases import LOOP_ARGS, common_layout_of, save_as_megatron_core
 
 from megatron_mile import checkpointing
 
@@ -87,14 +87,14 @@ def _megatron_lm_args(config, padded_vocab_size: int, distributed_optimizer: boo
     )
 
 
-def worker_rewrite_as_megatron_lm(source, target, flags, world_size, per_dp_rng=False):
-    """Write iteration SAVED_AT of this project's checkpoint in `source` as Megatron-LM would into `target`."""
-    from megatron.core import dist_checkpointing, parallel_state
+def worker_rewrite_as_megatron_lm(source, target, flags, world_size, per_dp_rng, common_layout):
+    """Write iteration SAVED_AT of this project's checkpoint in `source` as Megatron-LM would into `target`, its
+    common items in `common_layout` (checkpoint_cases.save_as_megatron_core)."""
+    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.utils import unwrap_model
 
     from megatron_mile.arguments import parse_args
-    from megatron_mile.checkpointing.torch_dist import _InProcessTorchDistSaveStrategy
     from megatron_mile.training.setup import setup_training
 
     config = parse_args(LOOP_ARGS + EVAL_ARGS + flags + ["--load", source, "--ckpt-step", str(SAVED_AT)],
@@ -130,12 +130,11 @@ def worker_rewrite_as_megatron_lm(source, target, flags, world_size, per_dp_rng=
     if rank == 0:
         path.mkdir(parents=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(state, str(path), sharded_strategy=_InProcessTorchDistSaveStrategy(),
-                            content_metadata=content_metadata)
+    save_as_megatron_core(state, path, content_metadata, common_layout)
     if rank == 0:
         (Path(target) / "latest_checkpointed_iteration.txt").write_text(f"{SAVED_AT}\n")
     torch.distributed.barrier()
-    return sorted(p.name for p in path.iterdir())
+    return sorted(p.name for p in path.iterdir()), common_layout_of(path)
 
 
 def _uninterrupted(dist_pool, directory, flags):
@@ -157,10 +156,13 @@ def no_dropout_tp2(dist_pool, tmp_path_factory):
     return _uninterrupted(dist_pool, tmp_path_factory.mktemp("tp2"), NO_DROPOUT + ["--tensor-model-parallel-size", "2"])
 
 
-def _rewrite(dist_pool, tmp_path, source, flags, per_dp_rng=False):
+def _rewrite(dist_pool, tmp_path, source, flags, per_dp_rng=False, common_layout="common_state"):
+    """The Megatron-LM checkpoint; by default with the common items where Megatron-LM on megatron-core 0.17+
+    keeps them (a common_state object among the shards)."""
     target = str(tmp_path / "megatron_lm")
-    files = dist_pool(2).run(worker_rewrite_as_megatron_lm, source, target, flags, 2, per_dp_rng)[0]
-    assert "mile_checkpoint.json" not in files and "rng" not in files and "common.pt" in files
+    files, layout = dist_pool(2).run(worker_rewrite_as_megatron_lm, source, target, flags, 2, per_dp_rng,
+                                     common_layout)[0]
+    assert "mile_checkpoint.json" not in files and "rng" not in files and layout == common_layout
     return target
 
 
@@ -172,10 +174,14 @@ def _assert_resumed_exactly(resumed, uninterrupted):
     assert (resumed[2], resumed[3]) == (final, consumed) == (4, 16)
 
 
-@pytest.mark.parametrize("per_dp_rng", [False, True], ids=["rng_shared_over_dp", "rng_per_dp_rank"])
-def test_megatron_lm_checkpoint_resumes_exactly_at_its_layout(dist_pool, tmp_path, dropout_dp2, per_dp_rng):
+@pytest.mark.parametrize("per_dp_rng,common_layout", [(False, "common.pt"), (True, "common_state")],
+                         ids=["rng_shared_over_dp-common.pt", "rng_per_dp_rank-common_state"])
+def test_megatron_lm_checkpoint_resumes_exactly_at_its_layout(dist_pool, tmp_path, dropout_dp2, per_dp_rng,
+                                                              common_layout):
+    """Megatron-LM's checkpoints of both ages: common items in common.pt (megatron-core <= 0.16) and in a
+    common_state object (0.17+), each read under whichever release is installed."""
     uninterrupted, source = dropout_dp2
-    target = _rewrite(dist_pool, tmp_path, source, [], per_dp_rng)
+    target = _rewrite(dist_pool, tmp_path, source, [], per_dp_rng, common_layout)
     save = str(tmp_path / "resumed")
     resumed = dist_pool(2).run(worker_pretrain, ["--load", target, "--save", save], 2)[-1]
     _assert_resumed_exactly(resumed, uninterrupted)

@@ -42,7 +42,6 @@ from megatron_mile.checkpointing.scheduler import (
 )
 from megatron_mile.checkpointing import megatron_lm
 from megatron_mile.checkpointing.tracker import (
-    METADATA_FILENAME,
     RELEASE,
     TRACKER_FILENAME,
     read_metadata,
@@ -86,7 +85,7 @@ def load_checkpoint(load_dir, model: list, optimizer, scheduler, config_dict: di
     ValueError (CheckpointError) naming the path and the fix for a missing directory or iteration, a
     corrupt latest file, or a model whose architecture or vocabulary differs from the checkpoint's.
 
-    A checkpoint Megatron-LM wrote resumes the same way, from its common.pt (args, iteration, scheduler) and
+    A checkpoint Megatron-LM wrote resumes the same way, from its common state (args, iteration, scheduler) and
     its sharded model, optimizer and ``rng_state`` (restored at the same TP/PP sizes, as Megatron-LM does);
     optimizer states that do not fit are refused with megatron_lm.check_optimizer's advice.
 
@@ -179,7 +178,7 @@ def read_training_progress(load_dir, iteration: Optional[int] = None) -> dict:
     """The counters a resume continues from the checkpoint load_checkpoint loads (latest, or `iteration`):
     {'iteration', 'consumed_samples', 'consumed_valid_samples', 'num_floating_point_operations_so_far'},
     for this project's checkpoints (mile_checkpoint.json; the last two 0 where older ones lack them) and for
-    Megatron-LM's (its common.pt). Raises FileNotFoundError when `load_dir` holds no checkpoint. No
+    Megatron-LM's (its common state). Raises FileNotFoundError when `load_dir` holds no checkpoint. No
     collectives."""
     checkpoint_dir, iteration = resolve_checkpoint_dir(load_dir, iteration, megatron_lm=True)
     if checkpoint_dir is None:
@@ -215,7 +214,7 @@ def load_model_weights(load_dir, model: list, iteration: Optional[int] = None,
     if checkpoint_dir is None:
         raise FileNotFoundError(f"{load_dir} holds no checkpoint (no {TRACKER_FILENAME})")
     state = torch_dist.sharded_state_dict(model)
-    if (checkpoint_dir / "common.pt").is_file() and not (checkpoint_dir / METADATA_FILENAME).is_file():
+    if written_by_megatron_lm(checkpoint_dir):
         # Written by Megatron-LM: its args describe the model; one chunk is stored under 'model'.
         common = megatron_lm.read_common(checkpoint_dir)
         if config_dict is not None:

@@ -1,5 +1,6 @@
-"""Megatron-LM's checkpoints: what its save_checkpoint puts into ``common.pt`` beside the sharded tensors, and
-how this project resumes a checkpoint Megatron-LM wrote.
+"""Megatron-LM's checkpoints: what its save_checkpoint puts into the common state beside the sharded tensors
+(``common.pt``; with megatron-core 0.17+ a ``common_state`` object among the shards), and how this project
+resumes a checkpoint Megatron-LM wrote.
 
 A checkpoint of this project carries these items too, so that Megatron-LM (and megatron-core's public
 dist_checkpointing.load) finds what it expects:
@@ -17,7 +18,7 @@ dist_checkpointing.load) finds what it expects:
   so that a Megatron-LM run resumes from this project's checkpoint without --no-load-rng (at the same TP/PP
   sizes, as Megatron-LM restores RNG states; written on CPU, it holds no CUDA state).
 
-Resuming a checkpoint Megatron-LM wrote (no mile_checkpoint.json): `resume_description` turns its common.pt
+Resuming a checkpoint Megatron-LM wrote (no mile_checkpoint.json): `resume_description` turns its common state
 into the description this project's loader works from (iteration, consumed training and validation samples,
 FLOPs so far, scheduler, layout, optimizer format, Adam settings); `check_optimizer` refuses an optimizer
 state that does not fit, saying what the checkpoint is and what to do. No collectives in this module.
@@ -31,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from megatron_mile.checkpointing import safe_load
+from megatron_mile.checkpointing import torch_dist
 from megatron_mile.checkpointing.errors import CheckpointError
 from megatron_mile.checkpointing.rng import RNG_STATE_KEY
 
@@ -88,11 +89,13 @@ def megatron_lm_common_state(config_dict: dict, layout: dict, vocab: dict, itera
 
 
 def read_common(checkpoint_dir: Path) -> dict:
-    """A Megatron-LM checkpoint's common.pt (safe_load's allow-list). Raises CheckpointError naming the file
-    when it is missing, refused or damaged, or holds no Megatron-LM args. No collectives."""
-    common = safe_load.load_weights_only(Path(checkpoint_dir) / "common.pt")
+    """A Megatron-LM checkpoint's common state: its common.pt, or where megatron-core 0.17+ keeps it, the
+    ``common_state`` object among the shards (torch_dist.read_common_state; safe_load's allow-list). Raises
+    CheckpointError naming the file when it is missing, refused or damaged, or holds no Megatron-LM args.
+    No collectives."""
+    common = torch_dist.read_common_state(Path(checkpoint_dir))
     if not isinstance(common, dict) or not isinstance(common.get("args"), argparse.Namespace):
-        raise CheckpointError(f"{checkpoint_dir}/common.pt holds no Megatron-LM args: the checkpoint is damaged")
+        raise CheckpointError(f"{checkpoint_dir}: its common state holds no Megatron-LM args: the checkpoint is damaged")
     return common
 
 

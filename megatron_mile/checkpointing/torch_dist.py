@@ -7,7 +7,9 @@ from megatron_mile.megatron_core_api.checkpoint.
 What is stored: megatron's sharded state dict of the model chunks (and optionally the optimizer). Every
 tensor is kept with its global shape and offset, so a checkpoint written at one TP/PP/VPP/DP layout loads
 at another. Files: ``.metadata`` (torch's pickled checkpoint metadata), ``__<rank>_0.distcp`` (tensor
-data), ``common.pt`` (the non-sharded items), ``metadata.json`` (megatron's format tag).
+data), ``common.pt`` (the non-sharded items), ``metadata.json`` (megatron's format tag). megatron-core
+0.17+'s own writer keeps the non-sharded items as a ``common_state`` object inside the ``.distcp`` files
+instead of ``common.pt``; `read_common_state` reads either, so Megatron-LM checkpoints of both ages load.
 
 Why an in-process writer (`_InProcessTorchDistSaveStrategy`) instead of megatron-core's default torch_dist
 writer: the default starts a multiprocessing Manager and forks one writer process per bucket, which fails
@@ -46,7 +48,7 @@ from torch.distributed import checkpoint as torch_dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.metadata import MetadataIndex, StorageMeta
 
 from megatron_mile.checkpointing import safe_load
 from megatron_mile.checkpointing.errors import CheckpointError
@@ -70,6 +72,12 @@ LOAD_ERRORS = (KeyError, CheckpointingException, torch_dcp.api.CheckpointExcepti
 
 # The files of the format (megatron-core's and torch's names), and megatron's format tag.
 COMMON_FILENAME = "common.pt"
+# Where megatron-core 0.17+'s dist_checkpointing.save keeps the common state instead: a ShardedObject named
+# "common_state" of global shape (1,) at offset (0,), stored under its unique key.
+COMMON_STATE_OBJECT = "common_state"
+COMMON_STATE_KEY = f"{COMMON_STATE_OBJECT}/shard_0_1"
+# Megatron-LM's common state is its args and a few counters (kilobytes); more than this is not a common state.
+MAX_COMMON_STATE_BYTES = 256 * 2**20
 _FORMAT_BACKEND, _FORMAT_VERSION = "torch_dist", 1
 METADATA_FILENAME = ".metadata"
 
@@ -207,7 +215,7 @@ def load_sharded(state: dict, checkpoint_dir: Path) -> dict:
     # Read first on every rank: a refused `.metadata` stops all of them here with the same one line, instead
     # of inside torch's loader, which logs the failure with a traceback and reports another error.
     safe_load.load_checkpoint_metadata(Path(checkpoint_dir) / METADATA_FILENAME)
-    return load_torch_dist(state, Path(checkpoint_dir), _SafeTorchDistLoadStrategy(), _read_common)
+    return load_torch_dist(state, Path(checkpoint_dir), _SafeTorchDistLoadStrategy(), read_common_state)
 
 
 def stored_keys(checkpoint_dir: Path) -> set:
@@ -275,11 +283,16 @@ class _SafeFileSystemReader(FileSystemReader):
 
 
 class _SafeLoadPlanner(MCoreLoadPlanner):
-    """megatron's load planner with byte objects read by torch.load(weights_only=True)."""
+    """megatron's load planner with byte objects read by torch.load(weights_only=True), admitting beyond
+    tensors and plain data the classes `allowed` (default: those of the common state and of sharded objects)."""
+
+    def __init__(self, *args, allowed=safe_load.COMMON_STATE_ALLOWED + safe_load.OBJECT_SHARD_ALLOWED, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allowed = allowed
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         # Runs inside _SafeFileSystemReader.read_data, which names the file when this fails.
-        with safe_load.only_allowed_globals(safe_load.COMMON_STATE_ALLOWED + safe_load.OBJECT_SHARD_ALLOWED):
+        with safe_load.only_allowed_globals(self.allowed):
             loaded = torch.load(value, map_location="cpu", weights_only=True)
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
@@ -328,10 +341,52 @@ class _SafeTorchDistLoadStrategy(TorchDistLoadStrategy):
         return super().load_tensors_metadata(checkpoint_dir, metadata)
 
 
-def _read_common(checkpoint_dir: Path) -> dict:
-    """common.pt read with weights_only=True explicitly, whatever torch's default or the
-    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD environment variable says."""
-    return safe_load.load_weights_only(Path(checkpoint_dir) / COMMON_FILENAME)
+def read_common_state(checkpoint_dir: Path) -> dict:
+    """The non-sharded ("common") state dict of a torch_dist checkpoint, from whichever of the format's two
+    places holds it: ``common.pt`` (this project's writer; megatron-core <= 0.16's ``dist_checkpointing.save``)
+    or, without that file, the ``common_state`` sharded object inside the ``.distcp`` files (megatron-core
+    0.17+'s ``dist_checkpointing.save``, so Megatron-LM on a current megatron-core). Which one is a property
+    of the files, not of the installed megatron-core: both releases read both.
+
+    Either is read with weights_only=True and safe_load's allow-list (COMMON_STATE_ALLOWED), whatever torch's
+    default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says; the object's size is checked in `.metadata` before
+    its bytes are read. Raises CheckpointError naming the file when the common state is missing, too large,
+    refused or damaged. No collectives (each calling rank reads the files itself).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if (checkpoint_dir / COMMON_FILENAME).is_file():
+        return safe_load.load_weights_only(checkpoint_dir / COMMON_FILENAME)
+    metadata_path = checkpoint_dir / METADATA_FILENAME
+    metadata = safe_load.load_checkpoint_metadata(metadata_path)
+    if COMMON_STATE_KEY not in metadata.state_dict_metadata:
+        raise CheckpointError(f"{checkpoint_dir} holds neither {COMMON_FILENAME} nor a '{COMMON_STATE_OBJECT}' object "
+                              f"in {METADATA_FILENAME}: the checkpoint is incomplete; resume from another iteration")
+    stored = metadata.storage_data.get(MetadataIndex(COMMON_STATE_KEY)) if metadata.storage_data else None
+    if stored is None or not 0 < stored.length <= MAX_COMMON_STATE_BYTES:
+        raise CheckpointError(
+            f"{metadata_path} gives '{COMMON_STATE_OBJECT}' a size of "
+            f"{'no' if stored is None else stored.length} bytes (at most {MAX_COMMON_STATE_BYTES} are read): "
+            "the checkpoint is damaged"
+        )
+    holder = {COMMON_STATE_KEY: io.BytesIO()}
+    try:
+        torch_dcp.load(holder, storage_reader=_SafeFileSystemReader(checkpoint_dir),
+                       planner=_SafeLoadPlanner(allowed=safe_load.COMMON_STATE_ALLOWED), no_dist=True)
+    except torch_dcp.api.CheckpointException as error:  # torch wraps the reader's one-line refusal
+        raise refused_file(error) or CheckpointError(f"{checkpoint_dir}: its '{COMMON_STATE_OBJECT}' object cannot "
+                                                     f"be read ({describe_load_error(error)})") from None
+    loaded = holder[COMMON_STATE_KEY]  # the writer stores [data] (one list entry per object it was given)
+    if not (isinstance(loaded, list) and len(loaded) == 1 and isinstance(loaded[0], dict)):
+        raise CheckpointError(f"{checkpoint_dir / stored.relative_path}: its '{COMMON_STATE_OBJECT}' object is "
+                              "not a state dict: the checkpoint is damaged")
+    return loaded[0]
+
+
+def has_common_state(checkpoint_dir: Path) -> bool:
+    """Whether `checkpoint_dir` has the files read_common_state reads: ``common.pt``, or a ``.metadata``
+    (whose ``common_state`` object it checks). No collectives."""
+    checkpoint_dir = Path(checkpoint_dir)
+    return (checkpoint_dir / COMMON_FILENAME).is_file() or (checkpoint_dir / METADATA_FILENAME).is_file()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ from the megatron-core module that holds it in one release, so a release change 
 alone. Each seam uses megatron-core's public API where the installed release has it, and a narrow adapter
 where it does not:
 
-- `checkpoint.load_torch_dist` (reading ``common.pt`` the project's safe way)
+- `checkpoint.load_torch_dist` (reading the common state, ``common.pt`` or 0.17+'s ``common_state`` object, the
+  project's safe way)
     0.16.1: public ``dist_checkpointing.load`` with a ``common_strategy`` (a ``TorchCommonLoadStrategy``
     subclass around the caller's reader).
-    0.19.x: ``TorchCommonLoadStrategy`` was removed (0.17) and ``load`` reads ``common.pt`` itself with a
-    plain ``torch.load``: its steps are composed from megatron-core's public checkpoint helpers around the
+    0.19.x: ``TorchCommonLoadStrategy`` was removed (0.17) and ``load`` reads the common state itself
+    (``common.pt``, or the ``common_state`` object through torch's default planner, which unpickles byte
+    records with weights_only=False): its steps are composed from megatron-core's public checkpoint helpers around the
     caller's reader.
 - `checkpoint.TorchDistSaveStrategy` / `TorchDistLoadStrategy` (bases of the in-process writer and the safe
   reader)

@@ -8,7 +8,7 @@
 
 What differs between the releases (see the package docstring for the table): 0.16.1 takes a common-load
 strategy, so its public ``load`` is called with one that delegates to the caller's reader. 0.17 removed
-``TorchCommonLoadStrategy`` and 0.19's ``load`` reads ``common.pt`` itself (plain ``torch.load``, whatever
+``TorchCommonLoadStrategy`` and 0.19's ``load`` reads the common state itself (plain ``torch.load``, whatever
 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says): there, the same steps its ``load`` performs are composed from
 megatron-core's public checkpoint helpers, with the caller's reader in place of its own.
 """
