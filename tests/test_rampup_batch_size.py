@@ -1,7 +1,7 @@
 """--rampup-batch-size START INCREMENT SAMPLES: each step's global batch, the consumed samples, the run length
-and the learning-rate schedule follow Megatron-LM (megatron-core's num-microbatches calculator, called here
-directly as the reference), data-parallel layouts agree, and a run stopped during the ramp resumes into the
-uninterrupted run.
+and the learning-rate schedule follow Megatron-LM (its ramp written out here, and checked against megatron-core
+0.16.1's calculator where that release is installed; 0.19 has no ramp calculator and runs the ramp as a step
+schedule), data-parallel layouts agree, and a run stopped during the ramp resumes into the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -32,22 +32,76 @@ def ramp_flags(length: str = f"--train-samples {TRAIN_SAMPLES} --lr-warmup-sampl
 ARGV = ramp_flags()
 
 
-def reference_batches(data_parallel_size: int = 1):
-    """The global batch of each step by megatron-core's ramp calculator, moved along by hand as Megatron-LM's
-    loop does (update with the consumed samples, consume the running global batch), for Megatron-LM's
-    number of steps (update_train_iters, counted by hand: the ramp's steps while the consumed samples are
-    within the ramp, then whole full batches)."""
-    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+def ramp_batch(consumed: int, start=START, increment=INCREMENT, ramp_samples=RAMP_SAMPLES,
+               global_batch=GLOBAL_BATCH) -> int:
+    """Megatron-LM's ramp, written out (megatron-core 0.16.1's RampupBatchsizeNumMicroBatchesCalculator.update,
+    which test_the_reference_ramp_is_megatron_core_0_16s_calculator checks it against where installed):
+    START + int(c / (SAMPLES / n)) * INCREMENT up to SAMPLES consumed samples, n = (GLOBAL - START) / INCREMENT
+    increments, then GLOBAL."""
+    if consumed > ramp_samples:
+        return global_batch
+    return start + int(consumed / (ramp_samples / ((global_batch - start) // increment))) * increment
 
-    calculator = RampupBatchsizeNumMicroBatchesCalculator(GLOBAL_BATCH, 1, data_parallel_size, False, 1, START,
-                                                          INCREMENT, RAMP_SAMPLES)
+
+def reference_batches():
+    """The global batch of each step, moved along by hand as Megatron-LM's loop does (the batch at the consumed
+    samples, then consume it), for Megatron-LM's number of steps (update_train_iters, counted by hand: the
+    ramp's steps while the consumed samples are within the ramp, then whole full batches)."""
     batches, consumed = [], 0
     while consumed <= RAMP_SAMPLES:
-        calculator.update(consumed, consistency_check=True)
-        batches.append(calculator.get_current_running_global_batch_size())
+        batches.append(ramp_batch(consumed))
         consumed += batches[-1]
     batches += [GLOBAL_BATCH] * ((TRAIN_SAMPLES - consumed) // GLOBAL_BATCH)
     return batches
+
+
+# Ramps whose per-increment samples are not whole (float rounding at the thresholds), fewer ramp samples than
+# increments (several increments at one consumed count), one increment, long ones: (start, increment, samples,
+# global batch).
+RAMPS = [(START, INCREMENT, RAMP_SAMPLES, GLOBAL_BATCH), (16, 8, 300000, 1024), (1, 1, 10, 4), (2, 2, 7, 8),
+         (4, 4, 3, 40), (3, 3, 1, 12), (8, 8, 1000, 16), (32, 32, 12345, 1024), (6, 2, 100, 8), (1, 1, 999999, 98),
+         # int(SAMPLES / p) < n in floats (the full batch only past SAMPLES); a boundary one sample after the exact
+         # ceil(k * SAMPLES / n) (c / p rounds below k there)
+         (1, 1, 3, 60), (2, 2, 7, 52), (1, 1, 18, 15), (3, 1, 27, 24)]
+
+
+@pytest.mark.parametrize("ramp", RAMPS, ids=lambda r: "-".join(map(str, r)))
+def test_the_reference_ramp_is_megatron_core_0_16s_calculator(ramp):
+    from megatron.core import num_microbatches_calculator as calculator
+
+    if not hasattr(calculator, "RampupBatchsizeNumMicroBatchesCalculator"):
+        pytest.skip("megatron-core 0.17+ has no ramp calculator (the reference is checked under 0.16.1)")
+    start, increment, samples, global_batch = ramp
+    megatron = calculator.RampupBatchsizeNumMicroBatchesCalculator(global_batch, 1, 1, False, 1, start, increment,
+                                                                   samples)
+    for consumed in _consumed_counts(samples):
+        megatron.update(consumed, consistency_check=False)
+        assert megatron.get_current_global_batch_size() == ramp_batch(consumed, *ramp), consumed
+
+
+@pytest.mark.parametrize("ramp", RAMPS, ids=lambda r: "-".join(map(str, r)))
+def test_the_releases_calculator_of_the_ramp_gives_megatron_lms_ramp(ramp):
+    """0.16.1: its ramp calculator; 0.19: its step-schedule calculator on the schedule the ramp is rewritten to.
+    Either gives Megatron-LM's batch for every consumed-sample count."""
+    from megatron_mile.megatron_core_api.microbatches import ramp_calculator, rampup_step_schedule
+
+    start, increment, samples, global_batch = ramp
+    schedule = rampup_step_schedule(start, increment, samples, global_batch)
+    assert schedule[0] == (0, start) and schedule[-1][1] == global_batch
+    assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(schedule, schedule[1:]))
+    released = ramp_calculator([start, increment, samples], global_batch)
+    for consumed in _consumed_counts(samples):
+        released.update(consumed, consistency_check=False)
+        assert released.get_current_global_batch_size() == ramp_batch(consumed, *ramp), consumed
+        assert max(b for c, b in schedule if c <= consumed) == ramp_batch(consumed, *ramp), consumed
+
+
+def _consumed_counts(samples: int):
+    """Every count up to a little past the ramp for short ramps; for long ones, the neighbourhood of every
+    increment's boundary would be the same, so every count of the first and last 3000 and a stride between."""
+    if samples <= 20000:
+        return range(samples + 20)
+    return sorted(set(range(3000)) | set(range(samples - 3000, samples + 20)) | set(range(0, samples, 97)))
 
 
 def reference_lr(consumed: int) -> float:
@@ -110,7 +164,7 @@ def test_a_checkpoint_is_saved_when_the_number_of_micro_batches_changes(uninterr
 def test_data_parallel_ranks_share_the_ramp(dist_pool, uninterrupted):
     steps = uninterrupted[0]
     for rank_steps, consumed, _, _ in dist_pool(2).run(train, ARGV, 2):
-        assert [batch for batch, _, _ in rank_steps] == reference_batches(2)
+        assert [batch for batch, _, _ in rank_steps] == reference_batches()
         assert consumed == 60
         for (_, loss, lr), (_, ref_loss, ref_lr) in zip(rank_steps, steps):
             assert math.isclose(loss, ref_loss, rel_tol=1e-5) and math.isclose(lr, ref_lr, rel_tol=1e-9)

@@ -116,9 +116,10 @@ def rampup_problems(t: "TrainingConfig", data_parallel_size: int = 0) -> List[st
     if t.train_samples is None:
         problems.append("--rampup-batch-size needs --train-samples (as in Megatron-LM, only a run counted in "
                         "samples ramps its batch size)")
-    if start < 1 or increment < 1 or samples < 0:
-        return problems + [f"--rampup-batch-size {start} {increment} {samples}: the start batch and the "
-                           "increment must be >= 1 and the ramp samples >= 0"]
+    if start < 1 or increment < 1 or samples < 1:
+        # Ramp samples of 0: megatron-core divides by the samples per increment (a ZeroDivisionError).
+        return problems + [f"--rampup-batch-size {start} {increment} {samples}: the start batch, the increment "
+                           "and the ramp samples must be >= 1"]
     gbs = t.global_batch_size
     if gbs is not None and (start >= gbs or (gbs - start) % increment):
         problems.append(f"--rampup-batch-size {start} {increment} {samples}: the start batch must be smaller than "

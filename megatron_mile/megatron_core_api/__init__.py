@@ -27,6 +27,10 @@ where it does not:
     0.19.x: also by the groups' learning-rate and weight-decay bounds, so a resume that changes ``--lr`` /
     ``--min-lr`` found no group: the saved groups take their positional partners' bounds before the load and
     get theirs back after it.
+- `microbatches.init_calculator` / `ramp_calculator` (each step's global batch with --rampup-batch-size)
+    0.16.1: ``RampupBatchsizeNumMicroBatchesCalculator`` (``init_num_microbatches_calculator(rampup_batch_size)``).
+    0.19.x: no ramp calculator (``rampup_batch_size`` is ignored with a warning): the ramp is rewritten as the
+    step schedule of ``StepBatchsizeNumMicroBatchesCalculator``, the same batch for every consumed count.
 - `model.GPTModelWithLossHook` (the loss mask and the fused LM head where megatron computes the LM loss)
     0.16.1: overrides GPTModel's private ``_postprocess`` (there is no public way in).
     0.19.x: the public ``output_processor`` hook of ``GPTModel.forward`` (0.18+).

@@ -1,5 +1,5 @@
 """The global batch size of each step, constant or ramped up with --rampup-batch-size, through megatron-core's
-num-microbatches calculator, as Megatron-LM drives it.
+num-microbatches calculator, as Megatron-LM drives it (per release: megatron_core_api.microbatches).
 
 --rampup-batch-size START INCREMENT SAMPLES: the global batch starts at START samples and grows by INCREMENT
 every SAMPLES / ((--global-batch-size - START) / INCREMENT) consumed samples, reaching --global-batch-size once
@@ -31,21 +31,21 @@ def num_micro_batches(config: "RunConfig", global_batch_size: Optional[int] = No
 
 def init_calculator(config: "RunConfig") -> None:
     """Set up megatron-core's global num-microbatches calculator for this run (replacing one left by an earlier
-    run in this process) at the global batch size of consumed sample 0. Needs megatron's parallel state; no
+    run in this process) at the global batch size of consumed sample 0; the ramp through
+    megatron_core_api.microbatches (the release's own calculator). Needs megatron's parallel state; no
     collectives."""
     import torch.distributed as dist
-    from megatron.core import num_microbatches_calculator as calculator
     from megatron.core import parallel_state
 
+    from megatron_mile.megatron_core_api import microbatches
+
     t = config.training
-    calculator.destroy_num_microbatches_calculator()
-    calculator.init_num_microbatches_calculator(
+    microbatches.init_calculator(
         rank=dist.get_rank() if dist.is_initialized() else 0,
         rampup_batch_size=list(t.rampup_batch_size) if t.rampup_batch_size else None,
         global_batch_size=t.global_batch_size,
         micro_batch_size=t.micro_batch_size,
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
-        decrease_batch_size_if_needed=False,
     )
 
 
@@ -69,15 +69,14 @@ def train_iters_for_samples(train_samples: int, global_batch_size: int, rampup: 
     """Steps of a --train-samples run, as Megatron-LM's update_train_iters counts them: without a ramp
     train_samples // global batch; with one, the ramp's steps (while the consumed samples are within both the
     ramp and train_samples, each step consuming the ramp's batch at that point) plus the whole full-size
-    batches that fit in the rest (a partial last batch is dropped). Uses megatron-core's ramp calculator (a
-    private one, not the run's); no collectives."""
+    batches that fit in the rest (a partial last batch is dropped). Uses megatron-core's calculator of the ramp
+    (a private one, not the run's: megatron_core_api.microbatches); no collectives."""
     if not rampup:
         return train_samples // global_batch_size
-    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+    from megatron_mile.megatron_core_api.microbatches import ramp_calculator
 
-    start, increment, ramp_samples = rampup
-    # The batch size alone matters here: one sample per micro-batch on one rank divides every batch.
-    ramp = RampupBatchsizeNumMicroBatchesCalculator(global_batch_size, 1, 1, False, 1, start, increment, ramp_samples)
+    ramp_samples = rampup[2]
+    ramp = ramp_calculator(list(rampup), global_batch_size)
     iterations = consumed = 0
     while consumed <= ramp_samples and consumed <= train_samples:
         ramp.update(consumed, consistency_check=False)
