@@ -150,3 +150,36 @@ def test_full_quota_on_a_first_save_estimates_from_the_state(dist_pool, tmp_path
     needed = int(re.search(r"about ([\d,]+) bytes", message).group(1).replace(",", ""))
     actual = _size(save / "iter_0000002")
     assert 0.7 * actual < needed < 1.3 * actual, (needed, actual)
+
+
+def _failed_write(buffer: io.BytesIO):
+    """A write that fails while a view of `buffer` is alive in its frame (as torch's writer does)."""
+    view = buffer.getbuffer()  # noqa: F841 - the export the frame keeps
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["os_error", "in_torch_checkpoint_exception"])
+def test_a_reported_write_failure_releases_its_frames_views(wrapped):
+    """CPython 3.12.0/3.12.1 crash when the garbage collector frees a BytesIO export held in an exception's
+    frames (write_failure.release_frames): after release_frames the export is gone by reference counting,
+    so the buffer can be resized again (it cannot while the export lives)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_mile.checkpointing.write_failure import release_frames
+
+    buffer = io.BytesIO(b"data")
+    buffer.seek(0, io.SEEK_END)
+    try:
+        try:
+            _failed_write(buffer)
+        except OSError as os_error:
+            if wrapped:
+                raise CheckpointException("save failed", {1: (os_error, None)}) from None
+            raise
+    except (OSError, CheckpointException) as caught:
+        error = caught
+    with pytest.raises(BufferError):
+        buffer.write(b" more")  # the failed frame still exports the buffer
+    release_frames(error)
+    buffer.write(b" more")
+    assert buffer.getvalue() == b"data more"

@@ -45,7 +45,7 @@ from megatron_mile.checkpointing.tracker import (
     write_latest_iteration,
 )
 from megatron_mile.checkpointing.safe_load import safe_reason
-from megatron_mile.checkpointing.write_failure import describe_write_failure, failed_save_message
+from megatron_mile.checkpointing.write_failure import describe_write_failure, failed_save_message, release_frames
 
 
 def common_state(iteration: int, consumed_samples: int, model: list, optimizer, scheduler, config_dict: dict,
@@ -212,6 +212,8 @@ class _SaveAttempt:
             failure = describe_write_failure(error, global_rank())
             if failure is None:  # a bug, not the disk: re-raised below, after agreeing, so no rank waits forever
                 failure, unexpected = (f"rank {global_rank()}: {safe_reason(error)}", None), error
+            else:  # reported as one line: its frames are not needed (and crash CPython 3.12.1's gc, see there)
+                release_frames(error)
         outcomes = gather_from_all((failure, self.local_bytes))
         failed = [outcome for outcome, _ in outcomes if outcome is not None]
         if not failed:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import traceback
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
@@ -43,6 +44,29 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
         seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__
+
+
+def release_frames(error: BaseException) -> None:
+    """Drop the local variables of the finished frames in the tracebacks of `error` and of every exception it
+    carries (causes, contexts, a CheckpointException's per-rank failures). No collectives.
+
+    Why: a write that failed inside torch's checkpoint writer leaves, in those frames, a memoryview of an
+    ``io.BytesIO.getbuffer()`` in a reference cycle with the exception. CPython 3.12.0 and 3.12.1 crash with a
+    segmentation fault when the garbage collector frees such a cycle (python/cpython gh-111049 / gh-111211:
+    the BytesIO buffer is cleared before the view that exports it); a run on those interpreters died at its
+    next collection instead of reporting the full disk. Cleared here, the frames free the view by reference
+    counting, which releases it in the right order. Frames still executing are left as they are.
+    """
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
+        if isinstance(current, CheckpointException):
+            pending += [wrapped for wrapped, _ in current.failures.values()]
 
 
 def directory_bytes(directory: Path) -> int:
