@@ -338,6 +338,42 @@ def test_common_state_object_that_is_not_one_is_refused(tmp_path, payload, expec
         read_common_state(path)
 
 
+def test_common_state_object_outside_the_checkpoint_is_refused(tmp_path):
+    """A tampered `.metadata` that points the object at a file outside the directory: refused, nothing read."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from megatron_mile.checkpointing.torch_dist import read_common_state
+
+    path = _write_common_state_checkpoint(tmp_path / "ckpt", [{"args": argparse.Namespace()}])
+    metadata = safe_load.load_checkpoint_metadata(path / ".metadata")
+    metadata.storage_data[MetadataIndex("common_state/shard_0_1")].relative_path = "../elsewhere.distcp"
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(checkpointing.CheckpointError, match="places 'common_state' at '../elsewhere.distcp'"):
+        read_common_state(path)
+
+
+def test_metadata_of_another_shape_is_refused_in_one_line(tmp_path):
+    """The allow-list admits the metadata classes; an object of another class (a tuple here) is damage."""
+    from megatron_mile.checkpointing.torch_dist import read_common_state
+
+    path = _write_common_state_checkpoint(tmp_path / "ckpt", [{"args": argparse.Namespace()}])
+    (path / ".metadata").write_bytes(pickle.dumps(("not", "metadata")))
+    with pytest.raises(checkpointing.CheckpointError, match="is not torch.distributed.checkpoint metadata"):
+        read_common_state(path)
+
+
+def test_an_oversized_common_pt_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from megatron_mile.checkpointing.torch_dist import read_common_state
+
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    torch.save({"args": argparse.Namespace(), "pad": "x" * 4096}, path / "common.pt")
+    monkeypatch.setattr(safe_load, "MAX_PICKLED_FILE_BYTES", 1024)
+    monkeypatch.setattr(safe_load.torch, "load", lambda *a, **k: pytest.fail("read before its size was checked"))
+    with pytest.raises(checkpointing.CheckpointError, match="bytes, more than the 1,024"):
+        read_common_state(path)
+
+
 def test_common_state_object_size_is_checked_before_it_is_read(tmp_path, monkeypatch):
     from megatron_mile.checkpointing import torch_dist
 
@@ -345,7 +381,7 @@ def test_common_state_object_size_is_checked_before_it_is_read(tmp_path, monkeyp
     monkeypatch.setattr(torch_dist, "MAX_COMMON_STATE_BYTES", 4096)
     read = []
     monkeypatch.setattr(torch_dist._SafeLoadPlanner, "load_bytes", lambda *a: read.append(a))
-    with pytest.raises(checkpointing.CheckpointError, match="size of .* bytes \\(at most 4096 are read\\)"):
+    with pytest.raises(checkpointing.CheckpointError, match="with [0-9]+ bytes \\(a file of the checkpoint directory, at most 4,096 bytes"):
         torch_dist.read_common_state(path)
     assert not read
 

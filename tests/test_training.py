@@ -265,15 +265,14 @@ def test_log_line_shows_rate_and_eta():
 
 def test_a_launch_shows_no_python_warning_on_the_installed_release(tmp_path):
     """The launch a user types (a fresh process, Python's default warning filters): whatever megatron-core
-    release is installed, its harmless notices are hidden and counted, and no other warning is printed
-    (a new one from a release change fails here until it is understood)."""
+    release is installed, its harmless Python warnings are hidden, and no other Python warning is printed (a
+    new one from a release change fails here until it is understood). Log records are not checked."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MILE_SHOW_ALL_WARNINGS")}
     argv = [sys.executable, str(REPO / "pretrain_gpt_mile.py"), *TINY_LLAMA, "--train-iters", "2"]
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warning_lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "Warning: " in line]
     assert not warning_lines, warning_lines
-    assert "known harmless warnings hidden" in proc.stdout
 
 
 def test_known_harmless_warnings_are_hidden_and_counted_and_others_still_show(tmp_path):

@@ -100,7 +100,7 @@ def read_common(checkpoint_dir: Path) -> dict:
 
 
 def describe(common: dict) -> str:
-    """'written by Megatron-LM, iteration N, TP t, PP p' from a common.pt, for messages about a checkpoint."""
+    """'written by Megatron-LM, iteration N, TP t, PP p' from its common state, for messages about a checkpoint."""
     args = common["args"]
     return (f"written by Megatron-LM, iteration {common.get('iteration', getattr(args, 'iteration', '?'))}, "
             f"TP {getattr(args, 'tensor_model_parallel_size', '?')}, "

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from megatron.core.enums import ModelType
 from megatron.core.transformer.enums import AttnBackend, CudaGraphScope
+from torch.distributed.checkpoint.metadata import Metadata
 
 from megatron_mile.checkpointing.errors import CheckpointError
 
@@ -72,6 +73,11 @@ COMMON_STATE_ALLOWED = (argparse.Namespace, ModelType, AttnBackend, CudaGraphSco
 _NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
 OBJECT_SHARD_ALLOWED = (_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
 _ALLOWLIST_LOCK = threading.Lock()
+# Size limits checked before a file is read: common.pt and the RNG files hold arguments, counters and RNG
+# states (kilobytes to a few megabytes); `.metadata` indexes every tensor shard (tens of megabytes for the
+# largest models' optimizer states).
+MAX_PICKLED_FILE_BYTES = 256 * 2**20
+MAX_METADATA_BYTES = 2 * 2**30
 
 # How torch's weights-only unpickler names a refused global ("... GLOBAL posix.mkdir ...").
 _REFUSED_GLOBAL_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
@@ -120,13 +126,15 @@ def only_allowed_globals(allowed=COMMON_STATE_ALLOWED) -> Iterator[None]:
 
 
 def load_weights_only(source: Union[str, Path, BinaryIO], name: Optional[Union[str, Path]] = None,
-                      allowed=COMMON_STATE_ALLOWED) -> Any:
+                      allowed=COMMON_STATE_ALLOWED, max_bytes: Optional[int] = None) -> Any:
     """torch.load(source) restricted to tensors, plain data and the classes `allowed`, onto the CPU.
 
-    `source` is a path or a seekable binary file; `name` is how messages call it (default: the path).
-    Raises CheckpointError naming the file when it is missing, refused or damaged. No collectives.
+    `source` is a path or a seekable binary file; `name` is how messages call it (default: the path). A file
+    larger than `max_bytes` (default MAX_PICKLED_FILE_BYTES) is refused before it is read. Raises CheckpointError naming the file when it is
+    missing, too large, refused or damaged. No collectives.
     """
     shown = name if name is not None else source
+    _check_size(source, MAX_PICKLED_FILE_BYTES if max_bytes is None else max_bytes)
     try:
         with only_allowed_globals(allowed):
             return torch.load(source, map_location="cpu", weights_only=True)
@@ -139,11 +147,25 @@ def load_checkpoint_metadata(path: Union[str, Path]) -> Any:
 
     Raises CheckpointError naming the file when it is missing, refused or damaged. No collectives.
     """
+    _check_size(path, MAX_METADATA_BYTES)
     try:
         with open(path, "rb") as handle:
-            return MetadataUnpickler(handle).load()
+            metadata = MetadataUnpickler(handle).load()
     except Exception as error:  # noqa: BLE001 - as in load_weights_only
         raise unreadable_file_error(path, error) from None
+    # The allow-list admits the classes, not their arrangement: check the fields the readers use.
+    if not (isinstance(metadata, Metadata) and isinstance(metadata.state_dict_metadata, dict)
+            and isinstance(metadata.storage_data, (dict, type(None)))):
+        raise CheckpointError(f"{path} is not torch.distributed.checkpoint metadata: the checkpoint is damaged; "
+                              "resume from another iteration")
+    return metadata
+
+
+def _check_size(source: Union[str, Path, BinaryIO], max_bytes: int) -> None:
+    """CheckpointError when file `source` (a path; open files are not checked) is larger than `max_bytes`."""
+    if isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).stat().st_size > max_bytes:
+        raise CheckpointError(f"{source} is {Path(source).stat().st_size:,} bytes, more than the {max_bytes:,} such a "
+                              "file of a checkpoint can hold: the checkpoint is damaged; resume from another iteration")
 
 
 def unreadable_file_error(path: Union[str, Path], error: BaseException) -> CheckpointError:

@@ -349,9 +349,9 @@ def read_common_state(checkpoint_dir: Path) -> dict:
     of the files, not of the installed megatron-core: both releases read both.
 
     Either is read with weights_only=True and safe_load's allow-list (COMMON_STATE_ALLOWED), whatever torch's
-    default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says; the object's size is checked in `.metadata` before
-    its bytes are read. Raises CheckpointError naming the file when the common state is missing, too large,
-    refused or damaged. No collectives (each calling rank reads the files itself).
+    default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says; sizes are checked before anything is read (common.pt's
+    on disk, the object's in `.metadata`, where its file must lie in the checkpoint directory). Raises
+    CheckpointError naming the file when the common state is missing, too large, refused or damaged. No collectives (each calling rank reads the files itself).
     """
     checkpoint_dir = Path(checkpoint_dir)
     if (checkpoint_dir / COMMON_FILENAME).is_file():
@@ -360,13 +360,16 @@ def read_common_state(checkpoint_dir: Path) -> dict:
     metadata = safe_load.load_checkpoint_metadata(metadata_path)
     if COMMON_STATE_KEY not in metadata.state_dict_metadata:
         raise CheckpointError(f"{checkpoint_dir} holds neither {COMMON_FILENAME} nor a '{COMMON_STATE_OBJECT}' object "
-                              f"in {METADATA_FILENAME}: the checkpoint is incomplete; resume from another iteration")
+                              f"in {METADATA_FILENAME}: it is not a complete torch_dist checkpoint of megatron-core")
     stored = metadata.storage_data.get(MetadataIndex(COMMON_STATE_KEY)) if metadata.storage_data else None
-    if stored is None or not 0 < stored.length <= MAX_COMMON_STATE_BYTES:
+    length = getattr(stored, "length", None)
+    if not (isinstance(length, int) and 0 < length <= MAX_COMMON_STATE_BYTES
+            and isinstance(getattr(stored, "relative_path", None), str) and Path(stored.relative_path).name
+            == stored.relative_path and stored.relative_path not in ("", ".", "..")):
         raise CheckpointError(
-            f"{metadata_path} gives '{COMMON_STATE_OBJECT}' a size of "
-            f"{'no' if stored is None else stored.length} bytes (at most {MAX_COMMON_STATE_BYTES} are read): "
-            "the checkpoint is damaged"
+            f"{metadata_path} places '{COMMON_STATE_OBJECT}' at {getattr(stored, 'relative_path', None)!r} with "
+            f"{length!r} bytes (a file of the checkpoint directory, at most {MAX_COMMON_STATE_BYTES:,} bytes, "
+            "is read): the checkpoint is damaged"
         )
     holder = {COMMON_STATE_KEY: io.BytesIO()}
     try:
@@ -380,13 +383,6 @@ def read_common_state(checkpoint_dir: Path) -> dict:
         raise CheckpointError(f"{checkpoint_dir / stored.relative_path}: its '{COMMON_STATE_OBJECT}' object is "
                               "not a state dict: the checkpoint is damaged")
     return loaded[0]
-
-
-def has_common_state(checkpoint_dir: Path) -> bool:
-    """Whether `checkpoint_dir` has the files read_common_state reads: ``common.pt``, or a ``.metadata``
-    (whose ``common_state`` object it checks). No collectives."""
-    checkpoint_dir = Path(checkpoint_dir)
-    return (checkpoint_dir / COMMON_FILENAME).is_file() or (checkpoint_dir / METADATA_FILENAME).is_file()
 
 
 # ----------------------------------------------------------------------------------------------------------

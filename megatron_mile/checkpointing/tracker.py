@@ -102,9 +102,10 @@ class MegatronLMCheckpoint(FileNotFoundError):
 
 
 def written_by_megatron_lm(path: Path) -> bool:
-    """Whether iteration directory `path` looks like Megatron-LM's torch_dist checkpoint: its format tag and
-    its common state (``common.pt``, or megatron-core 0.17+'s torch ``.metadata`` that indexes the state
-    among the shards), none of this project's description. No collectives."""
+    """Whether iteration directory `path` looks like Megatron-LM's torch_dist checkpoint: megatron's format tag
+    (metadata.json) and ``common.pt`` or torch's ``.metadata`` (megatron-core 0.17+ keeps the common state
+    among the shards, which only reading it checks: torch_dist.read_common_state), and none of this project's
+    description. File names only; no collectives."""
     return (path / "metadata.json").is_file() and \
         ((path / "common.pt").is_file() or (path / ".metadata").is_file()) and \
         not (path / METADATA_FILENAME).is_file()
@@ -190,7 +191,7 @@ def _release_checkpoint(load_dir: Path, megatron_lm: bool) -> Tuple[Path, int]:
     _refuse_legacy_torch_format(path)
     if not written_by_megatron_lm(path):
         raise FileNotFoundError(f"{path} (Megatron-LM's '{RELEASE}' checkpoint) is not a torch_dist checkpoint "
-                                "written by Megatron-LM (no metadata.json with common.pt or .metadata)")
+                                "in Megatron-LM's torch_dist format (it needs metadata.json, and common.pt or .metadata)")
     if not megatron_lm:
         raise MegatronLMCheckpoint(path)
     return path, 0

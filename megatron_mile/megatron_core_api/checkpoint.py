@@ -4,7 +4,7 @@
   classes of the project's in-process writer and safe reader (megatron_mile.checkpointing.torch_dist). The
   save strategy is the one type 0.19's ``dist_checkpointing.save`` accepts (it replaces any other strategy
   with its default); in 0.16.1 it derives from ``strategies.base``, a module deleted in 0.19.
-- `load_torch_dist`: ``dist_checkpointing.load`` with the caller's reader of ``common.pt``.
+- `load_torch_dist`: ``dist_checkpointing.load`` with the caller's reader of the common state.
 
 What differs between the releases (see the package docstring for the table): 0.16.1 takes a common-load
 strategy, so its public ``load`` is called with one that delegates to the caller's reader. 0.17 removed
@@ -36,7 +36,8 @@ from megatron.core.dist_checkpointing.validation import (
 
 from megatron_mile.megatron_core_api import HAS_COMMON_LOAD_STRATEGY
 
-# A reader of a checkpoint's common.pt: checkpoint directory -> its (non-sharded) state dict.
+# A reader of a checkpoint's common state (common.pt, or 0.17+'s common_state object): checkpoint directory
+# -> its (non-sharded) state dict.
 CommonReader = Callable[[Path], dict]
 
 __all__ = ["CommonReader", "TorchDistLoadStrategy", "TorchDistSaveStrategy", "load_torch_dist"]
@@ -45,7 +46,7 @@ __all__ = ["CommonReader", "TorchDistLoadStrategy", "TorchDistSaveStrategy", "lo
 def load_torch_dist(state: dict, checkpoint_dir: Path, sharded_strategy: TorchDistLoadStrategy,
                     read_common: CommonReader) -> dict:
     """Load `checkpoint_dir` (torch_dist format) into the shapes `state` describes, as
-    ``dist_checkpointing.load(state, checkpoint_dir, sharded_strategy)`` does, with ``common.pt`` read by
+    ``dist_checkpointing.load(state, checkpoint_dir, sharded_strategy)`` does, with the common state read by
     `read_common` only. Returns the loaded state dict (common items merged with the loaded shards).
 
     Raises what megatron's load raises (KeyError, CheckpointingException for a missing or mis-shaped key,
@@ -60,7 +61,7 @@ def load_torch_dist(state: dict, checkpoint_dir: Path, sharded_strategy: TorchDi
 
 
 def _common_strategy(read_common: CommonReader):
-    """0.16.1: a TorchCommonLoadStrategy that reads common.pt with `read_common` (and nothing else)."""
+    """0.16.1: a TorchCommonLoadStrategy whose common state is what `read_common` returns (and nothing else)."""
     from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy  # noqa: PLC0415
 
     class _CommonReaderStrategy(TorchCommonLoadStrategy):

@@ -39,7 +39,8 @@ def rampup_step_schedule(start: int, increment: int, ramp_samples: int, global_b
     if not (1 <= start < global_batch_size and increment >= 1 and (global_batch_size - start) % increment == 0
             and ramp_samples >= 1):
         raise ValueError(f"--rampup-batch-size {start} {increment} {ramp_samples} with --global-batch-size "
-                         f"{global_batch_size}: not a ramp (module docstring)")
+                         f"{global_batch_size}: START must be >= 1 and below the global batch, INCREMENT must divide "
+                         "their difference, SAMPLES must be >= 1")
     increments = (global_batch_size - start) // increment
     per_increment = ramp_samples / increments  # float, as megatron-core 0.16.1 computes it
 
