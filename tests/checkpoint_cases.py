@@ -206,7 +206,8 @@ def latest_iteration(save) -> int:
 COMMON_LAYOUTS = ("common.pt", "common_state")
 
 
-def _native_common_layout() -> str:
+def native_common_layout() -> str:
+    """The layout the installed release's own dist_checkpointing.save writes."""
     from importlib.metadata import version
 
     from packaging.version import Version
@@ -229,7 +230,7 @@ def save_as_megatron_core(state: dict, path: Path, content_metadata: dict, commo
 
     strategy = _InProcessTorchDistSaveStrategy()
     rank = torch.distributed.get_rank()
-    if common_layout == _native_common_layout():
+    if common_layout == native_common_layout():
         dist_checkpointing.save(state, str(path), sharded_strategy=strategy, content_metadata=content_metadata)
         return
     sharded, common = save_preprocess({**state, "content_metadata": content_metadata})

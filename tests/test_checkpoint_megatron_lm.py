@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoint_cases import build, common_layout_of, full_params, make_config, run_step, save_as_megatron_core
+from checkpoint_cases import (
+    build,
+    common_layout_of,
+    full_params,
+    make_config,
+    native_common_layout,
+    run_step,
+    save_as_megatron_core,
+)
 
 from megatron_mile import checkpointing
 from megatron_mile.arguments import config_to_dict
@@ -298,14 +306,11 @@ def test_common_state_object_is_read_without_common_pt(tmp_path):
 
 def test_common_state_object_megatron_core_reads_the_same(tmp_path):
     """Where the installed megatron-core has its own reader of the object (0.17+), it returns the same dict."""
-    from importlib.metadata import version
-
     from megatron.core.dist_checkpointing import serialization
-    from packaging.version import Version
 
     from megatron_mile.checkpointing.torch_dist import read_common_state
 
-    if Version(version("megatron-core")) < Version("0.17"):
+    if native_common_layout() != "common_state":
         pytest.skip("megatron-core 0.16.1 writes and reads common.pt only")
     common = {"args": argparse.Namespace(num_layers=2), "iteration": 3, "checkpoint_version": 3.0}
     path = _write_common_state_checkpoint(tmp_path / "ckpt", [common])
@@ -378,7 +383,7 @@ def test_common_state_object_size_is_checked_before_it_is_read(tmp_path, monkeyp
     from megatron_mile.checkpointing import torch_dist
 
     path = _write_common_state_checkpoint(tmp_path / "ckpt", [{"args": argparse.Namespace(), "pad": "x" * 4096}])
-    monkeypatch.setattr(torch_dist, "MAX_COMMON_STATE_BYTES", 4096)
+    monkeypatch.setattr(safe_load, "MAX_PICKLED_FILE_BYTES", 4096)
     read = []
     monkeypatch.setattr(torch_dist._SafeLoadPlanner, "load_bytes", lambda *a: read.append(a))
     with pytest.raises(checkpointing.CheckpointError, match="with [0-9]+ bytes \\(a file of the checkpoint directory, at most 4,096 bytes"):

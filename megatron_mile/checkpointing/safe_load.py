@@ -130,8 +130,8 @@ def load_weights_only(source: Union[str, Path, BinaryIO], name: Optional[Union[s
     """torch.load(source) restricted to tensors, plain data and the classes `allowed`, onto the CPU.
 
     `source` is a path or a seekable binary file; `name` is how messages call it (default: the path). A file
-    larger than `max_bytes` (default MAX_PICKLED_FILE_BYTES) is refused before it is read. Raises CheckpointError naming the file when it is
-    missing, too large, refused or damaged. No collectives.
+    larger than `max_bytes` (default MAX_PICKLED_FILE_BYTES) is refused before it is read. Raises
+    CheckpointError naming the file when it is missing, too large, refused or damaged. No collectives.
     """
     shown = name if name is not None else source
     _check_size(source, MAX_PICKLED_FILE_BYTES if max_bytes is None else max_bytes)
@@ -162,10 +162,14 @@ def load_checkpoint_metadata(path: Union[str, Path]) -> Any:
 
 
 def _check_size(source: Union[str, Path, BinaryIO], max_bytes: int) -> None:
-    """CheckpointError when file `source` (a path; open files are not checked) is larger than `max_bytes`."""
-    if isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).stat().st_size > max_bytes:
-        raise CheckpointError(f"{source} is {Path(source).stat().st_size:,} bytes, more than the {max_bytes:,} such a "
-                              "file of a checkpoint can hold: the checkpoint is damaged; resume from another iteration")
+    """CheckpointError when file `source` (a path; open files are not checked) is larger than `max_bytes`.
+    A missing file passes: its reader reports it."""
+    if not isinstance(source, (str, Path)) or not Path(source).is_file():
+        return
+    size = Path(source).stat().st_size
+    if size > max_bytes:
+        raise CheckpointError(f"{source} is {size:,} bytes, more than the {max_bytes:,} such a file of a checkpoint "
+                              "can hold: the checkpoint is damaged; resume from another iteration")
 
 
 def unreadable_file_error(path: Union[str, Path], error: BaseException) -> CheckpointError:

@@ -76,8 +76,6 @@ COMMON_FILENAME = "common.pt"
 # "common_state" of global shape (1,) at offset (0,), stored under its unique key.
 COMMON_STATE_OBJECT = "common_state"
 COMMON_STATE_KEY = f"{COMMON_STATE_OBJECT}/shard_0_1"
-# Megatron-LM's common state is its args and a few counters (kilobytes); more than this is not a common state.
-MAX_COMMON_STATE_BYTES = 256 * 2**20
 _FORMAT_BACKEND, _FORMAT_VERSION = "torch_dist", 1
 METADATA_FILENAME = ".metadata"
 
@@ -349,9 +347,10 @@ def read_common_state(checkpoint_dir: Path) -> dict:
     of the files, not of the installed megatron-core: both releases read both.
 
     Either is read with weights_only=True and safe_load's allow-list (COMMON_STATE_ALLOWED), whatever torch's
-    default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says; sizes are checked before anything is read (common.pt's
-    on disk, the object's in `.metadata`, where its file must lie in the checkpoint directory). Raises
-    CheckpointError naming the file when the common state is missing, too large, refused or damaged. No collectives (each calling rank reads the files itself).
+    default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says. Either place is held to safe_load.MAX_PICKLED_FILE_BYTES
+    before anything is read (common.pt's size on disk, the object's in `.metadata`, whose file must lie in the
+    checkpoint directory). Raises CheckpointError naming the file when the common state is missing, too large,
+    refused or damaged. No collectives (each calling rank reads the files itself).
     """
     checkpoint_dir = Path(checkpoint_dir)
     if (checkpoint_dir / COMMON_FILENAME).is_file():
@@ -362,14 +361,13 @@ def read_common_state(checkpoint_dir: Path) -> dict:
         raise CheckpointError(f"{checkpoint_dir} holds neither {COMMON_FILENAME} nor a '{COMMON_STATE_OBJECT}' object "
                               f"in {METADATA_FILENAME}: it is not a complete torch_dist checkpoint of megatron-core")
     stored = metadata.storage_data.get(MetadataIndex(COMMON_STATE_KEY)) if metadata.storage_data else None
-    length = getattr(stored, "length", None)
-    if not (isinstance(length, int) and 0 < length <= MAX_COMMON_STATE_BYTES
-            and isinstance(getattr(stored, "relative_path", None), str) and Path(stored.relative_path).name
-            == stored.relative_path and stored.relative_path not in ("", ".", "..")):
+    length, file_name = getattr(stored, "length", None), getattr(stored, "relative_path", None)
+    max_bytes = safe_load.MAX_PICKLED_FILE_BYTES
+    in_directory = isinstance(file_name, str) and file_name not in ("", ".", "..") and Path(file_name).name == file_name
+    if not (in_directory and isinstance(length, int) and 0 < length <= max_bytes):
         raise CheckpointError(
-            f"{metadata_path} places '{COMMON_STATE_OBJECT}' at {getattr(stored, 'relative_path', None)!r} with "
-            f"{length!r} bytes (a file of the checkpoint directory, at most {MAX_COMMON_STATE_BYTES:,} bytes, "
-            "is read): the checkpoint is damaged"
+            f"{metadata_path} places '{COMMON_STATE_OBJECT}' at {file_name!r} with {length!r} bytes (a file of the "
+            f"checkpoint directory, at most {max_bytes:,} bytes, is read): the checkpoint is damaged"
         )
     holder = {COMMON_STATE_KEY: io.BytesIO()}
     try:
@@ -380,7 +378,7 @@ def read_common_state(checkpoint_dir: Path) -> dict:
                                                      f"be read ({describe_load_error(error)})") from None
     loaded = holder[COMMON_STATE_KEY]  # the writer stores [data] (one list entry per object it was given)
     if not (isinstance(loaded, list) and len(loaded) == 1 and isinstance(loaded[0], dict)):
-        raise CheckpointError(f"{checkpoint_dir / stored.relative_path}: its '{COMMON_STATE_OBJECT}' object is "
+        raise CheckpointError(f"{checkpoint_dir / file_name}: its '{COMMON_STATE_OBJECT}' object is "
                               "not a state dict: the checkpoint is damaged")
     return loaded[0]
 

@@ -190,8 +190,8 @@ def _release_checkpoint(load_dir: Path, megatron_lm: bool) -> Tuple[Path, int]:
         raise FileNotFoundError(f"{load_dir / TRACKER_FILENAME} says '{RELEASE}' but {path} does not exist")
     _refuse_legacy_torch_format(path)
     if not written_by_megatron_lm(path):
-        raise FileNotFoundError(f"{path} (Megatron-LM's '{RELEASE}' checkpoint) is not a torch_dist checkpoint "
-                                "in Megatron-LM's torch_dist format (it needs metadata.json, and common.pt or .metadata)")
+        raise FileNotFoundError(f"{path} (Megatron-LM's '{RELEASE}' checkpoint) is not in Megatron-LM's torch_dist "
+                                "format (it needs metadata.json, and common.pt or .metadata)")
     if not megatron_lm:
         raise MegatronLMCheckpoint(path)
     return path, 0

@@ -37,6 +37,7 @@ from megatron_mile.model.fused_output_layer import fused_language_model_loss
 from megatron_mile.model.output import pack_token_losses
 from megatron_mile.vocab import padded_vocab_size
 
+
 class MileGPTModel(GPTModelWithLossHook):
     """GPTModel whose language-model loss is the weighted vocab-parallel loss of megatron_mile.loss."""
 
